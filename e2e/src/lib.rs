@@ -1,0 +1,1 @@
+//! Test support: real registry, etcd + kube-apiserver and containerd, started on demand.
