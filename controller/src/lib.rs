@@ -1,0 +1,3 @@
+//! talaria-controller: turns AccelerationPolicies into AcceleratedImages and their artifacts.
+
+pub mod crdgen;
