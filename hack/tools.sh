@@ -106,17 +106,21 @@ EOF
   have etcd "$v"
 }
 
-# go_install NAME VERSION PKG
+# go_install NAME VERSION PKG [LDFLAGS]
 go_install() {
-  local name=$1 v=$2 pkg=$3
+  local name=$1 v=$2 pkg=$3 extra=${4:-}
   if have "$name" "$v"; then return 0; fi
   log "building $name $v"
   mkdir -p "$TOOLS/$name-$v"
-  GOBIN="$TOOLS/$name-$v" go install -trimpath -ldflags "-s -w" "$pkg@$v"
+  GOBIN="$TOOLS/$name-$v" go install -trimpath -ldflags "-s -w $extra" "$pkg@$v"
   have "$name" "$v"
 }
 
-build_helm() { go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; }
+# helm reports its version (and checks Kubernetes compatibility) from ldflags.
+build_helm() {
+  go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
+    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+}
 build_crane() { go_install crane "$CRANE_VERSION" github.com/google/go-containerregistry/cmd/crane; }
 
 tools=("$@")
