@@ -1,1 +1,394 @@
-//! (to be written)
+//! Registry credentials and authentication challenges.
+//!
+//! Credentials come from a docker `config.json` (`auths` map) or from the data of a Kubernetes
+//! `kubernetes.io/dockerconfigjson` secret (the same JSON under the `.dockerconfigjson` key).
+//! The registry client answers `WWW-Authenticate` challenges: `Basic` with the host's
+//! username/password, `Bearer` by fetching a token from the challenge's realm.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use base64::Engine;
+use serde::Deserialize;
+
+/// Errors reading credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("reading docker config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing docker config JSON ({what}): {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("docker config entry for {host}: `auth` is not base64 of `user:password`")]
+    BadAuthField { host: String },
+    #[error("secret data has no `.dockerconfigjson` (or legacy `.dockercfg`) key")]
+    MissingSecretKey,
+}
+
+/// One registry's credential.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum Credential {
+    #[default]
+    Anonymous,
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// A registry token used as is (`Authorization: Bearer ...`), e.g. an identity token
+    /// already exchanged, or a token for registries that accept static bearer tokens.
+    Bearer(String),
+}
+
+// Never print secrets in logs or error messages.
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Anonymous => write!(f, "Anonymous"),
+            Credential::Basic { username, .. } => write!(f, "Basic({username}, ***)"),
+            Credential::Bearer(_) => write!(f, "Bearer(***)"),
+        }
+    }
+}
+
+/// Credentials by registry host (`host[:port]`, normalized).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    by_host: HashMap<String, Credential>,
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuthEntry>,
+}
+
+#[derive(Deserialize, Default)]
+struct DockerAuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default, rename = "identitytoken")]
+    identity_token: Option<String>,
+    #[serde(default, rename = "registrytoken")]
+    registry_token: Option<String>,
+}
+
+/// Normalizes a registry key of a docker config: strips a scheme and a path, maps Docker
+/// Hub's historical names to `docker.io`.
+pub fn normalize_host(key: &str) -> String {
+    let s = key
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = s.split('/').next().unwrap_or(s).to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_string()
+        }
+        _ => host,
+    }
+}
+
+impl Credentials {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the credential of one registry host.
+    pub fn insert(&mut self, host: &str, credential: Credential) {
+        self.by_host.insert(normalize_host(host), credential);
+    }
+
+    /// The credential for a host (anonymous when none is known).
+    pub fn get(&self, host: &str) -> Credential {
+        self.by_host
+            .get(&normalize_host(host))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_host.is_empty()
+    }
+
+    /// Adds every credential of `other`; `other` wins on the same host.
+    pub fn merge(&mut self, other: Credentials) {
+        self.by_host.extend(other.by_host);
+    }
+
+    /// Parses a docker `config.json` (`{"auths": {"host": {"auth": "base64(user:pass)"}}}`).
+    /// Credential helpers (`credsStore`) are not run: only inline credentials are used.
+    pub fn from_docker_config_json(bytes: &[u8]) -> Result<Self, AuthError> {
+        let cfg: DockerConfig =
+            serde_json::from_slice(bytes).map_err(|source| AuthError::Json {
+                what: "config.json".into(),
+                source,
+            })?;
+        Self::from_auths(cfg.auths)
+    }
+
+    fn from_auths(auths: BTreeMap<String, DockerAuthEntry>) -> Result<Self, AuthError> {
+        let mut out = Credentials::new();
+        for (key, entry) in auths {
+            let host = normalize_host(&key);
+            let cred = if let Some(token) = entry.registry_token.filter(|t| !t.is_empty()) {
+                Credential::Bearer(token)
+            } else if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
+                Credential::Basic {
+                    username: u.clone(),
+                    password: p.clone(),
+                }
+            } else if let Some(auth) = entry.auth.filter(|a| !a.is_empty()) {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|_| AuthError::BadAuthField { host: host.clone() })?;
+                let text = String::from_utf8(decoded)
+                    .map_err(|_| AuthError::BadAuthField { host: host.clone() })?;
+                let (u, p) = text
+                    .split_once(':')
+                    .ok_or_else(|| AuthError::BadAuthField { host: host.clone() })?;
+                Credential::Basic {
+                    username: u.to_string(),
+                    password: p.to_string(),
+                }
+            } else if let Some(token) = entry.identity_token.filter(|t| !t.is_empty()) {
+                // An identity token is a refresh token; registries accepting it as a static
+                // bearer token are the common case this supports.
+                Credential::Bearer(token)
+            } else {
+                continue;
+            };
+            out.by_host.insert(host, cred);
+        }
+        Ok(out)
+    }
+
+    /// Reads a docker `config.json` file.
+    pub fn from_docker_config_file(path: &Path) -> Result<Self, AuthError> {
+        let bytes = std::fs::read(path).map_err(|source| AuthError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_docker_config_json(&bytes)
+    }
+
+    /// Parses the `data` of a `kubernetes.io/dockerconfigjson` secret (values already
+    /// base64-decoded, as a Kubernetes client hands them out). The legacy
+    /// `kubernetes.io/dockercfg` form (`.dockercfg`, the `auths` map without the wrapper) is
+    /// accepted too.
+    pub fn from_k8s_secret_data(data: &BTreeMap<String, Vec<u8>>) -> Result<Self, AuthError> {
+        if let Some(json) = data.get(".dockerconfigjson") {
+            return Self::from_docker_config_json(json);
+        }
+        if let Some(json) = data.get(".dockercfg") {
+            let auths: BTreeMap<String, DockerAuthEntry> =
+                serde_json::from_slice(json).map_err(|source| AuthError::Json {
+                    what: ".dockercfg".into(),
+                    source,
+                })?;
+            return Self::from_auths(auths);
+        }
+        Err(AuthError::MissingSecretKey)
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// Lower-cased scheme: `basic` or `bearer`.
+    pub scheme: String,
+    /// Parameters (`realm`, `service`, `scope`, ...), keys lower-cased.
+    pub params: BTreeMap<String, String>,
+}
+
+/// Parses one challenge (`Bearer realm="...",service="...",scope="..."`). Only the first
+/// challenge of the header is read; registries send one.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = match header.split_once(char::is_whitespace) {
+        Some((s, r)) => (s, r),
+        None => (header, ""),
+    };
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = BTreeMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c == ',' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.is_empty() {
+            break;
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek() != Some(&'=') {
+            // A token68 or a bare word: not a parameter we use.
+            continue;
+        }
+        chars.next();
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            value.push(n);
+                        }
+                    }
+                    '"' => break,
+                    _ => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+            value = value.trim().to_string();
+        }
+        params.insert(key.to_ascii_lowercase(), value);
+    }
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+/// `Authorization` header value for basic credentials.
+pub fn basic_header(username: &str, password: &str) -> String {
+    let raw = format!("{username}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_config_auth_field_and_hub_alias() {
+        let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cr:et");
+        let json = format!(
+            r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{auth}"}},
+                 "reg.example:5000":{{"username":"bob","password":"pw"}},
+                 "tok.example":{{"registrytoken":"T"}}, "empty.example":{{}}}}}}"#
+        );
+        let c = Credentials::from_docker_config_json(json.as_bytes()).unwrap();
+        assert_eq!(
+            c.get("docker.io"),
+            Credential::Basic {
+                username: "alice".into(),
+                password: "s3cr:et".into()
+            }
+        );
+        assert_eq!(
+            c.get("REG.example:5000"),
+            Credential::Basic {
+                username: "bob".into(),
+                password: "pw".into()
+            }
+        );
+        assert_eq!(c.get("tok.example"), Credential::Bearer("T".into()));
+        assert_eq!(c.get("empty.example"), Credential::Anonymous);
+        assert_eq!(c.get("other"), Credential::Anonymous);
+    }
+
+    #[test]
+    fn bad_auth_field_is_an_error_not_a_panic() {
+        let json = r#"{"auths":{"h":{"auth":"!!!"}}}"#;
+        assert!(matches!(
+            Credentials::from_docker_config_json(json.as_bytes()),
+            Err(AuthError::BadAuthField { .. })
+        ));
+        let nocolon = base64::engine::general_purpose::STANDARD.encode("nocolon");
+        let json = format!(r#"{{"auths":{{"h":{{"auth":"{nocolon}"}}}}}}"#);
+        assert!(Credentials::from_docker_config_json(json.as_bytes()).is_err());
+        assert!(Credentials::from_docker_config_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn k8s_secret_data() {
+        let mut data = BTreeMap::new();
+        data.insert(
+            ".dockerconfigjson".to_string(),
+            br#"{"auths":{"r.io":{"username":"u","password":"p"}}}"#.to_vec(),
+        );
+        let c = Credentials::from_k8s_secret_data(&data).unwrap();
+        assert!(matches!(c.get("r.io"), Credential::Basic { .. }));
+        let mut legacy = BTreeMap::new();
+        legacy.insert(
+            ".dockercfg".to_string(),
+            br#"{"r.io":{"username":"u","password":"p"}}"#.to_vec(),
+        );
+        assert!(matches!(
+            Credentials::from_k8s_secret_data(&legacy)
+                .unwrap()
+                .get("r.io"),
+            Credential::Basic { .. }
+        ));
+        assert!(matches!(
+            Credentials::from_k8s_secret_data(&BTreeMap::new()),
+            Err(AuthError::MissingSecretKey)
+        ));
+    }
+
+    #[test]
+    fn challenge_parsing() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.example/token");
+        assert_eq!(c.params["scope"], "repository:a/b:pull,push");
+        let b = parse_challenge(r#"Basic realm="Registry Realm""#).unwrap();
+        assert_eq!(b.scheme, "basic");
+        assert_eq!(b.params["realm"], "Registry Realm");
+        assert!(parse_challenge("").is_none());
+        // Malformed input must not panic.
+        let _ = parse_challenge(r#"Bearer realm="unterminated"#);
+        let _ = parse_challenge("Bearer ,,,=,==\"");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let s = format!(
+            "{:?}",
+            Credential::Basic {
+                username: "u".into(),
+                password: "hunter2".into()
+            }
+        );
+        assert!(!s.contains("hunter2"));
+    }
+}
