@@ -14,6 +14,7 @@ pub mod reader;
 
 pub mod artifact;
 pub mod auth;
+pub mod build;
 pub mod layout;
 pub mod registry;
 pub mod store;

@@ -1,0 +1,535 @@
+//! Building an artifact for an image, and reading an image's files through its artifact.
+//!
+//! [`build`] resolves the image (an index → the platform's manifest), streams each layer
+//! once from the store through the indexer (layers in parallel, bounded; the async byte
+//! stream reaches the synchronous indexer through a bounded channel, so memory stays a few
+//! chunks per layer), pushes the index blobs, then the artifact manifest LAST (no partial
+//! artifact is ever visible), then makes it a referrer of the image.
+//!
+//! [`MergedView`] applies the layers' indexes in order (whiteouts, opaque directories,
+//! later layers win, hard links resolved) to find the layer and entry of any path.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tracing::{info, warn};
+
+use crate::artifact::{
+    self, ArtifactError, ArtifactInfo, ArtifactSpec, IndexedLayer, Knobs, Profile,
+    STARTUP_PLAN_MEDIA_TYPE, StartupPlan,
+};
+use crate::index::{Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex};
+use crate::indexer::{IndexOptions, index_layer};
+use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
+use crate::store::{ChunkStream, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error("image {image}: no manifest for platform {platform} (index has: {available})")]
+    NoPlatform {
+        image: String,
+        platform: String,
+        available: String,
+    },
+    #[error("image {image}: {message}")]
+    BadImage { image: String, message: String },
+    #[error("layer {layer}: indexing failed: {message}")]
+    Index { layer: String, message: String },
+    #[error(
+        "layer {layer}: the bytes read have digest {actual} ({size} bytes), not the layer's digest; refusing to index them"
+    )]
+    LayerDigestMismatch {
+        layer: String,
+        actual: String,
+        size: u64,
+    },
+}
+
+/// How to build.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub platform: Platform,
+    pub profile: Profile,
+    pub knobs: Knobs,
+    /// Layers indexed at once.
+    pub parallelism: usize,
+    /// Stamped as `org.opencontainers.image.created`; `None` keeps the artifact
+    /// deterministic (concurrent builds converge on one digest).
+    pub created: Option<String>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            platform: Platform::host(),
+            profile: Profile::StartupLocalV1,
+            knobs: Knobs::default(),
+            parallelism: 2,
+            created: None,
+        }
+    }
+}
+
+/// What happened to one layer.
+#[derive(Clone, Debug)]
+pub struct LayerSummary {
+    pub digest: String,
+    pub compressed_size: u64,
+    /// Uncompressed tar size (0 when skipped).
+    pub uncompressed_size: u64,
+    /// The index blob (`None` when skipped).
+    pub index: Option<Descriptor>,
+    pub entries: usize,
+    pub spans: usize,
+    /// Why the layer was not indexed (it is pulled normally).
+    pub skipped: Option<String>,
+    pub duration: Duration,
+}
+
+/// The result of a build.
+#[derive(Clone, Debug)]
+pub struct BuildSummary {
+    /// The image manifest (the artifact's subject).
+    pub image: Descriptor,
+    pub artifact: Descriptor,
+    pub key: String,
+    /// True when an artifact for the key existed and was adopted (nothing built).
+    pub adopted: bool,
+    pub layers: Vec<LayerSummary>,
+    pub plan: Option<Descriptor>,
+    pub duration: Duration,
+}
+
+/// Resolves an image reference to its (platform) image manifest.
+pub async fn resolve_image(
+    store: &dyn Store,
+    reference: &str,
+    platform: &Platform,
+) -> Result<(RawManifest, ImageManifest), BuildError> {
+    let image = format!("{}:{reference}", store.name());
+    let raw = store.get_manifest(reference).await?;
+    let parsed = raw.parse().map_err(StoreError::from)?;
+    let (raw, parsed) = match parsed {
+        Manifest::Image(m) => (raw, m),
+        Manifest::Index(idx) => {
+            let pick = idx.manifests.iter().find(|d| {
+                !d.is_index() && d.platform.as_ref().is_some_and(|p| platform.matches(p))
+            });
+            let Some(d) = pick else {
+                let available = idx
+                    .manifests
+                    .iter()
+                    .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(BuildError::NoPlatform {
+                    image,
+                    platform: platform.to_string(),
+                    available,
+                });
+            };
+            let raw = store.get_manifest(&d.digest).await?;
+            match raw.parse().map_err(StoreError::from)? {
+                Manifest::Image(m) => (raw, m),
+                Manifest::Index(_) => {
+                    return Err(BuildError::BadImage {
+                        image,
+                        message: format!("platform entry {} is an index", d.digest),
+                    });
+                }
+            }
+        }
+    };
+    Ok((raw, parsed))
+}
+
+/// Builds (or adopts) the artifact of an image. `artifact_store` is where the artifact goes
+/// (the image's store when `None`).
+pub async fn build(
+    image_store: Arc<dyn Store>,
+    reference: &str,
+    artifact_store: Option<Arc<dyn Store>>,
+    opts: &BuildOptions,
+) -> Result<BuildSummary, BuildError> {
+    let t0 = Instant::now();
+    let target = artifact_store.unwrap_or_else(|| image_store.clone());
+    let (raw, manifest) = resolve_image(image_store.as_ref(), reference, &opts.platform).await?;
+    let subject = raw.descriptor();
+    let key = artifact::acceleration_key(opts.profile, &opts.knobs);
+
+    if let Some(existing) = artifact::find_by_key(target.as_ref(), &subject.digest, &key).await? {
+        info!(image = %subject.digest, artifact = %existing.descriptor.digest, %key, "artifact exists; adopted");
+        return Ok(adopted(subject, existing, key, t0));
+    }
+
+    let layers = manifest.layers.clone();
+    let results: Vec<Result<LayerSummary, BuildError>> = futures::stream::iter(layers)
+        .map(|layer| {
+            let image_store = image_store.clone();
+            let target = target.clone();
+            let knobs = opts.knobs.clone();
+            async move { index_one(image_store, target, layer, &knobs).await }
+        })
+        .buffered(opts.parallelism.max(1))
+        .collect()
+        .await;
+    let mut summaries = Vec::with_capacity(results.len());
+    for r in results {
+        summaries.push(r?);
+    }
+
+    let mut indexed = Vec::new();
+    let mut skipped = Vec::new();
+    for s in &summaries {
+        match &s.index {
+            Some(d) => indexed.push(IndexedLayer {
+                layer_digest: s.digest.clone(),
+                index: d.clone(),
+            }),
+            None => skipped.push(s.digest.clone()),
+        }
+    }
+
+    let plan = if opts.profile.has_plan() {
+        let p = StartupPlan {
+            version: 1,
+            profile: opts.profile.name().to_string(),
+            prefetch_budget: opts.knobs.prefetch_budget,
+            paths: Vec::new(),
+            entries: Vec::new(),
+        };
+        let bytes = serde_json::to_vec(&p).map_err(|e| ArtifactError::Invalid {
+            digest: "(plan)".into(),
+            message: e.to_string(),
+        })?;
+        Some(
+            target
+                .put_blob(STARTUP_PLAN_MEDIA_TYPE, Bytes::from(bytes))
+                .await?,
+        )
+    } else {
+        None
+    };
+
+    let art = artifact::build_manifest(ArtifactSpec {
+        subject: subject.clone(),
+        profile: opts.profile,
+        knobs: &opts.knobs,
+        layers: indexed,
+        skipped,
+        plan: plan.clone(),
+        startup_paths: Vec::new(),
+        created: opts.created.clone(),
+    })?;
+    // The config blob (`{}`) must exist before the manifest that names it.
+    target
+        .put_blob(oci::OCI_EMPTY, Bytes::from_static(oci::EMPTY_JSON))
+        .await?;
+    // Everything the manifest names is stored: now the manifest, then the referrer entry.
+    let desc = target.put_manifest(&art, None).await?;
+    let parsed = match art.parse().map_err(StoreError::from)? {
+        Manifest::Image(m) => m,
+        Manifest::Index(_) => unreachable_index(&art)?,
+    };
+    let referrer = oci::referrer_descriptor(&art, &parsed);
+    target.add_referrer(&subject.digest, &referrer).await?;
+    info!(image = %subject.digest, artifact = %desc.digest, %key, layers = summaries.len(), elapsed = ?t0.elapsed(), "artifact built");
+    Ok(BuildSummary {
+        image: subject,
+        artifact: desc,
+        key,
+        adopted: false,
+        layers: summaries,
+        plan,
+        duration: t0.elapsed(),
+    })
+}
+
+fn unreachable_index(art: &RawManifest) -> Result<ImageManifest, BuildError> {
+    Err(BuildError::BadImage {
+        image: art.digest.clone(),
+        message: "built artifact parsed as an index".into(),
+    })
+}
+
+fn adopted(subject: Descriptor, a: ArtifactInfo, key: String, t0: Instant) -> BuildSummary {
+    BuildSummary {
+        image: subject,
+        layers: a
+            .layers
+            .iter()
+            .map(|l| LayerSummary {
+                digest: l.layer_digest.clone(),
+                compressed_size: 0,
+                uncompressed_size: 0,
+                index: Some(l.index.clone()),
+                entries: 0,
+                spans: 0,
+                skipped: None,
+                duration: Duration::ZERO,
+            })
+            .collect(),
+        artifact: a.descriptor,
+        plan: a.plan,
+        key,
+        adopted: true,
+        duration: t0.elapsed(),
+    }
+}
+
+/// Chunks in flight between the async stream and the indexer thread.
+const CHANNEL_CHUNKS: usize = 8;
+
+/// A synchronous `Read` over chunks sent from an async task.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    cur: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+async fn index_one(
+    image_store: Arc<dyn Store>,
+    target: Arc<dyn Store>,
+    layer: Descriptor,
+    knobs: &Knobs,
+) -> Result<LayerSummary, BuildError> {
+    let t0 = Instant::now();
+    let skip = |why: String| {
+        info!(layer = %layer.digest, reason = %why, "layer not indexed");
+        LayerSummary {
+            digest: layer.digest.clone(),
+            compressed_size: layer.size,
+            uncompressed_size: 0,
+            index: None,
+            entries: 0,
+            spans: 0,
+            skipped: Some(why),
+            duration: t0.elapsed(),
+        }
+    };
+    if layer.size < knobs.skip_threshold {
+        return Ok(skip(format!(
+            "{} bytes is below the skip threshold of {}",
+            layer.size, knobs.skip_threshold
+        )));
+    }
+    let compression = match Compression::from_media_type(&layer.media_type) {
+        Some(Compression::Zstd) | None => {
+            return Ok(skip(format!(
+                "media type {} is not indexable",
+                layer.media_type
+            )));
+        }
+        Some(c) => c,
+    };
+    let mut stream: Box<dyn ChunkStream> = image_store.open_blob(&layer).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(CHANNEL_CHUNKS);
+    let producer = tokio::spawn(async move {
+        loop {
+            match stream.next_chunk().await {
+                Ok(Some(c)) => {
+                    if tx.send(Ok(c)).await.is_err() {
+                        return; // the indexer stopped; its error tells why
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            }
+        }
+    });
+    let opts = IndexOptions {
+        span_size: knobs.span_size,
+    };
+    let ld = layer.digest.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        index_layer(
+            ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            },
+            compression,
+            &opts,
+        )
+    })
+    .await;
+    producer.abort();
+    let out = match out {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            return Err(BuildError::Index {
+                layer: ld,
+                message: e.to_string(),
+            });
+        }
+        Err(e) => {
+            return Err(BuildError::Index {
+                layer: ld,
+                message: format!("indexer task: {e}"),
+            });
+        }
+    };
+    if out.compressed_digest != layer.digest || out.compressed_size != layer.size {
+        return Err(BuildError::LayerDigestMismatch {
+            layer: layer.digest.clone(),
+            actual: out.compressed_digest,
+            size: out.compressed_size,
+        });
+    }
+    let encoded = Bytes::from(out.index.encode());
+    let index = target.put_blob(INDEX_MEDIA_TYPE, encoded).await?;
+    Ok(LayerSummary {
+        digest: layer.digest.clone(),
+        compressed_size: layer.size,
+        uncompressed_size: out.index.uncompressed_size,
+        entries: out.index.entries.len(),
+        spans: out.index.spans.len(),
+        index: Some(index),
+        skipped: None,
+        duration: t0.elapsed(),
+    })
+}
+
+/// The merged file system view of an image's layers, through their indexes.
+pub struct MergedView {
+    /// path → (layer number, entry); hard links already point at their target's entry.
+    entries: BTreeMap<String, (usize, Entry)>,
+}
+
+/// Bound on hard-link chains followed (tar links point at earlier entries; a cycle cannot
+/// come from a valid archive, but the bound keeps hostile input harmless).
+const MAX_LINK_HOPS: usize = 16;
+
+fn under(path: &str) -> (String, String) {
+    if path.is_empty() {
+        (String::new(), String::from("\u{10FFFF}"))
+    } else {
+        // '0' is the character after '/', so [p/, p0) is exactly "everything under p".
+        (format!("{path}/"), format!("{path}0"))
+    }
+}
+
+impl MergedView {
+    /// Applies the layers (bottom first). `layers[i]` is the index of image layer `i`;
+    /// `None` for a layer that has no index (skipped): its files are not in the view.
+    pub fn new(layers: &[Option<&LayerIndex>]) -> MergedView {
+        let mut map: BTreeMap<String, (usize, Entry)> = BTreeMap::new();
+        let remove_under = |map: &mut BTreeMap<String, (usize, Entry)>, p: &str| {
+            let (lo, hi) = under(p);
+            let doomed: Vec<String> = map.range(lo..hi).map(|(k, _)| k.clone()).collect();
+            for k in doomed {
+                map.remove(&k);
+            }
+        };
+        for (i, layer) in layers.iter().enumerate() {
+            let Some(layer) = layer else { continue };
+            // Whiteouts and opaque markers hide lower layers only, so apply them first.
+            for e in &layer.entries {
+                match e.kind {
+                    EntryKind::Whiteout => {
+                        map.remove(&e.path);
+                        remove_under(&mut map, &e.path);
+                    }
+                    EntryKind::OpaqueDir => remove_under(&mut map, &e.path),
+                    _ => {}
+                }
+            }
+            for e in &layer.entries {
+                if matches!(e.kind, EntryKind::Whiteout | EntryKind::OpaqueDir) {
+                    continue;
+                }
+                if e.kind != EntryKind::Dir {
+                    // A non-directory replacing a lower directory hides its contents.
+                    if map
+                        .get(&e.path)
+                        .is_some_and(|(l, x)| *l < i && x.kind == EntryKind::Dir)
+                    {
+                        remove_under(&mut map, &e.path);
+                    }
+                }
+                let resolved = if e.kind == EntryKind::Hardlink {
+                    resolve_link(layer, e, &map)
+                } else {
+                    Some((i, e.clone()))
+                };
+                if let Some((l, entry)) = resolved {
+                    let l = if l == usize::MAX { i } else { l };
+                    map.insert(e.path.clone(), (l, entry));
+                }
+            }
+        }
+        MergedView { entries: map }
+    }
+
+    /// The layer number and entry at a path (normalized like index paths; a leading `/`
+    /// or `./` is accepted). A hard link yields its target's entry.
+    pub fn lookup(&self, path: &str) -> Option<(usize, &Entry)> {
+        let p = path.trim_start_matches("./").trim_start_matches('/');
+        let p = p.trim_end_matches('/');
+        self.entries.get(p).map(|(l, e)| (*l, e))
+    }
+
+    /// Every path of the merged view, sorted, with its layer and entry.
+    pub fn list(&self) -> impl Iterator<Item = (&str, usize, &Entry)> {
+        self.entries.iter().map(|(p, (l, e))| (p.as_str(), *l, e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Finds what a hard link points at: the target in the same layer (tar semantics), else in
+/// the lower merged view; follows chains, bounded.
+fn resolve_link(
+    layer: &LayerIndex,
+    link: &Entry,
+    lower: &BTreeMap<String, (usize, Entry)>,
+) -> Option<(usize, Entry)> {
+    let mut cur = link.clone();
+    for _ in 0..MAX_LINK_HOPS {
+        let target = cur.link_target.as_deref()?;
+        let next = match layer.find(target) {
+            // The layer number is fixed up by the caller for same-layer targets.
+            Some(t) => (usize::MAX, t.clone()),
+            None => {
+                let (l, e) = lower.get(target)?;
+                (*l, e.clone())
+            }
+        };
+        if next.1.kind != EntryKind::Hardlink {
+            return Some(next);
+        }
+        cur = next.1;
+    }
+    warn!(path = %link.path, "hard link chain too long; left out of the merged view");
+    None
+}
