@@ -1,1 +1,78 @@
 //! Test support: real registry, etcd + kube-apiserver and containerd, started on demand.
+//!
+//! Every component is a real process started from a temp dir of its own. Handles stop their
+//! processes and remove their files when dropped, also while a test panics (then the tail of
+//! the component's log goes to stderr). A component that cannot start is an error, never a
+//! skip: run `hack/setup.sh` to install what is missing.
+//!
+//! - [`registry::Registry`]: CNCF distribution (Debian `docker-registry`), optionally behind a
+//!   shaped link in its own network namespace ([`registry::Registry::start_shaped`]).
+//! - [`apiserver::KubeApi`]: etcd + kube-apiserver (+ kube-controller-manager on request).
+//! - [`containerd::Containerd`]: containerd with runc, own root/state/socket.
+//! - [`images`]: builds OCI image layouts (busybox, or any files you describe).
+//! - [`http`]: a minimal blocking HTTP/1.1 client for talking to the registry in tests.
+
+pub mod apiserver;
+pub mod containerd;
+mod error;
+pub mod http;
+pub mod images;
+mod process;
+pub mod registry;
+pub mod relay;
+mod shaping;
+
+pub use error::EnvError;
+
+use std::path::PathBuf;
+
+/// Directory holding the tools built by `hack/tools.sh`: `$TALARIA_TOOLS/bin`, by default
+/// `~/.cache/talaria/tools/bin`.
+pub fn tools_bin_dir() -> PathBuf {
+    let base = match std::env::var_os("TALARIA_TOOLS") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/talaria/tools")
+        }
+    };
+    base.join("bin")
+}
+
+/// Finds an executable: first in [`tools_bin_dir`], then on `PATH`, then in the sbin dirs
+/// (where Debian puts `ip`, `tc` and `runc`, which a non-login PATH may lack).
+pub fn tool(name: &str) -> Result<PathBuf, EnvError> {
+    let tools = tools_bin_dir();
+    let mut dirs = vec![tools.clone()];
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.extend(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(EnvError::ToolNotFound {
+        name: name.to_string(),
+        dir: tools,
+    })
+}
+
+fn is_executable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; callers retry if a race takes it).
+pub fn free_port() -> Result<u16, EnvError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| EnvError::io("binding a probe socket on 127.0.0.1:0", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| EnvError::io("reading the probe socket address", e))
+}
