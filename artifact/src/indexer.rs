@@ -358,6 +358,7 @@ impl Producer {
             let mut checkpointed = false;
             if step.status == Status::StreamEnd {
                 if out_len > 0 {
+                    out.truncate(out_len);
                     self.send(Msg::Data(std::mem::replace(&mut out, self.buffer()?)))?;
                     out_len = 0;
                 }
