@@ -188,6 +188,13 @@ impl Containerd {
         }
     }
 
+    /// Pulls (and unpacks) `reference` from a plain-HTTP registry such as
+    /// [`crate::registry::Registry`], e.g. "127.0.0.1:5000/repo:tag".
+    pub fn pull_plain_http(&self, reference: &str) -> Result<(), EnvError> {
+        self.ctr(&["images", "pull", "--plain-http", reference])
+            .map(|_| ())
+    }
+
     fn cleanup_tasks(&self) {
         let mut ls = self.ctr_command();
         ls.args(["tasks", "ls", "-q"]);

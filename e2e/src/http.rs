@@ -171,3 +171,51 @@ pub fn location_target(location: &str) -> String {
         None => location.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Serves one canned response on a loopback port and returns its address.
+    fn serve_once(response: &'static [u8]) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(response);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn reads_chunked_bodies() {
+        let host = serve_once(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+        );
+        let r = request(&host, "GET", "/", &[], &[], Duration::from_secs(5)).expect("request");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"hello world");
+        assert_eq!(r.header("x-a"), Some("b"));
+    }
+
+    #[test]
+    fn rejects_truncated_bodies() {
+        let host = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort");
+        let err = request(&host, "GET", "/", &[], &[], Duration::from_secs(5))
+            .expect_err("truncated body must fail");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn location_target_strips_scheme_and_host() {
+        assert_eq!(
+            location_target("http://127.0.0.1:5000/v2/a/blobs/uploads/x?_state=y"),
+            "/v2/a/blobs/uploads/x?_state=y"
+        );
+        assert_eq!(location_target("/v2/a"), "/v2/a");
+    }
+}

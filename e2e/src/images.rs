@@ -498,3 +498,71 @@ pub fn layout_to_tar(layout: &Path, tar_path: &Path) -> Result<(), EnvError> {
         .and_then(|mut f| f.flush())
         .map_err(|e| EnvError::io(format!("finishing {}", tar_path.display()), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_are_deterministic_and_well_formed() {
+        let build = || {
+            LayerBuilder::new()
+                .dir("etc", 0o755)
+                .file("etc/hosts", "127.0.0.1 localhost\n", 0o644)
+                .symlink("etc/link", "hosts")
+                .hardlink("etc/hard", "etc/hosts")
+                .whiteout("usr/bin/gone")
+                .opaque_dir("var/cache/")
+                .build()
+                .expect("layer")
+        };
+        let (a, b) = (build(), build());
+        assert_eq!(a.digest, b.digest);
+        assert_eq!(a.digest, sha256_digest(&a.blob));
+        let gz = flate2::read::GzDecoder::new(a.blob.as_slice());
+        let mut ar = tar::Archive::new(gz);
+        let names: Vec<(String, tar::EntryType)> = ar
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                let p = e.path().expect("path").to_string_lossy().into_owned();
+                (p, e.header().entry_type())
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("etc/".to_string(), tar::EntryType::Directory),
+                ("etc/hosts".to_string(), tar::EntryType::Regular),
+                ("etc/link".to_string(), tar::EntryType::Symlink),
+                ("etc/hard".to_string(), tar::EntryType::Link),
+                ("usr/bin/.wh.gone".to_string(), tar::EntryType::Regular),
+                (
+                    "var/cache/.wh..wh..opq".to_string(),
+                    tar::EntryType::Regular
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn manifest_references_config_and_layers() {
+        let layer = LayerBuilder::new()
+            .file("a", "x", 0o644)
+            .build()
+            .expect("layer");
+        let img = ImageBuilder::new()
+            .layer(layer.clone())
+            .cmd(&["/a"])
+            .build()
+            .expect("image");
+        let m: serde_json::Value = serde_json::from_slice(&img.manifest).expect("json");
+        assert_eq!(m["config"]["digest"], img.config_digest.as_str());
+        assert_eq!(m["layers"][0]["digest"], layer.digest.as_str());
+        assert_eq!(m["layers"][0]["size"], layer.blob.len());
+        let c: serde_json::Value = serde_json::from_slice(&img.config).expect("json");
+        assert_eq!(c["rootfs"]["diff_ids"][0], layer.diff_id.as_str());
+        assert_eq!(c["config"]["Cmd"][0], "/a");
+    }
+}

@@ -76,3 +76,25 @@ pub fn free_port() -> Result<u16, EnvError> {
         .map(|a| a.port())
         .map_err(|e| EnvError::io("reading the probe socket address", e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_is_an_error_naming_the_fix() {
+        let err = tool("talaria-no-such-tool").expect_err("must not be found");
+        let msg = err.to_string();
+        assert!(msg.contains("talaria-no-such-tool not found in"), "{msg}");
+        assert!(msg.contains("run hack/setup.sh"), "{msg}");
+    }
+
+    #[test]
+    fn handles_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<registry::Registry>();
+        send_sync::<apiserver::KubeApi>();
+        send_sync::<containerd::Containerd>();
+        send_sync::<EnvError>();
+    }
+}

@@ -328,3 +328,24 @@ pub(crate) fn kill_processes_mentioning(needle: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path(r"/tmp/a\040b\134c"), "/tmp/a b\\c");
+        assert_eq!(unescape_mount_path(r"/tmp/x\0"), r"/tmp/x\0");
+    }
+
+    #[test]
+    fn run_enforces_its_time_limit() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let started = Instant::now();
+        let err = run(cmd, Duration::from_millis(200)).expect_err("must time out");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(err.to_string().contains("timed out"), "{err}");
+    }
+}

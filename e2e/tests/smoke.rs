@@ -478,3 +478,43 @@ fn shaped_registry_is_slow_but_works() {
     .expect("HEAD after restart");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn containerd_pulls_from_a_shaped_registry() {
+    let reg = Registry::start_shaped(200, 10).expect("start shaped registry");
+    let image = images::busybox_image().expect("busybox image");
+    let digest = image
+        .push(&reg.host(), "talaria/busybox", "latest")
+        .expect("push busybox");
+    let ctd = Containerd::start().expect("start containerd");
+    let reference = format!("{}/talaria/busybox:latest", reg.host());
+    ctd.pull_plain_http(&reference).expect("ctr pull");
+    let listed = ctd.ctr_stdout(&["images", "ls"]).expect("images ls");
+    assert!(listed.contains(&digest), "{listed}");
+    let out = ctd
+        .ctr_stdout(&[
+            "run",
+            "--rm",
+            &reference,
+            "pulled-1",
+            "/bin/echo",
+            "pulled",
+            "ok",
+        ])
+        .expect("ctr run");
+    assert_eq!(out.trim(), "pulled ok");
+}
+
+#[test]
+fn containerd_loads_extra_config() {
+    let ctd = Containerd::start_with_config(
+        "[proxy_plugins.talaria-probe]\n  type = \"snapshot\"\n  address = \"/nonexistent/talaria-probe.sock\"\n",
+    )
+    .expect("start containerd with a proxy snapshotter");
+    let plugins = ctd.ctr_stdout(&["plugins", "ls"]).expect("plugins ls");
+    let line = plugins
+        .lines()
+        .find(|l| l.contains("talaria-probe"))
+        .unwrap_or_else(|| panic!("proxy plugin not registered:\n{plugins}"));
+    assert!(line.contains("io.containerd.snapshotter.v1"), "{line}");
+}
