@@ -8,7 +8,7 @@
 //! Defaults and validation live in the schema (with CEL rules for cross-field checks) so the
 //! apiserver rejects a malformed object with a clear message before any controller sees it.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -238,8 +238,13 @@ pub struct AcceleratedImageStatus {
     pub layers_skipped: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_duration_seconds: Option<f64>,
+    /// Build attempts made.
     #[serde(default)]
     pub attempts: u32,
+    /// When the last build attempt started; with `attempts` it sets the retry backoff, also
+    /// across controller restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     #[serde(default)]
