@@ -466,8 +466,15 @@ impl RegistryClient {
             let after = retry_after(resp.headers());
             let body = resp.bytes().await.unwrap_or_default();
             let message = error_message(&body);
+            // A 500 on a read is retried too: distribution answers 500 to a HEAD/GET that
+            // races a concurrent commit of the same blob.
+            let read = op.starts_with("GET") || op.starts_with("HEAD");
             return Err(match status.as_u16() {
                 429 | 502 | 503 | 504 => Failure::Retry {
+                    reason: format!("HTTP {}: {message}", status.as_u16()),
+                    after,
+                },
+                500 if read => Failure::Retry {
                     reason: format!("HTTP {}: {message}", status.as_u16()),
                     after,
                 },
@@ -700,6 +707,20 @@ impl RegistryClient {
                     let subject_ok = resp.headers().contains_key("oci-subject");
                     debug!(%repo, reference, digest = %raw.digest, "pushed manifest");
                     return Ok((raw.digest.clone(), subject_ok));
+                }
+                // Distribution briefly loses sight of a blob or manifest while another
+                // client writes the same one; what we reference was pushed before, so a
+                // bounded retry resolves it (and a truly missing one still fails).
+                Err(Failure::Fatal(RegistryError::Status {
+                    status: 400,
+                    message,
+                    ..
+                })) if message.contains("MANIFEST_BLOB_UNKNOWN") => {
+                    r.on(Failure::Retry {
+                        reason: format!("HTTP 400: {message}"),
+                        after: None,
+                    })
+                    .await?
                 }
                 Err(f) => r.on(f).await?,
             }
