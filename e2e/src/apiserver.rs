@@ -89,6 +89,20 @@ impl KubeApi {
     /// Starts the control plane and waits until `/readyz` is OK (and, with the controller-
     /// manager, until it created the `default` ServiceAccount, which shows it is working).
     pub async fn start_with(opts: KubeOptions) -> Result<KubeApi, EnvError> {
+        // Free ports can be taken by a parallel test between probing and binding; retry.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match KubeApi::start_once(&opts).await {
+                Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                    tracing::warn!(error = %e, "port race while starting the control plane; retrying");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(opts: &KubeOptions) -> Result<KubeApi, EnvError> {
         let etcd_bin = tool("etcd")?;
         let apiserver_bin = tool("kube-apiserver")?;
         let kcm_bin = if opts.controller_manager {

@@ -11,6 +11,27 @@
 //! - [`containerd::Containerd`]: containerd with runc, own root/state/socket.
 //! - [`images`]: builds OCI image layouts (busybox, or any files you describe).
 //! - [`http`]: a minimal blocking HTTP/1.1 client for talking to the registry in tests.
+//!
+//! Processes are forked with their own process group and a parent-death signal, so they end
+//! with the test process even if it is SIGKILLed or a handle sits in a `static`. Files of a
+//! handle that is never dropped stay in /tmp.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), talaria_testenv::EnvError> {
+//! use talaria_testenv::{apiserver::{KubeApi, KubeOptions}, containerd::Containerd, images, registry::Registry};
+//!
+//! let registry = Registry::start()?; // blocking; plain HTTP on 127.0.0.1:PORT
+//! let digest = images::busybox_image()?.push(&registry.host(), "library/busybox", "latest")?;
+//!
+//! let kube = KubeApi::start_with(KubeOptions::with_controller_manager()).await?;
+//! let client = kube.client().await?; // cluster-admin; see also client_for_service_account
+//!
+//! let ctd = Containerd::start_with_config("[proxy_plugins.talaria]\n  type = \"snapshot\"\n  address = \"/run/x.sock\"\n")?;
+//! ctd.pull_plain_http(&format!("{}/library/busybox:latest", registry.host()))?;
+//! let out = ctd.ctr_stdout(&["run", "--rm", "IMAGE", "ID", "/bin/echo", "hi"])?;
+//! # let _ = (digest, client, out);
+//! # Ok(()) }
+//! ```
 
 pub mod apiserver;
 pub mod containerd;
