@@ -1,0 +1,210 @@
+//! The `talaria` command end to end: a real OCI layout made by hack/demo-image.sh and a real
+//! registry process (talaria-testenv), checked against the files the image was made from.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use talaria_testenv::registry::Registry;
+
+fn talaria(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_talaria"))
+        .args(args)
+        .output()
+        .expect("run talaria");
+    eprintln!(
+        "$ talaria {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+            .chars()
+            .take(2000)
+            .collect::<String>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ok(args: &[&str]) -> Vec<u8> {
+    let out = talaria(args);
+    assert!(out.status.success(), "talaria {args:?} failed: {out:?}");
+    out.stdout
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    serde_json::from_slice(&ok(&a)).expect("JSON output")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Makes the demo image (3 layers: busybox, Perl's library, overwrites + whiteouts).
+fn demo_layout(dir: &Path) {
+    let st = Command::new("bash")
+        .arg(repo_root().join("hack/demo-image.sh"))
+        .arg(dir)
+        .status()
+        .expect("run hack/demo-image.sh");
+    assert!(st.success(), "hack/demo-image.sh failed");
+}
+
+fn perl_lib() -> PathBuf {
+    let p = PathBuf::from("/usr/share/perl/5.36");
+    if p.is_dir() {
+        p
+    } else {
+        PathBuf::from("/usr/share/perl5")
+    }
+}
+
+/// Regular files of the host directory that layer 2 copied to /app/lib (every `step`-th).
+fn sample_files(step: usize) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![perl_lib()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out.into_iter().step_by(step).collect()
+}
+
+/// Checks the merged view through `cat`: overwritten, deleted, opaque, hard-linked and
+/// copied files, plus symlinks resolved inside the image.
+fn check_files(image: &str) {
+    assert_eq!(
+        ok(&["cat", image, "/app/hello.txt"]),
+        b"hello from layer 3 (overwrites layer 1)\n"
+    );
+    assert_eq!(
+        ok(&["cat", image, "/app/data/new-hardlink.txt"]),
+        b"new data\n"
+    );
+    for gone in ["/etc/motd", "/app/data/old.txt", "/no/such/file"] {
+        assert_eq!(
+            talaria(&["cat", image, gone]).status.code(),
+            Some(3),
+            "{gone} must be absent"
+        );
+    }
+    let busybox = std::fs::read(which("busybox")).unwrap();
+    assert_eq!(
+        ok(&["cat", image, "/bin/sh"]),
+        busybox,
+        "/bin/sh -> busybox"
+    );
+    let files = sample_files(25);
+    assert!(files.len() > 20, "too few sample files: {}", files.len());
+    for f in files {
+        let rel = f.strip_prefix(perl_lib()).unwrap();
+        let inside = format!("/app/lib/{}", rel.display());
+        assert_eq!(
+            ok(&["cat", image, &inside]),
+            std::fs::read(&f).unwrap(),
+            "{inside}"
+        );
+    }
+}
+
+fn which(name: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not on PATH: run hack/setup.sh"))
+}
+
+#[test]
+fn build_inspect_cat_on_an_oci_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("image");
+    demo_layout(&dir);
+    let image = format!("oci:{}", dir.display());
+
+    // No artifact yet: inspect says so, cat exits 4.
+    let before = json(&["inspect", &image]);
+    assert_eq!(before["artifacts"].as_array().unwrap().len(), 0);
+    assert!(before["nodeWouldUse"].is_null());
+    assert_eq!(
+        talaria(&["cat", &image, "/etc/passwd"]).status.code(),
+        Some(4)
+    );
+
+    let built = json(&["build", &image]);
+    assert_eq!(built["adopted"], false);
+    assert_eq!(built["layers"].as_array().unwrap().len(), 3);
+    let art = built["artifact"]["digest"].as_str().unwrap().to_string();
+
+    let after = json(&["inspect", &image]);
+    assert_eq!(after["nodeWouldUse"], art.as_str());
+    assert_eq!(after["artifacts"][0]["accelerated"], true);
+    assert_eq!(
+        after["artifacts"][0]["indexes"].as_array().unwrap().len(),
+        3
+    );
+
+    // Building again adopts the artifact instead of building a second one.
+    let again = json(&["build", &image]);
+    assert_eq!(again["adopted"], true);
+    assert_eq!(again["artifact"]["digest"], art.as_str());
+    assert_eq!(
+        json(&["inspect", &image])["artifacts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    check_files(&image);
+}
+
+#[test]
+fn build_inspect_cat_on_a_registry() {
+    let registry = Registry::start().expect("start the registry");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("image");
+    demo_layout(&dir);
+    let image = format!("{}/demo/app:v1", registry.host());
+    // Pushed by crane, not by our code, so reading it back tests our client independently.
+    let crane = talaria_testenv::tool("crane").expect("crane: run hack/setup.sh");
+    let st = Command::new(crane)
+        .args(["push", "--insecure"])
+        .arg(&dir)
+        .arg(&image)
+        .status()
+        .expect("run crane");
+    assert!(st.success(), "crane push failed");
+
+    let default = json(&["build", &image, "--profile", "default"]);
+    let accel = json(&["build", &image]);
+    assert_ne!(default["artifact"]["digest"], accel["artifact"]["digest"]);
+    assert_ne!(default["key"], accel["key"]);
+
+    let info = json(&["inspect", &image]);
+    assert_eq!(info["artifacts"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        info["nodeWouldUse"], accel["artifact"]["digest"],
+        "accelerated is preferred"
+    );
+
+    check_files(&image);
+
+    // Errors a script can tell apart.
+    let missing = format!("{}/demo/none:v1", registry.host());
+    assert_eq!(talaria(&["inspect", &missing]).status.code(), Some(3));
+    assert_eq!(
+        talaria(&["build", "not a reference"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(talaria(&["bogus"]).status.code(), Some(2));
+}
