@@ -31,6 +31,13 @@ pub enum Fault {
     },
     /// Flip a byte in every GET of a matching blob.
     Corrupt { path_part: String },
+    /// Require `Authorization: Bearer <token>` on /v2/ requests; the token is handed out
+    /// at `/token` to clients presenting basic credentials `user:password`.
+    Bearer {
+        user: String,
+        password: String,
+        token: String,
+    },
 }
 
 /// What the proxy served.
@@ -110,12 +117,40 @@ impl Drop for Proxy {
 
 enum Action {
     Forward,
+    Challenge,
+    Token(Option<String>),
     Status(StatusCode, Option<u64>),
     Reset(usize),
     Corrupt,
 }
 
-fn decide(shared: &mut Shared, method: &str, path: &str, range: bool) -> Action {
+fn decide(
+    shared: &mut Shared,
+    method: &str,
+    path: &str,
+    range: bool,
+    authz: Option<&str>,
+) -> Action {
+    for f in shared.faults.iter() {
+        if let Fault::Bearer {
+            user,
+            password,
+            token,
+        } = f
+        {
+            if path.starts_with("/token") {
+                use base64::Engine;
+                let want = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+                );
+                return Action::Token((authz == Some(want.as_str())).then(|| token.clone()));
+            }
+            if authz != Some(format!("Bearer {token}").as_str()) {
+                return Action::Challenge;
+            }
+        }
+    }
     for f in shared.faults.iter_mut() {
         match f {
             Fault::TooMany {
@@ -163,9 +198,20 @@ async fn handle(State(ctx): State<Ctx>, req: Request) -> Response<Body> {
         .get("range")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let authz = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let action = {
         let mut s = ctx.shared.lock().unwrap();
-        decide(&mut s, &method, &path_q, range.is_some())
+        decide(&mut s, &method, &path_q, range.is_some(), authz.as_deref())
     };
     let record = |status: u16, injected: bool| {
         ctx.shared.lock().unwrap().log.push(Served {
@@ -177,6 +223,30 @@ async fn handle(State(ctx): State<Ctx>, req: Request) -> Response<Body> {
             at: Instant::now(),
         });
     };
+    match &action {
+        Action::Challenge => {
+            record(401, true);
+            let mut r = Response::new(Body::from(
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+            ));
+            *r.status_mut() = StatusCode::UNAUTHORIZED;
+            let ch = format!(r#"Bearer realm="http://{host}/token",service="test-proxy""#);
+            r.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_str(&ch).unwrap());
+            return r;
+        }
+        Action::Token(tok) => {
+            let (code, body) = match tok {
+                Some(t) => (StatusCode::OK, format!(r#"{{"token":"{t}"}}"#)),
+                None => (StatusCode::UNAUTHORIZED, "bad credentials".to_string()),
+            };
+            record(code.as_u16(), true);
+            let mut r = Response::new(Body::from(body));
+            *r.status_mut() = code;
+            return r;
+        }
+        _ => {}
+    }
     if let Action::Status(code, after) = action {
         record(code.as_u16(), true);
         let mut r = Response::new(Body::from(
@@ -221,13 +291,16 @@ async fn handle(State(ctx): State<Ctx>, req: Request) -> Response<Body> {
             let head = data.slice(..after);
             // Send the first bytes, then fail the body: the server drops the connection
             // before Content-Length bytes were sent.
-            let stream = futures::stream::iter(vec![
-                Ok::<Bytes, std::io::Error>(head),
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    "injected reset",
-                )),
-            ]);
+            use futures::StreamExt;
+            // The pause lets the first bytes reach the client before the break.
+            let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(head) })
+                .chain(futures::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "injected reset",
+                    ))
+                }));
             Response::new(Body::from_stream(stream))
         }
         Action::Corrupt if status.is_success() && !data.is_empty() => {
