@@ -19,7 +19,8 @@ fn is_forbidden<T: std::fmt::Debug>(r: &Result<T, kube::Error>) -> bool {
     matches!(r, Err(kube::Error::Api(s)) if s.code == 403)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Default (current-thread) runtime on purpose: that is what most tests use.
+#[tokio::test]
 async fn apiserver_serves_crds_rbac_and_reports_its_version() {
     let kube = KubeApi::start().await.expect("start etcd + kube-apiserver");
     let client = kube.client().await.expect("admin client");
