@@ -116,7 +116,7 @@ pub struct AccelerationPolicySpec {
     pub profile: Profile,
     /// Platforms to build for, `os/arch[/variant]`; `linux/amd64` when empty.
     #[serde(default)]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 64)))]
     #[x_kube(validation = Rule::new("self.all(p, p.matches('^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$'))").message("platforms look like linux/amd64 or linux/arm64/v8"))]
     pub platforms: Vec<String>,
     #[serde(default)]

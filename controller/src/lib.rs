@@ -65,6 +65,13 @@ impl Default for Settings {
     }
 }
 
+/// Selects rustls' ring back end for the process. Both back ends are linked (kube's TLS
+/// uses ring, the registry client's reqwest aws-lc-rs), and rustls then refuses to guess;
+/// call this before creating any client. Later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn strip_namespace(ns: &mut Namespace) {
     ns.metadata.managed_fields = None;
     ns.metadata.annotations = None;

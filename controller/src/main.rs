@@ -106,6 +106,7 @@ async fn termination() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logs(&args.log_format);
+    talaria_controller::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster or kubeconfig)")?;
