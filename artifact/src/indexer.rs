@@ -473,7 +473,7 @@ fn consume(
     let mut spans = Vec::new();
     let mut open: Option<OpenSpan> = None;
     let mut total = 0u64;
-    let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut compressor = flate2::Compress::new(flate2::Compression::default(), true);
     let max_span = span_size + MAX_SPAN_OVERSHOOT;
     let close = |open: &mut Option<OpenSpan>,
                  span_hash: &mut Sha256,

@@ -117,7 +117,7 @@ pub struct Span {
     /// Length of the uncompressed history window (≤ 32 KiB; 0 at a gzip member start or for
     /// uncompressed layers).
     pub window_len: u32,
-    /// The history window, raw-deflate compressed (empty when `window_len` is 0).
+    /// The history window, zlib-compressed (empty when `window_len` is 0).
     pub window: Bytes,
     /// SHA-256 of the span's uncompressed bytes.
     pub digest: [u8; 32],

@@ -22,7 +22,8 @@ pub enum SpanError {
     WrongInput { got: u64, want: u64 },
 }
 
-/// Raw-deflates a window (checkpoint windows compress well; most are text or code).
+/// zlib-compresses a window (windows compress well: mostly text or code; the adler32
+/// lets the decoder reject a corrupted window up front).
 pub(crate) fn compress_window(compressor: &mut flate2::Compress, window: &[u8]) -> Vec<u8> {
     compressor.reset();
     // A 32 KiB window never deflates to more than this (stored blocks + headers).
@@ -57,7 +58,7 @@ pub(crate) fn decompress_window(data: &[u8], len: u32) -> Result<Vec<u8>, SpanEr
             Err(SpanError::Window("data for an empty window".into()))
         };
     }
-    let mut d = flate2::Decompress::new(false);
+    let mut d = flate2::Decompress::new(true);
     // One spare byte detects windows longer than announced.
     let mut out = Vec::with_capacity(len + 1);
     match d.decompress_vec(data, &mut out, flate2::FlushDecompress::Finish) {
