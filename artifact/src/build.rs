@@ -533,3 +533,100 @@ fn resolve_link(
     warn!(path = %link.path, "hard link chain too long; left out of the merged view");
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::indexer::IndexOptions;
+
+    enum T<'a> {
+        Dir(&'a str),
+        File(&'a str, &'a [u8]),
+        Link(&'a str, &'a str),
+    }
+
+    fn layer(items: &[T<'_>]) -> LayerIndex {
+        let mut b = tar::Builder::new(Vec::new());
+        for it in items {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_mtime(1);
+            match it {
+                T::Dir(p) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    b.append_data(&mut h, format!("{p}/"), std::io::empty())
+                        .unwrap();
+                }
+                T::File(p, d) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(d.len() as u64);
+                    b.append_data(&mut h, p, *d).unwrap();
+                }
+                T::Link(p, t) => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, t).unwrap();
+                }
+            }
+        }
+        let tar = b.into_inner().unwrap();
+        index_layer(tar.as_slice(), Compression::None, &IndexOptions::default())
+            .unwrap()
+            .index
+    }
+
+    fn paths(v: &MergedView) -> Vec<&str> {
+        v.list().map(|(p, _, _)| p).collect()
+    }
+
+    #[test]
+    fn file_over_dir_whiteouts_and_opaque() {
+        let l0 = layer(&[
+            T::Dir("a"),
+            T::File("a/x", b"x"),
+            T::Dir("b"),
+            T::File("b/y", b"y"),
+            T::Dir("c"),
+            T::File("c/z", b"z"),
+            T::File("keep", b"k0"),
+        ]);
+        let l1 = layer(&[
+            T::File("a", b"now a file"),
+            T::File(".wh.b", b""),
+            T::Dir("c"),
+            T::File("c/.wh..wh..opq", b""),
+            T::File("c/new", b"n"),
+            T::File("keep", b"k1"),
+        ]);
+        let v = MergedView::new(&[Some(&l0), Some(&l1)]);
+        assert_eq!(paths(&v), ["a", "c", "c/new", "keep"]);
+        let (layer_no, e) = v.lookup("/keep").unwrap();
+        assert_eq!((layer_no, e.size), (1, 2));
+        assert_eq!(v.lookup("a").unwrap().1.kind, EntryKind::File);
+        assert!(v.lookup("b/y").is_none());
+        // A skipped (unindexed) layer contributes nothing.
+        let v = MergedView::new(&[None, Some(&l1)]);
+        assert!(v.lookup("c/new").is_some());
+    }
+
+    #[test]
+    fn hard_links_resolve_to_content_in_this_or_a_lower_layer() {
+        let l0 = layer(&[T::File("base", b"lower content")]);
+        let l1 = layer(&[
+            T::File("f", b"upper"),
+            T::Link("g", "f"),
+            T::Link("h", "g"),
+            T::Link("to-lower", "base"),
+        ]);
+        let v = MergedView::new(&[Some(&l0), Some(&l1)]);
+        let (ln, e) = v.lookup("h").unwrap();
+        assert_eq!((ln, e.kind, e.size), (1, EntryKind::File, 5));
+        let (ln, e) = v.lookup("to-lower").unwrap();
+        assert_eq!((ln, e.kind, e.size), (0, EntryKind::File, 13));
+        // A link whose target does not exist is left out, not a panic.
+        let l2 = layer(&[T::Link("dangling", "nowhere")]);
+        let v = MergedView::new(&[Some(&l2)]);
+        assert!(v.lookup("dangling").is_none());
+    }
+}

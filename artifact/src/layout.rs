@@ -140,12 +140,21 @@ impl OciLayout {
 
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), LayoutError> {
         let dir = path.parent().unwrap_or(&self.root);
-        let mut tmp = tempfile_in(dir).map_err(self.io("creating a temporary file"))?;
-        tmp.1
+        let (tmp_path, mut file) =
+            tempfile_in(dir).map_err(self.io("creating a temporary file"))?;
+        let res = file
             .write_all(data)
-            .and_then(|_| tmp.1.sync_all())
-            .map_err(self.io(format!("writing {}", tmp.0.display())))?;
-        std::fs::rename(&tmp.0, path).map_err(self.io(format!("renaming to {}", path.display())))
+            .and_then(|_| file.sync_all())
+            .map_err(self.io(format!("writing {}", tmp_path.display())))
+            .and_then(|_| {
+                std::fs::rename(&tmp_path, path)
+                    .map_err(self.io(format!("renaming to {}", path.display())))
+            });
+        if res.is_err() {
+            // Do not leave temporary files behind on failure.
+            let _ = std::fs::remove_file(&tmp_path);
+        }
+        res
     }
 
     /// Writes a blob (content-addressed; a present blob is kept).

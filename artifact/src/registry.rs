@@ -1385,6 +1385,7 @@ mod tests {
         assert_eq!(r.reference(), "v1");
         let d = ImageRef::parse(&format!("reg.io/x@{}", oci::EMPTY_DIGEST)).unwrap();
         assert_eq!(d.reference(), oci::EMPTY_DIGEST);
-        assert!(ImageRef::parse("UPPER/case:tag").is_err());
+        assert!(ImageRef::parse("not a reference").is_err());
+        assert!(ImageRef::parse("reg.io/x@sha256:short").is_err());
     }
 }
