@@ -369,3 +369,66 @@ async fn skip_threshold_records_skipped_layers() {
     assert!(info.index_for(&skipped[0].digest).is_none());
     assert_eq!(info.layers.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_schema2_manifest_list_and_manifest() {
+    let reg = Registry::start().unwrap();
+    let host = reg.host();
+    let (image, tars) = common::test_image(6);
+    // Push the blobs with the independent test helper, then Docker-typed manifests.
+    image.push(&host, "app/docker", "oci").unwrap();
+    let mut man: serde_json::Value = serde_json::from_slice(&image.manifest).unwrap();
+    man["mediaType"] = serde_json::json!(oci::DOCKER_MANIFEST);
+    man["config"]["mediaType"] =
+        serde_json::json!("application/vnd.docker.container.image.v1+json");
+    for l in man["layers"].as_array_mut().unwrap() {
+        l["mediaType"] = serde_json::json!("application/vnd.docker.image.rootfs.diff.tar.gzip");
+    }
+    let man = serde_json::to_vec(&man).unwrap();
+    let man_digest = oci::sha256_digest(&man);
+    let put = |reference: &str, body: &[u8], ct: &str| {
+        let r = talaria_testenv::http::request(
+            &host,
+            "PUT",
+            &format!("/v2/app/docker/manifests/{reference}"),
+            &[("Content-Type", ct)],
+            body,
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+    };
+    put(&man_digest, &man, oci::DOCKER_MANIFEST);
+    let list = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::DOCKER_LIST,
+        "manifests": [{"mediaType": oci::DOCKER_MANIFEST, "digest": man_digest, "size": man.len(),
+                       "platform": {"os": "linux", "architecture": Platform::host().architecture}}]
+    });
+    put(
+        "list",
+        &serde_json::to_vec(&list).unwrap(),
+        oci::DOCKER_LIST,
+    );
+
+    let client = common::client();
+    let opened = open_reference(&format!("{host}/app/docker:list"), &client, false).unwrap();
+    let raw = opened.store.get_manifest("list").await.unwrap();
+    assert_eq!(raw.media_type, oci::DOCKER_LIST);
+    let s = build::build(opened.store.clone(), "list", None, &opts(Profile::Default))
+        .await
+        .unwrap();
+    assert_eq!(s.image.digest, man_digest);
+    assert_eq!(s.image.media_type, oci::DOCKER_MANIFEST);
+    assert!(s.layers.iter().all(|l| l.index.is_some()));
+    let im = common::image_manifest(opened.store.as_ref(), &man_digest).await;
+    let n = common::check_read_through(
+        opened.store.as_ref(),
+        opened.store.as_ref(),
+        &im,
+        &s.artifact.digest,
+        &common::unpack_merged(&tars),
+    )
+    .await;
+    assert!(n >= 8);
+}
