@@ -1,0 +1,447 @@
+//! The snapshotter: containerd's overlayfs snapshotter semantics on our own root.
+//!
+//! Layout under `root`: `metadata.redb` and `snapshots/<id>/{fs,work}`. `fs` is the layer's
+//! content (the upper dir of an active snapshot), `work` the overlayfs work dir of active
+//! snapshots. Directories are built under `snapshots/new-*` and renamed into place inside the
+//! metadata transaction; removed ones are renamed to `snapshots/rm-*` and deleted. Whatever a
+//! crash leaves behind is not in the metadata and is deleted by [`Snapshotter::cleanup`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::store::{Kind, LabelUpdate, Record, Snapshot, Store};
+
+/// Label containerd's unpacker puts on layer Prepares: the chain id it will commit to.
+/// A remote snapshotter that can provide the layer commits it under this name itself and
+/// answers AlreadyExists, so containerd downloads nothing.
+pub const TARGET_SNAPSHOT_REF_LABEL: &str = "containerd.io/snapshot.ref";
+
+/// A mount as containerd's Mount message carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Public view of a snapshot (containerd's snapshots.Info).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    pub name: String,
+    pub parent: String,
+    pub kind: Kind,
+    pub created: crate::store::Time,
+    pub updated: crate::store::Time,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Disk usage as containerd counts it: allocated blocks of distinct inodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+/// What a [`PrepareHook`] decided for a Prepare.
+pub enum HookOutcome {
+    /// Go on: create an empty active snapshot for containerd to unpack into.
+    Unpack,
+    /// The hook made committed snapshot `name` available (e.g. a lazily mounted remote
+    /// layer); containerd is told it already exists.
+    Provided { name: String },
+}
+
+/// Seam for remote (lazy) layers: consulted on every Prepare before anything is created.
+/// An error from the hook must not fail the pull; the snapshotter logs it and unpacks.
+pub trait PrepareHook: Send + Sync {
+    fn prepare(
+        &self,
+        snapshotter: &Snapshotter,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<HookOutcome>;
+}
+
+pub struct Snapshotter {
+    root: PathBuf,
+    store: Store,
+    hook: Option<Arc<dyn PrepareHook>>,
+    /// The overlay module knows `index=`; containerd then passes `index=off`.
+    index_off: bool,
+}
+
+fn info_of(key: &str, rec: &Record) -> Info {
+    Info {
+        name: key.to_string(),
+        parent: rec.parent.clone(),
+        kind: rec.kind,
+        created: rec.created,
+        updated: rec.updated,
+        labels: rec.labels.clone(),
+    }
+}
+
+fn mkdir_mode(path: &Path, mode: u32) -> Result<()> {
+    fs::create_dir(path).map_err(Error::io(format!("creating {}", path.display())))?;
+    // Explicitly, so the umask does not decide.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(Error::io(format!("setting the mode of {}", path.display())))
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(Error::io(format!("syncing {}", path.display())))
+}
+
+/// Usage of the tree at `path`: blocks × 512 of each distinct inode (hard links once),
+/// the root included. Iterative, so deep trees cannot overflow the stack.
+pub fn disk_usage(path: &Path) -> Result<Usage> {
+    let mut seen = HashSet::new();
+    let mut size: i64 = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).map_err(Error::io(format!("stat {}", p.display())))?;
+        if seen.insert((md.dev(), md.ino())) {
+            size = size
+                .saturating_add(i64::try_from(md.blocks().saturating_mul(512)).unwrap_or(i64::MAX));
+        }
+        if md.is_dir() {
+            for entry in fs::read_dir(&p).map_err(Error::io(format!("reading {}", p.display())))? {
+                let entry = entry.map_err(Error::io(format!("reading {}", p.display())))?;
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(Usage {
+        size,
+        inodes: i64::try_from(seen.len()).unwrap_or(i64::MAX),
+    })
+}
+
+impl Snapshotter {
+    /// Opens the snapshotter at `root` (created if missing) and removes leftovers of
+    /// interrupted creations and removals.
+    pub fn open(root: &Path) -> Result<Snapshotter> {
+        fs::create_dir_all(root).map_err(Error::io(format!("creating {}", root.display())))?;
+        let snaps = root.join("snapshots");
+        if !snaps.exists() {
+            mkdir_mode(&snaps, 0o700)?;
+        }
+        let store = Store::open(&root.join("metadata.redb"))?;
+        let sn = Snapshotter {
+            root: root.to_path_buf(),
+            store,
+            hook: None,
+            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+        };
+        let removed = sn.cleanup()?;
+        if removed > 0 {
+            info!(removed, "removed leftover snapshot directories");
+        }
+        Ok(sn)
+    }
+
+    /// Installs the Prepare hook (remote layers).
+    pub fn with_hook(mut self, hook: Arc<dyn PrepareHook>) -> Snapshotter {
+        self.hook = Some(hook);
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn dir_of(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+
+    /// The content dir of snapshot `id`.
+    pub fn fs_path(&self, id: u64) -> PathBuf {
+        self.dir_of(id).join("fs")
+    }
+
+    fn work_path(&self, id: u64) -> PathBuf {
+        self.dir_of(id).join("work")
+    }
+
+    /// Mounts exactly as containerd's overlayfs snapshotter builds them.
+    fn mounts_of(&self, snap: &Snapshot) -> Vec<Mount> {
+        let rec = &snap.record;
+        if snap.parent_ids.is_empty() {
+            let ro = if rec.kind == Kind::View { "ro" } else { "rw" };
+            return vec![Mount {
+                kind: "bind".into(),
+                source: self.fs_path(rec.id).to_string_lossy().into_owned(),
+                options: vec![ro.into(), "rbind".into()],
+            }];
+        }
+        let mut options = Vec::new();
+        if self.index_off {
+            options.push("index=off".to_string());
+        }
+        if rec.kind == Kind::Active {
+            options.push(format!("workdir={}", self.work_path(rec.id).display()));
+            options.push(format!("upperdir={}", self.fs_path(rec.id).display()));
+        } else if let [only] = snap.parent_ids.as_slice() {
+            return vec![Mount {
+                kind: "bind".into(),
+                source: self.fs_path(*only).to_string_lossy().into_owned(),
+                options: vec!["ro".into(), "rbind".into()],
+            }];
+        }
+        let lower: Vec<String> = snap
+            .parent_ids
+            .iter()
+            .map(|id| self.fs_path(*id).to_string_lossy().into_owned())
+            .collect();
+        options.push(format!("lowerdir={}", lower.join(":")));
+        vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }]
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let snaps = self.snapshots_dir();
+        let snap = self
+            .store
+            .create(key, parent, kind, labels, |id, parent_ids| {
+                // Built under a temp name and renamed, so a half-made dir never has an id's name.
+                let tmp = tempfile::Builder::new()
+                    .prefix("new-")
+                    .tempdir_in(&snaps)
+                    .map_err(Error::io(format!(
+                        "creating a temp dir in {}",
+                        snaps.display()
+                    )))?;
+                let fs_dir = tmp.path().join("fs");
+                mkdir_mode(&fs_dir, 0o755)?;
+                if kind == Kind::Active {
+                    mkdir_mode(&tmp.path().join("work"), 0o711)?;
+                }
+                if let Some(parent_id) = parent_ids.first() {
+                    // The upper dir's owner follows the layer below, as overlayfs' snapshotter does.
+                    let p = self.fs_path(*parent_id);
+                    let md =
+                        fs::metadata(&p).map_err(Error::io(format!("stat {}", p.display())))?;
+                    std::os::unix::fs::chown(&fs_dir, Some(md.uid()), Some(md.gid()))
+                        .map_err(Error::io(format!("chown {}", fs_dir.display())))?;
+                }
+                let target = self.dir_of(id);
+                if target.exists() {
+                    // Only a crash between rename and commit leaves this; the id was never
+                    // recorded, so nothing refers to it.
+                    fs::remove_dir_all(&target)
+                        .map_err(Error::io(format!("removing stale {}", target.display())))?;
+                }
+                fs::rename(tmp.path(), &target).map_err(Error::io(format!(
+                    "renaming {} to {}",
+                    tmp.path().display(),
+                    target.display()
+                )))?;
+                let _ = tmp.keep();
+                sync_dir(&snaps)
+            })?;
+        debug!(key, parent, id = snap.record.id, ?kind, "created snapshot");
+        Ok(self.mounts_of(&snap))
+    }
+
+    /// Creates an active snapshot `key` on committed `parent` ("" for none).
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if let Some(hook) = &self.hook {
+            match hook.prepare(self, key, parent, &labels) {
+                Ok(HookOutcome::Provided { name }) => {
+                    info!(key, name, "prepare hook provided the snapshot");
+                    return Err(Error::AlreadyExists(name));
+                }
+                Ok(HookOutcome::Unpack) => {}
+                Err(e) => warn!(key, error = %e, "prepare hook failed; unpacking normally"),
+            }
+        }
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Creates a read-only view `key` of committed `parent`.
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    /// The mounts of an existing snapshot.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let snap = self.store.get(key)?;
+        if snap.record.kind == Kind::Committed {
+            // containerd only mounts active snapshots and views.
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} is committed; mount a view or active snapshot of it"
+            )));
+        }
+        Ok(self.mounts_of(&snap))
+    }
+
+    /// Commits active `key` as `name`, recording its disk usage.
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        let snap = self.store.get(key)?;
+        if snap.record.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} is not active"
+            )));
+        }
+        let usage = disk_usage(&self.fs_path(snap.record.id))?;
+        let done = self
+            .store
+            .commit(name, key, labels, usage.size, usage.inodes)?;
+        debug!(
+            name,
+            key,
+            id = done.record.id,
+            size = usage.size,
+            "committed snapshot"
+        );
+        Ok(())
+    }
+
+    /// Removes `key` (refused while it has children) and deletes its directory.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let rec = self.store.remove(key)?;
+        let dir = self.dir_of(rec.id);
+        let doomed = self.snapshots_dir().join(format!("rm-{}", rec.id));
+        // Renamed first so a half-deleted dir never looks live; failures are left to Cleanup.
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => {
+                if let Err(e) = fs::remove_dir_all(&doomed) {
+                    warn!(key, dir = %doomed.display(), error = %e, "removing snapshot dir failed; Cleanup will retry");
+                }
+            }
+            Err(e) => {
+                warn!(key, dir = %dir.display(), error = %e, "renaming snapshot dir for removal failed; Cleanup will retry")
+            }
+        }
+        debug!(key, id = rec.id, "removed snapshot");
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        let snap = self.store.get(key)?;
+        Ok(info_of(key, &snap.record))
+    }
+
+    /// Updates labels (the only mutable field). `paths` as containerd's field mask:
+    /// empty or "labels" replaces all, "labels.K" sets or removes one label.
+    pub fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Info> {
+        let update = if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            LabelUpdate::All(labels)
+        } else {
+            let mut keys = BTreeMap::new();
+            for p in paths {
+                let Some(k) = p.strip_prefix("labels.") else {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot update field {p:?} of snapshot {key}"
+                    )));
+                };
+                keys.insert(k.to_string(), labels.get(k).cloned());
+            }
+            LabelUpdate::Keys(keys)
+        };
+        let snap = self.store.update_labels(key, update)?;
+        Ok(info_of(key, &snap.record))
+    }
+
+    /// Usage: measured now for active snapshots, as recorded at Commit otherwise.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let snap = self.store.get(key)?;
+        if snap.record.kind == Kind::Active {
+            return disk_usage(&self.fs_path(snap.record.id));
+        }
+        Ok(Usage {
+            size: snap.record.size,
+            inodes: snap.record.inodes,
+        })
+    }
+
+    /// All snapshots (filters are not evaluated yet: containerd filters again on its side).
+    pub fn list(&self) -> Result<Vec<Info>> {
+        Ok(self
+            .store
+            .list()?
+            .iter()
+            .map(|(k, r)| info_of(k, r))
+            .collect())
+    }
+
+    /// Deletes directories under `snapshots/` that no snapshot owns (leftovers of crashes and
+    /// failed removals). Returns how many were removed.
+    pub fn cleanup(&self) -> Result<usize> {
+        let snaps = self.snapshots_dir();
+        // Renamed while holding the metadata write lock, so no creation can race the listing.
+        let doomed = self.store.with_live_ids(|live| -> Result<Vec<PathBuf>> {
+            let mut doomed = Vec::new();
+            let entries =
+                fs::read_dir(&snaps).map_err(Error::io(format!("reading {}", snaps.display())))?;
+            for entry in entries {
+                let entry = entry.map_err(Error::io(format!("reading {}", snaps.display())))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.parse::<u64>().is_ok_and(|id| live.contains(&id)) {
+                    continue;
+                }
+                if name.starts_with("rm-") {
+                    doomed.push(entry.path());
+                    continue;
+                }
+                let to = snaps.join(format!("rm-{name}"));
+                fs::rename(entry.path(), &to).map_err(Error::io(format!(
+                    "renaming {} for removal",
+                    entry.path().display()
+                )))?;
+                doomed.push(to);
+            }
+            Ok(doomed)
+        })??;
+        let mut removed = 0;
+        for d in doomed {
+            let res = if d.is_dir() {
+                fs::remove_dir_all(&d)
+            } else {
+                fs::remove_file(&d)
+            };
+            match res {
+                Ok(()) => removed += 1,
+                Err(e) => warn!(dir = %d.display(), error = %e, "cleanup could not remove"),
+            }
+        }
+        Ok(removed)
+    }
+}
