@@ -17,4 +17,5 @@ pub mod auth;
 pub mod build;
 pub mod layout;
 pub mod registry;
+pub mod startup;
 pub mod store;

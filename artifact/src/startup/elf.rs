@@ -1,0 +1,390 @@
+//! Just enough ELF to follow a dynamic executable's loading: the file header, program
+//! headers (PT_INTERP, PT_DYNAMIC, PT_LOAD) and the dynamic section's DT_NEEDED, DT_RPATH,
+//! DT_RUNPATH. Each step names the bytes it needs next so the caller reads only those,
+//! lazily; every size and count from the file is checked against a small bound first.
+
+/// Bytes of the ELF file header to read (the 64-bit header; a 32-bit one is shorter).
+pub const HEADER_LEN: u64 = 64;
+/// Program headers accepted.
+const MAX_PHNUM: u64 = 512;
+/// Largest dynamic section read.
+pub const MAX_DYNAMIC: u64 = 64 * 1024;
+/// Largest dynamic string table read.
+pub const MAX_STRTAB: u64 = 1024 * 1024;
+/// Longest interpreter path.
+const MAX_INTERP: u64 = 4096;
+
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+const DT_NULL: u64 = 0;
+const DT_NEEDED: u64 = 1;
+const DT_STRTAB: u64 = 5;
+const DT_STRSZ: u64 = 10;
+const DT_RPATH: u64 = 15;
+const DT_RUNPATH: u64 = 29;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ElfError {
+    #[error("not an ELF file")]
+    NotElf,
+    #[error("unsupported ELF: {0}")]
+    Unsupported(String),
+    #[error("malformed ELF: {0}")]
+    Malformed(String),
+}
+
+/// The ELF file header fields the loader cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub is64: bool,
+    pub little: bool,
+    pub machine: u16,
+    pub phoff: u64,
+    pub phentsize: u64,
+    pub phnum: u64,
+}
+
+impl Header {
+    /// Class and machine: a library must match its executable's.
+    pub fn abi(&self) -> (bool, u16) {
+        (self.is64, self.machine)
+    }
+
+    /// Byte range of the program header table.
+    pub fn phdr_range(&self) -> (u64, u64) {
+        (self.phoff, self.phentsize.saturating_mul(self.phnum))
+    }
+}
+
+/// Whether `bytes` start like an ELF file.
+pub fn is_elf(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"\x7fELF")
+}
+
+struct Rd<'a> {
+    b: &'a [u8],
+    little: bool,
+}
+
+impl Rd<'_> {
+    fn u16(&self, at: usize) -> Option<u16> {
+        let s: [u8; 2] = self.b.get(at..at.checked_add(2)?)?.try_into().ok()?;
+        Some(if self.little {
+            u16::from_le_bytes(s)
+        } else {
+            u16::from_be_bytes(s)
+        })
+    }
+    fn u32(&self, at: usize) -> Option<u32> {
+        let s: [u8; 4] = self.b.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(if self.little {
+            u32::from_le_bytes(s)
+        } else {
+            u32::from_be_bytes(s)
+        })
+    }
+    fn u64(&self, at: usize) -> Option<u64> {
+        let s: [u8; 8] = self.b.get(at..at.checked_add(8)?)?.try_into().ok()?;
+        Some(if self.little {
+            u64::from_le_bytes(s)
+        } else {
+            u64::from_be_bytes(s)
+        })
+    }
+    /// A word: 8 bytes in ELF64, 4 in ELF32.
+    fn word(&self, at: usize, is64: bool) -> Option<u64> {
+        if is64 {
+            self.u64(at)
+        } else {
+            self.u32(at).map(u64::from)
+        }
+    }
+}
+
+fn malformed(m: &str) -> ElfError {
+    ElfError::Malformed(m.to_string())
+}
+
+/// Parses the file header (the first [`HEADER_LEN`] bytes, or fewer for a short file).
+pub fn parse_header(b: &[u8]) -> Result<Header, ElfError> {
+    if !is_elf(b) {
+        return Err(ElfError::NotElf);
+    }
+    let is64 = match b.get(4) {
+        Some(1) => false,
+        Some(2) => true,
+        other => return Err(ElfError::Unsupported(format!("class {other:?}"))),
+    };
+    let little = match b.get(5) {
+        Some(1) => true,
+        Some(2) => false,
+        other => return Err(ElfError::Unsupported(format!("data encoding {other:?}"))),
+    };
+    let r = Rd { b, little };
+    let short = || malformed("file header is truncated");
+    let machine = r.u16(18).ok_or_else(short)?;
+    let (phoff, phentsize, phnum) = if is64 {
+        (
+            r.u64(32).ok_or_else(short)?,
+            u64::from(r.u16(54).ok_or_else(short)?),
+            u64::from(r.u16(56).ok_or_else(short)?),
+        )
+    } else {
+        (
+            u64::from(r.u32(28).ok_or_else(short)?),
+            u64::from(r.u16(42).ok_or_else(short)?),
+            u64::from(r.u16(44).ok_or_else(short)?),
+        )
+    };
+    let min_ent = if is64 { 56 } else { 32 };
+    if phnum > MAX_PHNUM {
+        return Err(malformed(&format!("{phnum} program headers")));
+    }
+    if phnum > 0 && (phentsize < min_ent || phentsize > 256) {
+        return Err(malformed(&format!("program header size {phentsize}")));
+    }
+    Ok(Header {
+        is64,
+        little,
+        machine,
+        phoff,
+        phentsize,
+        phnum,
+    })
+}
+
+/// A segment of the file mapped at a virtual address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub vaddr: u64,
+    pub offset: u64,
+    pub filesz: u64,
+}
+
+/// What the program headers say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Segments {
+    /// File range of the interpreter path.
+    pub interp: Option<(u64, u64)>,
+    /// File range of the dynamic section.
+    pub dynamic: Option<(u64, u64)>,
+    pub loads: Vec<Load>,
+}
+
+impl Segments {
+    /// File offset of a virtual address, through the PT_LOAD segments.
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        self.loads.iter().find_map(|l| {
+            let rel = vaddr.checked_sub(l.vaddr)?;
+            (rel < l.filesz)
+                .then(|| l.offset.checked_add(rel))
+                .flatten()
+        })
+    }
+}
+
+/// Parses the program header table (bytes of [`Header::phdr_range`]).
+pub fn parse_phdrs(h: &Header, b: &[u8]) -> Result<Segments, ElfError> {
+    let r = Rd {
+        b,
+        little: h.little,
+    };
+    let mut s = Segments::default();
+    let short = || malformed("program headers are truncated");
+    for i in 0..h.phnum {
+        let base = usize::try_from(i * h.phentsize).map_err(|_| short())?;
+        let p_type = r.u32(base).ok_or_else(short)?;
+        let (offset, vaddr, filesz) = if h.is64 {
+            (
+                r.u64(base + 8).ok_or_else(short)?,
+                r.u64(base + 16).ok_or_else(short)?,
+                r.u64(base + 32).ok_or_else(short)?,
+            )
+        } else {
+            (
+                u64::from(r.u32(base + 4).ok_or_else(short)?),
+                u64::from(r.u32(base + 8).ok_or_else(short)?),
+                u64::from(r.u32(base + 16).ok_or_else(short)?),
+            )
+        };
+        match p_type {
+            PT_INTERP => {
+                if filesz == 0 || filesz > MAX_INTERP {
+                    return Err(malformed(&format!("PT_INTERP of {filesz} bytes")));
+                }
+                s.interp = Some((offset, filesz));
+            }
+            PT_DYNAMIC => s.dynamic = Some((offset, filesz.min(MAX_DYNAMIC))),
+            PT_LOAD => s.loads.push(Load {
+                vaddr,
+                offset,
+                filesz,
+            }),
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+/// The interpreter path from the PT_INTERP bytes (NUL-terminated).
+pub fn parse_interp(b: &[u8]) -> Result<String, ElfError> {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let s = std::str::from_utf8(b.get(..end).unwrap_or_default())
+        .map_err(|_| malformed("PT_INTERP is not UTF-8"))?;
+    if s.is_empty() {
+        return Err(malformed("empty PT_INTERP"));
+    }
+    Ok(s.to_string())
+}
+
+/// The dynamic section's string references, before the string table is read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dynamic {
+    pub strtab_vaddr: Option<u64>,
+    pub strsz: u64,
+    pub needed: Vec<u64>,
+    pub rpath: Option<u64>,
+    pub runpath: Option<u64>,
+}
+
+/// Parses dynamic entries (bytes of the PT_DYNAMIC range).
+pub fn parse_dynamic(h: &Header, b: &[u8]) -> Dynamic {
+    let r = Rd {
+        b,
+        little: h.little,
+    };
+    let ent = if h.is64 { 16 } else { 8 };
+    let half = ent / 2;
+    let mut d = Dynamic::default();
+    let mut at = 0usize;
+    while let (Some(tag), Some(val)) = (r.word(at, h.is64), r.word(at + half, h.is64)) {
+        match tag {
+            DT_NULL => break,
+            DT_NEEDED if d.needed.len() < 1024 => d.needed.push(val),
+            DT_STRTAB => d.strtab_vaddr = Some(val),
+            DT_STRSZ => d.strsz = val,
+            DT_RPATH => d.rpath = Some(val),
+            DT_RUNPATH => d.runpath = Some(val),
+            _ => {}
+        }
+        at += ent;
+    }
+    d
+}
+
+/// The NUL-terminated string at `off` of a string table (`None` when out of range or not
+/// UTF-8).
+pub fn strtab_str(tab: &[u8], off: u64) -> Option<String> {
+    let rest = tab.get(usize::try_from(off).ok()?..)?;
+    let end = rest.iter().position(|&c| c == 0)?;
+    let s = std::str::from_utf8(rest.get(..end)?).ok()?;
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Multiarch triplet of a machine (Debian library directories).
+pub fn multiarch(machine: u16, is64: bool) -> Option<&'static str> {
+    match (machine, is64) {
+        (62, true) => Some("x86_64-linux-gnu"),
+        (3, false) => Some("i386-linux-gnu"),
+        (183, true) => Some("aarch64-linux-gnu"),
+        (40, false) => Some("arm-linux-gnueabihf"),
+        (21, true) => Some("powerpc64le-linux-gnu"),
+        (22, true) => Some("s390x-linux-gnu"),
+        (243, true) => Some("riscv64-linux-gnu"),
+        _ => None,
+    }
+}
+
+/// `$PLATFORM` for a machine.
+pub fn platform(machine: u16) -> &'static str {
+    match machine {
+        62 => "x86_64",
+        3 => "i686",
+        183 => "aarch64",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elf64(phnum: u16, phentsize: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[54..56].copy_from_slice(&phentsize.to_le_bytes());
+        b[56..58].copy_from_slice(&phnum.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn header_bounds_are_checked() {
+        let h = parse_header(&elf64(2, 56)).unwrap();
+        assert!(h.is64 && h.little && h.machine == 62);
+        assert_eq!(h.phdr_range(), (64, 112));
+        assert!(matches!(
+            parse_header(&elf64(60000, 56)),
+            Err(ElfError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_header(&elf64(2, 3)),
+            Err(ElfError::Malformed(_))
+        ));
+        assert_eq!(parse_header(b"#!/bin/sh"), Err(ElfError::NotElf));
+        assert!(parse_header(&elf64(1, 56)[..20]).is_err());
+    }
+
+    #[test]
+    fn phdrs_dynamic_and_strings() {
+        let h = parse_header(&elf64(3, 56)).unwrap();
+        let mut ph = vec![0u8; 3 * 56];
+        let put = |ph: &mut Vec<u8>, i: usize, t: u32, off: u64, va: u64, sz: u64| {
+            let b = i * 56;
+            ph[b..b + 4].copy_from_slice(&t.to_le_bytes());
+            ph[b + 8..b + 16].copy_from_slice(&off.to_le_bytes());
+            ph[b + 16..b + 24].copy_from_slice(&va.to_le_bytes());
+            ph[b + 32..b + 40].copy_from_slice(&sz.to_le_bytes());
+        };
+        put(&mut ph, 0, PT_INTERP, 0x200, 0x200, 28);
+        put(&mut ph, 1, PT_LOAD, 0x1000, 0x401000, 0x2000);
+        put(&mut ph, 2, PT_DYNAMIC, 0x1800, 0x401800, 1 << 30);
+        let s = parse_phdrs(&h, &ph).unwrap();
+        assert_eq!(s.interp, Some((0x200, 28)));
+        assert_eq!(s.dynamic, Some((0x1800, MAX_DYNAMIC)));
+        assert_eq!(s.file_offset(0x401100), Some(0x1100));
+        assert_eq!(s.file_offset(0x999999), None);
+        assert!(parse_phdrs(&h, &ph[..100]).is_err());
+
+        let mut dy = Vec::new();
+        for (t, v) in [
+            (1u64, 1u64),
+            (1, 10),
+            (29, 19),
+            (5, 0x401100),
+            (10, 30),
+            (0, 0),
+        ] {
+            dy.extend_from_slice(&t.to_le_bytes());
+            dy.extend_from_slice(&v.to_le_bytes());
+        }
+        let d = parse_dynamic(&h, &dy);
+        assert_eq!(d.needed, vec![1, 10]);
+        assert_eq!(d.runpath, Some(19));
+        assert_eq!(d.strtab_vaddr, Some(0x401100));
+        let tab = b"\0libc.so.6\0libm.so.6\0$ORIGIN/..\0";
+        assert_eq!(strtab_str(tab, 1).as_deref(), Some("libc.so.6"));
+        assert_eq!(strtab_str(tab, 19).as_deref(), Some("$ORIGIN/.."));
+        assert_eq!(strtab_str(tab, 999), None);
+        assert_eq!(
+            parse_interp(b"/lib64/ld-linux-x86-64.so.2\0").unwrap(),
+            "/lib64/ld-linux-x86-64.so.2"
+        );
+        // A dynamic section without DT_NULL ends at its bytes' end.
+        assert_eq!(parse_dynamic(&h, &dy[..32]).needed.len(), 2);
+    }
+}

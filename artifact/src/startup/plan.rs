@@ -1,0 +1,118 @@
+//! From the analysis to the startup plan: each file's byte ranges become spans of the
+//! layer that holds it in the merged view, in expected access order, with the file class
+//! as priority, within the prefetch budget.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::Analysis;
+use crate::artifact::{PlanEntry, StartupPlan};
+use crate::index::LayerIndex;
+
+/// Patterns kept in the artifact annotation (annotations should stay small).
+const MAX_PATTERNS: usize = 256;
+/// Files of one directory listed one by one before the directory becomes `dir/*`.
+const DIR_COLLAPSE: usize = 8;
+
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    pub profile: String,
+    pub version: u32,
+    /// Uncompressed span bytes the plan may name (the `prefetch_budget` knob).
+    pub budget: u64,
+}
+
+/// Builds the plan. `layers[i]` is image layer `i`'s index (`None`: not indexed; its
+/// files cannot be in the analysis). Entries whose new spans would pass the budget are
+/// left out (smaller later ones may still fit).
+pub fn build_plan(
+    analysis: &Analysis,
+    layers: &[Option<&LayerIndex>],
+    opts: &PlanOptions,
+) -> StartupPlan {
+    let mut used = 0u64;
+    let mut taken: HashSet<(usize, usize)> = HashSet::new();
+    let mut entries = Vec::new();
+    for f in &analysis.files {
+        let Some(Some(ix)) = layers.get(f.layer) else {
+            continue;
+        };
+        let mut spans: Vec<usize> = Vec::new();
+        for r in &f.ranges {
+            if r.len == 0 {
+                continue;
+            }
+            let Some(start) = f.data_offset.checked_add(r.offset) else {
+                continue;
+            };
+            let end = start
+                .saturating_add(r.len - 1)
+                .min(ix.uncompressed_size.saturating_sub(1));
+            if start > end {
+                continue;
+            }
+            for s in ix.span_for(start)..=ix.span_for(end) {
+                if !spans.contains(&s) {
+                    spans.push(s);
+                }
+            }
+        }
+        if spans.is_empty() {
+            continue;
+        }
+        let cost: u64 = spans
+            .iter()
+            .filter(|&&s| !taken.contains(&(f.layer, s)))
+            .filter_map(|&s| ix.spans.get(s))
+            .map(|s| s.uncompressed_size)
+            .sum();
+        if used.saturating_add(cost) > opts.budget {
+            continue;
+        }
+        used += cost;
+        taken.extend(spans.iter().map(|&s| (f.layer, s)));
+        entries.push(PlanEntry {
+            layer: u32::try_from(f.layer).unwrap_or(u32::MAX),
+            path: f.path.clone(),
+            spans: spans
+                .into_iter()
+                .map(|s| u32::try_from(s).unwrap_or(u32::MAX))
+                .collect(),
+            priority: f.class as u32,
+        });
+    }
+    StartupPlan {
+        version: opts.version,
+        profile: opts.profile.clone(),
+        prefetch_budget: opts.budget,
+        paths: path_patterns(analysis),
+        entries,
+    }
+}
+
+/// The normalized startup path patterns: absolute paths of the files and links, sorted;
+/// a directory with many of them becomes `dir/*`; at most [`MAX_PATTERNS`].
+pub fn path_patterns(analysis: &Analysis) -> Vec<String> {
+    let mut by_dir: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for p in analysis
+        .files
+        .iter()
+        .map(|f| f.path.as_str())
+        .chain(analysis.links.iter().map(String::as_str))
+    {
+        let (dir, _) = p.rsplit_once('/').unwrap_or(("", p));
+        by_dir.entry(dir).or_default().push(p);
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (dir, mut paths) in by_dir {
+        paths.sort_unstable();
+        paths.dedup();
+        if paths.len() > DIR_COLLAPSE {
+            out.push(format!("{dir}/*"));
+        } else {
+            out.extend(paths.into_iter().map(str::to_string));
+        }
+    }
+    out.sort();
+    out.truncate(MAX_PATTERNS);
+    out
+}
