@@ -828,6 +828,7 @@ impl RegistryClient {
             resp: None,
             pending: None,
             carry: None,
+            progress_mark: 0,
             done: false,
         })
     }
@@ -1155,6 +1156,8 @@ pub struct BlobStream {
     pending: Option<Bytes>,
     /// New bytes left over from skipping on a resumed response without range support.
     carry: Option<Bytes>,
+    /// Position at the last failure (see the retry budget reset in `raw_chunk`).
+    progress_mark: u64,
     done: bool,
 }
 
@@ -1244,6 +1247,13 @@ impl BlobStream {
                 }
                 Err(e) => {
                     self.resp = None;
+                    if self.pos > self.progress_mark {
+                        // Progress since the last failure: a long download over a flaky
+                        // link gets a fresh budget instead of dying on its Nth reset.
+                        self.progress_mark = self.pos;
+                        self.retrier.attempts = 0;
+                        self.retrier.start = Instant::now();
+                    }
                     let reason = format!(
                         "stream broke at byte {}: {}",
                         self.pos,

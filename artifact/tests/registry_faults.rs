@@ -302,3 +302,37 @@ async fn bearer_token_challenge_with_basic_credentials() {
         "{token_calls} token requests"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_refused_while_the_registry_restarts_is_retried() {
+    let mut reg = Registry::start().unwrap();
+    let (image, _) = common::test_image(17);
+    image.push(&reg.host(), "faults/restart", "v1").unwrap();
+    let repo = Repository {
+        registry: reg.host(),
+        name: "faults/restart".into(),
+    };
+    reg.stop();
+    let client = common::client_with(RetryPolicy {
+        max_attempts: 40,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(400),
+        max_elapsed: Duration::from_secs(60),
+    });
+    let pull = {
+        let client = client.clone();
+        let repo = repo.clone();
+        tokio::spawn(async move { client.get_manifest(&repo, "v1").await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!pull.is_finished(), "the pull is waiting for the registry");
+    // Keep the restarted registry alive (and stopped on drop) until the pull is done.
+    let _reg = tokio::task::spawn_blocking(move || {
+        reg.start_again().unwrap();
+        reg
+    })
+    .await
+    .unwrap();
+    let raw = pull.await.unwrap().unwrap();
+    assert_eq!(raw.digest, image.manifest_digest);
+}
