@@ -84,6 +84,18 @@ async fn registry_build_resolve_read_every_file() {
     .unwrap();
     assert_ne!(accel.artifact.digest, default.artifact.digest);
     assert!(accel.plan.is_some());
+    for l in &accel.layers {
+        eprintln!(
+            "layer {}: {} B compressed, {} B tar, {} entries, {} spans, index {} B, {:?}",
+            &l.digest[..19],
+            l.compressed_size,
+            l.uncompressed_size,
+            l.entries,
+            l.spans,
+            l.index.as_ref().map_or(0, |d| d.size),
+            l.duration
+        );
+    }
     // Index blobs are content-addressed and shared between the two artifacts.
     let idx = |s: &build::BuildSummary| {
         s.layers
