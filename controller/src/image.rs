@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::context::{ANN_PULL_SECRETS, Ctx, Error, FIELD_MANAGER, condition, truncate};
-use crate::policy::owners;
+use crate::policy::{CACHE_SYNC_WAIT, owners};
 use crate::registry::BuildRequest;
 
 /// Delay before retry `attempts` + 1 (after `attempts` failures): base * 2^(attempts-1), capped.
@@ -73,10 +73,11 @@ pub async fn reconcile(
     if img.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    ctx.policies
-        .wait_until_ready()
-        .await
-        .map_err(|e| Error::Other(format!("policy cache stopped: {e}")))?;
+    match tokio::time::timeout(CACHE_SYNC_WAIT, ctx.policies.wait_until_ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Other(format!("policy cache stopped: {e}"))),
+        Err(_) => return Err(Error::Other("policy cache not synced yet".into())),
+    }
     let prev = img.status.clone().unwrap_or_default();
     if prev.phase == Phase::Ready && prev.artifact.is_some() {
         return Ok(Action::await_change());

@@ -27,6 +27,8 @@ use crate::selector::{NormalizedRef, Pattern, labels_match, normalize};
 
 /// The platform built when a policy names none.
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
+/// Longest wait for the caches to fill before a reconcile gives up (and is retried).
+pub const CACHE_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// References resolved at once in one reconcile.
 const RESOLVE_CONCURRENCY: usize = 16;
 
@@ -225,13 +227,17 @@ pub async fn reconcile(p: Arc<AccelerationPolicy>, ctx: Arc<Ctx>) -> Result<Acti
     if p.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    // Selection reads the caches: wait until they hold the cluster's state once.
-    for ready in [
-        ctx.pods.wait_until_ready().await,
-        ctx.namespaces.wait_until_ready().await,
-        ctx.images.wait_until_ready().await,
-    ] {
-        ready.map_err(|e| Error::Other(format!("cache stopped: {e}")))?;
+    // Selection reads the caches: wait until they hold the cluster's state once. Bounded,
+    // because the caches are fed by the controller's triggers, which stop at shutdown.
+    let synced = async {
+        ctx.pods.wait_until_ready().await?;
+        ctx.namespaces.wait_until_ready().await?;
+        ctx.images.wait_until_ready().await
+    };
+    match tokio::time::timeout(CACHE_SYNC_WAIT, synced).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Other(format!("cache stopped: {e}"))),
+        Err(_) => return Err(Error::Other("caches not synced yet".into())),
     }
     let Some(oref) = owner_ref(&p) else {
         return Err(Error::Other(format!("policy {name} has no uid yet")));
