@@ -1,0 +1,446 @@
+//! talaria-node as containerd's proxy snapshotter, with the real containerd 1.6 and runc:
+//! images unpack into it, containers run on it, the unpacked tree equals overlayfs', and
+//! committed snapshots survive restarts and crashes of the snapshotter process.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use talaria_testenv::containerd::Containerd;
+use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The talaria-node binary running on `root`, serving `socket`.
+struct Node {
+    child: Option<Child>,
+    root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Node {
+    fn start(root: &Path, socket: &Path, log: &Path) -> Node {
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open node log");
+        let child = Command::new(env!("CARGO_BIN_EXE_talaria-node"))
+            .arg("--root")
+            .arg(root)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--log")
+            .arg("talaria_node=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn talaria-node");
+        let mut node = Node {
+            child: Some(child),
+            root: root.to_path_buf(),
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        let started = Instant::now();
+        while !socket.exists() {
+            if let Some(status) = node.child_mut().try_wait().expect("try_wait") {
+                panic!("talaria-node exited with {status}:\n{}", node.log_text());
+            }
+            assert!(
+                started.elapsed() < START_TIMEOUT,
+                "talaria-node did not create {} within {START_TIMEOUT:?}:\n{}",
+                socket.display(),
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("node is running")
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&mut self, sig: &str) -> ExitStatus {
+        let pid = self.child_mut().id().to_string();
+        let st = Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill -s {sig} {pid}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "talaria-node ignored {sig}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Restarts on the same root and socket.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the node first");
+        let again = Node::start(&self.root, &self.socket, &self.log);
+        *self = again;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("--- talaria-node log (last lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn proxy_config(socket: &Path) -> String {
+    format!(
+        "[proxy_plugins.talaria]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+        socket.display()
+    )
+}
+
+/// Imports an image built in the test into containerd, unpacking it for `snapshotter`.
+fn import(
+    ctd: &Containerd,
+    image: &images::Image,
+    dir: &Path,
+    name: &str,
+    snapshotter: &str,
+) -> String {
+    let layout = dir.join(format!("layout-{}", name.replace('/', "-")));
+    if !layout.exists() {
+        image.write_layout(&layout, "latest").expect("write layout");
+    }
+    let tar = dir.join(format!("{}-{snapshotter}.tar", name.replace('/', "-")));
+    images::layout_to_tar(&layout, &tar).expect("layout tar");
+    ctd.ctr(&[
+        "images",
+        "import",
+        "--snapshotter",
+        snapshotter,
+        "--base-name",
+        name,
+        &tar.to_string_lossy(),
+    ])
+    .expect("ctr images import");
+    format!("{name}:latest")
+}
+
+/// Everything about a tree that an image defines: type, mode, owner, content hash,
+/// link target and which paths are hard links of each other.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut first_path_of_inode: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).expect("lstat");
+        let rel = p
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .into_owned();
+        let rel = if rel.is_empty() { "/".to_string() } else { rel };
+        let ft = md.file_type();
+        let what = if ft.is_dir() {
+            for e in fs::read_dir(&p).expect("read_dir") {
+                stack.push(e.expect("dir entry").path());
+            }
+            "dir".to_string()
+        } else if ft.is_symlink() {
+            format!(
+                "symlink -> {}",
+                fs::read_link(&p).expect("readlink").display()
+            )
+        } else if ft.is_file() {
+            let data = fs::read(&p).expect("read file");
+            let link = match first_path_of_inode.get(&(md.dev(), md.ino())) {
+                Some(first) if md.nlink() > 1 => format!(" hardlink-of {first}"),
+                _ => {
+                    first_path_of_inode.insert((md.dev(), md.ino()), rel.clone());
+                    String::new()
+                }
+            };
+            format!(
+                "file {} {}{link}",
+                data.len(),
+                hex::encode(Sha256::digest(&data))
+            )
+        } else if ft.is_char_device() {
+            format!("char {}", md.rdev())
+        } else {
+            format!("other {:o}", md.mode())
+        };
+        // The root dir's own mode differs by snapshotter design (bind vs overlay); contents
+        // are what must match.
+        let mode = if rel == "/" { 0 } else { md.mode() & 0o7777 };
+        out.insert(
+            rel,
+            format!("{what} mode={mode:o} uid={} gid={}", md.uid(), md.gid()),
+        );
+    }
+    out
+}
+
+/// The image's root filesystem as `snapshotter` presents it (a read-only view mounted by
+/// ctr from the mounts the snapshotter returns).
+fn image_tree(
+    ctd: &Containerd,
+    image: &str,
+    snapshotter: &str,
+    dir: &Path,
+) -> BTreeMap<String, String> {
+    let target = dir.join(format!("mnt-{snapshotter}"));
+    fs::create_dir_all(&target).expect("mount target");
+    let t = target.to_string_lossy().into_owned();
+    ctd.ctr(&["images", "mount", "--snapshotter", snapshotter, image, &t])
+        .expect("ctr images mount");
+    let tree = tree(&target);
+    ctd.ctr(&["images", "unmount", "--rm", &t])
+        .expect("ctr images unmount");
+    tree
+}
+
+fn two_layer_image() -> images::Image {
+    let base = images::busybox_layer_builder()
+        .expect("busybox layer")
+        .dir("data", 0o750)
+        .file("data/a.txt", "alpha\n", 0o600)
+        .hardlink("data/a-link.txt", "data/a.txt")
+        .symlink("data/rel", "a.txt")
+        .dir("data/old", 0o755)
+        .file("data/old/gone.txt", "hidden by an opaque dir\n", 0o644)
+        .build()
+        .expect("base layer");
+    let top = LayerBuilder::new()
+        .file("msg.txt", "from layer two\n", 0o644)
+        .whiteout("etc/group")
+        .dir("data", 0o750)
+        .file("data/b.sh", "#!/bin/sh\necho b\n", 0o4755)
+        .dir("data/old", 0o700)
+        .opaque_dir("data/old")
+        .file("data/old/new.txt", "after the opaque marker\n", 0o640)
+        .build()
+        .expect("top layer");
+    ImageBuilder::new()
+        .layer(base)
+        .layer(top)
+        .cmd(&["/bin/sh"])
+        .build()
+        .expect("image")
+}
+
+/// `ctr snapshots ls` rows (KEY PARENT KIND), sorted; retried while containerd reconnects to a
+/// restarted snapshotter (its gRPC client backs off up to a few seconds).
+fn snapshot_rows(ctd: &Containerd) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match ctd.ctr_stdout(&["snapshots", "--snapshotter", "talaria", "ls"]) {
+            Ok(out) => {
+                let mut rows: Vec<String> = out
+                    .lines()
+                    .skip(1)
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                rows.sort();
+                return rows;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "snapshots ls kept failing: {e}");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+fn run_in(ctd: &Containerd, image: &str, id: &str, script: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match ctd.ctr_stdout(&[
+            "run",
+            "--snapshotter",
+            "talaria",
+            "--rm",
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ]) {
+            Ok(out) => return out.lines().map(str::to_string).collect(),
+            // Only a connection still coming back is retried; anything else is a failure.
+            Err(e) if e.to_string().contains("Unavailable") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("ctr run {id}: {e}"),
+        }
+    }
+}
+
+/// Waits until the snapshot dirs on disk are exactly `n` (containerd removes snapshots from
+/// a proxy snapshotter in its garbage collector, shortly after the metadata says so).
+fn wait_for_dirs(root: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dirs = snapshot_dirs(root);
+        if dirs.len() == n && dirs.iter().all(|d| d.parse::<u64>().is_ok()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} snapshot dirs: {dirs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Snapshot dirs on disk.
+fn snapshot_dirs(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(root.join("snapshots"))
+        .expect("read snapshots dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn containerd_unpacks_runs_and_survives_restarts() {
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-node-")
+        .tempdir()
+        .expect("tempdir");
+    let root = dir.path().join("root");
+    let socket = dir.path().join("sn.sock");
+    let mut node = Node::start(&root, &socket, &dir.path().join("node.log"));
+    let ctd = Containerd::start_with_config(&proxy_config(&socket)).expect("start containerd");
+    let plugins = ctd.ctr_stdout(&["plugins", "ls"]).expect("plugins ls");
+    assert!(
+        plugins.lines().any(|l| l.contains("talaria")
+            && l.contains("io.containerd.snapshotter.v1")
+            && l.contains("ok")),
+        "{plugins}"
+    );
+
+    // A multi-layer image with whiteouts, an opaque dir, hard links, symlinks and odd modes.
+    let image = two_layer_image();
+    let name = import(&ctd, &image, dir.path(), "docker.io/talaria/two", "talaria");
+    let rows = snapshot_rows(&ctd);
+    assert_eq!(rows.len(), 2, "two committed layers: {rows:?}");
+    assert!(rows.iter().all(|r| r.ends_with(" Committed")), "{rows:?}");
+
+    let out = run_in(
+        &ctd,
+        &name,
+        "run-1",
+        "cat /msg.txt; test -e /etc/group || echo group-gone; ls /data/old; echo hi > /tmp/w; cat /tmp/w; echo $((6*7))",
+    );
+    assert_eq!(
+        out,
+        ["from layer two", "group-gone", "new.txt", "hi", "42"],
+        "container output"
+    );
+    // `--rm` removed the container's active snapshot, and its directory with it.
+    assert_eq!(snapshot_rows(&ctd), rows);
+    wait_for_dirs(&root, 2);
+
+    // The same image unpacked by containerd's own overlayfs snapshotter looks the same.
+    import(
+        &ctd,
+        &image,
+        dir.path(),
+        "docker.io/talaria/two",
+        "overlayfs",
+    );
+    let ours = image_tree(&ctd, &name, "talaria", dir.path());
+    let theirs = image_tree(&ctd, &name, "overlayfs", dir.path());
+    assert!(
+        ours.len() > 100,
+        "busybox has hundreds of entries: {}",
+        ours.len()
+    );
+    assert!(ours.contains_key("data/old/new.txt") && !ours.contains_key("data/old/gone.txt"));
+    assert!(!ours.contains_key("etc/group"), "whiteout applied");
+    let diff: Vec<_> = ours
+        .iter()
+        .filter(|(k, v)| theirs.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}: talaria {v} / overlayfs {:?}", theirs.get(k)))
+        .chain(
+            theirs
+                .keys()
+                .filter(|k| !ours.contains_key(*k))
+                .map(|k| format!("{k}: only in overlayfs")),
+        )
+        .collect();
+    assert!(diff.is_empty(), "trees differ:\n{}", diff.join("\n"));
+    // `images unmount --rm` removed the view again.
+    assert_eq!(snapshot_rows(&ctd), rows);
+    wait_for_dirs(&root, 2);
+
+    // Graceful stop: SIGTERM ends the process cleanly and removes the socket.
+    let status = node.signal("TERM");
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(!socket.exists(), "socket removed on shutdown");
+    node.restart();
+    assert_eq!(
+        snapshot_rows(&ctd),
+        rows,
+        "committed snapshots after restart"
+    );
+    let out = run_in(&ctd, &name, "run-2", "cat /data/a-link.txt");
+    assert_eq!(out, ["alpha"]);
+
+    // A crash (SIGKILL) loses nothing committed either, and a container still runs.
+    let status = node.signal("KILL");
+    assert!(!status.success());
+    node.restart();
+    assert_eq!(
+        snapshot_rows(&ctd),
+        rows,
+        "committed snapshots after a crash"
+    );
+    let out = run_in(&ctd, &name, "run-3", "/data/b.sh; cat /msg.txt");
+    assert_eq!(out, ["b", "from layer two"]);
+
+    // A single-layer image: its container runs on a read-write bind mount, no overlay.
+    let busybox = images::busybox_image().expect("busybox");
+    let bb = import(
+        &ctd,
+        &busybox,
+        dir.path(),
+        "docker.io/talaria/busybox",
+        "talaria",
+    );
+    let out = run_in(&ctd, &bb, "run-4", "echo single-layer");
+    assert_eq!(out, ["single-layer"]);
+    let after = snapshot_rows(&ctd);
+    assert_eq!(after.len(), 3, "{after:?}");
+    wait_for_dirs(&root, 3);
+}
