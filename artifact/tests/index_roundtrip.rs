@@ -9,18 +9,13 @@ use talaria_artifact::index::{Compression, EntryKind, LayerIndex};
 
 const SPAN: u64 = 64 * 1024;
 
-/// /etc, part of /usr/share/doc and two shared libraries (binary, > 1 MiB each): ~12 MB.
+/// /etc, part of /usr/share/doc and libc (binary, ~2 MB): ~10 MB.
 fn real_tar() -> Vec<u8> {
-    let mut args: Vec<String> = vec![
-        "etc".into(),
-        "usr/lib/x86_64-linux-gnu/libc.so.6".into(),
-        "usr/lib/x86_64-linux-gnu/libstdc++.so.6".into(),
-        "usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30".into(),
-    ];
+    let mut args: Vec<String> = vec!["etc".into(), "usr/lib/x86_64-linux-gnu/libc.so.6".into()];
     let mut docs: Vec<String> = std::fs::read_dir("/usr/share/doc")
         .unwrap()
         .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.as_bytes()[0] <= b'd')
+        .filter(|n| n.as_bytes()[0] <= b'c')
         .map(|n| format!("usr/share/doc/{n}"))
         .collect();
     docs.sort();
@@ -37,6 +32,11 @@ fn check_layer(tar_bytes: &[u8], blob: &[u8], compression: Compression, min_span
     assert_eq!(out.compressed_size, blob.len() as u64);
     assert_eq!(ix.uncompressed_size, tar_bytes.len() as u64);
     assert!(ix.spans.len() >= min_spans, "only {} spans", ix.spans.len());
+    if compression == Compression::Gzip && min_spans > 1 {
+        // Most checkpoints fall inside a byte: the inflatePrime path is exercised.
+        assert!(ix.spans.iter().filter(|s| s.bits != 0).count() > min_spans / 2);
+        assert!(ix.spans.iter().skip(1).all(|s| s.window_len == 32 * 1024));
+    }
 
     // Spans tile the stream and their digests match the data.
     let mut off = 0;
@@ -178,23 +178,4 @@ fn one_file_read_fetches_only_its_spans() {
     block_on(r.read_file(&e, 0, e.size)).unwrap();
     assert_eq!(r.stats().spans_fetched, (last - first + 1) as u64);
     assert_eq!(r.stats().cache_hits, (last - first + 1) as u64);
-}
-
-#[test]
-fn index_is_small_at_default_span_size() {
-    let t = tar_cmd(&["usr/share/doc"]);
-    let blob = gzip_cmd(&t);
-    let out =
-        talaria_artifact::indexer::index_layer(&blob[..], Compression::Gzip, &Default::default())
-            .unwrap();
-    let enc = out.index.encode();
-    let pct = enc.len() as f64 * 100.0 / blob.len() as f64;
-    eprintln!(
-        "index {} bytes for {} compressed ({pct:.2}%), {} entries, {} spans",
-        enc.len(),
-        blob.len(),
-        out.index.entries.len(),
-        out.index.spans.len()
-    );
-    assert!(pct < 2.0, "index is {pct:.2}% of the blob");
 }
