@@ -285,6 +285,16 @@ impl Snapshotter {
         self.create(Kind::Active, key, parent, labels)
     }
 
+    /// Creates an active snapshot without consulting the hook (for hooks themselves).
+    pub fn prepare_plain(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
     /// Creates a read-only view `key` of committed `parent`.
     pub fn view(
         &self,
