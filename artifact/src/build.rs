@@ -23,6 +23,8 @@ use crate::artifact::{
 };
 use crate::index::{Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex};
 use crate::indexer::{IndexOptions, index_layer};
+use crate::reader::{LayerReader, MemorySpanCache, SpanCache};
+use crate::startup::{self, ImageConfig, LayerFiles, PlanOptions};
 use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
 use crate::store::{ChunkStream, Store, StoreError};
 
@@ -170,7 +172,7 @@ pub async fn build(
     }
 
     let layers = manifest.layers.clone();
-    let results: Vec<Result<LayerSummary, BuildError>> = futures::stream::iter(layers)
+    let results: Vec<Result<IndexedOne, BuildError>> = futures::stream::iter(layers)
         .map(|layer| {
             let image_store = image_store.clone();
             let target = target.clone();
@@ -181,8 +183,11 @@ pub async fn build(
         .collect()
         .await;
     let mut summaries = Vec::with_capacity(results.len());
+    let mut indexes = Vec::with_capacity(results.len());
     for r in results {
-        summaries.push(r?);
+        let (s, i) = r?;
+        summaries.push(s);
+        indexes.push(i);
     }
 
     let mut indexed = Vec::new();
@@ -197,25 +202,19 @@ pub async fn build(
         }
     }
 
-    let plan = if opts.profile.has_plan() {
-        let p = StartupPlan {
-            version: 1,
-            profile: opts.profile.name().to_string(),
-            prefetch_budget: opts.knobs.prefetch_budget,
-            paths: Vec::new(),
-            entries: Vec::new(),
-        };
+    let (plan, startup_paths) = if opts.profile.has_plan() {
+        let p = startup_plan(image_store.as_ref(), &manifest, &indexes, opts).await;
+        let paths = p.paths.clone();
         let bytes = serde_json::to_vec(&p).map_err(|e| ArtifactError::Invalid {
             digest: "(plan)".into(),
             message: e.to_string(),
         })?;
-        Some(
-            target
-                .put_blob(STARTUP_PLAN_MEDIA_TYPE, Bytes::from(bytes))
-                .await?,
-        )
+        let d = target
+            .put_blob(STARTUP_PLAN_MEDIA_TYPE, Bytes::from(bytes))
+            .await?;
+        (Some(d), paths)
     } else {
-        None
+        (None, Vec::new())
     };
 
     let art = artifact::build_manifest(ArtifactSpec {
@@ -225,7 +224,7 @@ pub async fn build(
         layers: indexed,
         skipped,
         plan: plan.clone(),
-        startup_paths: Vec::new(),
+        startup_paths,
         created: opts.created.clone(),
     })?;
     // The config blob (`{}`) must exist before the manifest that names it.
@@ -250,6 +249,76 @@ pub async fn build(
         plan,
         duration: t0.elapsed(),
     })
+}
+
+/// Span cache for the startup analysis reads (headers, dynamic sections, small files).
+const ANALYSIS_CACHE_BYTES: u64 = 64 << 20;
+/// Largest image config read.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The startup plan of an image: the analyzer predicts the files its start reads (through
+/// the fresh indexes, reading only what it needs from the image store), the plan maps them
+/// to spans within the prefetch budget. Never fails the build: an unreadable config gives
+/// an empty (but well-formed) plan.
+async fn startup_plan(
+    image_store: &dyn Store,
+    manifest: &ImageManifest,
+    indexes: &[Option<Arc<LayerIndex>>],
+    opts: &BuildOptions,
+) -> StartupPlan {
+    let empty = || StartupPlan {
+        version: opts.profile.version(),
+        profile: opts.profile.name().to_string(),
+        prefetch_budget: opts.knobs.prefetch_budget,
+        paths: Vec::new(),
+        entries: Vec::new(),
+    };
+    let config = match image_store
+        .get_blob(&manifest.config.digest, MAX_CONFIG_BYTES)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| ImageConfig::from_json(&b).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(config = %manifest.config.digest, error = %e, "image config unusable; empty startup plan");
+            return empty();
+        }
+    };
+    let refs: Vec<Option<&LayerIndex>> = indexes.iter().map(|i| i.as_deref()).collect();
+    let view = MergedView::new(&refs);
+    let cache: Arc<dyn SpanCache> = Arc::new(MemorySpanCache::new(ANALYSIS_CACHE_BYTES));
+    let mut readers = Vec::with_capacity(indexes.len());
+    for (i, idx) in indexes.iter().enumerate() {
+        let reader = match (idx, manifest.layers.get(i)) {
+            (Some(idx), Some(desc)) => match image_store.range_source(desc) {
+                Ok(src) => Some(Arc::new(LayerReader::new(idx.clone(), src, cache.clone()))),
+                Err(e) => {
+                    warn!(layer = %desc.digest, error = %e, "no ranged reads; its files are not analyzed");
+                    None
+                }
+            },
+            _ => None,
+        };
+        readers.push(reader);
+    }
+    let files = LayerFiles { layers: readers };
+    let analysis = startup::analyze(&config, &view, &files).await;
+    info!(
+        files = analysis.files.len(),
+        notes = analysis.notes.len(),
+        bytes_read = analysis.bytes_read,
+        "startup analysis"
+    );
+    startup::build_plan(
+        &analysis,
+        &refs,
+        &PlanOptions {
+            profile: opts.profile.name().to_string(),
+            version: opts.profile.version(),
+            budget: opts.knobs.prefetch_budget,
+        },
+    )
 }
 
 fn unreachable_index(art: &RawManifest) -> Result<ImageManifest, BuildError> {
@@ -284,6 +353,9 @@ fn adopted(subject: Descriptor, a: ArtifactInfo, key: String, t0: Instant) -> Bu
     }
 }
 
+/// A layer's summary and, when indexed, its index (the startup analysis reads through it).
+type IndexedOne = (LayerSummary, Option<Arc<LayerIndex>>);
+
 /// Chunks in flight between the async stream and the indexer thread.
 const CHANNEL_CHUNKS: usize = 8;
 
@@ -314,7 +386,7 @@ async fn index_one(
     target: Arc<dyn Store>,
     layer: Descriptor,
     knobs: &Knobs,
-) -> Result<LayerSummary, BuildError> {
+) -> Result<IndexedOne, BuildError> {
     let t0 = Instant::now();
     let skip = |why: String| {
         info!(layer = %layer.digest, reason = %why, "layer not indexed");
@@ -330,17 +402,20 @@ async fn index_one(
         }
     };
     if layer.size < knobs.skip_threshold {
-        return Ok(skip(format!(
-            "{} bytes is below the skip threshold of {}",
-            layer.size, knobs.skip_threshold
-        )));
+        return Ok((
+            skip(format!(
+                "{} bytes is below the skip threshold of {}",
+                layer.size, knobs.skip_threshold
+            )),
+            None,
+        ));
     }
     let compression = match Compression::from_media_type(&layer.media_type) {
         Some(Compression::Zstd) | None => {
-            return Ok(skip(format!(
-                "media type {} is not indexable",
-                layer.media_type
-            )));
+            return Ok((
+                skip(format!("media type {} is not indexable", layer.media_type)),
+                None,
+            ));
         }
         Some(c) => c,
     };
@@ -402,7 +477,7 @@ async fn index_one(
     }
     let encoded = Bytes::from(out.index.encode());
     let index = target.put_blob(INDEX_MEDIA_TYPE, encoded).await?;
-    Ok(LayerSummary {
+    let summary = LayerSummary {
         digest: layer.digest.clone(),
         compressed_size: layer.size,
         uncompressed_size: out.index.uncompressed_size,
@@ -411,7 +486,8 @@ async fn index_one(
         index: Some(index),
         skipped: None,
         duration: t0.elapsed(),
-    })
+    };
+    Ok((summary, Some(Arc::new(out.index))))
 }
 
 /// The merged file system view of an image's layers, through their indexes.

@@ -143,6 +143,20 @@ async fn registry_build_resolve_read_every_file() {
         serde_json::from_slice(&store.get_blob(&m.layers[3].digest, 1 << 20).await.unwrap())
             .unwrap();
     assert_eq!(plan.version, 1);
+    // The entrypoint (/bin/sh -> tool) is in the plan, in the layer that wins (layer 2
+    // overwrote bin/tool), and the annotation lists the startup paths.
+    assert!(
+        plan.entries
+            .iter()
+            .any(|e| e.path.trim_start_matches('/') == "bin/tool" && e.layer == 2),
+        "{plan:?}"
+    );
+    assert_eq!(best.startup_paths, plan.paths);
+    assert!(
+        best.startup_paths.iter().any(|p| p == "/bin/sh"),
+        "{:?}",
+        best.startup_paths
+    );
 
     // Every file read lazily through the artifact equals the full unpack.
     let im = common::image_manifest(store.as_ref(), &image.manifest_digest).await;
