@@ -138,6 +138,9 @@ pub struct LayerReader {
     fetched_bytes: AtomicU64,
     fetched_spans: AtomicU64,
     hits: AtomicU64,
+    /// One async lock per span: concurrent reads of the same span fetch it once, the others
+    /// wait and then find it in the cache.
+    in_flight: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl LayerReader {
@@ -146,6 +149,9 @@ impl LayerReader {
         source: Arc<dyn RangeSource>,
         cache: Arc<dyn SpanCache>,
     ) -> Self {
+        let in_flight = (0..index.spans.len())
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect();
         Self {
             index,
             source,
@@ -153,6 +159,7 @@ impl LayerReader {
             fetched_bytes: AtomicU64::new(0),
             fetched_spans: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            in_flight,
         }
     }
 
@@ -227,19 +234,27 @@ impl LayerReader {
         first: usize,
         last: usize,
     ) -> Result<Vec<(usize, Bytes)>, ReadError> {
-        let ix = &self.index;
-        let mut have: Vec<(usize, Option<Bytes>)> = Vec::with_capacity(last - first + 1);
-        for i in first..=last {
-            // A cached span of the wrong length (a broken cache) counts as a miss.
-            let cached = ix.spans.get(i).and_then(|s| {
-                self.cache
-                    .get(&s.digest)
-                    .filter(|d| d.len() as u64 == s.uncompressed_size)
-            });
-            if cached.is_some() {
-                self.hits.fetch_add(1, Ordering::Relaxed);
+        let mut have = self.cached(first, last);
+        if have.iter().all(|(_, d)| d.is_some()) {
+            return Ok(have
+                .into_iter()
+                .filter_map(|(i, d)| d.map(|d| (i, d)))
+                .collect());
+        }
+        // Lock the missing spans in ascending order (no deadlock between overlapping reads),
+        // then look again: another read may have fetched them meanwhile.
+        let mut guards = Vec::new();
+        for (i, d) in &have {
+            if d.is_none()
+                && let Some(m) = self.in_flight.get(*i)
+            {
+                guards.push(m.lock().await);
             }
-            have.push((i, cached));
+        }
+        for (i, d) in have.iter_mut() {
+            if d.is_none() {
+                *d = self.cached(*i, *i).pop().and_then(|(_, d)| d);
+            }
         }
         // Runs of adjacent missing spans, each fetched with one ranged read, concurrently.
         let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -254,11 +269,31 @@ impl LayerReader {
         }
         let fetched =
             futures::future::try_join_all(runs.iter().map(|&(a, b)| self.fetch_run(a, b))).await?;
+        drop(guards);
         let mut fetched: HashMap<usize, Bytes> = fetched.into_iter().flatten().collect();
         Ok(have
             .into_iter()
             .filter_map(|(i, d)| d.or_else(|| fetched.remove(&i)).map(|d| (i, d)))
             .collect())
+    }
+
+    /// Cache lookups for spans `first..=last`.
+    fn cached(&self, first: usize, last: usize) -> Vec<(usize, Option<Bytes>)> {
+        let ix = &self.index;
+        (first..=last)
+            .map(|i| {
+                // A cached span of the wrong length (a broken cache) counts as a miss.
+                let d = ix.spans.get(i).and_then(|s| {
+                    self.cache
+                        .get(&s.digest)
+                        .filter(|d| d.len() as u64 == s.uncompressed_size)
+                });
+                if d.is_some() {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                (i, d)
+            })
+            .collect()
     }
 
     async fn fetch_run(&self, first: usize, last: usize) -> Result<Vec<(usize, Bytes)>, ReadError> {

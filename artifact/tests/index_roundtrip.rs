@@ -179,3 +179,32 @@ fn one_file_read_fetches_only_its_spans() {
     assert_eq!(r.stats().spans_fetched, (last - first + 1) as u64);
     assert_eq!(r.stats().cache_hits, (last - first + 1) as u64);
 }
+
+#[test]
+fn concurrent_reads_fetch_each_span_once() {
+    let t = real_tar();
+    let blob = gzip_cmd(&t);
+    let ix = index(&blob, Compression::Gzip, SPAN).index;
+    let e = ix
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .max_by_key(|e| e.size)
+        .unwrap()
+        .clone();
+    let spans = (ix.span_for(e.offset + e.size - 1) - ix.span_for(e.offset) + 1) as u64;
+    let r = reader(ix, &blob);
+    let want = &t[e.offset as usize..(e.offset + e.size) as usize];
+    block_on(async {
+        // Overlapping reads of the same file at once: each span is fetched by one of them.
+        let reads = (0..8u64).map(|k| r.read_file(&e, k * 1000, e.size));
+        for (k, got) in futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(&got.unwrap()[..], &want[k * 1000..]);
+        }
+    });
+    assert_eq!(r.stats().spans_fetched, spans);
+}
