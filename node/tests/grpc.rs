@@ -1,0 +1,191 @@
+//! The Snapshots gRPC service over its unix socket, seen by a real gRPC client: the status
+//! codes containerd maps to its errdefs, streamed List batches, and shutdown.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use talaria_node::proto::containerd::services::snapshots::v1 as pb;
+use talaria_node::service::serve_unix;
+use talaria_node::snapshotter::Snapshotter;
+use tokio::net::UnixStream;
+use tonic::Code;
+use tonic::transport::{Endpoint, Uri};
+
+type Client = pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>;
+
+async fn connect(socket: PathBuf) -> Client {
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let channel = Endpoint::try_from("http://localhost")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
+        }))
+        .await
+        .expect("connect over the unix socket");
+    pb::snapshots_client::SnapshotsClient::new(channel)
+}
+
+fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
+    pb::PrepareSnapshotRequest {
+        snapshotter: "talaria".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    }
+}
+
+fn commit(name: &str, key: &str) -> pb::CommitSnapshotRequest {
+    pb::CommitSnapshotRequest {
+        snapshotter: "talaria".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::from([("l".to_string(), "v".to_string())]),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_speaks_containerds_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("s.sock");
+    let sn = Arc::new(Snapshotter::open(&dir.path().join("root")).expect("open"));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            serve_unix(sn, &socket, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    let mut c = connect(socket.clone()).await;
+
+    let r = c
+        .prepare(prepare("a", ""))
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert_eq!(r.mounts.len(), 1);
+    assert_eq!(r.mounts[0].r#type, "bind");
+    assert_eq!(r.mounts[0].options, ["rw", "rbind"]);
+    let e = c.prepare(prepare("a", "")).await.expect_err("duplicate");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    let e = c
+        .prepare(prepare("b", "nope"))
+        .await
+        .expect_err("no parent");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    c.commit(commit("A", "a")).await.expect("commit");
+    let e = c.commit(commit("A", "a")).await.expect_err("gone");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let info = c
+        .stat(pb::StatSnapshotRequest {
+            snapshotter: "talaria".into(),
+            key: "A".into(),
+        })
+        .await
+        .expect("stat")
+        .into_inner()
+        .info
+        .expect("info");
+    assert_eq!(info.kind, pb::Kind::Committed as i32);
+    assert_eq!(info.labels.get("l").map(String::as_str), Some("v"));
+    assert!(info.created_at.is_some_and(|t| t.seconds > 1_600_000_000));
+
+    let r = c
+        .prepare(prepare("b", "A"))
+        .await
+        .expect("prepare b")
+        .into_inner();
+    assert_eq!(r.mounts[0].r#type, "overlay");
+    assert!(
+        r.mounts[0]
+            .options
+            .iter()
+            .any(|o| o.starts_with("upperdir="))
+    );
+    let e = c
+        .remove(pb::RemoveSnapshotRequest {
+            snapshotter: "talaria".into(),
+            key: "A".into(),
+        })
+        .await
+        .expect_err("has a child");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+
+    let info = c
+        .update(pb::UpdateSnapshotRequest {
+            snapshotter: "talaria".into(),
+            info: Some(pb::Info {
+                name: "A".into(),
+                labels: HashMap::from([("new".to_string(), "1".to_string())]),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels.new".into()],
+            }),
+        })
+        .await
+        .expect("update")
+        .into_inner()
+        .info
+        .expect("info");
+    assert_eq!(info.labels.len(), 2, "{:?}", info.labels);
+
+    // More snapshots than one List batch holds: all arrive, over several messages.
+    for i in 0..150 {
+        c.prepare(prepare(&format!("many-{i:03}"), "A"))
+            .await
+            .expect("prepare many");
+    }
+    let mut stream = c
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "talaria".into(),
+            filters: vec![],
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let mut messages = 0;
+    let mut names = Vec::new();
+    while let Some(msg) = stream.message().await.expect("list message") {
+        messages += 1;
+        names.extend(msg.info.into_iter().map(|i| i.name));
+    }
+    assert_eq!(names.len(), 152);
+    assert!(messages >= 2, "{messages} messages");
+
+    let u = c
+        .usage(pb::UsageRequest {
+            snapshotter: "talaria".into(),
+            key: "b".into(),
+        })
+        .await
+        .expect("usage")
+        .into_inner();
+    assert_eq!(u.inodes, 1, "an empty upper dir");
+    c.cleanup(pb::CleanupRequest {
+        snapshotter: "talaria".into(),
+    })
+    .await
+    .expect("cleanup");
+
+    stop_tx.send(()).expect("stop");
+    drop(c);
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("server stops")
+        .expect("server task")
+        .expect("server result");
+    assert!(!socket.exists(), "socket removed after shutdown");
+}
