@@ -77,6 +77,9 @@ pub fn resolve<'v>(
     follow_last: bool,
 ) -> Result<Resolved<'v>, ResolveError> {
     let err_path = || path.chars().take(256).collect::<String>();
+    if path.len() > MAX_PATH {
+        return Err(ResolveError::TooLong { path: err_path() });
+    }
     // `cur` is the canonical path so far without the leading '/'.
     let mut cur = String::new();
     let mut rest: VecDeque<String> = VecDeque::new();
@@ -171,8 +174,9 @@ pub fn resolve<'v>(
     })
 }
 
-/// Names in the directory `dir` (canonical, leading `/`), sorted, at most `limit`.
-/// Scans the view (no per-directory index exists), so callers use it sparingly.
+/// Names in the directory `dir` (canonical, leading `/`), sorted, at most `limit`;
+/// directories that exist only implicitly (as parents of deeper entries) are included.
+/// Scans the view (there is no per-directory index), so callers use it sparingly.
 pub fn list_dir(view: &MergedView, dir: &str, limit: usize) -> Vec<String> {
     let d = dir.trim_start_matches('/');
     let prefix = if d.is_empty() {
@@ -180,10 +184,25 @@ pub fn list_dir(view: &MergedView, dir: &str, limit: usize) -> Vec<String> {
     } else {
         format!("{d}/")
     };
-    view.list()
-        .filter_map(|(p, _, _)| p.strip_prefix(prefix.as_str()))
-        .filter(|rest| !rest.is_empty() && !rest.contains('/'))
-        .take(limit)
-        .map(str::to_string)
-        .collect()
+    let mut out: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    // The view is sorted: entries under `prefix` are contiguous.
+    for (p, _, _) in view
+        .list()
+        .skip_while(|(p, _, _)| !p.starts_with(prefix.as_str()))
+        .take_while(|(p, _, _)| p.starts_with(prefix.as_str()))
+    {
+        let Some(rest) = p.strip_prefix(prefix.as_str()) else {
+            continue;
+        };
+        let name = rest.split('/').next().unwrap_or("");
+        // ("a-b" sorts between "a" and "a/x", so a name can come back: keep a set.)
+        if name.is_empty() || out.contains(name) {
+            continue;
+        }
+        if out.len() >= limit {
+            break;
+        }
+        out.insert(name.to_string());
+    }
+    out.into_iter().collect()
 }

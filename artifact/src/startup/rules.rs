@@ -351,7 +351,8 @@ impl<R: FileReader> Ctx<'_, R> {
             format!("{prefix}/lib/python{maj}.{min}/dist-packages"),
             format!("{stdlib}/site-packages"),
         ];
-        site_dirs.retain(|d| self.view.lookup(d).is_some());
+        site_dirs
+            .retain(|d| self.view.lookup(d).is_some() || !list_dir(self.view, d, 1).is_empty());
         path.extend(site_dirs.iter().cloned());
         let mut py = PyModules {
             path,
@@ -623,12 +624,10 @@ impl<R: FileReader> Ctx<'_, R> {
         }
         let mut d = dir.to_string();
         for _ in 0..64 {
-            let nm = format!("{}/node_modules", d.trim_end_matches('/'));
-            if self.view.lookup(&nm).is_some() {
-                let cand = format!("{nm}/{spec}");
-                if let Some(h) = self.node_resolve("/", &cand).await {
-                    return Some(h);
-                }
+            // (node_modules may exist only implicitly in the tar: just try the paths.)
+            let cand = format!("{}/node_modules/{spec}", d.trim_end_matches('/'));
+            if let Some(h) = self.node_resolve("/", &cand).await {
+                return Some(h);
             }
             if d == "/" {
                 break;
@@ -807,6 +806,16 @@ pub(super) fn python_imports(src: &str, all: bool) -> Vec<String> {
             let m = rest.split_whitespace().next().unwrap_or("");
             if is_module_name(m) {
                 out.push(m.to_string());
+                // `from pkg import name`: name may be a submodule (tried, not required).
+                if let Some((_, names)) = rest.split_once(" import ") {
+                    for n in names.split(',') {
+                        let n = n.trim_matches(|c: char| c == '(' || c == ')' || c.is_whitespace());
+                        let n = n.split_whitespace().next().unwrap_or("");
+                        if is_module_name(n) && !n.contains('.') {
+                            out.push(format!("{m}.{n}"));
+                        }
+                    }
+                }
             }
         }
         if out.len() >= MAX_MODULES {
@@ -918,7 +927,10 @@ mod tests {
     #[test]
     fn python_import_scan() {
         let src = "import os, sys as s\nfrom json import dumps\nfrom . import x\ntry:\n    import yaml\nexcept ImportError:\n    yaml = None\ndef f():\n    import lazy\n";
-        assert_eq!(python_imports(src, false), ["os", "sys", "json", "yaml"]);
+        assert_eq!(
+            python_imports(src, false),
+            ["os", "sys", "json", "json.dumps", "yaml"]
+        );
         assert!(python_imports(src, true).contains(&"lazy".to_string()));
     }
 
