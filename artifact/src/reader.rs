@@ -366,3 +366,28 @@ impl LayerReader {
         Ok(spans)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_cache_evicts_least_recently_used() {
+        let c = MemorySpanCache::new(10);
+        c.put([1; 32], Bytes::from_static(b"aaaa"));
+        c.put([2; 32], Bytes::from_static(b"bbbb"));
+        assert!(c.get(&[1; 32]).is_some()); // 1 is now the most recent
+        c.put([3; 32], Bytes::from_static(b"cccc"));
+        assert!(c.get(&[2; 32]).is_none());
+        assert_eq!(c.get(&[1; 32]).as_deref(), Some(&b"aaaa"[..]));
+        assert_eq!(c.get(&[3; 32]).as_deref(), Some(&b"cccc"[..]));
+        assert_eq!(c.size(), 8);
+        // Too large to ever fit: not stored, nothing evicted.
+        c.put([4; 32], Bytes::from(vec![0u8; 11]));
+        assert!(c.get(&[4; 32]).is_none());
+        assert_eq!(c.size(), 8);
+        // Replacing a key keeps the accounting exact.
+        c.put([3; 32], Bytes::from_static(b"cc"));
+        assert_eq!(c.size(), 6);
+    }
+}
