@@ -113,6 +113,8 @@ pub struct Ctx {
     pub reporter: Reporter,
     /// How often a policy is re-resolved (tags move).
     pub resync: Duration,
+    /// How soon a policy with problems is reconciled again.
+    pub problem_retry: Duration,
 }
 
 impl Ctx {

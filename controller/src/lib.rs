@@ -145,6 +145,7 @@ pub async fn run(
             instance: Some(settings.instance.clone()),
         },
         resync: settings.resync,
+        problem_retry: settings.resolve_error_ttl.max(Duration::from_millis(200)),
     });
 
     let (p_for_pods, ns_for_pods) = (policies.clone(), namespaces.clone());

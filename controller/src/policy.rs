@@ -325,7 +325,12 @@ pub async fn reconcile(p: Arc<AccelerationPolicy>, ctx: Arc<Ctx>) -> Result<Acti
     }
     write_status(&ctx, &p, &uid, &desired, &problems).await?;
     debug!(policy = %name, images = desired.len(), "policy reconciled");
-    Ok(Action::requeue(ctx.resync))
+    // Problems (unresolvable references, unreadable secrets) are retried sooner than the resync.
+    Ok(Action::requeue(if problems.is_empty() {
+        ctx.resync
+    } else {
+        ctx.problem_retry.min(ctx.resync)
+    }))
 }
 
 fn new_image(oref: &OwnerReference, d: &Desired) -> AcceleratedImage {

@@ -170,12 +170,7 @@ fn metric(m: &Metrics, line_prefix: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_pods_images_artifacts_and_garbage_collection() {
     talaria_controller::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube_runtime=debug".into()),
-        ))
-        .with_test_writer()
-        .try_init();
+    common::init_logs();
     let reg = Registry::start().expect("registry");
     let kube = KubeApi::start_with(KubeOptions::with_controller_manager())
         .await

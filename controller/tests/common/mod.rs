@@ -63,3 +63,64 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A TCP front for a registry that answers the first `throttled` connections with
+/// `429 Too Many Requests` (Retry-After: 1) and relays every later one to the real registry.
+/// Returns its `127.0.0.1:PORT` and the count of 429s served.
+pub async fn throttling_front(
+    upstream: String,
+    throttled: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind front");
+    let addr = listener.local_addr().expect("front addr").to_string();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = upstream.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                if counter.fetch_add(1, Ordering::SeqCst) < throttled {
+                    // Read the request head, then refuse it.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 61\r\nConnection: close\r\n\r\n{\"errors\":[{\"code\":\"TOOMANYREQUESTS\",\"message\":\"slow down\"}]}",
+                        )
+                        .await;
+                    let _ = conn.shutdown().await;
+                    return;
+                }
+                if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+/// Test logs (RUST_LOG, default info), captured per test.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        ))
+        .with_test_writer()
+        .try_init();
+}
