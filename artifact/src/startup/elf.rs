@@ -378,7 +378,7 @@ mod tests {
         assert_eq!(d.strtab_vaddr, Some(0x401100));
         let tab = b"\0libc.so.6\0libm.so.6\0$ORIGIN/..\0";
         assert_eq!(strtab_str(tab, 1).as_deref(), Some("libc.so.6"));
-        assert_eq!(strtab_str(tab, 19).as_deref(), Some("$ORIGIN/.."));
+        assert_eq!(strtab_str(tab, 21).as_deref(), Some("$ORIGIN/.."));
         assert_eq!(strtab_str(tab, 999), None);
         assert_eq!(
             parse_interp(b"/lib64/ld-linux-x86-64.so.2\0").unwrap(),

@@ -146,7 +146,11 @@ fn tokenize(s: &str) -> Vec<Tok> {
                 out.push(Tok::Sep);
             }
             '<' | '>' => {
-                // A redirection: drop it and its target word.
+                // A redirection: drop it, its file descriptor number and its target word.
+                if in_word && !cur.is_empty() && cur.chars().all(|c| c.is_ascii_digit()) {
+                    cur.clear();
+                    in_word = false;
+                }
                 flush(&mut cur, &mut in_word, &mut out);
                 while matches!(chars.peek(), Some('>' | '&' | '<')) {
                     chars.next();
