@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use talaria_testenv::containerd::Containerd;
 use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
+use talaria_testenv::registry::Registry;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -429,15 +430,23 @@ fn containerd_unpacks_runs_and_survives_restarts() {
     let out = run_in(&ctd, &name, "run-3", "/data/b.sh; cat /msg.txt");
     assert_eq!(out, ["b", "from layer two"]);
 
-    // A single-layer image: its container runs on a read-write bind mount, no overlay.
-    let busybox = images::busybox_image().expect("busybox");
-    let bb = import(
-        &ctd,
-        &busybox,
-        dir.path(),
-        "docker.io/talaria/busybox",
+    // A single-layer image pulled from a registry: its container runs on a read-write bind
+    // mount, no overlay.
+    let registry = Registry::start().expect("start registry");
+    images::busybox_image()
+        .expect("busybox")
+        .push(&registry.host(), "talaria/busybox", "latest")
+        .expect("push busybox");
+    let bb = format!("{}/talaria/busybox:latest", registry.host());
+    ctd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
         "talaria",
-    );
+        &bb,
+    ])
+    .expect("ctr pull");
     let out = run_in(&ctd, &bb, "run-4", "echo single-layer");
     assert_eq!(out, ["single-layer"]);
     let after = snapshot_rows(&ctd);
