@@ -325,7 +325,13 @@ impl Snapshotter {
                 "snapshot {key} is not active"
             )));
         }
-        let usage = disk_usage(&self.fs_path(snap.record.id))?;
+        let fs_dir = self.fs_path(snap.record.id);
+        let usage = disk_usage(&fs_dir)?;
+        // The unpacker writes without fsync; flush the layer before recording it committed so
+        // a power loss cannot leave a committed snapshot with missing content.
+        fs::File::open(&fs_dir)
+            .and_then(|f| nix::unistd::syncfs(&f).map_err(std::io::Error::from))
+            .map_err(Error::io(format!("syncfs {}", fs_dir.display())))?;
         let done = self
             .store
             .commit(name, key, labels, usage.size, usage.inodes)?;
