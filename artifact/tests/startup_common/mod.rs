@@ -82,6 +82,7 @@ enum HostItem {
     Dir,
     File(PathBuf),
     Link(String),
+    Data(Vec<u8>, u32),
 }
 
 impl HostTree {
@@ -121,6 +122,79 @@ impl HostTree {
         }
     }
 
+    /// An inline file (parents must be added with [`HostTree::dir`] or exist already).
+    pub fn data(&mut self, path: &str, data: impl Into<Vec<u8>>, mode: u32) -> &mut Self {
+        self.items.insert(
+            path.trim_start_matches('/').to_string(),
+            HostItem::Data(data.into(), mode),
+        );
+        self
+    }
+
+    pub fn dir(&mut self, path: &str) -> &mut Self {
+        self.items
+            .insert(path.trim_start_matches('/').to_string(), HostItem::Dir);
+        self
+    }
+
+    /// A host directory tree, skipping subdirectories named in `skip` (bounded: 20,000 items).
+    pub fn add_tree(&mut self, root: &str, skip: &[&str]) -> &mut Self {
+        self.add(root);
+        let mut stack = vec![PathBuf::from(root)];
+        let mut n = 0;
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                n += 1;
+                if n > 20_000 {
+                    return self;
+                }
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                let Ok(ft) = e.file_type() else { continue };
+                let rel = p.to_string_lossy().trim_start_matches('/').to_string();
+                if ft.is_symlink() {
+                    if let Ok(t) = std::fs::read_link(&p) {
+                        self.items
+                            .insert(rel, HostItem::Link(t.to_string_lossy().to_string()));
+                    }
+                } else if ft.is_dir() {
+                    if !skip.contains(&name.as_str()) {
+                        self.items.insert(rel, HostItem::Dir);
+                        stack.push(p);
+                    }
+                } else if ft.is_file() {
+                    self.items.insert(rel, HostItem::File(p));
+                }
+            }
+        }
+        self
+    }
+
+    /// Writes the tree under `root` (the rootfs a real startup runs in).
+    pub fn materialize(&self, root: &Path) {
+        for (p, item) in &self.items {
+            let dst = root.join(p);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            match item {
+                HostItem::Dir => std::fs::create_dir_all(&dst).unwrap(),
+                HostItem::File(src) => {
+                    std::fs::copy(src, &dst).unwrap();
+                }
+                HostItem::Link(t) => std::os::unix::fs::symlink(t, &dst).unwrap(),
+                HostItem::Data(d, mode) => {
+                    std::fs::write(&dst, d).unwrap();
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(*mode)).unwrap();
+                }
+            }
+        }
+    }
+
     pub fn layer(&self) -> LayerBuilder {
         let mut b = LayerBuilder::new();
         for (p, item) in &self.items {
@@ -128,6 +202,7 @@ impl HostTree {
                 HostItem::Dir => b.dir(p, 0o755),
                 HostItem::File(src) => b.file_from_host(p, src, 0o755).expect("host file"),
                 HostItem::Link(t) => b.symlink(p, t),
+                HostItem::Data(d, mode) => b.file(p, d.clone(), *mode),
             };
         }
         b
