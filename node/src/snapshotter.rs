@@ -5,6 +5,11 @@
 //! snapshots. Directories are built under `snapshots/new-*` and renamed into place inside the
 //! metadata transaction; removed ones are renamed to `snapshots/rm-*` and deleted. Whatever a
 //! crash leaves behind is not in the metadata and is deleted by [`Snapshotter::cleanup`].
+//!
+//! What containerd 1.6 sends (seen in the integration tests): keys are namespaced by its
+//! metadata layer (`<namespace>/<seq>/<name>`); layer unpacks Prepare
+//! `.../extract-<n>-<rand> <chainID>` and Commit it as `.../<chainID>`; a removed container's
+//! snapshot is removed here only later, by containerd's garbage collector, followed by Cleanup.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -21,6 +26,13 @@ use crate::store::{Kind, LabelUpdate, Record, Snapshot, Store};
 /// A remote snapshotter that can provide the layer commits it under this name itself and
 /// answers AlreadyExists, so containerd downloads nothing.
 pub const TARGET_SNAPSHOT_REF_LABEL: &str = "containerd.io/snapshot.ref";
+/// Labels the CRI plugin adds to layer Prepares when remote snapshotters are in use
+/// (`snapshotter_annotations`): image reference, manifest digest, layer digest, and the
+/// comma-separated digests of the image's layers. Remote-layer hooks key on these.
+pub const CRI_IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
+pub const CRI_MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const CRI_LAYER_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const CRI_IMAGE_LAYERS_LABEL: &str = "containerd.io/snapshot/cri.image-layers";
 
 /// A mount as containerd's Mount message carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
