@@ -189,3 +189,73 @@ async fn the_service_speaks_containerds_api() {
         .expect("server result");
     assert!(!socket.exists(), "socket removed after shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_unpacks_all_land() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("s.sock");
+    let root = dir.path().join("root");
+    // A stale socket file from a previous run is replaced.
+    std::fs::write(&socket, b"stale").expect("stale socket file");
+    let sn = Arc::new(Snapshotter::open(&root).expect("open"));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            serve_unix(sn, &socket, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    let mut base = connect(socket.clone()).await;
+    base.prepare(prepare("base-x", ""))
+        .await
+        .expect("prepare base");
+    base.commit(commit("base", "base-x"))
+        .await
+        .expect("commit base");
+
+    // Several clients unpack layers on the same parent at once, as parallel pulls do.
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let mut c = base.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let key = format!("extract-{t}-{i}");
+                c.prepare(prepare(&key, "base")).await.expect("prepare");
+                c.commit(commit(&format!("layer-{t}-{i}"), &key))
+                    .await
+                    .expect("commit");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let mut stream = base
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "talaria".into(),
+            filters: vec![],
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let mut infos = Vec::new();
+    while let Some(msg) = stream.message().await.expect("list message") {
+        infos.extend(msg.info);
+    }
+    assert_eq!(infos.len(), 81);
+    assert!(infos.iter().all(|i| i.kind == pb::Kind::Committed as i32));
+    let dirs = std::fs::read_dir(root.join("snapshots"))
+        .expect("read_dir")
+        .count();
+    assert_eq!(dirs, 81, "one directory per snapshot");
+    stop_tx.send(()).expect("stop");
+    drop(base);
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("server stops")
+        .expect("server task")
+        .expect("server result");
+}
