@@ -403,7 +403,7 @@ impl<R: FileReader> Ctx<'_, R> {
         }
         // Imports, breadth first, bounded.
         let mut parsed = 0;
-        while let Some((file, _pkg, depth)) = sources.pop_front() {
+        while let Some((file, module, depth)) = sources.pop_front() {
             parsed += 1;
             if parsed > MAX_MODULES {
                 self.note(&file, "too many Python modules; imports no longer followed");
@@ -416,7 +416,16 @@ impl<R: FileReader> Ctx<'_, R> {
                 continue;
             };
             let text = String::from_utf8_lossy(&b).to_string();
+            // Relative imports are relative to the module's package.
+            let package = if file.ends_with("/__init__.py") {
+                module.as_str()
+            } else {
+                module.rsplit_once('.').map(|(p, _)| p).unwrap_or("")
+            };
             for m in python_imports(&text, depth == 0) {
+                let Some(m) = absolute_module(&m, package) else {
+                    continue;
+                };
                 self.py_module(
                     &mut py,
                     &m,
@@ -426,7 +435,6 @@ impl<R: FileReader> Ctx<'_, R> {
                 )
                 .await;
             }
-            let _ = depth;
         }
     }
 
@@ -804,15 +812,24 @@ pub(super) fn python_imports(src: &str, all: bool) -> Vec<String> {
             }
         } else if let Some(rest) = l.strip_prefix("from ") {
             let m = rest.split_whitespace().next().unwrap_or("");
-            if is_module_name(m) {
-                out.push(m.to_string());
+            let rel = m.trim_start_matches('.');
+            if is_module_name(m) || (m.starts_with('.') && (rel.is_empty() || is_module_name(rel)))
+            {
+                if !rel.is_empty() {
+                    out.push(m.to_string());
+                }
                 // `from pkg import name`: name may be a submodule (tried, not required).
                 if let Some((_, names)) = rest.split_once(" import ") {
                     for n in names.split(',') {
                         let n = n.trim_matches(|c: char| c == '(' || c == ')' || c.is_whitespace());
                         let n = n.split_whitespace().next().unwrap_or("");
                         if is_module_name(n) && !n.contains('.') {
-                            out.push(format!("{m}.{n}"));
+                            // `from . import x` names the sibling module `.x`.
+                            out.push(if rel.is_empty() {
+                                format!("{m}{n}")
+                            } else {
+                                format!("{m}.{n}")
+                            });
                         }
                     }
                 }
@@ -823,6 +840,27 @@ pub(super) fn python_imports(src: &str, all: bool) -> Vec<String> {
         }
     }
     out
+}
+
+/// `..x.y` imported from `package` → the absolute module name (`None` when the dots climb
+/// above the top-level package).
+pub(super) fn absolute_module(m: &str, package: &str) -> Option<String> {
+    let rest = m.trim_start_matches('.');
+    let dots = m.len() - rest.len();
+    if dots == 0 {
+        return Some(m.to_string());
+    }
+    let mut base: Vec<&str> = package.split('.').filter(|p| !p.is_empty()).collect();
+    for _ in 1..dots {
+        base.pop()?;
+    }
+    if base.is_empty() {
+        return None;
+    }
+    if !rest.is_empty() {
+        base.push(rest);
+    }
+    Some(base.join("."))
 }
 
 fn is_module_name(m: &str) -> bool {
@@ -929,9 +967,22 @@ mod tests {
         let src = "import os, sys as s\nfrom json import dumps\nfrom . import x\ntry:\n    import yaml\nexcept ImportError:\n    yaml = None\ndef f():\n    import lazy\n";
         assert_eq!(
             python_imports(src, false),
-            ["os", "sys", "json", "json.dumps", "yaml"]
+            ["os", "sys", "json", "json.dumps", ".x", "yaml"]
         );
         assert!(python_imports(src, true).contains(&"lazy".to_string()));
+        let rel = "from .decoder import JSONDecoder\nfrom . import _parser, _compiler\n";
+        assert_eq!(
+            python_imports(rel, false),
+            [".decoder", ".decoder.JSONDecoder", "._parser", "._compiler"]
+        );
+        assert_eq!(
+            absolute_module(".decoder", "json").as_deref(),
+            Some("json.decoder")
+        );
+        assert_eq!(absolute_module("..x", "a.b").as_deref(), Some("a.x"));
+        assert_eq!(absolute_module(".x", ""), None);
+        assert_eq!(absolute_module("...x", "a"), None);
+        assert_eq!(absolute_module("os", "a").as_deref(), Some("os"));
     }
 
     #[test]

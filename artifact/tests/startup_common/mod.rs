@@ -184,6 +184,11 @@ impl HostTree {
                 HostItem::Dir => std::fs::create_dir_all(&dst).unwrap(),
                 HostItem::File(src) => {
                     std::fs::copy(src, &dst).unwrap();
+                    // Keep mtimes: Python trusts a .pyc only if it is not older than its source.
+                    if let Ok(m) = std::fs::metadata(src).and_then(|m| m.modified()) {
+                        let f = std::fs::File::options().write(true).open(&dst).unwrap();
+                        f.set_modified(m).unwrap();
+                    }
                 }
                 HostItem::Link(t) => std::os::unix::fs::symlink(t, &dst).unwrap(),
                 HostItem::Data(d, mode) => {
