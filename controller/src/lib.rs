@@ -34,6 +34,9 @@ pub use context::{BuildSettings, Ctx, Error};
 use metrics::Metrics;
 use registry::{ArtifactBuilder, Clients, RegistryBuilder, RegistryResolver, Resolver};
 
+/// Quiet time before a triggered policy reconcile runs (merges bursts of triggers).
+pub const POLICY_DEBOUNCE: Duration = Duration::from_millis(500);
+
 /// Everything [`run`] needs besides the client.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -107,7 +110,9 @@ pub async fn run(
 
     let policies_api: Api<AccelerationPolicy> = Api::all(client.clone());
     let images_api: Api<AcceleratedImage> = Api::all(client.clone());
-    let pc = Controller::new(policies_api.clone(), watcher::Config::default());
+    // Debounced: a burst of image status changes coalesces into one policy reconcile.
+    let pc = Controller::new(policies_api.clone(), watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().debounce(POLICY_DEBOUNCE));
     let ic = Controller::new(images_api.clone(), watcher::Config::default());
     let policies = pc.store();
     let images = ic.store();

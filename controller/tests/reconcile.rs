@@ -248,7 +248,13 @@ async fn policies_pods_images_artifacts_and_garbage_collection() {
     let a = wait_phase(&images, &app, Phase::Ready).await;
     let o = wait_phase(&images, &other, Phase::Ready).await;
     let b = wait_phase(&images, &base, Phase::Ready).await;
-    let c = wait_phase(&images, &corrupt, Phase::Failed).await;
+    // Failed after every allowed attempt (2 here), with backoff between them.
+    let c = wait_for("corrupt image Failed after 2 attempts", WAIT, || async {
+        let i = image_of(&images, &corrupt).await?;
+        let s = i.status.as_ref()?;
+        (s.phase == Phase::Failed && s.attempts == 2).then_some(i)
+    })
+    .await;
 
     // One image selected by two policies: one object, two owners, one build.
     assert_eq!(owners(&a), ["shared", "team"]);
