@@ -147,11 +147,49 @@ fn usable() -> bool {
     root && tools && host
 }
 
-/// Paths opened or executed successfully after the chroot, from `strace -f` output.
-fn traced_paths(trace: &str) -> Vec<String> {
+/// Files the kernel reads for an exec without an `open` the trace shows: the shebang
+/// interpreter and the ELF interpreter (from `readelf`, not from the analyzer's code).
+fn kernel_reads(root: &std::path::Path, exe: &str, out: &mut Vec<String>, depth: usize) {
+    if depth > 4 {
+        return;
+    }
+    let host = root.join(exe.trim_start_matches('/'));
+    let Ok(head) = std::fs::read(&host).map(|b| b[..b.len().min(256)].to_vec()) else {
+        return;
+    };
+    if let Some(rest) = head.strip_prefix(b"#!") {
+        let line = String::from_utf8_lossy(rest);
+        let line = line.lines().next().unwrap_or("").trim();
+        if let Some(interp) = line.split_whitespace().next() {
+            out.push(interp.to_string());
+            kernel_reads(root, interp, out, depth + 1);
+        }
+    } else if head.starts_with(b"\x7fELF") {
+        // readelf cannot follow absolute links inside the rootfs: give it the real file.
+        let real = match std::fs::canonicalize(&host) {
+            Ok(p) => p,
+            Err(_) => host.clone(),
+        };
+        let o = Command::new("readelf").arg("-lW").arg(&real).output();
+        let text = o
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        if let Some(i) = text.find("program interpreter: ") {
+            let rest = &text[i + "program interpreter: ".len()..];
+            if let Some(end) = rest.find(']') {
+                out.push(rest[..end].to_string());
+            }
+        }
+    }
+}
+
+/// Paths opened or executed successfully after the chroot, from `strace -f` output, and
+/// the subset that was executed.
+fn traced_paths(trace: &str) -> (Vec<String>, Vec<String>) {
     let mut chrooted = false;
-    let mut pending: HashMap<String, String> = HashMap::new();
+    let mut pending: HashMap<String, (String, bool)> = HashMap::new();
     let mut out = Vec::new();
+    let mut execs = Vec::new();
     let first_quoted = |s: &str| -> Option<String> {
         let a = s.find('"')?;
         let b = s[a + 1..].find('"')?;
@@ -175,19 +213,25 @@ fn traced_paths(trace: &str) -> Vec<String> {
                 continue;
             };
             if rest.ends_with("<unfinished ...>") {
-                pending.insert(pid.to_string(), p);
+                pending.insert(pid.to_string(), (p, rest.starts_with("execve(")));
             } else if !rest.contains("= -1") {
+                if rest.starts_with("execve(") {
+                    execs.push(p.clone());
+                }
                 out.push(p);
             }
-        } else if rest.starts_with("<... ") && rest.contains("resumed>") {
-            if let Some(p) = pending.remove(pid)
-                && !rest.contains("= -1")
-            {
-                out.push(p);
+        } else if rest.starts_with("<... ")
+            && rest.contains("resumed>")
+            && let Some((p, exec)) = pending.remove(pid)
+            && !rest.contains("= -1")
+        {
+            if exec {
+                execs.push(p.clone());
             }
+            out.push(p);
         }
     }
-    out
+    (out, execs)
 }
 
 #[derive(Default)]
@@ -201,6 +245,7 @@ struct Row {
     hit_bytes: u64,
     analysis_ms: f64,
     missed: Vec<String>,
+    extra: Vec<String>,
 }
 
 impl Row {
@@ -258,7 +303,11 @@ async fn run(s: Scenario) -> Row {
     let trace = std::fs::read_to_string(&trace_file).unwrap();
     // Canonical regular files of the image that the startup read.
     let mut truth: BTreeMap<String, u64> = BTreeMap::new();
-    for p in traced_paths(&trace) {
+    let (mut seen, execs) = traced_paths(&trace);
+    for e in &execs {
+        kernel_reads(&root, e, &mut seen, 0);
+    }
+    for p in seen {
         if let Ok(r) = resolve(&img.view, "/", &p, true)
             && let Some((_, e)) = r.found
             && e.kind == EntryKind::File
@@ -285,6 +334,11 @@ async fn run(s: Scenario) -> Row {
             .keys()
             .filter(|k| !predicted.contains_key(*k))
             .cloned()
+            .collect(),
+        extra: predicted
+            .iter()
+            .filter(|(k, _)| !truth.contains_key(*k))
+            .map(|(k, v)| format!("{k} ({v} bytes)"))
             .collect(),
     }
 }
@@ -327,6 +381,9 @@ async fn startup_prediction_against_real_startups() {
         );
         for m in &r.missed {
             println!("    missed: {m}");
+        }
+        for m in &r.extra {
+            println!("    not read: {m}");
         }
     }
     for r in &rows {

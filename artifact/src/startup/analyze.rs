@@ -644,7 +644,8 @@ impl<R: FileReader> Ctx<'_, R> {
             let Some(hit) = self.try_file("/", &p) else {
                 continue;
             };
-            self.add(&hit, FileClass::Library, "ld.so.conf (library search path)");
+            // Read here to learn the search path; the loader itself reads only ld.so.cache,
+            // so the file is not planned.
             let Some(b) = self.read(&hit, 0, 64 * 1024).await else {
                 continue;
             };

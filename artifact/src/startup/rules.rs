@@ -362,7 +362,13 @@ impl<R: FileReader> Ctx<'_, R> {
                 .and_then(|(b, m)| super::elf::multiarch(m, b))
                 .unwrap_or("x86_64-linux-gnu")
                 .to_string(),
-            done: HashSet::new(),
+            // Python 3.11+ runs these from code frozen into the interpreter: no file is
+            // read for them (nor for what they import at startup).
+            done: if (maj, min) >= (3, 11) {
+                FROZEN_311.iter().map(|m| m.to_string()).collect()
+            } else {
+                HashSet::new()
+            },
         };
         let startup = [
             "encodings",
@@ -777,6 +783,27 @@ impl<R: FileReader> Ctx<'_, R> {
     }
 }
 
+/// Stdlib modules frozen into CPython 3.11+ (`Tools/build/freeze_modules.py`).
+const FROZEN_311: &[&str] = &[
+    "abc",
+    "codecs",
+    "io",
+    "_collections_abc",
+    "_sitebuiltins",
+    "genericpath",
+    "ntpath",
+    "posixpath",
+    "os",
+    "site",
+    "stat",
+    "importlib",
+    "importlib.util",
+    "importlib.machinery",
+    "runpy",
+    "zipimport",
+    "os.path",
+];
+
 struct PyModules {
     path: Vec<String>,
     tag: String,
@@ -793,10 +820,11 @@ pub(super) fn python_imports(src: &str, all: bool) -> Vec<String> {
         let indent = line.len() - line.trim_start().len();
         let l = line.trim();
         if indent == 0 && !l.is_empty() && !l.starts_with('#') {
+            // Module-level blocks run at import, except the `__main__` one.
             block_ok = l.starts_with("try")
                 || l.starts_with("except")
                 || l.starts_with("else")
-                || l.starts_with("if ")
+                || (l.starts_with("if ") && !l.contains("__name__"))
                 || l.starts_with("import ")
                 || l.starts_with("from ");
         }
