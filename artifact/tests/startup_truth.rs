@@ -92,6 +92,18 @@ fn scenarios() -> Vec<Scenario> {
         "import os, sys, json\nprint(json.dumps({'ok': True, 'cwd': os.getcwd()}))\n",
         0o644,
     );
+    let mut node = base(&[], &["/usr/bin/node"]);
+    for l in host_libs("/usr/bin/node") {
+        node.add(&l);
+    }
+    node.dir("app")
+        .data(
+            "app/main.js",
+            "const u = require('./util');\nconsole.log(u.greeting);\n",
+            0o644,
+        )
+        .data("app/util.js", "exports.greeting = 'hi';\n", 0o644)
+        .data("app/package.json", "{\"name\": \"app\"}\n", 0o644);
     let env = ["PATH=/usr/local/bin:/usr/bin:/bin"];
     vec![
         Scenario {
@@ -109,7 +121,26 @@ fn scenarios() -> Vec<Scenario> {
             tree: py,
             config: config(&[], &["python3", "/app/main.py"], &env, "/"),
         },
+        Scenario {
+            name: "node script (require)",
+            tree: node,
+            config: config(&["node"], &["/app/main.js"], &env, "/"),
+        },
     ]
+}
+
+/// The libraries `ldd` lists for a host binary (a host tool, independent of the analyzer).
+fn host_libs(bin: &str) -> Vec<String> {
+    let o = Command::new("ldd").arg(bin).output();
+    let text = o
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split("=> ").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter(|p| p.starts_with('/'))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Absolute path of a tool (the startup runs with the image's environment, not ours).
