@@ -216,6 +216,7 @@ impl<R: FileReader> Ctx<'_, R> {
             "libnet.so",
             "libverify.so",
             "libextnet.so",
+            "libjsvml.so",
         ] {
             if let Some(h) = self.add_opt("/", &format!("{libdir}/{lib}"), FileClass::Library, &why)
             {

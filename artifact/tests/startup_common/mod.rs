@@ -87,7 +87,7 @@ enum HostItem {
 
 impl HostTree {
     pub fn add(&mut self, path: &str) -> &mut Self {
-        self.add_path(Path::new(path), 0);
+        self.add_path(&lexical(Path::new(path)), 0);
         self
     }
 
