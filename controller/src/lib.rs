@@ -23,7 +23,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use talaria_api::{AcceleratedImage, AccelerationPolicy};
 use talaria_artifact::registry::RegistryConfig;
@@ -199,20 +199,22 @@ pub async fn run(
 
     let images_for_policies = images.clone();
     let sd = shutdown.clone();
+    // Only spec changes of a policy (pause/unpause, credentials) concern its images, not its
+    // status writes.
+    let policy_specs = watcher(policies_api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
     let image_ctrl = ic
-        .watches(
-            policies_api,
-            watcher::Config::default(),
-            move |p: AccelerationPolicy| {
-                let uid = p.uid().unwrap_or_default();
-                images_for_policies
-                    .state()
-                    .iter()
-                    .filter(|i| i.owner_references().iter().any(|o| o.uid == uid))
-                    .map(|i| ObjectRef::from_obj(i.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(policy_specs, move |p: AccelerationPolicy| {
+            let uid = p.uid().unwrap_or_default();
+            images_for_policies
+                .state()
+                .iter()
+                .filter(|i| i.owner_references().iter().any(|o| o.uid == uid))
+                .map(|i| ObjectRef::from_obj(i.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown_signal(shutdown.clone()))
         .run(
             move |img, ctx| image::reconcile(img, ctx, sd.clone()),
