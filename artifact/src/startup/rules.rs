@@ -698,8 +698,6 @@ impl<R: FileReader> Ctx<'_, R> {
                 }
             }
             for f in [
-                "/etc/passwd",
-                "/etc/group",
                 "/etc/host.conf",
                 "/etc/hosts",
                 "/etc/resolv.conf",
@@ -712,6 +710,16 @@ impl<R: FileReader> Ctx<'_, R> {
                     "user and name lookups (Kubernetes may mount its own hosts/resolv.conf)",
                 );
             }
+        }
+        // The container runtime reads these to resolve the user and its groups, whatever
+        // the program is.
+        for f in ["/etc/passwd", "/etc/group"] {
+            self.add_opt(
+                "/",
+                f,
+                sys,
+                "read by the container runtime (user and groups)",
+            );
         }
         // TLS: OpenSSL/GnuTLS in the closure or a certificate file named by the env.
         let tls = self.loaded.iter().any(|l| {
