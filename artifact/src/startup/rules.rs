@@ -559,6 +559,7 @@ impl<R: FileReader> Ctx<'_, R> {
             }
         }
         let mut n = 0;
+        let mut resolutions = 0usize;
         while let Some(file) = work.pop_front() {
             n += 1;
             if n > MAX_MODULES {
@@ -593,6 +594,12 @@ impl<R: FileReader> Ctx<'_, R> {
             };
             let text = String::from_utf8_lossy(&b).to_string();
             for spec in js_requires(&text) {
+                // Each bare specifier walks node_modules up the tree: bound the total.
+                resolutions += 1;
+                if resolutions > MAX_MODULES * 16 {
+                    self.note(&file, "too many require() calls; no longer followed");
+                    return;
+                }
                 if let Some(m) = self.node_require(parent(&file), &spec).await
                     && !self.has(&m.path)
                 {
