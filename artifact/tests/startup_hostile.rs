@@ -253,3 +253,52 @@ async fn deep_trees_and_long_paths_are_bounded() {
         Err(ResolveError::TooLong { .. })
     ));
 }
+
+#[tokio::test]
+async fn module_graphs_are_bounded() {
+    // 400 Node modules in a chain, each also requiring 50 packages that do not exist, and
+    // a Python script importing 2,000 modules: the rules stop at their bounds and say so.
+    let mut l = LayerBuilder::new()
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/node", elf_with(0, 64), 0o755)
+        .file("usr/bin/python3.11", elf_with(0, 64), 0o755)
+        .dir("usr/lib/python3.11", 0o755)
+        .dir("app", 0o755);
+    for i in 0..400 {
+        let mut src = format!("require('./m{}');\n", i + 1);
+        for j in 0..50 {
+            src.push_str(&format!("require('missing-{j}');\n"));
+        }
+        l = l.file(&format!("app/m{i}.js"), src, 0o644);
+    }
+    let imports: String = (0..2000).map(|i| format!("import mod{i}\n")).collect();
+    l = l.file("app/main.py", imports, 0o644);
+    for i in 0..2000 {
+        l = l.file(&format!("app/mod{i}.py"), "import os\n", 0o644);
+    }
+    let img = TestImage::new(vec![l], 1024 * 1024);
+    let a = img
+        .analyze(&config(
+            &["node", "/app/m0.js"],
+            &[],
+            &["PATH=/usr/bin"],
+            "/",
+        ))
+        .await;
+    assert!(a.file("/app/m0.js").is_some() && a.file("/app/m5.js").is_some());
+    assert!(
+        a.notes.iter().any(|n| n.message.contains("too many")),
+        "{:?}",
+        a.notes
+    );
+    let a = img
+        .analyze(&config(
+            &["python3.11", "/app/main.py"],
+            &[],
+            &["PATH=/usr/bin"],
+            "/",
+        ))
+        .await;
+    assert!(a.file("/app/mod0.py").is_some());
+    assert!(a.files.len() < 2000, "{}", a.files.len());
+}
