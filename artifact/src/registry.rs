@@ -355,8 +355,17 @@ async fn read_limited(
     }
 }
 
+/// Makes rustls' ring back end the process default (kube's TLS uses ring as well, so every
+/// client in a Talaria process shares one back end). Idempotent; a provider installed
+/// earlier by the program wins.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl RegistryClient {
     pub fn new(cfg: RegistryConfig) -> Result<RegistryClient, RegistryError> {
+        // reqwest is built without a bundled back end; it uses the process default.
+        install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)

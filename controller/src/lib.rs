@@ -68,11 +68,10 @@ impl Default for Settings {
     }
 }
 
-/// Selects rustls' ring back end for the process. Both back ends are linked (kube's TLS
-/// uses ring, the registry client's reqwest aws-lc-rs), and rustls then refuses to guess;
-/// call this before creating any client. Later calls are no-ops.
+/// Selects rustls' ring back end for the process before any client exists (the one back end
+/// linked; see `talaria_artifact::registry::install_crypto_provider`). Later calls are no-ops.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    talaria_artifact::registry::install_crypto_provider();
 }
 
 fn strip_namespace(ns: &mut Namespace) {
