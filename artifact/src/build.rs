@@ -9,13 +9,13 @@
 //! [`MergedView`] applies the layers' indexes in order (whiteouts, opaque directories,
 //! later layers win, hard links resolved) to find the layer and entry of any path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::artifact::{
     self, ArtifactError, ArtifactInfo, ArtifactSpec, IndexedLayer, Knobs, Profile,
@@ -171,13 +171,35 @@ pub async fn build(
         return Ok(adopted(subject, existing, key, t0));
     }
 
+    // Layer indexes do not depend on the profile: an artifact of another profile (the
+    // default one, built first by the controller) lends its index blobs, so the layers are
+    // not streamed again.
+    let reusable: Arc<HashMap<String, Descriptor>> = Arc::new(
+        match artifact::list_artifacts(target.as_ref(), &subject.digest).await {
+            Ok(arts) => arts
+                .into_iter()
+                .flat_map(|a| a.layers)
+                .map(|l| (l.layer_digest, l.index))
+                .collect(),
+            Err(e) => {
+                debug!(image = %subject.digest, error = %e, "no earlier artifacts to reuse indexes from");
+                HashMap::new()
+            }
+        },
+    );
     let layers = manifest.layers.clone();
     let results: Vec<Result<IndexedOne, BuildError>> = futures::stream::iter(layers)
         .map(|layer| {
             let image_store = image_store.clone();
             let target = target.clone();
             let knobs = opts.knobs.clone();
-            async move { index_one(image_store, target, layer, &knobs).await }
+            let reusable = reusable.clone();
+            async move {
+                if let Some(found) = reuse_index(target.as_ref(), &layer, &knobs, &reusable).await {
+                    return Ok(found);
+                }
+                index_one(image_store, target, layer, &knobs).await
+            }
         })
         .buffered(opts.parallelism.max(1))
         .collect()
@@ -379,6 +401,43 @@ impl std::io::Read for ChannelReader {
         let _ = self.cur.split_to(n);
         Ok(n)
     }
+}
+
+/// An existing index blob of this layer with the wanted span size, if an earlier artifact
+/// of the image has one (a blob that does not load or does not match is ignored).
+async fn reuse_index(
+    target: &dyn Store,
+    layer: &Descriptor,
+    knobs: &Knobs,
+    reusable: &HashMap<String, Descriptor>,
+) -> Option<IndexedOne> {
+    let t0 = Instant::now();
+    if layer.size < knobs.skip_threshold {
+        return None;
+    }
+    let d = reusable.get(&layer.digest)?;
+    let idx = match artifact::load_index(target, d).await {
+        Ok(i) => i,
+        Err(e) => {
+            debug!(layer = %layer.digest, index = %d.digest, error = %e, "existing index not reusable");
+            return None;
+        }
+    };
+    if idx.span_size != knobs.span_size || idx.compressed_digest_string() != layer.digest {
+        return None;
+    }
+    info!(layer = %layer.digest, index = %d.digest, "layer index reused from an existing artifact");
+    let summary = LayerSummary {
+        digest: layer.digest.clone(),
+        compressed_size: layer.size,
+        uncompressed_size: idx.uncompressed_size,
+        index: Some(d.clone()),
+        entries: idx.entries.len(),
+        spans: idx.spans.len(),
+        skipped: None,
+        duration: t0.elapsed(),
+    };
+    Some((summary, Some(Arc::new(idx))))
 }
 
 async fn index_one(

@@ -458,3 +458,41 @@ async fn docker_schema2_manifest_list_and_manifest() {
     .await;
     assert!(n >= 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerated_build_reuses_the_indexes_of_the_default_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = common::test_image(6);
+    image.write_layout(dir.path(), "v1").unwrap();
+    let store: Arc<dyn Store> = Arc::new(LayoutStore::new(OciLayout::open(dir.path()).unwrap()));
+    let default = build::build(store.clone(), "v1", None, &opts(Profile::Default))
+        .await
+        .unwrap();
+
+    // With the layer blobs gone, only reuse can index the layers.
+    for l in &image.layers {
+        let hex = l.digest.strip_prefix("sha256:").unwrap();
+        std::fs::remove_file(dir.path().join("blobs/sha256").join(hex)).unwrap();
+    }
+    let accel = build::build(store.clone(), "v1", None, &opts(Profile::StartupLocalV1))
+        .await
+        .expect("the accelerated build reuses the default artifact's indexes");
+    assert!(!accel.adopted);
+    assert_ne!(accel.key, default.key);
+    let idx = |s: &build::BuildSummary| -> Vec<_> {
+        s.layers
+            .iter()
+            .map(|l| l.index.clone().map(|d| d.digest))
+            .collect()
+    };
+    assert_eq!(idx(&accel), idx(&default));
+
+    // Other span sizes make other indexes: nothing to reuse, so the missing layers fail it.
+    let mut other = opts(Profile::StartupLocalV1);
+    other.knobs.span_size *= 2;
+    assert!(
+        build::build(store.clone(), "v1", None, &other)
+            .await
+            .is_err()
+    );
+}
