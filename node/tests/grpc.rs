@@ -17,21 +17,25 @@ use tonic::transport::{Endpoint, Uri};
 type Client = pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>;
 
 async fn connect(socket: PathBuf) -> Client {
-    for _ in 0..200 {
-        if socket.exists() {
-            break;
+    // The server may not listen yet (or a stale file may still sit at the path): retry the
+    // connection itself, bounded, not just the file's existence.
+    let mut last = None;
+    for _ in 0..300 {
+        let s = socket.clone();
+        let attempt = Endpoint::try_from("http://localhost")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let s = s.clone();
+                async move { UnixStream::connect(s).await.map(TokioIo::new) }
+            }))
+            .await;
+        match attempt {
+            Ok(channel) => return pb::snapshots_client::SnapshotsClient::new(channel),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let channel = Endpoint::try_from("http://localhost")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
-        }))
-        .await
-        .expect("connect over the unix socket");
-    pb::snapshots_client::SnapshotsClient::new(channel)
+    panic!("connect over the unix socket: {last:?}");
 }
 
 fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
