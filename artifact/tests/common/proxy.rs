@@ -76,6 +76,8 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared::default()));
+        // reqwest has no bundled TLS back end; the process default must exist first.
+        talaria_artifact::registry::install_crypto_provider();
         let ctx = Ctx {
             upstream: upstream.to_string(),
             http: reqwest::Client::builder()
