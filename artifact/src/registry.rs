@@ -1344,16 +1344,7 @@ pub struct RegistryBlobSource {
 impl RangeSource for RegistryBlobSource {
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
-            match offset.checked_add(len) {
-                Some(end) if end <= self.size => {}
-                _ => {
-                    return Err(SourceError::OutOfRange {
-                        offset,
-                        len,
-                        size: self.size,
-                    });
-                }
-            }
+            crate::source::check_range(offset, len, self.size)?;
             self.client
                 .get_blob_range(&self.repo, &self.digest, offset, len)
                 .await

@@ -30,6 +30,15 @@ pub enum SourceError {
     Timeout(std::time::Duration),
 }
 
+/// `Ok` when `[offset, offset + len)` lies within a blob of `size` bytes (overflow-safe);
+/// every source checks this before it reads.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), SourceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(SourceError::OutOfRange { offset, len, size }),
+    }
+}
+
 /// Random access to the bytes of one blob.
 pub trait RangeSource: Send + Sync {
     /// Reads exactly the bytes `[offset, offset + len)`; a source that returns fewer is an error.
@@ -42,11 +51,8 @@ pub struct MemorySource(pub Bytes);
 
 impl RangeSource for MemorySource {
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
-        let size = self.0.len() as u64;
-        let res = match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(self.0.slice(offset as usize..end as usize)),
-            _ => Err(SourceError::OutOfRange { offset, len, size }),
-        };
+        let res = check_range(offset, len, self.0.len() as u64)
+            .map(|()| self.0.slice(offset as usize..(offset + len) as usize));
         Box::pin(async move { res })
     }
 }
@@ -83,16 +89,7 @@ impl RangeSource for FileSource {
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
             use std::os::unix::fs::FileExt;
-            match offset.checked_add(len) {
-                Some(end) if end <= self.size => {}
-                _ => {
-                    return Err(SourceError::OutOfRange {
-                        offset,
-                        len,
-                        size: self.size,
-                    });
-                }
-            }
+            check_range(offset, len, self.size)?;
             let mut buf = vec![0u8; len as usize];
             // Local files are fast; a blocking positioned read is cheaper than a thread hop.
             self.file
