@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(docker-registry containerd runc fuse3 libfuse3-dev pkg-config iproute2 jq busybox-static
-      debootstrap strace attr protobuf-compiler curl ca-certificates git gzip pigz e2fsprogs bc openssl)
+      debootstrap strace attr openjdk-17-jdk-headless protobuf-compiler curl ca-certificates git gzip pigz e2fsprogs bc openssl)
 
 missing=()
 for p in "${PKGS[@]}"; do
