@@ -35,6 +35,7 @@
 
 pub mod apiserver;
 pub mod containerd;
+pub mod cri;
 mod error;
 pub mod http;
 pub mod images;
