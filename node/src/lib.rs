@@ -6,7 +6,11 @@
 //! `[proxy_plugins.talaria] type = "snapshot" address = "<socket>"`.
 //! [`snapshotter::PrepareHook`] is where remote (lazy) layers plug in.
 
+pub mod cache;
 pub mod error;
+pub mod fusefs;
+pub mod metrics;
+pub mod remote;
 pub mod service;
 pub mod snapshotter;
 pub mod store;

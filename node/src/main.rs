@@ -1,10 +1,17 @@
-//! `talaria-node`: serves the Talaria snapshotter to containerd over a unix socket.
+//! `talaria-node`: serves the Talaria snapshotter to containerd over a unix socket, mounting
+//! image layers lazily from their Talaria artifacts when containerd's CRI plugin asks.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use talaria_artifact::auth::Credentials;
+use talaria_artifact::registry::{RegistryConfig, RetryPolicy};
+use talaria_node::metrics::Metrics;
+use talaria_node::remote::{RemoteLayers, RemoteOptions, detach_stale_mounts};
 use talaria_node::service::serve_unix;
 use talaria_node::snapshotter::Snapshotter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -13,7 +20,7 @@ use tracing::info;
 #[derive(Parser, Debug)]
 #[command(version, about = "Talaria node agent: a containerd proxy snapshotter")]
 struct Args {
-    /// Directory for snapshots and metadata.
+    /// Directory for snapshots, metadata and the span cache.
     #[arg(
         long,
         env = "TALARIA_NODE_ROOT",
@@ -30,6 +37,49 @@ struct Args {
     /// Log filter (tracing env-filter syntax), e.g. "info" or "talaria_node=debug".
     #[arg(long, env = "TALARIA_NODE_LOG", default_value = "info")]
     log: String,
+    /// Unpack every layer normally; never mount layers lazily.
+    #[arg(long, env = "TALARIA_NODE_NO_REMOTE")]
+    no_remote: bool,
+    /// Size cap of the on-disk span cache (under --root), in MiB.
+    #[arg(long, env = "TALARIA_NODE_CACHE_MIB", default_value_t = 10 * 1024)]
+    cache_mib: u64,
+    /// Longest a read of a lazily mounted file waits for the registry before failing (EIO).
+    #[arg(long, env = "TALARIA_NODE_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    read_timeout: Duration,
+    /// Longest a Prepare spends finding the artifact and index before falling back.
+    #[arg(long, env = "TALARIA_NODE_RESOLVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    resolve_timeout: Duration,
+    /// Do not fetch the rest of mounted layers in the background.
+    #[arg(long, env = "TALARIA_NODE_NO_PREFETCH")]
+    no_prefetch: bool,
+    /// Docker config.json with registry credentials.
+    #[arg(long, env = "TALARIA_NODE_DOCKER_CONFIG")]
+    docker_config: Option<PathBuf>,
+    /// Registry hosts (host[:port]) spoken to over plain HTTP (repeatable).
+    #[arg(
+        long = "insecure-registry",
+        env = "TALARIA_NODE_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+    /// Address for /metrics and /healthz (e.g. 127.0.0.1:9810); off when absent.
+    #[arg(long, env = "TALARIA_NODE_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// `500ms`, `30s`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
 }
 
 #[tokio::main]
@@ -40,11 +90,75 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    talaria_artifact::registry::install_crypto_provider();
+    let metrics = Arc::new(Metrics::new());
+
+    // FUSE mounts of a previous process are dead; detach them before the snapshotter's
+    // cleanup walks those directories.
+    let stale = detach_stale_mounts(&args.root);
+    if stale > 0 {
+        info!(stale, "detached mounts of a previous run");
+    }
+    let remote = if args.no_remote {
+        None
+    } else {
+        let mut credentials = Credentials::default();
+        if let Some(path) = &args.docker_config {
+            credentials = Credentials::from_docker_config_file(path)
+                .with_context(|| format!("--docker-config {}", path.display()))?;
+        }
+        let registry = RegistryConfig {
+            credentials,
+            insecure_hosts: args.insecure_registries.clone(),
+            // Reads have their own deadline; retries stay within it.
+            retry: RetryPolicy {
+                max_elapsed: args.read_timeout,
+                ..RetryPolicy::default()
+            },
+            read_timeout: args.read_timeout,
+            ..RegistryConfig::default()
+        };
+        let opts = RemoteOptions {
+            cache_dir: args.root.join("cache").join("spans"),
+            cache_max_bytes: args.cache_mib.saturating_mul(1 << 20),
+            read_timeout: args.read_timeout,
+            resolve_timeout: args.resolve_timeout,
+            registry,
+            prefetch: !args.no_prefetch,
+        };
+        Some(Arc::new(
+            RemoteLayers::new(opts, metrics.clone()).context("setting up remote layers")?,
+        ))
+    };
     let root = args.root.clone();
-    let sn = tokio::task::spawn_blocking(move || Snapshotter::open(&root))
-        .await
-        .context("opening the snapshotter")?
-        .with_context(|| format!("opening snapshotter root {}", args.root.display()))?;
+    let hook = remote.clone();
+    // Opening and remounting touch the disk and the kernel: a blocking thread.
+    let sn = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
+        let sn = Snapshotter::open(&root)
+            .with_context(|| format!("opening snapshotter root {}", root.display()))?;
+        let Some(hook) = hook else {
+            return Ok(sn);
+        };
+        let n = hook.restore(&sn).context("listing snapshots to remount")?;
+        info!(remounted = n, "remote snapshots restored");
+        Ok(sn.with_hook(hook))
+    })
+    .await
+    .context("opening the snapshotter")??;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = args.metrics_addr {
+        let mut rx = stop_rx.clone();
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = talaria_node::metrics::serve(m, addr, stop).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let shutdown = async move {
@@ -52,11 +166,15 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => info!("SIGTERM: shutting down"),
             _ = int.recv() => info!("SIGINT: shutting down"),
         }
+        let _ = stop_tx.send(true);
     };
-    info!(root = %args.root.display(), socket = %args.socket.display(), "serving");
+    info!(root = %args.root.display(), socket = %args.socket.display(), remote = remote.is_some(), "serving");
     serve_unix(Arc::new(sn), &args.socket, shutdown)
         .await
         .with_context(|| format!("serving on {}", args.socket.display()))?;
+    if let Some(r) = remote {
+        r.unmount_all();
+    }
     info!("stopped");
     Ok(())
 }

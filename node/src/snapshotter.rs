@@ -79,6 +79,10 @@ pub trait PrepareHook: Send + Sync {
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<HookOutcome>;
+
+    /// Called when snapshot `id` was removed from the metadata, before its directory is
+    /// deleted (e.g. to unmount what the hook mounted there).
+    fn removing(&self, _id: u64, _fs_dir: &Path) {}
 }
 
 pub struct Snapshotter {
@@ -360,6 +364,9 @@ impl Snapshotter {
     /// Removes `key` (refused while it has children) and deletes its directory.
     pub fn remove(&self, key: &str) -> Result<()> {
         let rec = self.store.remove(key)?;
+        if let Some(hook) = &self.hook {
+            hook.removing(rec.id, &self.fs_path(rec.id));
+        }
         let dir = self.dir_of(rec.id);
         let doomed = self.snapshots_dir().join(format!("rm-{}", rec.id));
         // Renamed first so a half-deleted dir never looks live; failures are left to Cleanup.
@@ -375,6 +382,16 @@ impl Snapshotter {
         }
         debug!(key, id = rec.id, "removed snapshot");
         Ok(())
+    }
+
+    /// The numeric id of snapshot `key` (its directory under `snapshots/`).
+    pub fn id_of(&self, key: &str) -> Result<u64> {
+        Ok(self.store.get(key)?.record.id)
+    }
+
+    /// The directory of snapshot `id` (holds `fs`, and `work` when active).
+    pub fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.dir_of(id)
     }
 
     pub fn stat(&self, key: &str) -> Result<Info> {

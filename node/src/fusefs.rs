@@ -1,0 +1,571 @@
+//! A read-only FUSE filesystem of one layer, built from its index and read through a
+//! [`LayerReader`] (verified spans, fetched on demand).
+//!
+//! The tree is what containerd's overlayfs applier would extract: later tar entries with one
+//! path win, missing parent directories appear as root-owned 0755 directories, hard links
+//! share an inode, whiteouts are character devices 0/0 and opaque directories carry the xattr
+//! `trusted.overlay.opaque=y`, so overlayfs treats this mount like an unpacked layer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
+use talaria_artifact::reader::LayerReader;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+
+/// The layer never changes, so the kernel may cache names and attributes for long.
+const TTL: Duration = Duration::from_secs(3600);
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("layer entry {path:?}: {message}")]
+    Tree { path: String, message: String },
+    #[error("mounting FUSE at {mountpoint}: {source}")]
+    Mount {
+        mountpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Node {
+    kind: FileType,
+    perm: u16,
+    uid: u32,
+    gid: u32,
+    mtime: SystemTime,
+    size: u64,
+    rdev: u32,
+    nlink: u32,
+    /// Index of the tar entry holding a regular file's content.
+    content: Option<usize>,
+    link: Option<Vec<u8>>,
+    xattrs: Vec<(String, Vec<u8>)>,
+    opaque: bool,
+    parent: u64,
+    children: BTreeMap<Vec<u8>, u64>,
+}
+
+impl Node {
+    fn dir(parent: u64) -> Node {
+        Node {
+            kind: FileType::Directory,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: UNIX_EPOCH,
+            size: 0,
+            rdev: 0,
+            nlink: 2,
+            content: None,
+            link: None,
+            xattrs: Vec::new(),
+            opaque: false,
+            parent,
+            children: BTreeMap::new(),
+        }
+    }
+}
+
+/// The inode table of a layer (ino = position + 1; 1 is the root).
+pub struct Tree {
+    nodes: Vec<Node>,
+}
+
+fn mtime_of(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(secs.unsigned_abs()))
+            .unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn makedev(major: u32, minor: u32) -> u32 {
+    // The kernel's new_encode_dev, which FUSE's 32-bit rdev carries.
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn split(path: &str) -> (&str, &str) {
+    match path.rsplit_once('/') {
+        Some((p, n)) => (p, n),
+        None => ("", path),
+    }
+}
+
+impl Tree {
+    /// Builds the tree of `index`; fails on what extraction would refuse (a path below a
+    /// non-directory, a hard link to nothing), which makes the caller fall back.
+    pub fn build(index: &LayerIndex) -> Result<Tree, FsError> {
+        let mut t = Tree {
+            nodes: vec![Node::dir(1)],
+        };
+        let mut by_path: HashMap<String, u64> = HashMap::new();
+        by_path.insert(String::new(), 1);
+        for (i, e) in index.entries.iter().enumerate() {
+            t.add(&mut by_path, i, e)?;
+        }
+        // Directory link counts as on disk: 2 + subdirectories.
+        let subdirs: Vec<(u64, u32)> = t
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.kind == FileType::Directory)
+            .map(|(i, n)| {
+                let subs = n
+                    .children
+                    .values()
+                    .filter(|c| t.node(**c).is_some_and(|c| c.kind == FileType::Directory))
+                    .count();
+                (
+                    i as u64 + 1,
+                    2 + u32::try_from(subs).unwrap_or(u32::MAX - 2),
+                )
+            })
+            .collect();
+        for (ino, n) in subdirs {
+            if let Some(node) = t.node_mut(ino) {
+                node.nlink = n;
+            }
+        }
+        Ok(t)
+    }
+
+    fn node(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(usize::try_from(ino).ok()?.checked_sub(1)?)
+    }
+
+    fn node_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.nodes
+            .get_mut(usize::try_from(ino).ok()?.checked_sub(1)?)
+    }
+
+    fn push(&mut self, n: Node) -> u64 {
+        self.nodes.push(n);
+        self.nodes.len() as u64
+    }
+
+    /// The directory at `path`, created (with missing parents) if absent.
+    fn ensure_dir(
+        &mut self,
+        by_path: &mut HashMap<String, u64>,
+        path: &str,
+    ) -> Result<u64, FsError> {
+        if let Some(&ino) = by_path.get(path) {
+            return match self.node(ino) {
+                Some(n) if n.kind == FileType::Directory => Ok(ino),
+                _ => Err(FsError::Tree {
+                    path: path.to_string(),
+                    message: "used as a directory but is not one".into(),
+                }),
+            };
+        }
+        let (parent, name) = split(path);
+        let pino = self.ensure_dir(by_path, parent)?;
+        let ino = self.push(Node::dir(pino));
+        if let Some(p) = self.node_mut(pino) {
+            p.children.insert(name.as_bytes().to_vec(), ino);
+        }
+        by_path.insert(path.to_string(), ino);
+        Ok(ino)
+    }
+
+    /// Unlinks `name` from `pino` (as extraction replaces an existing path).
+    fn unlink(&mut self, by_path: &mut HashMap<String, u64>, pino: u64, path: &str, name: &str) {
+        let old = self
+            .node_mut(pino)
+            .and_then(|p| p.children.remove(name.as_bytes()));
+        if let Some(old) = old {
+            by_path.remove(path);
+            let prefix = format!("{path}/");
+            by_path.retain(|k, _| !k.starts_with(&prefix));
+            if let Some(n) = self.node_mut(old) {
+                n.nlink = n.nlink.saturating_sub(1);
+            }
+        }
+    }
+
+    fn add(
+        &mut self,
+        by_path: &mut HashMap<String, u64>,
+        i: usize,
+        e: &Entry,
+    ) -> Result<(), FsError> {
+        let err = |message: &str| FsError::Tree {
+            path: e.path.clone(),
+            message: message.to_string(),
+        };
+        let uid = u32::try_from(e.uid).map_err(|_| err("uid out of range"))?;
+        let gid = u32::try_from(e.gid).map_err(|_| err("gid out of range"))?;
+        let perm = (e.mode & 0o7777) as u16;
+        if e.kind == EntryKind::OpaqueDir {
+            let ino = self.ensure_dir(by_path, &e.path)?;
+            if let Some(n) = self.node_mut(ino) {
+                n.opaque = true;
+            }
+            return Ok(());
+        }
+        if e.path.is_empty() {
+            // The archive root: only its attributes matter.
+            if e.kind == EntryKind::Dir
+                && let Some(n) = self.node_mut(1)
+            {
+                (n.perm, n.uid, n.gid, n.mtime) = (perm, uid, gid, mtime_of(e.mtime));
+                n.xattrs = e.xattrs.clone();
+            }
+            return Ok(());
+        }
+        let (parent, name) = split(&e.path);
+        let pino = self.ensure_dir(by_path, parent)?;
+        if e.kind == EntryKind::Dir {
+            // An existing directory keeps its children; only attributes change.
+            if let Some(&ino) = by_path.get(&e.path)
+                && self
+                    .node(ino)
+                    .is_some_and(|n| n.kind == FileType::Directory)
+            {
+                if let Some(n) = self.node_mut(ino) {
+                    (n.perm, n.uid, n.gid, n.mtime) = (perm, uid, gid, mtime_of(e.mtime));
+                    n.xattrs = e.xattrs.clone();
+                }
+                return Ok(());
+            }
+        }
+        if e.kind == EntryKind::Hardlink {
+            let target = e
+                .link_target
+                .as_deref()
+                .ok_or_else(|| err("hard link without target"))?;
+            let tino = *by_path
+                .get(target)
+                .ok_or_else(|| err("hard link to a path not in the layer"))?;
+            if self
+                .node(tino)
+                .is_some_and(|n| n.kind == FileType::Directory)
+            {
+                return Err(err("hard link to a directory"));
+            }
+            if tino != by_path.get(&e.path).copied().unwrap_or(0) {
+                self.unlink(by_path, pino, &e.path, name);
+                if let Some(n) = self.node_mut(tino) {
+                    n.nlink = n.nlink.saturating_add(1);
+                }
+                if let Some(p) = self.node_mut(pino) {
+                    p.children.insert(name.as_bytes().to_vec(), tino);
+                }
+                by_path.insert(e.path.clone(), tino);
+            }
+            return Ok(());
+        }
+        self.unlink(by_path, pino, &e.path, name);
+        let mut n = Node::dir(pino);
+        (n.perm, n.uid, n.gid, n.mtime) = (perm, uid, gid, mtime_of(e.mtime));
+        n.xattrs = e.xattrs.clone();
+        n.nlink = 1;
+        match e.kind {
+            EntryKind::Dir => n.nlink = 2,
+            EntryKind::File => {
+                n.kind = FileType::RegularFile;
+                n.size = e.size;
+                n.content = Some(i);
+            }
+            EntryKind::Symlink => {
+                n.kind = FileType::Symlink;
+                let target = e
+                    .link_target
+                    .as_deref()
+                    .ok_or_else(|| err("symlink without target"))?;
+                n.size = target.len() as u64;
+                n.link = Some(target.as_bytes().to_vec());
+            }
+            EntryKind::Char => {
+                n.kind = FileType::CharDevice;
+                n.rdev = makedev(e.dev_major, e.dev_minor);
+            }
+            EntryKind::Block => {
+                n.kind = FileType::BlockDevice;
+                n.rdev = makedev(e.dev_major, e.dev_minor);
+            }
+            EntryKind::Fifo => n.kind = FileType::NamedPipe,
+            EntryKind::Whiteout => {
+                // As containerd's overlay converter makes it: mknod(S_IFCHR, 0), mode 0.
+                n.kind = FileType::CharDevice;
+                n.perm = 0;
+                n.rdev = 0;
+                n.xattrs.clear();
+            }
+            EntryKind::Hardlink | EntryKind::OpaqueDir => {}
+        }
+        let ino = self.push(n);
+        if let Some(p) = self.node_mut(pino) {
+            p.children.insert(name.as_bytes().to_vec(), ino);
+        }
+        by_path.insert(e.path.clone(), ino);
+        Ok(())
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let n = self.node(ino)?;
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size: n.size,
+            blocks: n.size.div_ceil(512),
+            atime: n.mtime,
+            mtime: n.mtime,
+            ctime: n.mtime,
+            crtime: n.mtime,
+            kind: n.kind,
+            perm: n.perm,
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: n.rdev,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Extended attributes of `ino`, the overlay opaque marker included.
+    fn xattrs(&self, ino: u64) -> Option<Vec<(String, Vec<u8>)>> {
+        let n = self.node(ino)?;
+        let mut x = n.xattrs.clone();
+        if n.opaque {
+            x.retain(|(k, _)| k != OPAQUE_XATTR);
+            x.push((OPAQUE_XATTR.to_string(), b"y".to_vec()));
+        }
+        Some(x)
+    }
+
+    /// Number of inodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// The FUSE filesystem of one layer.
+pub struct LayerFs {
+    tree: Tree,
+    index: Arc<LayerIndex>,
+    reader: Arc<LayerReader>,
+    rt: tokio::runtime::Handle,
+    read_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl LayerFs {
+    pub fn new(
+        reader: Arc<LayerReader>,
+        rt: tokio::runtime::Handle,
+        read_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<LayerFs, FsError> {
+        let index = reader.index().clone();
+        let tree = Tree::build(&index)?;
+        Ok(LayerFs {
+            tree,
+            index,
+            reader,
+            rt,
+            read_timeout,
+            metrics,
+        })
+    }
+
+    /// Mounts read-only at `mountpoint`; dropping the session unmounts.
+    pub fn mount(self, mountpoint: &Path) -> Result<fuser::BackgroundSession, FsError> {
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName("talaria".into()),
+            MountOption::Subtype("talaria".into()),
+            MountOption::RO,
+            // The kernel checks modes and owners, as on a local layer.
+            MountOption::DefaultPermissions,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        config.acl = SessionACL::All;
+        config.n_threads = Some(2);
+        fuser::spawn_mount(self, mountpoint, &config).map_err(|source| FsError::Mount {
+            mountpoint: mountpoint.display().to_string(),
+            source,
+        })
+    }
+}
+
+fn xattr_reply(size: u32, data: &[u8], reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(u32::try_from(data.len()).unwrap_or(u32::MAX));
+    } else if data.len() <= size as usize {
+        reply.data(data);
+    } else {
+        reply.error(Errno::ERANGE);
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let ino = self
+            .tree
+            .node(parent.0)
+            .and_then(|p| p.children.get(name.as_bytes()).copied());
+        match ino.and_then(|i| self.tree.attr(i)) {
+            Some(a) => reply.entry(&TTL, &a, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.tree.attr(ino.0) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.node(ino.0).and_then(|n| n.link.as_deref()) {
+            Some(l) => reply.data(l),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.tree.node(ino.0) {
+            // Content never changes: let the page cache keep it across opens.
+            Some(n) if n.kind == FileType::RegularFile => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(entry) = self
+            .tree
+            .node(ino.0)
+            .and_then(|n| n.content)
+            .and_then(|i| self.index.entries.get(i))
+            .cloned()
+        else {
+            return reply.error(Errno::EINVAL);
+        };
+        // Answered from the runtime so a slow fetch never holds up this FUSE thread.
+        let reader = self.reader.clone();
+        let timeout = self.read_timeout;
+        let metrics = self.metrics.clone();
+        self.rt.spawn(async move {
+            let res =
+                tokio::time::timeout(timeout, reader.read_file(&entry, offset, u64::from(size)))
+                    .await;
+            match res {
+                Ok(Ok(data)) => reply.data(&data),
+                Ok(Err(e)) => {
+                    metrics.read_errors.inc();
+                    warn!(path = %entry.path, offset, size, error = %e, "read failed: EIO");
+                    reply.error(Errno::EIO);
+                }
+                Err(_) => {
+                    metrics.read_errors.inc();
+                    warn!(path = %entry.path, offset, size, ?timeout, "read timed out: EIO");
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(n) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if n.kind != FileType::Directory {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let dots = [
+            (ino.0, FileType::Directory, b".".as_slice()),
+            (n.parent, FileType::Directory, b"..".as_slice()),
+        ];
+        let children = n
+            .children
+            .iter()
+            .filter_map(|(name, c)| self.tree.node(*c).map(|cn| (*c, cn.kind, name.as_slice())));
+        for (i, (cino, kind, name)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
+            if reply.add(INodeNo(cino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.index.uncompressed_size.div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.tree.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(x) = self.tree.xattrs(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match x.iter().find(|(k, _)| k.as_bytes() == name.as_bytes()) {
+            Some((_, v)) => xattr_reply(size, v, reply),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(x) = self.tree.xattrs(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut list = Vec::new();
+        for (k, _) in &x {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        xattr_reply(size, &list, reply);
+    }
+
+    fn destroy(&mut self) {
+        debug!(layer = %self.index.compressed_digest_string(), "FUSE session ended");
+    }
+}

@@ -1,0 +1,639 @@
+//! Remote (lazy) layers: the [`PrepareHook`] that mounts an image layer with FUSE from its
+//! Talaria layer index instead of letting containerd download and unpack it.
+//!
+//! On a layer Prepare carrying containerd's remote-snapshot labels (target chain id, CRI
+//! image ref, manifest digest, layer digest) the hook resolves the image's artifact through
+//! the registry's referrers (accelerated → default → none), loads the layer's index, creates
+//! the active snapshot `key`, mounts the layer read-only at its `fs` dir, commits it under
+//! the target name (labelled with it, as containerd's metadata layer looks it up) and answers
+//! `Provided`. Anything that goes wrong is logged, counted by reason and answered `Unpack`:
+//! containerd then pulls the layer as usual, so a pull never fails because of us.
+//!
+//! The index and where the blob lives are kept next to the snapshot (`remote.json`,
+//! `layer.index`), so a restarted node remounts every remote snapshot without the registry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
+use talaria_artifact::artifact::{self, ArtifactError, ArtifactInfo};
+use talaria_artifact::index::LayerIndex;
+use talaria_artifact::reader::{LayerReader, SpanCache};
+use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
+use talaria_artifact::store::{RegistryStore, Store};
+use tracing::{debug, info, warn};
+
+use crate::cache::{CacheError, DiskSpanCache};
+use crate::fusefs::{FsError, LayerFs};
+use crate::metrics::Metrics;
+use crate::snapshotter::{
+    CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, CRI_MANIFEST_DIGEST_LABEL, HookOutcome,
+    PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL,
+};
+use crate::store::Kind;
+
+const RECORD_FILE: &str = "remote.json";
+const INDEX_FILE: &str = "layer.index";
+/// How long a resolved artifact (or its absence) is reused for the other layers of an image.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+const RESOLVE_CACHE_MAX: usize = 256;
+/// Spans fetched per background request.
+const PREFETCH_SPANS: usize = 4;
+
+/// Settings of remote layers.
+#[derive(Clone, Debug)]
+pub struct RemoteOptions {
+    /// Directory of the span cache.
+    pub cache_dir: PathBuf,
+    pub cache_max_bytes: u64,
+    /// Longest a FUSE read waits for its spans before answering EIO.
+    pub read_timeout: Duration,
+    /// Longest artifact resolution and index loading may take in a Prepare.
+    pub resolve_timeout: Duration,
+    pub registry: RegistryConfig,
+    /// Fetch the rest of each layer in the background after mounting it.
+    pub prefetch: bool,
+}
+
+/// Why a layer was not mounted remotely; `reason()` is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("label {0} is missing")]
+    MissingLabel(&'static str),
+    #[error("label {label}={value:?}: {message}")]
+    BadLabel {
+        label: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error("no Talaria artifact for image {0}")]
+    NoArtifact(String),
+    #[error("artifact {artifact} does not index layer {layer}")]
+    NotIndexed { artifact: String, layer: String },
+    #[error("resolving the artifact of {image}: {source}")]
+    Resolve {
+        image: String,
+        #[source]
+        source: Box<ArtifactError>,
+    },
+    #[error("index {index}: {message}")]
+    Index { index: String, message: String },
+    #[error("{0} timed out after {1:?}")]
+    Timeout(&'static str, Duration),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("snapshot {key}: {source}")]
+    Snapshot {
+        key: String,
+        #[source]
+        source: Box<crate::Error>,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl RemoteError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RemoteError::MissingLabel(_) => "no_labels",
+            RemoteError::BadLabel { .. } => "bad_labels",
+            RemoteError::NoArtifact(_) => "no_artifact",
+            RemoteError::NotIndexed { .. } => "layer_not_indexed",
+            RemoteError::Resolve { .. } => "resolve_error",
+            RemoteError::Index { .. } => "index_error",
+            RemoteError::Timeout(..) => "timeout",
+            RemoteError::Fs(FsError::Tree { .. }) => "unsupported_layer",
+            RemoteError::Fs(FsError::Mount { .. }) => "mount_error",
+            RemoteError::Snapshot { .. } => "snapshot_error",
+            RemoteError::Io { .. } | RemoteError::Cache(_) => "io_error",
+        }
+    }
+}
+
+/// What is kept next to a remote snapshot to mount it again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct RemoteRecord {
+    image_ref: String,
+    registry: String,
+    repository: String,
+    manifest_digest: String,
+    layer_digest: String,
+    artifact: String,
+}
+
+/// Ranged reads bounded in time and counted.
+struct MeteredSource {
+    inner: Arc<dyn RangeSource>,
+    timeout: Duration,
+    bytes: Counter,
+}
+
+impl RangeSource for MeteredSource {
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            let data = tokio::time::timeout(self.timeout, self.inner.read_range(offset, len))
+                .await
+                .map_err(|_| SourceError::Timeout(self.timeout))??;
+            self.bytes.inc_by(data.len() as u64);
+            Ok(data)
+        })
+    }
+}
+
+struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    fs_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+/// The remote-layer hook. Create it inside a tokio runtime (it keeps the runtime's handle
+/// for FUSE reads); its `prepare` blocks, so call it from a blocking thread (the gRPC
+/// service does).
+pub struct RemoteLayers {
+    rt: tokio::runtime::Handle,
+    client: RegistryClient,
+    cache: Arc<DiskSpanCache>,
+    metrics: Arc<Metrics>,
+    opts: RemoteOptions,
+    mounts: Mutex<HashMap<u64, Mounted>>,
+    resolved: Mutex<HashMap<String, (Instant, Option<ArtifactInfo>)>>,
+    /// One background fetch at a time across the node: on-demand reads come first.
+    prefetch_slot: Arc<tokio::sync::Semaphore>,
+}
+
+fn label<'a>(
+    labels: &'a BTreeMap<String, String>,
+    name: &'static str,
+) -> Result<&'a str, RemoteError> {
+    labels
+        .get(name)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or(RemoteError::MissingLabel(name))
+}
+
+impl RemoteLayers {
+    pub fn new(opts: RemoteOptions, metrics: Arc<Metrics>) -> Result<RemoteLayers, RemoteError> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|e| RemoteError::Io {
+            context: "remote layers need a tokio runtime".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let client = RegistryClient::new(opts.registry.clone()).map_err(|e| RemoteError::Io {
+            context: "creating the registry client".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let cache = DiskSpanCache::open(&opts.cache_dir, opts.cache_max_bytes)?.with_metrics(
+            metrics.cache_bytes.clone(),
+            metrics.bytes_from_cache.clone(),
+        );
+        Ok(RemoteLayers {
+            rt,
+            client,
+            cache: Arc::new(cache),
+            metrics,
+            opts,
+            mounts: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
+            prefetch_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+        })
+    }
+
+    pub fn cache(&self) -> &Arc<DiskSpanCache> {
+        &self.cache
+    }
+
+    /// Remounts the remote snapshots a previous run left committed. Returns how many came
+    /// back; the others are logged and counted (`restore_error`) and read as empty.
+    pub fn restore(&self, sn: &Snapshotter) -> crate::Result<usize> {
+        let mut n = 0;
+        for info in sn.list()? {
+            if info.kind != Kind::Committed {
+                continue;
+            }
+            let id = sn.id_of(&info.name)?;
+            let dir = sn.snapshot_dir(id);
+            if !dir.join(RECORD_FILE).exists() {
+                continue;
+            }
+            match self.remount(id, &dir, &sn.fs_path(id)) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    self.metrics.fallback("restore_error");
+                    warn!(snapshot = info.name, error = %e, "remote snapshot could not be remounted");
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn remount(&self, id: u64, dir: &Path, fs_dir: &Path) -> Result<(), RemoteError> {
+        let io = |what: &str| {
+            let context = format!("{what} {}", dir.display());
+            move |source| RemoteError::Io { context, source }
+        };
+        let rec: RemoteRecord = serde_json::from_slice(
+            &fs::read(dir.join(RECORD_FILE)).map_err(io("reading the record in"))?,
+        )
+        .map_err(|e| RemoteError::Io {
+            context: format!("parsing {}", dir.join(RECORD_FILE).display()),
+            source: std::io::Error::other(e),
+        })?;
+        let raw = fs::read(dir.join(INDEX_FILE)).map_err(io("reading the index in"))?;
+        let index = LayerIndex::decode(&raw).map_err(|e| RemoteError::Index {
+            index: dir.join(INDEX_FILE).display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.mount(id, fs_dir, Arc::new(index), &rec)
+    }
+
+    /// Mounts `index` at `fs_dir` as snapshot `id` and starts its background fetch.
+    fn mount(
+        &self,
+        id: u64,
+        fs_dir: &Path,
+        index: Arc<LayerIndex>,
+        rec: &RemoteRecord,
+    ) -> Result<(), RemoteError> {
+        let repo = Repository {
+            registry: rec.registry.clone(),
+            name: rec.repository.clone(),
+        };
+        let blob: Arc<dyn RangeSource> = Arc::new(self.client.range_source(
+            &repo,
+            &rec.layer_digest,
+            index.compressed_size,
+        ));
+        let cache: Arc<dyn SpanCache> = self.cache.clone();
+        let reader = |bytes: Counter| {
+            Arc::new(LayerReader::new(
+                index.clone(),
+                Arc::new(MeteredSource {
+                    inner: blob.clone(),
+                    timeout: self.opts.read_timeout,
+                    bytes,
+                }),
+                cache.clone(),
+            ))
+        };
+        let on_demand = reader(self.metrics.bytes_on_demand.clone());
+        let fs = LayerFs::new(
+            on_demand,
+            self.rt.clone(),
+            self.opts.read_timeout,
+            self.metrics.clone(),
+        )?;
+        let session = fs.mount(fs_dir)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        if self.opts.prefetch {
+            self.spawn_prefetch(reader(self.metrics.bytes_prefetched.clone()), stop.clone());
+        }
+        let old = self.mounts.lock().ok().and_then(|mut m| {
+            m.insert(
+                id,
+                Mounted {
+                    session: Some(session),
+                    fs_dir: fs_dir.to_path_buf(),
+                    stop,
+                },
+            )
+        });
+        if let Some(old) = old {
+            detach(old);
+        } else {
+            self.metrics.remote_mounts.inc();
+        }
+        debug!(id, fs = %fs_dir.display(), layer = rec.layer_digest, "remote layer mounted");
+        Ok(())
+    }
+
+    fn spawn_prefetch(&self, reader: Arc<LayerReader>, stop: Arc<AtomicBool>) {
+        let slot = self.prefetch_slot.clone();
+        let timeout = self.opts.read_timeout;
+        self.rt.spawn(async move {
+            let Ok(_permit) = slot.acquire_owned().await else {
+                return;
+            };
+            let index = reader.index().clone();
+            for chunk in index.spans.chunks(PREFETCH_SPANS) {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                    continue;
+                };
+                let start = first.uncompressed_offset;
+                let len = (last.uncompressed_offset + last.uncompressed_size).saturating_sub(start);
+                match tokio::time::timeout(timeout, reader.read_at(start, len)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        // Bounded: one failure ends this layer's prefetch; reads still fetch.
+                        warn!(layer = %index.compressed_digest_string(), error = %e, "background fetch stopped");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(layer = %index.compressed_digest_string(), ?timeout, "background fetch timed out; stopped");
+                        return;
+                    }
+                }
+            }
+            debug!(layer = %index.compressed_digest_string(), "background fetch complete");
+        });
+    }
+
+    /// Unmounts everything (shutdown).
+    pub fn unmount_all(&self) {
+        let all: Vec<Mounted> = match self.mounts.lock() {
+            Ok(mut m) => m.drain().map(|(_, v)| v).collect(),
+            Err(_) => return,
+        };
+        for m in all {
+            self.metrics.remote_mounts.dec();
+            detach(m);
+        }
+    }
+
+    /// The artifact for a manifest, reused briefly for the image's other layers.
+    async fn resolve(
+        &self,
+        store: &dyn Store,
+        manifest: &str,
+        image: &str,
+    ) -> Result<Option<ArtifactInfo>, RemoteError> {
+        if let Ok(m) = self.resolved.lock()
+            && let Some((at, a)) = m.get(manifest)
+            && at.elapsed() < RESOLVE_TTL
+        {
+            return Ok(a.clone());
+        }
+        let found =
+            artifact::resolve(store, manifest)
+                .await
+                .map_err(|source| RemoteError::Resolve {
+                    image: image.to_string(),
+                    source: Box::new(source),
+                })?;
+        if let Ok(mut m) = self.resolved.lock() {
+            if m.len() >= RESOLVE_CACHE_MAX {
+                m.clear();
+            }
+            m.insert(manifest.to_string(), (Instant::now(), found.clone()));
+        }
+        Ok(found)
+    }
+
+    /// Resolves and loads the index of the layer a Prepare is about.
+    async fn locate(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(RemoteRecord, Bytes, LayerIndex), RemoteError> {
+        let image_ref = label(labels, CRI_IMAGE_REF_LABEL)?;
+        let manifest = label(labels, CRI_MANIFEST_DIGEST_LABEL)?;
+        let layer = label(labels, CRI_LAYER_DIGEST_LABEL)?;
+        let parsed = ImageRef::parse(image_ref).map_err(|e| RemoteError::BadLabel {
+            label: CRI_IMAGE_REF_LABEL,
+            value: image_ref.to_string(),
+            message: e.to_string(),
+        })?;
+        let store = RegistryStore::new(self.client.clone(), parsed.repository.clone());
+        let art = self
+            .resolve(&store, manifest, image_ref)
+            .await?
+            .ok_or_else(|| RemoteError::NoArtifact(image_ref.to_string()))?;
+        let desc = art
+            .index_for(layer)
+            .ok_or_else(|| RemoteError::NotIndexed {
+                artifact: art.descriptor.digest.clone(),
+                layer: layer.to_string(),
+            })?;
+        let raw = store
+            .get_blob(&desc.digest, artifact::MAX_INDEX_BLOB)
+            .await
+            .map_err(|e| RemoteError::Resolve {
+                image: image_ref.to_string(),
+                source: Box::new(e.into()),
+            })?;
+        let index = LayerIndex::decode(&raw).map_err(|e| RemoteError::Index {
+            index: desc.digest.clone(),
+            message: e.to_string(),
+        })?;
+        if index.compressed_digest_string() != layer {
+            return Err(RemoteError::Index {
+                index: desc.digest.clone(),
+                message: format!(
+                    "indexes {} but the layer is {layer}",
+                    index.compressed_digest_string()
+                ),
+            });
+        }
+        let rec = RemoteRecord {
+            image_ref: image_ref.to_string(),
+            registry: parsed.repository.registry,
+            repository: parsed.repository.name,
+            manifest_digest: manifest.to_string(),
+            layer_digest: layer.to_string(),
+            artifact: art.descriptor.digest.clone(),
+        };
+        Ok((rec, raw, index))
+    }
+
+    fn provide(
+        &self,
+        sn: &Snapshotter,
+        key: &str,
+        parent: &str,
+        target: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteError> {
+        let t0 = Instant::now();
+        let timeout = self.opts.resolve_timeout;
+        let (rec, raw, index) = self
+            .rt
+            .block_on(tokio::time::timeout(timeout, self.locate(labels)))
+            .map_err(|_| RemoteError::Timeout("resolving the artifact", timeout))??;
+        let snap_err = |source| RemoteError::Snapshot {
+            key: key.to_string(),
+            source: Box::new(source),
+        };
+        sn.prepare_plain(key, parent, labels.clone())
+            .map_err(snap_err)?;
+        let undo = |e: RemoteError| {
+            if let Err(re) = sn.remove(key) {
+                warn!(key, error = %re, "removing the half-made remote snapshot failed");
+            }
+            e
+        };
+        let id = sn.id_of(key).map_err(snap_err)?;
+        let dir = sn.snapshot_dir(id);
+        let fs_dir = sn.fs_path(id);
+        let write = |name: &str, data: &[u8]| {
+            fs::write(dir.join(name), data).map_err(|source| RemoteError::Io {
+                context: format!("writing {}", dir.join(name).display()),
+                source,
+            })
+        };
+        let json = serde_json::to_vec_pretty(&rec).unwrap_or_default();
+        write(INDEX_FILE, &raw)
+            .and_then(|()| write(RECORD_FILE, &json))
+            .map_err(undo)?;
+        self.mount(id, &fs_dir, Arc::new(index), &rec)
+            .map_err(undo)?;
+        // Committed under the target with its label: containerd's metadata finds it by both.
+        let mut commit_labels = labels.clone();
+        commit_labels.insert(TARGET_SNAPSHOT_REF_LABEL.to_string(), target.to_string());
+        if let Err(e) = sn.commit(target, key, commit_labels) {
+            // The commit failed, so the active snapshot is still ours to remove.
+            self.removing(id, &fs_dir);
+            return Err(undo(snap_err(e)));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        self.metrics.mount_seconds.observe(secs);
+        info!(
+            target,
+            layer = rec.layer_digest,
+            artifact = rec.artifact,
+            ms = (secs * 1000.0) as u64,
+            "remote layer mounted lazily"
+        );
+        Ok(())
+    }
+}
+
+/// Detaches the mount (lazily, so a busy one cannot block) and ends its session.
+fn detach(mut m: Mounted) {
+    m.stop.store(true, Ordering::Relaxed);
+    if let Err(e) = nix::mount::umount2(&m.fs_dir, nix::mount::MntFlags::MNT_DETACH) {
+        debug!(fs = %m.fs_dir.display(), error = %e, "lazy unmount");
+    }
+    // The session's own unmount then finds nothing mounted; its thread ends with the
+    // connection, so nothing here waits.
+    drop(m.session.take());
+}
+
+impl PrepareHook for RemoteLayers {
+    fn prepare(
+        &self,
+        sn: &Snapshotter,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> crate::Result<HookOutcome> {
+        let Some(target) = labels
+            .get(TARGET_SNAPSHOT_REF_LABEL)
+            .filter(|t| !t.is_empty())
+        else {
+            // Not a layer unpack (a container's or a view's snapshot).
+            return Ok(HookOutcome::Unpack);
+        };
+        // Already provided (another image with this chain): containerd finds it by label.
+        if let Ok(info) = sn.stat(target)
+            && info.kind == Kind::Committed
+            && info.parent == parent
+            && info.labels.get(TARGET_SNAPSHOT_REF_LABEL) == Some(target)
+        {
+            return Ok(HookOutcome::Provided {
+                name: target.clone(),
+            });
+        }
+        match self.provide(sn, key, parent, target, labels) {
+            Ok(()) => Ok(HookOutcome::Provided {
+                name: target.clone(),
+            }),
+            Err(e) => {
+                let reason = e.reason();
+                self.metrics.fallback(reason);
+                match e {
+                    RemoteError::MissingLabel(_) | RemoteError::NoArtifact(_) => {
+                        info!(key, reason, error = %e, "unpacking the layer normally")
+                    }
+                    _ => {
+                        warn!(key, reason, error = %e, "remote layer failed; unpacking it normally")
+                    }
+                }
+                Ok(HookOutcome::Unpack)
+            }
+        }
+    }
+
+    fn removing(&self, id: u64, _fs_dir: &Path) {
+        let m = self.mounts.lock().ok().and_then(|mut m| m.remove(&id));
+        if let Some(m) = m {
+            self.metrics.remote_mounts.dec();
+            detach(m);
+        }
+    }
+}
+
+/// Lazily detaches every mount below `root/snapshots` (FUSE mounts of a previous process
+/// whose connection died with it), before the snapshotter touches those directories.
+pub fn detach_stale_mounts(root: &Path) -> usize {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return 0;
+    };
+    let base = root.join("snapshots");
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(&base) && p != &base)
+        .collect();
+    // Deepest first, so nested mounts go before their parents.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    let mut n = 0;
+    for p in points {
+        match nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                info!(mount = %p.display(), "detached a stale mount");
+                n += 1;
+            }
+            Err(e) => warn!(mount = %p.display(), error = %e, "detaching a stale mount failed"),
+        }
+    }
+    n
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(v) = b
+                .get(i + 1..i + 4)
+                .and_then(|o| std::str::from_utf8(o).ok())
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(r"/a\040b/c"), "/a b/c");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+}
