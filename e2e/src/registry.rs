@@ -1,5 +1,6 @@
 //! A real OCI registry: CNCF distribution 2.8 (Debian's `docker-registry`), plain HTTP,
-//! filesystem storage in a temp dir, deletes enabled.
+//! filesystem storage in a temp dir, deletes enabled; optionally private (HTTP basic auth
+//! from an htpasswd file, as distribution's `htpasswd` auth does it).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub struct Registry {
     listen: SocketAddr,
     /// Address clients use.
     host: String,
+    /// (username, password) when the registry requires authentication.
+    auth: Option<(String, String)>,
 }
 
 impl Registry {
@@ -42,6 +45,7 @@ impl Registry {
             let port = free_port()?;
             let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             let mut reg = Registry::prepare(listen, listen.to_string(), None, None)?;
+            reg.write_config()?;
             match reg.start_again() {
                 Ok(()) => return Ok(reg),
                 Err(e) if e.to_string().contains("address already in use") => last = Some(e),
@@ -49,6 +53,41 @@ impl Registry {
             }
         }
         Err(last.unwrap_or_else(|| EnvError::Shaping("registry did not start".into())))
+    }
+
+    /// Starts a private registry: every request needs HTTP basic auth as `username` with
+    /// `password` (anonymous ones get 401 with a `Basic` challenge).
+    pub fn start_with_auth(username: &str, password: &str) -> Result<Registry, EnvError> {
+        let mut reg = Registry::start()?;
+        reg.set_auth(Some((username, password)))?;
+        Ok(reg)
+    }
+
+    /// Turns authentication on (`Some((username, password))`) or off, restarting the process
+    /// on the same address and storage. Handy to fill a registry anonymously, then make it
+    /// private.
+    pub fn set_auth(&mut self, auth: Option<(&str, &str)>) -> Result<(), EnvError> {
+        self.auth = auth.map(|(u, p)| (u.to_string(), p.to_string()));
+        self.write_config()?;
+        self.start_again()
+    }
+
+    /// (username, password) of a private registry.
+    pub fn auth(&self) -> Option<(&str, &str)> {
+        self.auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// A docker `config.json` (also the `.dockerconfigjson` of a Kubernetes secret) with this
+    /// registry's credentials; `{"auths":{}}` for an open registry.
+    pub fn docker_config_json(&self) -> String {
+        let mut auths = serde_json::Map::new();
+        if let Some((u, p)) = &self.auth {
+            auths.insert(
+                self.host.clone(),
+                serde_json::json!({"username": u, "password": p}),
+            );
+        }
+        serde_json::json!({ "auths": auths }).to_string()
     }
 
     /// Starts a registry in its own network namespace, behind a veth pair limited to
@@ -66,6 +105,7 @@ impl Registry {
             Duration::from_millis(u64::from(delay_ms)),
         )?;
         let mut reg = Registry::prepare(listen, public.to_string(), Some(relay), Some(netns))?;
+        reg.write_config()?;
         reg.start_again()?;
         Ok(reg)
     }
@@ -83,17 +123,6 @@ impl Registry {
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage)
             .map_err(|e| EnvError::io(format!("creating {}", storage.display()), e))?;
-        let config = format!(
-            "version: 0.1\n\
-             log:\n  level: info\n  fields:\n    service: registry\n\
-             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
-             maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: {listen}\n  secret: talaria-test-secret\n  headers:\n    X-Content-Type-Options: [nosniff]\n",
-            storage = storage.display(),
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config)
-            .map_err(|e| EnvError::io(format!("writing {}", config_path.display()), e))?;
         Ok(Registry {
             proc: None,
             _relay: relay,
@@ -101,7 +130,38 @@ impl Registry {
             dir,
             listen,
             host,
+            auth: None,
         })
+    }
+
+    /// Writes `config.yml` (and the htpasswd file of a private registry).
+    fn write_config(&self) -> Result<(), EnvError> {
+        let storage = self.storage_dir();
+        let mut config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  fields:\n    service: registry\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
+             maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: {listen}\n  secret: talaria-test-secret\n  headers:\n    X-Content-Type-Options: [nosniff]\n",
+            storage = storage.display(),
+            listen = self.listen,
+        );
+        if let Some((user, password)) = &self.auth {
+            // distribution only accepts bcrypt entries; the lowest cost keeps startup fast.
+            let hash = bcrypt::hash(password, 4).map_err(|e| {
+                EnvError::io("hashing the registry password", std::io::Error::other(e))
+            })?;
+            let path = self.dir.path().join("htpasswd");
+            std::fs::write(&path, format!("{user}:{hash}\n"))
+                .map_err(|e| EnvError::io(format!("writing {}", path.display()), e))?;
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: talaria-test\n    path: {}\n",
+                path.display()
+            ));
+        }
+        let config_path = self.dir.path().join("config.yml");
+        std::fs::write(&config_path, config)
+            .map_err(|e| EnvError::io(format!("writing {}", config_path.display()), e))
     }
 
     /// "IP:PORT" clients use (plain HTTP).
@@ -148,11 +208,21 @@ impl Registry {
         cmd.arg("serve").arg(&config);
         let mut proc = Proc::spawn("registry", cmd, &self.log_path())?;
         let started = Instant::now();
+        let authorization = self.auth.as_ref().map(|(u, p)| basic_auth(u, p));
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|a| ("Authorization", a.as_str()))
+            .collect();
         loop {
             proc.check_alive()?;
-            if let Ok(r) =
-                http::request(&self.host, "GET", "/v2/", &[], &[], Duration::from_secs(5))
-                && r.status == 200
+            if let Ok(r) = http::request(
+                &self.host,
+                "GET",
+                "/v2/",
+                &headers,
+                &[],
+                Duration::from_secs(5),
+            ) && r.status == 200
             {
                 break;
             }
@@ -174,5 +244,81 @@ impl Registry {
     /// The temp dir holding config, storage and log.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// `Basic base64(user:password)`.
+pub fn basic_auth(username: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64(format!("{username}:{password}").as_bytes())
+    )
+}
+
+/// Standard base64 with padding (small inputs only: credentials).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_known_vectors() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(basic_auth("user", "pass"), "Basic dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn a_private_registry_refuses_anonymous_requests() {
+        let mut reg = Registry::start_with_auth("talaria", "s3cret").expect("private registry");
+        let t = Duration::from_secs(10);
+        let anon = http::request(&reg.host(), "GET", "/v2/", &[], &[], t).expect("GET /v2/");
+        assert_eq!(anon.status, 401);
+        assert!(
+            anon.header("www-authenticate")
+                .is_some_and(|h| h.starts_with("Basic")),
+            "{:?}",
+            anon.headers
+        );
+        let wrong = basic_auth("talaria", "nope");
+        let r = http::request(
+            &reg.host(),
+            "GET",
+            "/v2/",
+            &[("Authorization", &wrong)],
+            &[],
+            t,
+        )
+        .expect("GET /v2/ wrong password");
+        assert_eq!(r.status, 401);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&reg.docker_config_json()).expect("docker config json");
+        assert_eq!(cfg["auths"][reg.host()]["username"], "talaria");
+        // Back to open: anonymous requests pass again, on the same address.
+        reg.set_auth(None).expect("open again");
+        let anon = http::request(&reg.host(), "GET", "/v2/", &[], &[], t).expect("GET /v2/");
+        assert_eq!(anon.status, 200);
     }
 }
