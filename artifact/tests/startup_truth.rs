@@ -1,186 +1,521 @@
-//! Ground truth for the startup analyzer: real startups of images made from this machine's
-//! files, run under `strace -f` in a chroot of the image's rootfs; the files they open or
-//! execute are compared with the analyzer's prediction (recall and precision, by files and
-//! by bytes). Prints a table (`hack/startup-truth.sh` runs it) and fails when recall drops
-//! below the bar. Needs root, strace and chroot; skipped (with a message) otherwise.
-
-mod startup_common;
+//! Ground truth for the startup analyzer: images built from Debian packages
+//! (`hack/debian-images.sh`: a debootstrap minbase layer plus one layer of packages and app
+//! files per image) start for real under `strace -f` in a chroot of their merged rootfs,
+//! until ready; the files they open or execute are compared with the startup plan the
+//! analyzer makes from the same layers (indexed by the real indexer, read through real
+//! layer readers): recall and precision by files and by bytes. Prints a table
+//! (`hack/startup-truth.sh` is the benchmark entry) and fails when byte recall < 95% or
+//! byte precision < 60% on any image.
+//!
+//! Needs root (chroot, namespaces, debootstrap), strace, unshare and tar; a missing one is
+//! an error, never a skip.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::Command;
-use std::time::Instant;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use startup_common::{HostTree, TestImage, config};
-use talaria_artifact::index::EntryKind;
-use talaria_artifact::startup::{ImageConfig, resolve::resolve};
+use talaria_artifact::artifact::Knobs;
+use talaria_artifact::build::MergedView;
+use talaria_artifact::index::{Compression, EntryKind, LayerIndex};
+use talaria_artifact::indexer::{IndexOptions, index_layer};
+use talaria_artifact::reader::{LayerReader, MemorySpanCache, SpanCache};
+use talaria_artifact::source::FileSource;
+use talaria_artifact::startup::{
+    self, ImageConfig, LayerFiles, PlanOptions, build_plan, resolve::resolve,
+};
 
-/// Byte recall every scenario must reach (the issue's acceptance bar).
+/// Byte recall every image must reach (the issue's acceptance bar).
 const MIN_BYTE_RECALL: f64 = 0.95;
-/// Byte precision every scenario must reach.
+/// Byte precision every image must reach.
 const MIN_BYTE_PRECISION: f64 = 0.60;
+/// Images of `hack/debian-images.sh`.
+const IMAGES: &[&str] = &["python", "java", "node", "nginx", "shell"];
+/// Longest a startup may take under strace before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// A listening server is ready once its trace has been quiet this long (its workers have
+/// started)...
+const QUIET: Duration = Duration::from_millis(1500);
+/// ...or this long after it listened.
+const SETTLE_MAX: Duration = Duration::from_secs(15);
+/// Span cache of the analysis reads, as `talaria build` uses.
+const ANALYSIS_CACHE_BYTES: u64 = 64 << 20;
 
-const LIBDIR: &str = "/lib/x86_64-linux-gnu";
+/// Syscalls that read a file's data (or execute it) and that only look it up.
+const TRACED: &str = "trace=execve,execveat,open,openat,openat2,creat,stat,lstat,newfstatat,\
+                      statx,access,faccessat,faccessat2,readlink,readlinkat,chroot,listen";
 
-struct Scenario {
-    name: &'static str,
-    tree: HostTree,
-    config: ImageConfig,
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
-fn base(libs: &[&str], bins: &[&str]) -> HostTree {
-    let mut t = HostTree::default();
-    for f in [
-        "/lib64/ld-linux-x86-64.so.2",
-        "/etc/ld.so.conf",
-        "/etc/ld.so.conf.d/libc.conf",
-        "/etc/ld.so.conf.d/x86_64-linux-gnu.conf",
-        "/etc/ld.so.cache",
-    ] {
-        t.add(f);
+fn require_tools() {
+    let root =
+        Command::new("id").arg("-u").output().ok().map(|o| o.stdout) == Some(b"0\n".to_vec());
+    assert!(
+        root,
+        "the startup ground truth needs root (chroot, namespaces, debootstrap)"
+    );
+    for t in ["strace", "unshare", "tar", "debootstrap"] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "{t} is required (hack/setup.sh installs it)");
     }
-    for l in libs.iter().chain(["libc.so.6"].iter()) {
-        t.add(&format!("{LIBDIR}/{l}"));
+}
+
+/// Builds the images once (cached; a warm run only checks) and returns their dir.
+fn debian_images() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo().join("hack/debian-images.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running hack/debian-images.sh");
+    assert!(out.status.success(), "hack/debian-images.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(text.lines().last().expect("the images dir").trim())
+}
+
+/// A layer indexed by the real indexer, with the blob it reads from.
+struct Layer {
+    blob: PathBuf,
+    index: Arc<LayerIndex>,
+}
+
+fn index(blob: &Path) -> Layer {
+    let f = std::fs::File::open(blob).expect("layer blob");
+    let out = index_layer(
+        BufReader::new(f),
+        Compression::Gzip,
+        &IndexOptions {
+            span_size: Knobs::default().span_size,
+        },
+    )
+    .unwrap_or_else(|e| panic!("indexing {}: {e}", blob.display()));
+    Layer {
+        blob: blob.to_path_buf(),
+        index: Arc::new(out.index),
     }
-    for b in bins {
-        t.add(b);
+}
+
+/// What the analyzer predicted: the plan's files with their sizes.
+struct Prediction {
+    files: BTreeMap<String, u64>,
+    reasons: BTreeMap<String, String>,
+    analysis: Duration,
+    bytes_read: u64,
+    notes: usize,
+}
+
+/// The analyzer's part of `talaria build`: merged view, analysis through ranged reads of the
+/// layer blobs, plan within the default budget. Timed (indexing is not part of it).
+async fn predict(layers: &[&Layer], config: &ImageConfig) -> (Prediction, MergedView) {
+    let t0 = Instant::now();
+    let refs: Vec<Option<&LayerIndex>> = layers.iter().map(|l| Some(l.index.as_ref())).collect();
+    let view = MergedView::new(&refs);
+    let cache: Arc<dyn SpanCache> = Arc::new(MemorySpanCache::new(ANALYSIS_CACHE_BYTES));
+    let readers = layers
+        .iter()
+        .map(|l| {
+            let src = FileSource::open(&l.blob).expect("layer blob");
+            Some(Arc::new(LayerReader::new(
+                l.index.clone(),
+                Arc::new(src),
+                cache.clone(),
+            )))
+        })
+        .collect();
+    let files = LayerFiles { layers: readers };
+    let analysis = startup::analyze(config, &view, &files).await;
+    let plan = build_plan(
+        &analysis,
+        &refs,
+        &PlanOptions {
+            profile: "startup-local-v1".into(),
+            version: 1,
+            budget: Knobs::default().prefetch_budget,
+        },
+    );
+    let elapsed = t0.elapsed();
+    let size: HashMap<&str, u64> = analysis
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f.size))
+        .collect();
+    let reasons = analysis
+        .files
+        .iter()
+        .map(|f| {
+            (
+                f.path.clone(),
+                f.reasons.first().cloned().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let files = plan
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.path.clone(),
+                size.get(e.path.as_str()).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    let p = Prediction {
+        files,
+        reasons,
+        analysis: elapsed,
+        bytes_read: analysis.bytes_read,
+        notes: analysis.notes.len(),
+    };
+    (p, view)
+}
+
+/// Unpacks the layers into `root` as a container runtime would: each layer's whiteouts
+/// (`.wh.<name>`, `.wh..wh..opq`) remove what lower layers put there, then its files land.
+fn materialize(blobs: &[&Path], root: &Path) {
+    std::fs::create_dir_all(root).unwrap();
+    for blob in blobs {
+        let list = Command::new("tar")
+            .arg("-tzf")
+            .arg(blob)
+            .output()
+            .expect("tar -t");
+        assert!(list.status.success(), "listing {}", blob.display());
+        let mut markers = Vec::new();
+        for name in String::from_utf8_lossy(&list.stdout).lines() {
+            let rel = name.trim_start_matches("./").trim_end_matches('/');
+            let (dir, base) = rel.rsplit_once('/').unwrap_or(("", rel));
+            if base == ".wh..wh..opq" {
+                if let Ok(rd) = std::fs::read_dir(root.join(dir)) {
+                    for e in rd.flatten() {
+                        remove(&e.path());
+                    }
+                }
+                markers.push(rel.to_string());
+            } else if let Some(victim) = base.strip_prefix(".wh.") {
+                remove(&root.join(dir).join(victim));
+                markers.push(rel.to_string());
+            }
+        }
+        let st = Command::new("tar")
+            .args(["-xzpf"])
+            .arg(blob)
+            .args(["--numeric-owner", "-C"])
+            .arg(root)
+            .status()
+            .expect("tar -x");
+        assert!(st.success(), "unpacking {}", blob.display());
+        for m in markers {
+            let _ = std::fs::remove_file(root.join(m));
+        }
+    }
+}
+
+fn remove(p: &Path) {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).unwrap(),
+        Ok(_) => std::fs::remove_file(p).unwrap(),
+        Err(_) => {}
+    }
+}
+
+/// How the harness knows a startup is over.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ready {
+    /// The program exits with status 0.
+    Exit,
+    /// A socket is listening (then the trace settles: workers started).
+    Listen,
+}
+
+/// Starts the image's process in a chroot of `root` under `strace -f`, in fresh mount, PID
+/// and network namespaces (its own /proc and /dev, no host ports; everything dies with
+/// the namespace), and returns the trace once it is ready.
+fn run_traced(root: &Path, config: &ImageConfig, ready: Ready, trace: &Path) -> String {
+    let wd = if config.working_dir.is_empty() {
+        "/".to_string()
+    } else {
+        config.working_dir.clone()
+    };
+    // `unshare --root/--wd` does the chroot and chdir, then execvp's the command with the
+    // image's PATH: the trace starts at its chroot() and shows the same lookups a runtime
+    // makes. The outer shell only mounts; strace becomes the namespace's init.
+    let script = r#"set -e
+root=$1 trace=$2 wd=$3 traced=$4; shift 4
+mount --make-rprivate /
+mount -t proc proc /proc
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+ip link set lo up 2>/dev/null || true
+exec strace -f -qq -y -e "$traced" -o "$trace" unshare --root="$root" --wd="$wd" -- "$@""#;
+    let mut child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--net",
+            "--pid",
+            "--fork",
+            "--kill-child=SIGTERM",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(root)
+        .arg(trace)
+        .arg(&wd)
+        .arg(TRACED)
+        .args(config.argv())
+        .env_clear()
+        // The host tools run with the host PATH; the image process gets the image's env
+        // (unshare passes it on, and execvp searches the image's PATH).
+        .envs(config.env.iter().filter_map(|kv| kv.split_once('=')))
+        .env("PATH", path_for(config))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting unshare");
+    let t0 = Instant::now();
+    match ready {
+        Ready::Exit => loop {
+            if let Some(st) = child.try_wait().expect("waiting") {
+                let out = child.wait_with_output().expect("output");
+                assert!(
+                    st.success(),
+                    "the real startup failed ({st}): {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                break;
+            }
+            assert!(t0.elapsed() < START_TIMEOUT, "startup did not exit in time");
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        Ready::Listen => {
+            let mut listened: Option<Instant> = None;
+            let mut last = (0u64, Instant::now());
+            loop {
+                if let Ok(Some(st)) = child.try_wait() {
+                    let out = child.wait_with_output().expect("output");
+                    panic!(
+                        "the server exited before it was ready ({st}): {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let len = std::fs::metadata(trace).map(|m| m.len()).unwrap_or(0);
+                if len != last.0 {
+                    last = (len, Instant::now());
+                }
+                if listened.is_none()
+                    && std::fs::read_to_string(trace)
+                        .unwrap_or_default()
+                        .lines()
+                        .any(|l| l.contains(" listen(") && l.ends_with(" = 0"))
+                {
+                    listened = Some(Instant::now());
+                }
+                if let Some(t) = listened
+                    && (last.1.elapsed() >= QUIET || t.elapsed() >= SETTLE_MAX)
+                {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < START_TIMEOUT,
+                    "server did not listen in time"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // SIGKILL to unshare: strace gets SIGTERM (flushes, exits), the PID namespace
+            // goes with it.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    std::fs::read_to_string(trace).expect("the trace")
+}
+
+/// PATH for the host side (mount, strace, unshare) followed by the image's.
+fn path_for(config: &ImageConfig) -> String {
+    let image = config.env_var("PATH").unwrap_or(startup::DEFAULT_PATH);
+    format!("/usr/sbin:/usr/bin:/sbin:/bin:{image}")
+}
+
+/// A file lookup the trace saw, by kind.
+#[derive(Debug, Default)]
+struct Traced {
+    /// Opened for reading, or executed (paths inside the image).
+    read: Vec<String>,
+    /// Executed (their interpreters are read by the kernel, without an open).
+    exec: Vec<String>,
+    /// Only looked up (stat, access, readlink).
+    looked_up: Vec<String>,
+}
+
+/// The syscalls after the chroot, from `strace -f -y` output (`unfinished`/`resumed`
+/// pairs joined per pid). Paths come from the fd strace shows for a successful open (the
+/// kernel's canonical path, under `host_root`), else from the argument, relative to the
+/// dirfd or `cwd`.
+fn parse_trace(trace: &str, host_root: &str, cwd: &str) -> Traced {
+    let mut t = Traced::default();
+    let mut chrooted = false;
+    let mut pending: HashMap<&str, String> = HashMap::new();
+    let in_image = |p: &str| -> Option<String> {
+        let rest = p.strip_prefix(host_root)?;
+        (rest.is_empty() || rest.starts_with('/')).then(|| format!("/{}", rest.trim_matches('/')))
+    };
+    for line in trace.lines() {
+        let (pid, rest) = line.split_once(' ').unwrap_or(("", line));
+        let rest = rest.trim_start();
+        let call: String = if let Some(r) = rest.strip_prefix("<... ") {
+            let Some((_, tail)) = r.split_once("resumed>") else {
+                continue;
+            };
+            match pending.remove(pid) {
+                Some(head) => format!("{head}{tail}"),
+                None => continue,
+            }
+        } else if let Some(head) = rest.strip_suffix("<unfinished ...>") {
+            pending.insert(pid, head.trim_end().to_string());
+            continue;
+        } else {
+            rest.to_string()
+        };
+        let Some((name, args)) = call.split_once('(') else {
+            continue;
+        };
+        let Some((_, ret)) = call.rsplit_once(") = ") else {
+            continue;
+        };
+        let ok = !ret.starts_with('-') && !ret.starts_with('?');
+        if name == "chroot" {
+            chrooted |= ok;
+            continue;
+        }
+        if !chrooted || !ok {
+            continue;
+        }
+        let at = matches!(
+            name,
+            "openat"
+                | "openat2"
+                | "newfstatat"
+                | "statx"
+                | "faccessat"
+                | "faccessat2"
+                | "readlinkat"
+                | "execveat"
+        );
+        let (dirfd, path_arg) = if at {
+            let (d, r) = args.split_once(", ").unwrap_or(("", args));
+            (Some(d), r)
+        } else {
+            (None, args)
+        };
+        let Some(arg) = quoted(path_arg) else {
+            continue;
+        };
+        let from_arg = || -> Option<String> {
+            if arg.starts_with('/') {
+                return Some(arg.clone());
+            }
+            if arg.is_empty() {
+                return None; // AT_EMPTY_PATH: the fd itself
+            }
+            let base = match dirfd.and_then(fd_path) {
+                Some(h) => in_image(&h)?,
+                None => cwd.to_string(),
+            };
+            Some(format!("{}/{arg}", base.trim_end_matches('/')))
+        };
+        match name {
+            "execve" | "execveat" => {
+                if let Some(p) = from_arg() {
+                    t.exec.push(p.clone());
+                    t.read.push(p);
+                }
+            }
+            "open" | "openat" | "openat2" | "creat" => {
+                if name == "creat" || args.contains("O_WRONLY") {
+                    continue;
+                }
+                let p = fd_path(ret).and_then(|h| in_image(&h)).or_else(from_arg);
+                if let Some(p) = p {
+                    t.read.push(p);
+                }
+            }
+            "listen" => {}
+            _ => {
+                if let Some(p) = from_arg() {
+                    t.looked_up.push(p);
+                }
+            }
+        }
     }
     t
 }
 
-fn scenarios() -> Vec<Scenario> {
-    let mut shell = base(
-        &["libtinfo.so.6", "libselinux.so.1", "libpcre2-8.so.0"],
-        &["/bin/bash", "/bin/ls"],
-    );
-    shell.dir("app").data(
-        "app/run.sh",
-        "#!/bin/bash\nset -e\nexport GREETING=hi\nexec ls /app\n",
-        0o755,
-    );
-    let mut perl = base(
-        &["libm.so.6", "libcrypt.so.1"],
-        &["/usr/bin/env", "/usr/bin/perl"],
-    );
-    perl.dir("app").data(
-        "app/hello.pl",
-        "#!/usr/bin/env perl\nprint \"hello\\n\";\n",
-        0o755,
-    );
-    let mut py = base(
-        &["libm.so.6", "libz.so.1", "libexpat.so.1"],
-        &["/usr/bin/python3.11", "/usr/bin/python3"],
-    );
-    py.add_tree(
-        "/usr/lib/python3.11",
-        &[
-            "test",
-            "idlelib",
-            "tkinter",
-            "turtledemo",
-            "ensurepip",
-            "lib2to3",
-            "pydoc_data",
-            "distutils",
-            "unittest",
-            "site-packages",
-            "dist-packages",
-            "config-3.11-x86_64-linux-gnu",
-        ],
-    );
-    py.dir("app").data(
-        "app/main.py",
-        "import os, sys, json\nprint(json.dumps({'ok': True, 'cwd': os.getcwd()}))\n",
-        0o644,
-    );
-    let mut node = base(&[], &["/usr/bin/node"]);
-    for l in host_libs("/usr/bin/node") {
-        node.add(&l);
+/// The path strace -y prints after a file descriptor: `3</usr/lib/x.so>`.
+fn fd_path(s: &str) -> Option<String> {
+    let s = s.trim();
+    let a = s.find('<')?;
+    if !s[..a].chars().all(|c| c.is_ascii_digit()) || a == 0 {
+        return None;
     }
-    node.dir("app")
-        .data(
-            "app/main.js",
-            "const u = require('./util');\nconsole.log(u.greeting);\n",
-            0o644,
-        )
-        .data("app/util.js", "exports.greeting = 'hi';\n", 0o644)
-        .data("app/package.json", "{\"name\": \"app\"}\n", 0o644);
-    let env = ["PATH=/usr/local/bin:/usr/bin:/bin"];
-    vec![
-        Scenario {
-            name: "bash script execs ls",
-            tree: shell,
-            config: config(&["/app/run.sh"], &[], &env, "/"),
-        },
-        Scenario {
-            name: "perl via env shebang",
-            tree: perl,
-            config: config(&["/app/hello.pl"], &[], &env, "/"),
-        },
-        Scenario {
-            name: "python3 script (json)",
-            tree: py,
-            config: config(&[], &["python3", "/app/main.py"], &env, "/"),
-        },
-        Scenario {
-            name: "node script (require)",
-            tree: node,
-            config: config(&["node"], &["/app/main.js"], &env, "/"),
-        },
-    ]
+    let inner = &s[a + 1..];
+    let b = inner.find('>')?;
+    Some(inner[..b].to_string())
 }
 
-/// The libraries `ldd` lists for a host binary (a host tool, independent of the analyzer).
-fn host_libs(bin: &str) -> Vec<String> {
-    let o = Command::new("ldd").arg(bin).output();
-    let text = o
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split("=> ").nth(1))
-        .filter_map(|r| r.split_whitespace().next())
-        .filter(|p| p.starts_with('/'))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Absolute path of a tool (the startup runs with the image's environment, not ours).
-fn tool_path(t: &str) -> String {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {t}")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| t.to_string())
-}
-
-fn usable() -> bool {
-    let root =
-        Command::new("id").arg("-u").output().ok().map(|o| o.stdout) == Some(b"0\n".to_vec());
-    let tools = ["strace", "chroot"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    let host = [
-        "/bin/bash",
-        "/bin/ls",
-        "/usr/bin/perl",
-        "/usr/bin/python3.11",
-        "/etc/ld.so.cache",
-    ]
-    .iter()
-    .all(|p| std::path::Path::new(p).exists());
-    if !(root && tools && host) {
-        eprintln!(
-            "skipping: needs root, strace, chroot and this machine's bash/ls/perl/python3.11"
-        );
+/// The first C string argument strace printed (escapes decoded).
+fn quoted(s: &str) -> Option<String> {
+    let start = s.find('"')?;
+    let mut out = Vec::new();
+    let mut it = s[start + 1..].bytes();
+    while let Some(c) = it.next() {
+        match c {
+            b'"' => return Some(String::from_utf8_lossy(&out).to_string()),
+            b'\\' => match it.next()? {
+                b'n' => out.push(b'\n'),
+                b't' => out.push(b'\t'),
+                b'x' => {
+                    let h = [it.next()?, it.next()?];
+                    out.push(u8::from_str_radix(std::str::from_utf8(&h).ok()?, 16).ok()?);
+                }
+                d @ b'0'..=b'7' => {
+                    // Up to three octal digits; strace writes all three when a digit follows.
+                    let mut v = u32::from(d - b'0');
+                    let rest = it.clone().take(2).collect::<Vec<u8>>();
+                    for &r in &rest {
+                        if (b'0'..=b'7').contains(&r) {
+                            v = v * 8 + u32::from(r - b'0');
+                            it.next();
+                        } else {
+                            break;
+                        }
+                    }
+                    out.push(u8::try_from(v).ok()?);
+                }
+                o => out.push(o),
+            },
+            c => out.push(c),
+        }
     }
-    root && tools && host
+    None
 }
 
 /// Files the kernel reads for an exec without an `open` the trace shows: the shebang
 /// interpreter and the ELF interpreter (from `readelf`, not from the analyzer's code).
-fn kernel_reads(root: &std::path::Path, exe: &str, out: &mut Vec<String>, depth: usize) {
+fn kernel_reads(root: &Path, exe: &str, out: &mut Vec<String>, depth: usize) {
     if depth > 4 {
         return;
     }
@@ -196,12 +531,12 @@ fn kernel_reads(root: &std::path::Path, exe: &str, out: &mut Vec<String>, depth:
             kernel_reads(root, interp, out, depth + 1);
         }
     } else if head.starts_with(b"\x7fELF") {
-        // readelf cannot follow absolute links inside the rootfs: give it the real file.
-        let real = match std::fs::canonicalize(&host) {
-            Ok(p) => p,
-            Err(_) => host.clone(),
-        };
-        let o = Command::new("readelf").arg("-lW").arg(&real).output();
+        // Absolute links inside the rootfs point at the host: resolve them in the image.
+        let real = chroot_canonical(root, exe);
+        let o = Command::new("readelf")
+            .arg("-lW")
+            .arg(root.join(real.trim_start_matches('/')))
+            .output();
         let text = o
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default();
@@ -214,69 +549,51 @@ fn kernel_reads(root: &std::path::Path, exe: &str, out: &mut Vec<String>, depth:
     }
 }
 
-/// Paths opened or executed successfully after the chroot, from `strace -f` output, and
-/// the subset that was executed.
-fn traced_paths(trace: &str) -> (Vec<String>, Vec<String>) {
-    let mut chrooted = false;
-    let mut pending: HashMap<String, (String, bool)> = HashMap::new();
-    let mut out = Vec::new();
-    let mut execs = Vec::new();
-    let first_quoted = |s: &str| -> Option<String> {
-        let a = s.find('"')?;
-        let b = s[a + 1..].find('"')?;
-        Some(s[a + 1..a + 1 + b].to_string())
-    };
-    for line in trace.lines() {
-        let (pid, rest) = line.split_once(' ').unwrap_or(("", line));
-        let rest = rest.trim_start();
-        if rest.starts_with("chroot(") && rest.trim_end().ends_with("= 0") {
-            chrooted = true;
-            continue;
-        }
-        if !chrooted {
-            continue;
-        }
-        let data_call = ["execve(", "open(", "openat(", "openat2("]
-            .iter()
-            .any(|c| rest.starts_with(c));
-        if data_call {
-            let Some(p) = first_quoted(rest) else {
-                continue;
-            };
-            if rest.ends_with("<unfinished ...>") {
-                pending.insert(pid.to_string(), (p, rest.starts_with("execve(")));
-            } else if !rest.contains("= -1") {
-                if rest.starts_with("execve(") {
-                    execs.push(p.clone());
+/// The canonical path of `p` inside the rootfs at `root` (links resolved against `root`).
+fn chroot_canonical(root: &Path, p: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = p.split('/').rev().map(str::to_string).collect();
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_str() {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            _ => {
+                let cur = root.join(parts.join("/")).join(&c);
+                match std::fs::read_link(&cur) {
+                    Ok(t) if hops < 40 => {
+                        hops += 1;
+                        let t = t.to_string_lossy().to_string();
+                        if t.starts_with('/') {
+                            parts.clear();
+                        }
+                        todo.extend(t.split('/').rev().map(str::to_string));
+                    }
+                    _ => parts.push(c),
                 }
-                out.push(p);
             }
-        } else if rest.starts_with("<... ")
-            && rest.contains("resumed>")
-            && let Some((p, exec)) = pending.remove(pid)
-            && !rest.contains("= -1")
-        {
-            if exec {
-                execs.push(p.clone());
-            }
-            out.push(p);
         }
     }
-    (out, execs)
+    format!("/{}", parts.join("/"))
 }
 
 #[derive(Default)]
 struct Row {
     name: String,
     truth_files: usize,
+    looked_up_only: usize,
     predicted_files: usize,
     hit_files: usize,
     truth_bytes: u64,
     predicted_bytes: u64,
     hit_bytes: u64,
-    analysis_ms: f64,
-    missed: Vec<String>,
-    extra: Vec<String>,
+    analysis: Duration,
+    analysis_read: u64,
+    notes: usize,
+    missed: Vec<(String, u64)>,
+    extra: Vec<(String, u64, String)>,
 }
 
 impl Row {
@@ -297,139 +614,128 @@ impl Row {
     }
 }
 
-async fn run(s: Scenario) -> Row {
-    let img = TestImage::new(vec![s.tree.layer()], 4 << 20);
-    let t0 = Instant::now();
-    let a = img.analyze(&s.config).await;
-    let analysis_ms = t0.elapsed().as_secs_f64() * 1000.0;
-
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    s.tree.materialize(&root);
-    let trace_file = dir.path().join("trace");
-    let argv = s.config.argv();
-    let out = Command::new("strace")
-        .args([
-            "-f",
-            "-qq",
-            "-e",
-            "trace=execve,open,openat,openat2,chroot",
-            "-o",
-        ])
-        .arg(&trace_file)
-        .arg(tool_path("chroot"))
-        .arg(&root)
-        .args(&argv)
-        .env_clear()
-        .envs(s.config.env.iter().filter_map(|kv| kv.split_once('=')))
-        .output()
-        .expect("running strace");
-    assert!(
-        out.status.success(),
-        "{}: the real startup failed: {}{}",
-        s.name,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let trace = std::fs::read_to_string(&trace_file).unwrap();
-    // Canonical regular files of the image that the startup read.
-    let mut truth: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut seen, execs) = traced_paths(&trace);
-    for e in &execs {
-        kernel_reads(&root, e, &mut seen, 0);
-    }
-    for p in seen {
-        if let Ok(r) = resolve(&img.view, "/", &p, true)
+/// Regular files of the image (canonical path → size) among `paths`.
+/// Empty files are left out: they hold no bytes to fetch (their entry is in the index).
+fn image_files(view: &MergedView, paths: &[String]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for p in paths {
+        if let Ok(r) = resolve(view, "/", p, true)
             && let Some((_, e)) = r.found
             && e.kind == EntryKind::File
+            && e.size > 0
         {
-            truth.insert(r.path.clone(), e.size);
+            out.insert(r.path.clone(), e.size);
         }
     }
-    let predicted: BTreeMap<String, u64> =
-        a.files.iter().map(|f| (f.path.clone(), f.size)).collect();
+    out
+}
+
+async fn run(name: &str, dir: &Path, base: &Layer, scratch: &Path) -> Row {
+    let img = dir.join(name);
+    let config = ImageConfig::from_json(&std::fs::read(img.join("config.json")).unwrap())
+        .expect("image config");
+    let ready = match std::fs::read_to_string(img.join("ready")).unwrap().trim() {
+        "listen" => Ready::Listen,
+        _ => Ready::Exit,
+    };
+    let top = index(&img.join("layer.tar.gz"));
+    let (pred, view) = predict(&[base, &top], &config).await;
+
+    let work = scratch.join(name);
+    let _ = std::fs::remove_dir_all(&work);
+    let root = work.join("root");
+    materialize(&[&base.blob, &top.blob], &root);
+    let trace_file = work.join("trace");
+    let trace = run_traced(&root, &config, ready, &trace_file);
+    let cwd = if config.working_dir.is_empty() {
+        "/"
+    } else {
+        &config.working_dir
+    };
+    let host_root = root.canonicalize().unwrap().to_string_lossy().to_string();
+    let mut t = parse_trace(&trace, &host_root, cwd);
+    for e in t.exec.clone() {
+        kernel_reads(&root, &e, &mut t.read, 0);
+    }
+    let truth = image_files(&view, &t.read);
+    let looked_up = image_files(&view, &t.looked_up);
+    let _ = std::fs::remove_dir_all(&work);
+
     let hit: BTreeSet<&String> = truth
         .keys()
-        .filter(|k| predicted.contains_key(*k))
+        .filter(|k| pred.files.contains_key(*k))
         .collect();
+    let mut missed: Vec<(String, u64)> = truth
+        .iter()
+        .filter(|(k, _)| !pred.files.contains_key(*k))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    missed.sort_by_key(|(_, s)| std::cmp::Reverse(*s));
+    let mut extra: Vec<(String, u64, String)> = pred
+        .files
+        .iter()
+        .filter(|(k, _)| !truth.contains_key(*k))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                *v,
+                pred.reasons.get(k).cloned().unwrap_or_default(),
+            )
+        })
+        .collect();
+    extra.sort_by_key(|(_, s, _)| std::cmp::Reverse(*s));
     Row {
-        name: s.name.to_string(),
+        name: name.to_string(),
         truth_files: truth.len(),
-        predicted_files: predicted.len(),
+        looked_up_only: looked_up.keys().filter(|k| !truth.contains_key(*k)).count(),
+        predicted_files: pred.files.len(),
         hit_files: hit.len(),
         truth_bytes: truth.values().sum(),
-        predicted_bytes: predicted.values().sum(),
+        predicted_bytes: pred.files.values().sum(),
         hit_bytes: hit.iter().map(|k| truth[*k]).sum(),
-        analysis_ms,
-        missed: truth
-            .keys()
-            .filter(|k| !predicted.contains_key(*k))
-            .cloned()
-            .collect(),
-        extra: predicted
-            .iter()
-            .filter(|(k, _)| !truth.contains_key(*k))
-            .map(|(k, v)| format!("{k} ({v} bytes)"))
-            .collect(),
+        analysis: pred.analysis,
+        analysis_read: pred.bytes_read,
+        notes: pred.notes,
+        missed,
+        extra,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn startup_prediction_against_real_startups() {
-    if !usable() {
-        return;
-    }
+async fn startup_plans_against_real_debian_startups() {
+    require_tools();
+    let t0 = Instant::now();
+    let dir = debian_images();
+    let images_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let base = index(&dir.join("base.tar.gz"));
+    let index_s = t1.elapsed().as_secs_f64();
+    let scratch = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
-    for s in scenarios() {
-        rows.push(run(s).await);
+    for name in IMAGES {
+        rows.push(run(name, &dir, &base, scratch.path()).await);
     }
+    println!(
+        "\nimages: {} (ready in {images_s:.1}s{}); base layer indexed in {index_s:.1}s",
+        dir.display(),
+        std::fs::read_to_string(dir.join("build-seconds"))
+            .map(|s| format!(", built cold in {}s", s.trim()))
+            .unwrap_or_default()
+    );
     report(&rows);
 }
 
-/// The JVM (java -version on Debian's OpenJDK 17: libjvm, CDS archive, lib/modules, jvm.cfg,
-/// security and conf files via /etc/java-17-openjdk links).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jvm_prediction_against_a_real_startup() {
-    let home = "/usr/lib/jvm/java-17-openjdk-amd64";
-    if !usable() || !std::path::Path::new(&format!("{home}/bin/java")).exists() {
-        eprintln!("skipping: no OpenJDK 17 at {home}");
-        return;
-    }
-    let mut t = base(&[], &[]);
-    for l in host_libs(&format!("{home}/bin/java"))
-        .into_iter()
-        .chain(host_libs(&format!("{home}/lib/server/libjvm.so")))
-    {
-        t.add(&l);
-    }
-    t.add_tree(home, &["jmods", "include", "man", "legal", "docs"]);
-    t.add_tree("/etc/java-17-openjdk", &[]);
-    t.add("/etc/ssl/certs/java/cacerts");
-    let cfg = config(
-        &[&format!("{home}/bin/java")],
-        &["-version"],
-        // A bare chroot has no /proc, so the loader cannot expand $ORIGIN (java's RUNPATH
-        // to libjli): name the directory explicitly (the analyzer honors it too).
-        &[
-            "PATH=/usr/bin:/bin",
-            "LD_LIBRARY_PATH=/usr/lib/jvm/java-17-openjdk-amd64/lib",
-        ],
-        "/",
-    );
-    let row = run(Scenario {
-        name: "java -version (JDK 17)",
-        tree: t,
-        config: cfg,
-    })
-    .await;
-    report(&[row]);
-}
-
 fn report(rows: &[Row]) {
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     println!(
-        "\n{:<26} {:>6} {:>6} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>9}",
+        "\n{:<8} {:>6} {:>6} {:>6} {:>8} {:>8} {:>11} {:>11} {:>8} {:>8} {:>10}",
         "image",
         "truth",
+        "stat",
         "pred",
         "f-recall",
         "f-prec",
@@ -437,13 +743,14 @@ fn report(rows: &[Row]) {
         "pred-B",
         "b-recall",
         "b-prec",
-        "analysis"
+        format!("analysis({build})"),
     );
     for r in rows {
         println!(
-            "{:<26} {:>6} {:>6} {:>7.1}% {:>7.1}% {:>10} {:>10} {:>7.1}% {:>7.1}% {:>7.1}ms",
+            "{:<8} {:>6} {:>6} {:>6} {:>7.1}% {:>7.1}% {:>11} {:>11} {:>7.1}% {:>7.1}% {:>10.0}ms",
             r.name,
             r.truth_files,
+            r.looked_up_only,
             r.predicted_files,
             r.file_recall() * 100.0,
             r.file_precision() * 100.0,
@@ -451,13 +758,29 @@ fn report(rows: &[Row]) {
             r.predicted_bytes,
             r.byte_recall() * 100.0,
             r.byte_precision() * 100.0,
-            r.analysis_ms
+            r.analysis.as_secs_f64() * 1000.0,
         );
-        for m in &r.missed {
-            println!("    missed: {m}");
+    }
+    println!(
+        "(truth: files opened for reading or executed; stat: files only looked up, not counted; \
+         analysis: merged view + analysis + plan, {build} build)"
+    );
+    for r in rows {
+        println!(
+            "\n{}: analysis read {} bytes of the image, {} notes",
+            r.name, r.analysis_read, r.notes
+        );
+        for (p, s) in r.missed.iter().take(25) {
+            println!("    missed:   {p} ({s} bytes)");
         }
-        for m in &r.extra {
-            println!("    not read: {m}");
+        if r.missed.len() > 25 {
+            println!("    missed:   ... {} more", r.missed.len() - 25);
+        }
+        for (p, s, why) in r.extra.iter().take(25) {
+            println!("    not read: {p} ({s} bytes; {why})");
+        }
+        if r.extra.len() > 25 {
+            println!("    not read: ... {} more", r.extra.len() - 25);
         }
     }
     for r in rows {
@@ -475,4 +798,27 @@ fn report(rows: &[Row]) {
             r.byte_precision()
         );
     }
+}
+
+#[test]
+fn trace_parsing() {
+    let trace = r#"100 openat(AT_FDCWD</>, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3</host/etc/ld.so.cache>
+100 chroot("/r") = 0
+100 execve("/usr/local/bin/x", ["x"], 0x7ffd /* 3 vars */) = -1 ENOENT (No such file or directory)
+100 execve("/usr/bin/x", ["x"], 0x7ffd /* 3 vars */) = 0
+100 openat(AT_FDCWD</r/app>, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3</r/etc/ld.so.cache>
+101 openat(AT_FDCWD</r/app>, "lib/a.js", O_RDONLY|O_CLOEXEC <unfinished ...>
+100 newfstatat(3</r/usr/lib>, "b.so", {st_mode=S_IFREG|0644, st_size=1, ...}, 0) = 0
+101 <... openat resumed>) = 4</r/app/lib/a.js>
+100 openat(AT_FDCWD</r/app>, "/var/log/x.log", O_WRONLY|O_CREAT|O_APPEND, 0644) = 5</r/var/log/x.log>
+100 openat(AT_FDCWD</r/app>, "rel\"q\303\251", O_RDONLY) = -1 ENOENT (No such file or directory)
+100 access("/etc/x", R_OK) = 0
+100 +++ exited with 0 +++
+"#;
+    let t = parse_trace(trace, "/r", "/app");
+    assert_eq!(t.read, ["/usr/bin/x", "/etc/ld.so.cache", "/app/lib/a.js"]);
+    assert_eq!(t.exec, ["/usr/bin/x"]);
+    assert_eq!(t.looked_up, ["/usr/lib/b.so", "/etc/x"]);
+    assert_eq!(quoted(r#"x, "a\"b\303\251\n""#).as_deref(), Some("a\"bé\n"));
+    assert_eq!(fd_path("3</a b/c>"), Some("/a b/c".into()));
 }

@@ -540,18 +540,45 @@ impl<R: FileReader> Ctx<'_, R> {
         let Some(tab_off) = d.strtab_vaddr.and_then(|v| seg.file_offset(v)) else {
             return Err("no string table for the dynamic section".into());
         };
-        let tab_len = d.strsz.min(elf::MAX_STRTAB);
-        let tab = self
-            .read(obj, tab_off, tab_len)
-            .await
-            .ok_or("unreadable string table")?;
-        info.needed = d
-            .needed
-            .iter()
-            .filter_map(|&o| elf::strtab_str(&tab, o))
-            .collect();
-        let split = |o: Option<u64>| -> Vec<String> {
-            o.and_then(|o| elf::strtab_str(&tab, o))
+        // A small table is read whole; a large one (C++ libraries carry megabytes of
+        // symbol names) only where the wanted strings are.
+        let whole_tab = if d.strsz <= elf::MAX_STRTAB {
+            Some(
+                self.read(obj, tab_off, d.strsz)
+                    .await
+                    .ok_or("unreadable string table")?,
+            )
+        } else {
+            None
+        };
+        let mut strings = Vec::with_capacity(d.needed.len() + 2);
+        for o in d.needed.iter().chain(&d.rpath).chain(&d.runpath) {
+            let s = match &whole_tab {
+                Some(tab) => elf::strtab_str(tab, *o),
+                None if *o < d.strsz => {
+                    let len = (d.strsz - o).min(elf::MAX_DYN_STRING);
+                    match tab_off.checked_add(*o) {
+                        Some(at) => self
+                            .read(obj, at, len)
+                            .await
+                            .and_then(|b| elf::strtab_str(&b, 0)),
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            if s.is_none() {
+                self.note(
+                    &obj.path,
+                    &format!("dynamic string at offset {o} unreadable; entry skipped"),
+                );
+            }
+            strings.push(s);
+        }
+        let n = d.needed.len();
+        info.needed = strings.iter().take(n).flatten().cloned().collect();
+        let split = |s: Option<&Option<String>>| -> Vec<String> {
+            s.and_then(|s| s.as_deref())
                 .map(|s| {
                     s.split(':')
                         .filter(|d| !d.is_empty())
@@ -560,8 +587,13 @@ impl<R: FileReader> Ctx<'_, R> {
                 })
                 .unwrap_or_default()
         };
-        info.rpath = split(d.rpath);
-        info.runpath = split(d.runpath);
+        let mut rest = strings.iter().skip(n);
+        if d.rpath.is_some() {
+            info.rpath = split(rest.next());
+        }
+        if d.runpath.is_some() {
+            info.runpath = split(rest.next());
+        }
         Ok(info)
     }
 

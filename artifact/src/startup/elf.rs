@@ -11,6 +11,8 @@ const MAX_PHNUM: u64 = 512;
 pub const MAX_DYNAMIC: u64 = 64 * 1024;
 /// Largest dynamic string table read.
 pub const MAX_STRTAB: u64 = 1024 * 1024;
+/// Longest single string (library name, search path) read from a larger table.
+pub const MAX_DYN_STRING: u64 = 4096;
 /// Longest interpreter path.
 const MAX_INTERP: u64 = 4096;
 

@@ -21,6 +21,7 @@ pub(super) fn rule_for(argv0: &str, resolved: &str) -> Option<&'static str> {
             "sh" | "bash" | "dash" | "ash" | "zsh" | "ksh" | "mksh" => Some("shell"),
             "java" => Some("jvm"),
             "node" | "nodejs" => Some("node"),
+            "nginx" => Some("nginx"),
             n if n == "python" || (n.starts_with("python") && python_version(n).is_some()) => {
                 Some("python")
             }
@@ -73,6 +74,7 @@ impl<R: FileReader> Ctx<'_, R> {
                 self.runtimes.insert("node");
                 self.rule_node(x).await
             }
+            Some("nginx") => self.rule_nginx(x).await,
             _ => {}
         }
     }
@@ -542,6 +544,11 @@ impl<R: FileReader> Ctx<'_, R> {
                 }
             }
         }
+        // Debian builds node with some builtins read from files at startup instead of
+        // compiled in (configure --shared-builtin-*-path).
+        for f in NODE_SHARED_BUILTINS {
+            self.add_opt("/", f, FileClass::Runtime, "node shared builtin (Debian)");
+        }
         let mut work: VecDeque<String> = VecDeque::new();
         if let Some(e) = &entry {
             match self.node_resolve(&x.cwd, e).await {
@@ -605,6 +612,64 @@ impl<R: FileReader> Ctx<'_, R> {
                 {
                     self.add(&m, FileClass::Runtime, &format!("required by {file}"));
                     work.push_back(m.path.clone());
+                }
+            }
+        }
+    }
+
+    /// nginx: its configuration (`-c`, else the Debian default) with every `include`, and
+    /// the dynamic modules it loads (`load_module`) with their ELF closure.
+    async fn rule_nginx(&mut self, x: &Exec) {
+        let args = x.argv.get(1..).unwrap_or_default();
+        let mut prefix = NGINX_PREFIX.to_string();
+        let mut conf = None;
+        let mut i = 0;
+        while let Some(a) = args.get(i) {
+            match a.as_str() {
+                "-c" => conf = args.get(i + 1).cloned(),
+                "-p" => prefix = args.get(i + 1).cloned().unwrap_or(prefix),
+                _ => {}
+            }
+            i += 1;
+        }
+        let conf = conf.unwrap_or_else(|| NGINX_CONF.to_string());
+        let conf = lexical_join(&prefix, &conf);
+        let mut work = VecDeque::from([conf.clone()]);
+        let mut seen = HashSet::new();
+        while let Some(p) = work.pop_front() {
+            if seen.len() >= MAX_MODULES || !seen.insert(p.clone()) {
+                continue;
+            }
+            let Some(h) = self.add_opt("/", &p, FileClass::Runtime, "nginx configuration") else {
+                if p == conf {
+                    self.note(&p, "nginx configuration not found");
+                }
+                continue;
+            };
+            let Some(b) = self.read(&h, 0, MAX_SCRIPT).await else {
+                continue;
+            };
+            // Includes are relative to the main file's directory; modules to the prefix.
+            for (directive, arg) in nginx_directives(&String::from_utf8_lossy(&b)) {
+                match directive.as_str() {
+                    "include" => {
+                        let pat = lexical_join(parent(&conf), &arg);
+                        let files = if arg.contains(['*', '?']) {
+                            self.glob(&pat)
+                        } else {
+                            vec![pat]
+                        };
+                        work.extend(files.into_iter().take(MAX_MODULES));
+                    }
+                    "load_module" => {
+                        let m = lexical_join(&prefix, &arg);
+                        if let Some(h) =
+                            self.add_opt("/", &m, FileClass::Library, "nginx load_module")
+                        {
+                            self.elf_closure(&h, "nginx module").await;
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -728,6 +793,30 @@ impl<R: FileReader> Ctx<'_, R> {
                 "read by the container runtime (user and groups)",
             );
         }
+        // Cyrus SASL loads every plugin of its plugin directory when initialized.
+        let sasl = self
+            .loaded
+            .iter()
+            .any(|l| basename(l).starts_with("libsasl2.so"));
+        if sasl
+            && let Some(abi) = self.abi
+            && let Some(t) = super::elf::multiarch(abi.1, abi.0)
+        {
+            for p in self
+                .glob(&format!("/usr/lib/{t}/sasl2/*.so*"))
+                .into_iter()
+                .take(64)
+            {
+                if let Some(h) = self.add_opt(
+                    "/",
+                    &p,
+                    FileClass::Library,
+                    "SASL plugin (loaded by libsasl2)",
+                ) {
+                    self.elf_closure(&h, "SASL plugin").await;
+                }
+            }
+        }
         // TLS: OpenSSL/GnuTLS in the closure or a certificate file named by the env.
         let tls = self.loaded.iter().any(|l| {
             let b = basename(l);
@@ -778,6 +867,18 @@ impl<R: FileReader> Ctx<'_, R> {
         .iter()
         .filter_map(|k| self.env.get(*k).cloned())
         .find(|v| !v.is_empty() && v != "C" && v != "POSIX");
+        if locale.is_some()
+            && let Some(abi) = self.abi
+            && let Some(t) = super::elf::multiarch(abi.1, abi.0)
+        {
+            // glibc's iconv (codec lookups of a UTF-8 locale) reads its module cache.
+            self.add_opt(
+                "/",
+                &format!("/usr/lib/{t}/gconv/gconv-modules.cache"),
+                sys,
+                "iconv module cache (locale set)",
+            );
+        }
         if let Some(loc) = locale
             && self
                 .add_opt("/", "/usr/lib/locale/locale-archive", sys, "locale archive")
@@ -829,6 +930,41 @@ struct PyModules {
 
 /// Module names imported at module level (and in top-level `try`/`if` blocks); `all`
 /// takes indented imports too (for the main script, whose functions are likely called).
+/// Files Debian's node reads its shared builtins from.
+const NODE_SHARED_BUILTINS: &[&str] = &[
+    "/usr/share/nodejs/cjs-module-lexer/lexer.js",
+    "/usr/share/nodejs/cjs-module-lexer/dist/lexer.js",
+    "/usr/share/nodejs/undici/undici-fetch.js",
+    "/usr/share/nodejs/acorn/dist/acorn.js",
+    "/usr/share/nodejs/acorn-walk/dist/walk.js",
+];
+
+/// nginx's compiled-in prefix and configuration file on Debian (and nginx.org builds).
+const NGINX_PREFIX: &str = "/usr/share/nginx";
+const NGINX_CONF: &str = "/etc/nginx/nginx.conf";
+
+/// `include` and `load_module` directives of an nginx configuration, with their argument
+/// (comments and quotes stripped). Other directives are skipped.
+pub(super) fn nginx_directives(conf: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in conf.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        for stmt in line.split([';', '{', '}']) {
+            let mut words = stmt.split_whitespace();
+            let (Some(d), Some(arg)) = (words.next(), words.next()) else {
+                continue;
+            };
+            if d == "include" || d == "load_module" {
+                let arg = arg.trim_matches(['"', '\'']);
+                if !arg.is_empty() && out.len() < 1024 {
+                    out.push((d.to_string(), arg.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
 pub(super) fn python_imports(src: &str, all: bool) -> Vec<String> {
     let mut out = Vec::new();
     let mut block_ok = true;
@@ -1037,6 +1173,22 @@ mod tests {
             assert!(r.contains(&want.to_string()), "{want} in {r:?}");
         }
         assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn nginx_scan() {
+        let conf = "user www-data;\nload_module modules/ngx_stream.so; # x\nhttp {\n  include /etc/nginx/mime.types;\n  include \"conf.d/*.conf\";\n  # include nope;\n}\n";
+        assert_eq!(
+            nginx_directives(conf),
+            vec![
+                (
+                    "load_module".to_string(),
+                    "modules/ngx_stream.so".to_string()
+                ),
+                ("include".to_string(), "/etc/nginx/mime.types".to_string()),
+                ("include".to_string(), "conf.d/*.conf".to_string()),
+            ]
+        );
     }
 
     #[test]
