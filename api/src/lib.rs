@@ -65,7 +65,7 @@ pub struct Knobs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 65536, max = 67108864))]
     pub span_size: Option<u64>,
-    /// Most bytes the startup plan asks a node to prefetch first; 512 MiB when absent.
+    /// Most bytes the startup plan asks a node to prefetch first; 256 MiB when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 68719476736_u64))]
     pub prefetch_budget: Option<u64>,
@@ -247,6 +247,11 @@ pub struct AcceleratedImageStatus {
     pub last_attempt_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The owning policies when the last attempt started, `uid=generation` pairs, sorted and
+    /// comma-separated. When they differ from the current owners (a policy changed, or one was
+    /// added), a Failed image is retried at once with its backoff reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_generations: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -58,6 +58,22 @@ async fn apply_status(
     Ok(())
 }
 
+/// `uid=generation` of each policy, sorted, comma-separated: what a build attempt was made for.
+fn owner_generations(policies: &[Arc<AccelerationPolicy>]) -> String {
+    let mut v: Vec<String> = policies
+        .iter()
+        .map(|p| {
+            format!(
+                "{}={}",
+                p.metadata.uid.as_deref().unwrap_or_default(),
+                p.metadata.generation.unwrap_or_default()
+            )
+        })
+        .collect();
+    v.sort();
+    v.join(",")
+}
+
 /// The registry host of `registry/repository`.
 fn registry_host(image: &str) -> &str {
     image.split('/').next().unwrap_or(image)
@@ -91,6 +107,18 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     }
     let s = &ctx.build;
+    let owner_generations = owner_generations(&owner_policies);
+    let mut prev = prev;
+    if prev.phase == Phase::Failed && prev.owner_generations.as_ref() != Some(&owner_generations) {
+        // The owners changed (new credentials, a new owner...): the failure may be gone, so
+        // retry now with a fresh backoff.
+        info!(
+            attempts = prev.attempts,
+            "owning policies changed; retrying a failed build"
+        );
+        prev.attempts = 0;
+        prev.last_attempt_time = None;
+    }
     if prev.phase == Phase::Failed {
         if prev.attempts >= s.max_attempts {
             return Ok(Action::await_change());
@@ -125,6 +153,7 @@ pub async fn reconcile(
         attempts,
         last_attempt_time: Some(now()),
         observed_generation: img.metadata.generation,
+        owner_generations: Some(owner_generations.clone()),
         ..prev.clone()
     };
     st.conditions = vec![condition(
@@ -230,6 +259,7 @@ pub async fn reconcile(
                 attempts,
                 last_attempt_time: st.last_attempt_time.clone(),
                 last_error: None,
+                owner_generations: Some(owner_generations),
                 conditions: vec![condition(
                     &st.conditions,
                     "Ready",
@@ -293,5 +323,20 @@ mod tests {
         assert_eq!(backoff(b, m, 4), Duration::from_secs(80));
         assert_eq!(backoff(b, m, 30), m);
         assert_eq!(registry_host("127.0.0.1:5000/a/b"), "127.0.0.1:5000");
+    }
+
+    #[test]
+    fn owner_generations_change_with_a_new_generation_or_owner() {
+        let p = |uid: &str, generation: i64| {
+            let mut p = AccelerationPolicy::new("p", Default::default());
+            p.metadata.uid = Some(uid.into());
+            p.metadata.generation = Some(generation);
+            Arc::new(p)
+        };
+        let a = owner_generations(&[p("b", 1), p("a", 2)]);
+        assert_eq!(a, "a=2,b=1");
+        assert_eq!(a, owner_generations(&[p("a", 2), p("b", 1)]));
+        assert_ne!(a, owner_generations(&[p("a", 3), p("b", 1)]));
+        assert_ne!(a, owner_generations(&[p("a", 2)]));
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use talaria_api::{ArtifactRef, Profile};
 use talaria_artifact::artifact::{self, Knobs};
-use talaria_artifact::auth::Credentials;
+use talaria_artifact::auth::{Credential, Credentials};
 use talaria_artifact::build::{BuildOptions, BuildSummary, build};
 use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig};
 use talaria_artifact::source::BoxFuture;
@@ -140,8 +140,22 @@ impl Clients {
     }
 }
 
-/// (reference, platforms).
-type CacheKey = (String, Vec<String>);
+/// (reference, platforms, fingerprint of the credentials for the reference's host): what one
+/// set of credentials could resolve is never served to a caller with other credentials.
+type CacheKey = (String, Vec<String>, String);
+
+/// A SHA-256 of the credential `creds` hold for `reference`'s registry (the secret itself is
+/// never kept in the cache).
+fn credential_fingerprint(reference: &str, creds: &Credentials) -> String {
+    use sha2::{Digest as _, Sha256};
+    let host = reference.split('/').next().unwrap_or(reference);
+    let text = match creds.get(host) {
+        Credential::Anonymous => return String::new(),
+        Credential::Basic { username, password } => format!("basic\0{username}\0{password}"),
+        Credential::Bearer(t) => format!("bearer\0{t}"),
+    };
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
 /// When resolved, and the outcome.
 type Cached = (Instant, Result<Resolution, String>);
 
@@ -274,7 +288,11 @@ impl Resolver for RegistryResolver {
         credentials: &'a Credentials,
     ) -> BoxFuture<'a, Result<Resolution, String>> {
         Box::pin(async move {
-            let key = (reference.to_string(), platforms.to_vec());
+            let key = (
+                reference.to_string(),
+                platforms.to_vec(),
+                credential_fingerprint(reference, credentials),
+            );
             if let Some(r) = self.cached(&key) {
                 return r;
             }
@@ -376,5 +394,36 @@ impl ArtifactBuilder for RegistryBuilder {
                 adopted,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_fingerprints_differ_by_credential_not_by_other_hosts() {
+        let none = Credentials::new();
+        let mut a = Credentials::new();
+        a.insert(
+            "r.io:5000",
+            Credential::Basic {
+                username: "u".into(),
+                password: "p".into(),
+            },
+        );
+        let mut b = Credentials::new();
+        b.insert(
+            "r.io:5000",
+            Credential::Basic {
+                username: "u".into(),
+                password: "q".into(),
+            },
+        );
+        let r = "r.io:5000/team/app:v1";
+        assert_eq!(credential_fingerprint(r, &none), "");
+        assert_ne!(credential_fingerprint(r, &a), "");
+        assert_ne!(credential_fingerprint(r, &a), credential_fingerprint(r, &b));
+        assert_eq!(credential_fingerprint("other.io/x:1", &a), "");
     }
 }

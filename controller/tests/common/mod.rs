@@ -124,3 +124,55 @@ pub fn init_logs() {
         .with_test_writer()
         .try_init();
 }
+
+/// The `talaria` CLI binary (package talaria-cli), built once per test process with the cargo
+/// that runs the tests, into the same target dir. Integration tests of another package cannot
+/// name its binary, so cargo reports where it is (`--message-format json`).
+pub fn talaria_cli() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = std::process::Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "talaria-cli",
+                "--bin",
+                "talaria",
+                "--message-format",
+                "json-render-diagnostics",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running cargo build -p talaria-cli");
+        assert!(out.status.success(), "building talaria-cli failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "talaria")
+            .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+            .expect("cargo names the talaria executable")
+    })
+    .clone()
+}
+
+/// Runs `talaria -o json inspect IMAGE` with extra global flags; returns its JSON output.
+pub fn talaria_inspect(image: &str, flags: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(talaria_cli())
+        .args(["--output", "json"])
+        .args(flags)
+        .args(["inspect", image])
+        .env("HOME", std::env::temp_dir())
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("TALARIA_DOCKER_CONFIG")
+        .output()
+        .expect("running talaria inspect");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "talaria inspect {image} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("inspect output is not JSON ({e}): {stdout}"))
+}
