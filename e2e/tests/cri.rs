@@ -146,3 +146,27 @@ async fn pull_and_run_busybox_through_cri_on_overlayfs() {
     );
     eprintln!("total {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn dropping_the_environment_kills_its_pods_and_containers() {
+    let env = CriContainerd::start(CriOptions::default()).expect("start containerd with CRI");
+    let cri = env.client().await.expect("CRI client");
+    let pod = cri.run_pod("left-running").await.expect("RunPodSandbox");
+    // The sandbox image is local (no registry needed) and has `sleep`.
+    let image = env.sandbox_image().to_string();
+    let running = cri
+        .start_container(&pod, "sleeper", &image, &["/bin/sleep", "3600"])
+        .await
+        .expect("start a container from the sandbox image");
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{}", running.pid));
+    assert!(proc_dir.exists(), "container init {proc_dir:?} runs");
+    let dir = env.containerd().dir().to_path_buf();
+    drop(env);
+    // The init may linger briefly as a zombie of its reaped shim; it must be gone soon.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proc_dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!proc_dir.exists(), "{proc_dir:?} outlived the environment");
+    assert!(!dir.exists(), "{dir:?} was not removed");
+}
