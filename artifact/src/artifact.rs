@@ -136,6 +136,17 @@ pub struct PlanEntry {
     /// Span numbers of the layer index holding the file's bytes.
     pub spans: Vec<u32>,
     pub priority: u32,
+    /// Bytes of the file the plan fetches (0 in plans written before this field).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+    /// Why the file is in the plan, briefly ("entrypoint", "interp", "needed by libc.so.6",
+    /// "jvm rule", "nss", ...); empty in plans written before this field.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One index blob of an artifact.

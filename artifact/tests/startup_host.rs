@@ -154,7 +154,40 @@ async fn plan_maps_files_to_spans_within_budget() {
         let last = ix.span_for(f.data_offset + f.size - 1) as u32;
         assert_eq!(e.spans, (first..=last).collect::<Vec<_>>(), "{}", e.path);
         assert_eq!(e.priority, f.class as u32);
+        // Whole files: the planned bytes are the file's; every entry says why, briefly.
+        assert_eq!(e.bytes, f.size, "{}", e.path);
+        assert!(
+            !e.reason.is_empty() && e.reason.len() <= 64,
+            "{}: {:?}",
+            e.path,
+            e.reason
+        );
     }
+    let reason = |p: &str| {
+        plan.entries
+            .iter()
+            .find(|e| e.path == p)
+            .map(|e| e.reason.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(reason(&host_real("/bin/bash")), "entrypoint");
+    assert_eq!(reason(&host_real("/lib64/ld-linux-x86-64.so.2")), "interp");
+    assert_eq!(
+        reason(&host_real("/lib/x86_64-linux-gnu/libtinfo.so.6")),
+        "needed by bash"
+    );
+    // Plans written before `bytes` and `reason` existed still parse; the new fields
+    // round-trip.
+    let old: talaria_artifact::artifact::StartupPlan = serde_json::from_str(
+        r#"{"version":1,"profile":"startup-local-v1","prefetch_budget":1,"paths":[],
+            "entries":[{"layer":0,"path":"/bin/sh","spans":[0],"priority":0}]}"#,
+    )
+    .expect("an old plan parses");
+    assert_eq!(old.entries[0].bytes, 0);
+    assert_eq!(old.entries[0].reason, "");
+    let again: talaria_artifact::artifact::StartupPlan =
+        serde_json::from_slice(&serde_json::to_vec(&plan).unwrap()).unwrap();
+    assert_eq!(again, plan);
     assert!(
         plan.entries
             .windows(2)

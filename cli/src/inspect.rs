@@ -52,7 +52,7 @@ pub async fn run(g: &GlobalArgs, image: &str) -> CliResult<()> {
                 "artifactStore": stores.artifacts.name(),
                 "artifacts": arts,
                 "nodeWouldUse": chosen.as_ref().map(|a| a.descriptor.digest.clone()),
-                "plan": plan.as_ref().map(|p| json!({"files": p.entries.len(), "paths": p.paths, "prefetchBudget": p.prefetch_budget})),
+                "plan": plan.as_ref().map(|p| json!({"files": p.entries.len(), "paths": p.paths, "prefetchBudget": p.prefetch_budget, "entries": p.entries})),
             });
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         }
@@ -118,16 +118,43 @@ pub async fn run(g: &GlobalArgs, image: &str) -> CliResult<()> {
                 ),
             }
             if let Some(p) = &plan {
-                println!(
-                    "plan       {} files, {} path patterns, prefetch budget {}",
-                    p.entries.len(),
-                    p.paths.len(),
-                    human(p.prefetch_budget)
-                );
+                print_plan(p);
             }
         }
     }
     Ok(())
+}
+
+/// Plan entries listed in text output (JSON lists them all).
+const PLAN_LINES: usize = 50;
+
+fn print_plan(p: &StartupPlan) {
+    let bytes: u64 = p.entries.iter().map(|e| e.bytes).sum();
+    let spans: usize = p.entries.iter().map(|e| e.spans.len()).sum();
+    println!(
+        "plan       {} files, {}, {spans} spans, {} path patterns, prefetch budget {}",
+        p.entries.len(),
+        human(bytes),
+        p.paths.len(),
+        human(p.prefetch_budget)
+    );
+    for e in p.entries.iter().take(PLAN_LINES) {
+        let why = if e.reason.is_empty() { "-" } else { &e.reason };
+        println!(
+            "  p{} L{:<2} {:>4} spans {:>10}  {}  ({why})",
+            e.priority,
+            e.layer,
+            e.spans.len(),
+            human(e.bytes),
+            e.path
+        );
+    }
+    if p.entries.len() > PLAN_LINES {
+        println!(
+            "  ... {} more (--output json lists all)",
+            p.entries.len() - PLAN_LINES
+        );
+    }
 }
 
 async fn load_plan(store: &dyn Store, digest: &str) -> Option<StartupPlan> {

@@ -78,6 +78,12 @@ pub fn build_plan(
                 .map(|s| u32::try_from(s).unwrap_or(u32::MAX))
                 .collect(),
             priority: f.class as u32,
+            bytes: f.ranges.iter().map(|r| r.len).sum(),
+            reason: f
+                .reasons
+                .first()
+                .map(|r| short_reason(r))
+                .unwrap_or_default(),
         });
     }
     StartupPlan {
@@ -87,6 +93,72 @@ pub fn build_plan(
         paths: path_patterns(analysis),
         entries,
     }
+}
+
+/// Longest reason kept in a plan entry.
+const MAX_REASON: usize = 64;
+
+/// A plan entry's reason: the analyzer's first reason for the file, shortened to what a
+/// reader of `talaria inspect` needs ("needed by libssl.so.3", "jvm rule", "nss", ...).
+pub fn short_reason(reason: &str) -> String {
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    // `<prefix> X ...`: the basename of the path after the prefix.
+    let after = |prefix: &str| -> Option<String> {
+        let rest = reason.strip_prefix(prefix)?;
+        let p = rest.split([' ', ')', ':']).next().unwrap_or(rest);
+        Some(base(p))
+    };
+    let r = if reason.starts_with("entrypoint") {
+        "entrypoint".to_string()
+    } else if reason.starts_with("PT_INTERP") {
+        "interp".to_string()
+    } else if reason.starts_with("interpreter of") {
+        "interp (shebang)".to_string()
+    } else if reason.contains("has no shebang") {
+        "interp (no shebang: sh)".to_string()
+    } else if reason.starts_with("read by the dynamic loader") {
+        "ld.so".to_string()
+    } else if let Some(rest) = reason.strip_prefix("DT_NEEDED ") {
+        match rest.split_once(" of ") {
+            Some((_, of)) => format!("needed by {}", base(of)),
+            None => "needed".to_string(),
+        }
+    } else if reason.starts_with("JVM") {
+        "jvm rule".to_string()
+    } else if reason.starts_with("application jar") || reason.starts_with("class path jar") {
+        "app jar".to_string()
+    } else if let Some(b) = after("imported by ") {
+        format!("imported by {b}")
+    } else if let Some(b) = after("required by ") {
+        format!("required by {b}")
+    } else if let Some(b) = after("run by script ") {
+        format!("run by {b}")
+    } else if reason.starts_with("node") || reason.starts_with("package.json") {
+        "node rule".to_string()
+    } else if reason.starts_with("nginx") {
+        "nginx rule".to_string()
+    } else if reason.starts_with("site .pth") {
+        "python site".to_string()
+    } else if reason.starts_with("NSS") {
+        "nss".to_string()
+    } else if reason.starts_with("user and name lookups") {
+        "name lookups".to_string()
+    } else if reason.starts_with("read by the container runtime") {
+        "user and groups".to_string()
+    } else if reason.starts_with("TLS") || reason.starts_with("SSL_CERT_FILE") {
+        "tls".to_string()
+    } else if reason.contains("zone") {
+        "time zone".to_string()
+    } else if reason.starts_with("locale") || reason.starts_with("iconv") {
+        "locale".to_string()
+    } else if reason.starts_with("SASL") {
+        "sasl plugin".to_string()
+    } else if reason.starts_with("sourced") {
+        "sourced by script".to_string()
+    } else {
+        reason.to_string()
+    };
+    r.chars().take(MAX_REASON).collect()
 }
 
 /// The normalized startup path patterns: absolute paths of the files and links, sorted;
@@ -115,4 +187,36 @@ pub fn path_patterns(analysis: &Analysis) -> Vec<String> {
     out.sort();
     out.truncate(MAX_PATTERNS);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_reason;
+
+    #[test]
+    fn short_reasons() {
+        for (long, short) in [
+            ("entrypoint: python3", "entrypoint"),
+            ("PT_INTERP of /usr/bin/x (entrypoint (x))", "interp"),
+            (
+                "DT_NEEDED libz.so.1 of /usr/lib/x86_64-linux-gnu/libnode.so.108",
+                "needed by libnode.so.108",
+            ),
+            ("JVM startup (/usr/lib/jvm/j)", "jvm rule"),
+            (
+                "imported by /usr/lib/python3.11/site.py",
+                "imported by site.py",
+            ),
+            ("run by script /app/run.sh: ls", "run by run.sh"),
+            ("NSS service library", "nss"),
+            (
+                "interpreter of /app/x.sh (shebang): /bin/sh",
+                "interp (shebang)",
+            ),
+        ] {
+            assert_eq!(short_reason(long), short, "{long}");
+        }
+        let odd = "x".repeat(500);
+        assert_eq!(short_reason(&odd).len(), 64);
+    }
 }
