@@ -110,7 +110,7 @@ struct Prediction {
     reasons: BTreeMap<String, String>,
     analysis: Duration,
     bytes_read: u64,
-    notes: usize,
+    notes: Vec<String>,
 }
 
 /// The analyzer's part of `talaria build`: merged view, analysis through ranged reads of the
@@ -173,7 +173,11 @@ async fn predict(layers: &[&Layer], config: &ImageConfig) -> (Prediction, Merged
         reasons,
         analysis: elapsed,
         bytes_read: analysis.bytes_read,
-        notes: analysis.notes.len(),
+        notes: analysis
+            .notes
+            .iter()
+            .map(|n| format!("{}: {}", n.subject, n.message))
+            .collect(),
     };
     (p, view)
 }
@@ -591,7 +595,7 @@ struct Row {
     hit_bytes: u64,
     analysis: Duration,
     analysis_read: u64,
-    notes: usize,
+    notes: Vec<String>,
     missed: Vec<(String, u64)>,
     extra: Vec<(String, u64, String)>,
 }
@@ -768,8 +772,13 @@ fn report(rows: &[Row]) {
     for r in rows {
         println!(
             "\n{}: analysis read {} bytes of the image, {} notes",
-            r.name, r.analysis_read, r.notes
+            r.name,
+            r.analysis_read,
+            r.notes.len()
         );
+        for n in r.notes.iter().take(10) {
+            println!("    note:     {n}");
+        }
         for (p, s) in r.missed.iter().take(25) {
             println!("    missed:   {p} ({s} bytes)");
         }
