@@ -232,8 +232,12 @@ impl CriContainerd {
         let d = self.dir.path().join("hosts").join(host);
         std::fs::create_dir_all(&d).map_err(|e| io_err(format!("creating {}", d.display()), e))?;
         let file = d.join("hosts.toml");
-        std::fs::write(&file, format!("server = \"http://{host}\"\n"))
-            .map_err(|e| io_err(format!("writing {}", file.display()), e))
+        // containerd 1.6 rejects a hosts.toml without a `host` table ("invalid `host` tree")
+        // and falls back to HTTPS (loopback hosts excepted), so the host is listed explicitly.
+        let text = format!(
+            "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        );
+        std::fs::write(&file, text).map_err(|e| io_err(format!("writing {}", file.display()), e))
     }
 
     /// A client of this containerd's CRI services.

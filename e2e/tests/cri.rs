@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use talaria_testenv::cri::{CriContainerd, CriOptions, proto};
+use talaria_testenv::cri::{CriContainerd, CriError, CriOptions, proto};
 use talaria_testenv::images::{self, BUSYBOX};
 use talaria_testenv::registry::Registry;
 
@@ -169,4 +169,84 @@ async fn dropping_the_environment_kills_its_pods_and_containers() {
     }
     assert!(!proc_dir.exists(), "{proc_dir:?} outlived the environment");
     assert!(!dir.exists(), "{dir:?} was not removed");
+}
+
+#[tokio::test]
+async fn pulls_over_plain_http_from_a_non_loopback_registry() {
+    // containerd treats loopback registries specially; the shaped registry's address
+    // (10.213.N.2) is not loopback, so only the hosts.toml written by allow_plain_http makes
+    // this pull speak HTTP.
+    let registry = Registry::start_shaped(1000, 1).expect("start shaped registry");
+    images::busybox_image()
+        .expect("busybox image")
+        .push(&registry.host(), "library/busybox", "latest")
+        .expect("push busybox");
+    let env = CriContainerd::start(CriOptions::default()).expect("start containerd with CRI");
+    env.allow_plain_http(&registry.host())
+        .expect("plain-HTTP registry");
+    let cri = env.client().await.expect("CRI client");
+    let image = format!("{}/library/busybox:latest", registry.host());
+    cri.pull_image(&image).await.expect("PullImage over HTTP");
+    let pod = cri.run_pod("shaped").await.expect("RunPodSandbox");
+    let run = cri
+        .run_to_exit(&pod, "cat", &image, &["cat", "/etc/passwd"], T)
+        .await
+        .expect("run cat");
+    assert_eq!((run.exit_code, run.stdout.as_str()), (0, PASSWD));
+}
+
+#[tokio::test]
+async fn pull_image_passes_registry_credentials() {
+    let mut registry = Registry::start().expect("start registry");
+    images::busybox_image()
+        .expect("busybox image")
+        .push(&registry.host(), "library/busybox", "latest")
+        .expect("push busybox");
+    registry
+        .set_auth(Some(("puller", "s3cret-pass")))
+        .expect("make the registry private");
+    let env = CriContainerd::start(CriOptions::default()).expect("start containerd with CRI");
+    env.allow_plain_http(&registry.host())
+        .expect("plain-HTTP registry");
+    let cri = env.client().await.expect("CRI client");
+    let image = format!("{}/library/busybox:latest", registry.host());
+
+    let anonymous = cri.pull_image(&image).await;
+    assert!(
+        matches!(anonymous, Err(CriError::Rpc { .. })),
+        "an anonymous pull from a private registry must fail: {anonymous:?}"
+    );
+    let wrong = cri
+        .pull_image_with(pull_request(&image, "puller", "wrong"))
+        .await;
+    assert!(
+        matches!(wrong, Err(CriError::Rpc { .. })),
+        "a wrong password must fail: {wrong:?}"
+    );
+    let id = cri
+        .pull_image_with(pull_request(&image, "puller", "s3cret-pass"))
+        .await
+        .expect("PullImage with credentials");
+    assert!(id.starts_with("sha256:"), "{id}");
+    assert!(
+        cri.image_status(&image)
+            .await
+            .expect("ImageStatus")
+            .is_some()
+    );
+}
+
+fn pull_request(image: &str, username: &str, password: &str) -> proto::PullImageRequest {
+    proto::PullImageRequest {
+        image: Some(proto::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        auth: Some(proto::AuthConfig {
+            username: username.into(),
+            password: password.into(),
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    }
 }
