@@ -258,6 +258,14 @@ impl Tree {
             {
                 return Err(err("hard link to a directory"));
             }
+            // Extraction chowns, chmods and stamps the shared inode with the link's header.
+            if let Some(n) = self.node_mut(tino) {
+                (n.perm, n.uid, n.gid, n.mtime) = (perm, uid, gid, mtime_of(e.mtime));
+                for (k, v) in &e.xattrs {
+                    n.xattrs.retain(|(name, _)| name != k);
+                    n.xattrs.push((k.clone(), v.clone()));
+                }
+            }
             if tino != by_path.get(&e.path).copied().unwrap_or(0) {
                 self.unlink(by_path, pino, &e.path, name);
                 if let Some(n) = self.node_mut(tino) {
