@@ -209,6 +209,12 @@ enum Failure {
     Fatal(RegistryError),
 }
 
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Failure {
+        Failure::Fatal(e)
+    }
+}
+
 /// Bounded retries of one operation: attempts and total time, exponential backoff with
 /// full jitter, `Retry-After` honoured (but never beyond the time budget).
 struct Retrier {
@@ -416,6 +422,27 @@ impl RegistryClient {
         }
     }
 
+    /// Runs `attempt` until it succeeds, fails fatally, or the retry budget of `op` is spent
+    /// (see [`Retrier`]). Every request of the client goes through here, so all share one
+    /// retry behaviour.
+    async fn with_retries<T, Fut>(
+        &self,
+        op: &str,
+        url: &str,
+        mut attempt: impl FnMut() -> Fut,
+    ) -> Result<T, RegistryError>
+    where
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let mut r = self.retrier(op, url);
+        loop {
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(f) => r.on(f).await?,
+            }
+        }
+    }
+
     fn cached_auth(&self, key: &(String, String, bool)) -> Option<String> {
         let map = self.inner.auth.lock().unwrap_or_else(|p| p.into_inner());
         map.get(key).cloned().or_else(|| {
@@ -587,20 +614,13 @@ impl RegistryClient {
         reference: &str,
     ) -> Result<RawManifest, RegistryError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
-        let mut r = self.retrier("GET manifest", &url);
         let accept = MANIFEST_ACCEPT.join(", ");
         let build = |c: &reqwest::Client| c.get(&url).header(header::ACCEPT, &accept);
-        loop {
-            let resp = match self
-                .send_once("GET manifest", repo, false, &url, &[], &build)
-                .await
-            {
-                Ok(x) => x,
-                Err(f) => {
-                    r.on(f).await?;
-                    continue;
-                }
-            };
+        let (url, build) = (&url, &build);
+        self.with_retries("GET manifest", url, move || async move {
+            let resp = self
+                .send_once("GET manifest", repo, false, url, &[], &build)
+                .await?;
             let ctype = resp
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -612,13 +632,7 @@ impl RegistryClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let what = format!("manifest {repo}:{reference}");
-            let bytes = match read_limited(resp, MAX_MANIFEST_BYTES, &what).await {
-                Ok(b) => b,
-                Err(f) => {
-                    r.on(f).await?;
-                    continue;
-                }
-            };
+            let bytes = read_limited(resp, MAX_MANIFEST_BYTES, &what).await?;
             let raw = RawManifest::new(bytes, ctype.as_deref());
             let expected = if reference.starts_with("sha256:") {
                 Some(reference.to_string())
@@ -628,15 +642,16 @@ impl RegistryClient {
             if let Some(exp) = expected
                 && exp != raw.digest
             {
-                return Err(RegistryError::DigestMismatch {
+                return Err(Failure::Fatal(RegistryError::DigestMismatch {
                     what,
                     expected: exp,
                     actual: raw.digest,
-                });
+                }));
             }
             debug!(%repo, reference, digest = %raw.digest, media_type = %raw.media_type, "pulled manifest");
-            return Ok(raw);
-        }
+            Ok(raw)
+        })
+        .await
     }
 
     /// HEAD of a manifest: its descriptor, or `None` when unknown.
@@ -646,48 +661,42 @@ impl RegistryClient {
         reference: &str,
     ) -> Result<Option<Descriptor>, RegistryError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
-        let mut r = self.retrier("HEAD manifest", &url);
         let accept = MANIFEST_ACCEPT.join(", ");
         let build = |c: &reqwest::Client| c.head(&url).header(header::ACCEPT, &accept);
-        loop {
-            match self
-                .send_once(
+        let (url, build) = (&url, &build);
+        let resp = self
+            .with_retries("HEAD manifest", url, move || async move {
+                self.send_once(
                     "HEAD manifest",
                     repo,
                     false,
-                    &url,
+                    url,
                     &[StatusCode::NOT_FOUND],
                     &build,
                 )
                 .await
-            {
-                Ok(resp) if resp.status() == StatusCode::NOT_FOUND => return Ok(None),
-                Ok(resp) => {
-                    let h = resp.headers();
-                    let digest = h
-                        .get("docker-content-digest")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    let size = h
-                        .get(header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok());
-                    let ctype = h
-                        .get(header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or(oci::OCI_MANIFEST);
-                    match (digest, size) {
-                        (Some(d), Some(s)) => return Ok(Some(Descriptor::new(ctype, d, s))),
-                        // Without the headers, fall back to a GET that computes them.
-                        _ => {
-                            return Ok(Some(
-                                self.get_manifest(repo, reference).await?.descriptor(),
-                            ));
-                        }
-                    }
-                }
-                Err(f) => r.on(f).await?,
-            }
+            })
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let h = resp.headers();
+        let digest = h
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let size = h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let ctype = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(oci::OCI_MANIFEST);
+        match (digest, size) {
+            (Some(d), Some(s)) => Ok(Some(Descriptor::new(ctype, d, s))),
+            // Without the headers, fall back to a GET that computes them.
+            _ => Ok(Some(self.get_manifest(repo, reference).await?.descriptor())),
         }
     }
 
@@ -700,22 +709,22 @@ impl RegistryClient {
         raw: &RawManifest,
     ) -> Result<(String, bool), RegistryError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
-        let mut r = self.retrier("PUT manifest", &url);
         let body = raw.bytes.clone();
         let build = |c: &reqwest::Client| {
             c.put(&url)
                 .header(header::CONTENT_TYPE, &raw.media_type)
                 .body(body.clone())
         };
-        loop {
+        let (url, build) = (&url, &build);
+        self.with_retries("PUT manifest", url, move || async move {
             match self
-                .send_once("PUT manifest", repo, true, &url, &[], &build)
+                .send_once("PUT manifest", repo, true, url, &[], &build)
                 .await
             {
                 Ok(resp) => {
                     let subject_ok = resp.headers().contains_key("oci-subject");
                     debug!(%repo, reference, digest = %raw.digest, "pushed manifest");
-                    return Ok((raw.digest.clone(), subject_ok));
+                    Ok((raw.digest.clone(), subject_ok))
                 }
                 // Distribution briefly loses sight of a blob or manifest while another
                 // client writes the same one; what we reference was pushed before, so a
@@ -724,16 +733,14 @@ impl RegistryClient {
                     status: 400,
                     message,
                     ..
-                })) if message.contains("MANIFEST_BLOB_UNKNOWN") => {
-                    r.on(Failure::Retry {
-                        reason: format!("HTTP 400: {message}"),
-                        after: None,
-                    })
-                    .await?
-                }
-                Err(f) => r.on(f).await?,
+                })) if message.contains("MANIFEST_BLOB_UNKNOWN") => Err(Failure::Retry {
+                    reason: format!("HTTP 400: {message}"),
+                    after: None,
+                }),
+                Err(f) => Err(f),
             }
-        }
+        })
+        .await
     }
 
     /// Whether a blob exists (its size when it does).
@@ -744,33 +751,31 @@ impl RegistryClient {
     ) -> Result<Option<u64>, RegistryError> {
         oci::digest_hex(digest)?;
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let mut r = self.retrier("HEAD blob", &url);
         let build = |c: &reqwest::Client| c.head(&url);
-        loop {
-            match self
-                .send_once(
+        let (url, build) = (&url, &build);
+        let resp = self
+            .with_retries("HEAD blob", url, move || async move {
+                self.send_once(
                     "HEAD blob",
                     repo,
                     false,
-                    &url,
+                    url,
                     &[StatusCode::NOT_FOUND],
                     &build,
                 )
                 .await
-            {
-                Ok(resp) if resp.status() == StatusCode::NOT_FOUND => return Ok(None),
-                Ok(resp) => {
-                    return Ok(Some(
-                        resp.headers()
-                            .get(header::CONTENT_LENGTH)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0),
-                    ));
-                }
-                Err(f) => r.on(f).await?,
-            }
+            })
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
         }
+        Ok(Some(
+            resp.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        ))
     }
 
     /// Pulls a whole blob into memory (configs, index blobs), checked against its digest.
@@ -783,35 +788,25 @@ impl RegistryClient {
     ) -> Result<Bytes, RegistryError> {
         oci::digest_hex(digest)?;
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let mut r = self.retrier("GET blob", &url);
         let build = |c: &reqwest::Client| c.get(&url);
         let what = format!("blob {repo}@{digest}");
-        loop {
-            let resp = match self
-                .send_once("GET blob", repo, false, &url, &[], &build)
-                .await
-            {
-                Ok(x) => x,
-                Err(f) => {
-                    r.on(f).await?;
-                    continue;
-                }
-            };
-            match read_limited(resp, limit, &what).await {
-                Ok(b) => {
-                    let actual = oci::sha256_digest(&b);
-                    if actual != digest {
-                        return Err(RegistryError::DigestMismatch {
-                            what,
-                            expected: digest.to_string(),
-                            actual,
-                        });
-                    }
-                    return Ok(b);
-                }
-                Err(f) => r.on(f).await?,
+        let (url, build, what) = (&url, &build, &what);
+        self.with_retries("GET blob", url, move || async move {
+            let resp = self
+                .send_once("GET blob", repo, false, url, &[], &build)
+                .await?;
+            let b = read_limited(resp, limit, what).await?;
+            let actual = oci::sha256_digest(&b);
+            if actual != digest {
+                return Err(Failure::Fatal(RegistryError::DigestMismatch {
+                    what: what.clone(),
+                    expected: digest.to_string(),
+                    actual,
+                }));
             }
-        }
+            Ok(b)
+        })
+        .await
     }
 
     /// Opens a streamed read of a blob. A connection that breaks mid-blob is resumed with a
@@ -862,39 +857,29 @@ impl RegistryClient {
                 limit: u64::MAX,
             })?;
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let mut r = self.retrier("GET blob range", &url);
         let range = format!("bytes={offset}-{end}");
         let build = |c: &reqwest::Client| c.get(&url).header(header::RANGE, &range);
-        loop {
-            let resp = match self
-                .send_once("GET blob range", repo, false, &url, &[], &build)
-                .await
-            {
-                Ok(x) => x,
-                Err(f) => {
-                    r.on(f).await?;
-                    continue;
-                }
-            };
-            let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-            let res = if partial {
-                read_limited(resp, len, &what).await
+        let (url, build, what) = (&url, &build, &what);
+        self.with_retries("GET blob range", url, move || async move {
+            let resp = self
+                .send_once("GET blob range", repo, false, url, &[], &build)
+                .await?;
+            let b = if resp.status() == StatusCode::PARTIAL_CONTENT {
+                read_limited(resp, len, what).await?
             } else {
                 // The registry ignored the range: skip to it, bounded by what we need.
-                read_skipping(resp, offset, len, &what).await
+                read_skipping(resp, offset, len, what).await?
             };
-            match res {
-                Ok(b) if b.len() as u64 == len => return Ok(b),
-                Ok(b) => {
-                    return Err(RegistryError::SizeMismatch {
-                        what,
-                        expected: len,
-                        actual: b.len() as u64,
-                    });
-                }
-                Err(f) => r.on(f).await?,
+            if b.len() as u64 != len {
+                return Err(Failure::Fatal(RegistryError::SizeMismatch {
+                    what: what.clone(),
+                    expected: len,
+                    actual: b.len() as u64,
+                }));
             }
-        }
+            Ok(b)
+        })
+        .await
     }
 
     /// Pushes a blob (monolithic upload) unless the registry has it. Returns its descriptor.
@@ -910,20 +895,13 @@ impl RegistryClient {
             return Ok(desc);
         }
         let start_url = self.url(repo, "blobs/uploads/");
-        let mut r = self.retrier("push blob", &start_url);
         let build_post = |c: &reqwest::Client| c.post(&start_url).header(header::CONTENT_LENGTH, 0);
-        loop {
+        let (start_url, build_post, desc, data) = (&start_url, &build_post, &desc, &data);
+        self.with_retries("push blob", start_url, move || async move {
             // Each attempt starts a fresh upload session: a failed PUT may have spoiled it.
-            let resp = match self
-                .send_once("POST blob upload", repo, true, &start_url, &[], &build_post)
-                .await
-            {
-                Ok(x) => x,
-                Err(f) => {
-                    r.on(f).await?;
-                    continue;
-                }
-            };
+            let resp = self
+                .send_once("POST blob upload", repo, true, start_url, &[], &build_post)
+                .await?;
             let location = resp
                 .headers()
                 .get(header::LOCATION)
@@ -941,17 +919,12 @@ impl RegistryClient {
                     .header(header::CONTENT_TYPE, "application/octet-stream")
                     .body(body.clone())
             };
-            match self
-                .send_once("PUT blob upload", repo, true, &put_url, &[], &build_put)
-                .await
-            {
-                Ok(_) => {
-                    debug!(%repo, digest = %desc.digest, size = desc.size, "pushed blob");
-                    return Ok(desc);
-                }
-                Err(f) => r.on(f).await?,
-            }
-        }
+            self.send_once("PUT blob upload", repo, true, &put_url, &[], &build_put)
+                .await?;
+            debug!(%repo, digest = %desc.digest, size = desc.size, "pushed blob");
+            Ok(desc.clone())
+        })
+        .await
     }
 
     fn upload_url(&self, host: &str, location: &str, digest: &str) -> String {
@@ -974,26 +947,19 @@ impl RegistryClient {
     ) -> Result<Option<Vec<Descriptor>>, RegistryError> {
         oci::digest_hex(subject_digest)?;
         let url = self.url(repo, &format!("referrers/{subject_digest}"));
-        let mut r = self.retrier("GET referrers", &url);
         let build = |c: &reqwest::Client| c.get(&url).header(header::ACCEPT, oci::OCI_INDEX);
-        loop {
-            let resp = match self
+        let (url, build) = (&url, &build);
+        self.with_retries("GET referrers", url, move || async move {
+            let resp = self
                 .send_once(
                     "GET referrers",
                     repo,
                     false,
-                    &url,
+                    url,
                     &[StatusCode::NOT_FOUND],
                     &build,
                 )
-                .await
-            {
-                Ok(x) => x,
-                Err(f) => {
-                    r.on(f).await?;
-                    continue;
-                }
-            };
+                .await?;
             if resp.status() == StatusCode::NOT_FOUND {
                 return Ok(None);
             }
@@ -1003,27 +969,23 @@ impl RegistryClient {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with(oci::OCI_INDEX));
             let what = format!("referrers of {repo}@{subject_digest}");
-            let body = match read_limited(resp, MAX_MANIFEST_BYTES, &what).await {
-                Ok(b) => b,
-                Err(f) => {
-                    r.on(f).await?;
-                    continue;
-                }
-            };
+            let body = read_limited(resp, MAX_MANIFEST_BYTES, &what).await?;
             if !is_index {
                 // Some registries answer unknown routes with 200 and a page: no API.
                 return Ok(None);
             }
             // Pagination (`Link` header) is not followed: one page holds far more
             // referrers than one image has artifacts in practice.
-            let idx: ImageIndex =
-                serde_json::from_slice(&body).map_err(|source| FormatError::Json {
+            let idx: ImageIndex = serde_json::from_slice(&body).map_err(|source| {
+                RegistryError::from(FormatError::Json {
                     digest: what.clone(),
                     media_type: oci::OCI_INDEX.into(),
                     source,
-                })?;
-            return Ok(Some(idx.manifests));
-        }
+                })
+            })?;
+            Ok(Some(idx.manifests))
+        })
+        .await
     }
 
     /// Referrers from the tag schema (`sha256-<hex>` index); empty when the tag is absent.
