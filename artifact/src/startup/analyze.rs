@@ -415,6 +415,9 @@ impl<R: FileReader> Ctx<'_, R> {
         if !self.elf_seen.insert(root.path.clone()) {
             return;
         }
+        // A root loaded by dlopen (libjvm, NSS and SASL modules, ...) satisfies later
+        // DT_NEEDED entries naming its soname, as the loader's list of loaded objects does.
+        self.loaded.push(root.path.clone());
         work.push_back((root.clone(), Vec::new()));
         let mut objects = 0usize;
         while let Some((obj, inherited)) = work.pop_front() {
