@@ -109,6 +109,10 @@ struct Prediction {
     files: BTreeMap<String, u64>,
     reasons: BTreeMap<String, String>,
     analysis: Duration,
+    /// Of which building the merged view.
+    view: Duration,
+    /// Uncompressed span bytes the analysis inflated and verified (what its reads cost).
+    inflated: u64,
     bytes_read: u64,
     notes: Vec<String>,
 }
@@ -119,7 +123,9 @@ async fn predict(layers: &[&Layer], config: &ImageConfig) -> (Prediction, Merged
     let t0 = Instant::now();
     let refs: Vec<Option<&LayerIndex>> = layers.iter().map(|l| Some(l.index.as_ref())).collect();
     let view = MergedView::new(&refs);
-    let cache: Arc<dyn SpanCache> = Arc::new(MemorySpanCache::new(ANALYSIS_CACHE_BYTES));
+    let view_time = t0.elapsed();
+    let spans = Arc::new(MemorySpanCache::new(ANALYSIS_CACHE_BYTES));
+    let cache: Arc<dyn SpanCache> = spans.clone();
     let readers = layers
         .iter()
         .map(|l| {
@@ -143,6 +149,7 @@ async fn predict(layers: &[&Layer], config: &ImageConfig) -> (Prediction, Merged
         },
     );
     let elapsed = t0.elapsed();
+    let inflated = spans.size();
     let size: HashMap<&str, u64> = analysis
         .files
         .iter()
@@ -172,6 +179,8 @@ async fn predict(layers: &[&Layer], config: &ImageConfig) -> (Prediction, Merged
         files,
         reasons,
         analysis: elapsed,
+        view: view_time,
+        inflated,
         bytes_read: analysis.bytes_read,
         notes: analysis
             .notes
@@ -594,6 +603,8 @@ struct Row {
     predicted_bytes: u64,
     hit_bytes: u64,
     analysis: Duration,
+    view: Duration,
+    inflated: u64,
     analysis_read: u64,
     notes: Vec<String>,
     missed: Vec<(String, u64)>,
@@ -698,6 +709,8 @@ async fn run(name: &str, dir: &Path, base: &Layer, scratch: &Path) -> Row {
         predicted_bytes: pred.files.values().sum(),
         hit_bytes: hit.iter().map(|k| truth[*k]).sum(),
         analysis: pred.analysis,
+        view: pred.view,
+        inflated: pred.inflated,
         analysis_read: pred.bytes_read,
         notes: pred.notes,
         missed,
@@ -771,9 +784,12 @@ fn report(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "\n{}: analysis read {} bytes of the image, {} notes",
+            "\n{}: analysis read {} bytes of the image ({} MiB of spans inflated), merged view \
+             {:.0}ms, {} notes",
             r.name,
             r.analysis_read,
+            r.inflated >> 20,
+            r.view.as_secs_f64() * 1000.0,
             r.notes.len()
         );
         for n in r.notes.iter().take(10) {
