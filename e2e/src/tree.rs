@@ -49,7 +49,12 @@ pub fn summarize(root: &Path, skip: &[String]) -> Result<Tree, TreeError> {
     let mut inodes: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
-        let md = fs::symlink_metadata(&p).map_err(err("lstat", &p))?;
+        // The root itself may be a symlink to walk through, e.g. /proc/PID/root.
+        let md = if p == root {
+            fs::metadata(&p).map_err(err("stat", &p))?
+        } else {
+            fs::symlink_metadata(&p).map_err(err("lstat", &p))?
+        };
         let rel = p
             .strip_prefix(root)
             .map(|r| r.to_string_lossy().into_owned())
@@ -207,6 +212,11 @@ mod tests {
         assert!(t["d/a"].ends_with(" links=[b|d/a]"), "{t:?}");
         assert!(t["s"].starts_with("symlink -> d/a "), "{t:?}");
         assert!(t["/"].starts_with("dir mode=0 "), "{t:?}");
+        // A root that is a symlink (like /proc/PID/root) is walked through.
+        let links = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(r, links.path().join("root")).expect("symlink");
+        let through = summarize(&links.path().join("root"), &["skip".into()]).expect("summary");
+        assert_eq!(through, t);
         let mut other = t.clone();
         other.remove("s");
         other.insert("n".into(), "fifo".into());
