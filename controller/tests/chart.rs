@@ -1,0 +1,896 @@
+//! The Helm chart, the plain manifests and the samples against a real kube-apiserver + etcd and
+//! a real registry: lint, server-side dry-run of every rendering, install/upgrade/uninstall,
+//! the chart's RBAC running the real `talaria-controller` binary as the chart's
+//! ServiceAccount (and failing with a verb removed), the samples reaching Ready, and the
+//! containerd patch script checked by containerd's own config parser.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::wait_for;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::Scope;
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use talaria_api::{AcceleratedImage, AccelerationPolicy, Phase};
+use talaria_testenv::apiserver::KubeApi;
+use talaria_testenv::images::{ImageBuilder, LayerBuilder};
+use talaria_testenv::registry::Registry;
+use talaria_testenv::{free_port, http, tool};
+
+const NS: &str = "talaria-system";
+const RELEASE: &str = "talaria";
+const CONTROLLER_SA: &str = "talaria-controller";
+const BIN: &str = env!("CARGO_BIN_EXE_talaria-controller");
+const WAIT: Duration = Duration::from_secs(120);
+/// Stands for the registry in samples; tests point it at their registry.
+const SAMPLE_REGISTRY: &str = "registry.example.com";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts/talaria")
+}
+
+/// helm with its own config/cache dirs (nothing read from or written to $HOME).
+struct Helm {
+    kubeconfig: Option<PathBuf>,
+    home: tempfile::TempDir,
+}
+
+impl Helm {
+    fn new(kubeconfig: Option<&Path>) -> Helm {
+        Helm {
+            kubeconfig: kubeconfig.map(Path::to_path_buf),
+            home: tempfile::tempdir().expect("helm home"),
+        }
+    }
+
+    /// Runs helm; Ok(stdout) on success, Err(stderr) on failure.
+    async fn try_run(&self, args: &[&str]) -> Result<String, String> {
+        let helm = tool("helm").expect("helm (hack/tools.sh helm)");
+        let mut cmd = tokio::process::Command::new(helm);
+        cmd.args(args)
+            .env("HELM_CACHE_HOME", self.home.path().join("cache"))
+            .env("HELM_CONFIG_HOME", self.home.path().join("config"))
+            .env("HELM_DATA_HOME", self.home.path().join("data"))
+            .env_remove("KUBECONFIG");
+        if let Some(k) = &self.kubeconfig {
+            cmd.env("KUBECONFIG", k);
+        }
+        let out = cmd.output().await.expect("running helm");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "helm {args:?}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    async fn run(&self, args: &[&str]) -> String {
+        self.try_run(args).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn template(&self, set: &[&str]) -> Vec<Value> {
+        let chart = chart_dir();
+        let mut args = vec![
+            "template",
+            RELEASE,
+            chart.to_str().expect("utf-8 path"),
+            "--namespace",
+            NS,
+        ];
+        for s in set {
+            args.extend(["--set", s]);
+        }
+        docs(&self.run(&args).await)
+    }
+}
+
+/// Every value that turns an optional part of the chart on.
+const ALL_FEATURES: &[&str] = &[
+    "node.containerd.configure=true",
+    "metrics.serviceMonitor.enabled=true",
+    "metrics.prometheusRule.enabled=true",
+    "controller.insecureRegistries={registry.local:5000,10.0.0.1:5000}",
+    "controller.priorityClassName=system-cluster-critical",
+    "controller.podAnnotations.example\\.com/a=b",
+    "node.podAnnotations.example\\.com/a=b",
+    "imagePullSecrets={pull-secret}",
+    "commonLabels.team=platform",
+    "controller.extraEnv[0].name=EXTRA",
+    "controller.extraEnv[0].value=on-purpose",
+];
+
+/// The non-empty documents of a multi-document YAML stream.
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .unwrap_or_else(|e| panic!("parsing YAML: {e}\n{yaml}"))
+        .into_iter()
+        .filter(|v| v.is_object())
+        .collect()
+}
+
+fn gvk_of(doc: &Value) -> GroupVersionKind {
+    let api_version = doc["apiVersion"].as_str().expect("apiVersion");
+    let kind = doc["kind"].as_str().expect("kind");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    GroupVersionKind::gvk(group, version, kind)
+}
+
+async fn dynamic_api(
+    client: &Client,
+    gvk: &GroupVersionKind,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    let (ar, caps) = kube::discovery::pinned_kind(client, gvk)
+        .await
+        .unwrap_or_else(|e| panic!("discovering {gvk:?}: {e}"));
+    match (caps.scope, ns) {
+        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
+        (Scope::Namespaced, None) => Api::all_with(client.clone(), &ar),
+        (Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
+    }
+}
+
+/// Server-side applies every document (as `kubectl apply --server-side [--dry-run=server]`).
+async fn apply(client: &Client, docs: &[Value], dry_run: bool) -> Result<(), String> {
+    for doc in docs {
+        let gvk = gvk_of(doc);
+        let name = doc["metadata"]["name"].as_str().expect("metadata.name");
+        let ns = doc["metadata"]["namespace"].as_str().unwrap_or("default");
+        let api = dynamic_api(client, &gvk, Some(ns)).await;
+        let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("object");
+        let mut pp = PatchParams::apply("talaria-chart-test").force();
+        pp.dry_run = dry_run;
+        api.patch(name, &pp, &Patch::Apply(&obj))
+            .await
+            .map_err(|e| format!("{} {ns}/{name}: {e}", gvk.kind))?;
+    }
+    Ok(())
+}
+
+/// Minimal CRDs for the Prometheus Operator kinds the chart can create, so that the apiserver
+/// can validate them (their real CRDs are large and not part of this repository).
+async fn install_monitoring_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (kind, plural) in [
+        ("ServiceMonitor", "servicemonitors"),
+        ("PrometheusRule", "prometheusrules"),
+    ] {
+        let crd: CustomResourceDefinition = serde_json::from_value(json!({
+            "metadata": {"name": format!("{plural}.monitoring.coreos.com")},
+            "spec": {
+                "group": "monitoring.coreos.com",
+                "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(),
+                          "listKind": format!("{kind}List")},
+                "versions": [{"name": "v1", "served": true, "storage": true, "schema": {
+                    "openAPIV3Schema": {"type": "object", "properties": {
+                        "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}],
+            },
+        }))
+        .expect("crd");
+        api.create(&PostParams::default(), &crd)
+            .await
+            .unwrap_or_else(|e| panic!("creating the {kind} CRD: {e}"));
+        let name = crd.name_any();
+        wait_for(&format!("{name} established"), WAIT, || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let c = api.get(&name).await.ok()?;
+                c.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+async fn create_namespace(client: &Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+}
+
+/// Kinds the chart can create; listed by the release's instance label to find its objects.
+const CHART_KINDS: &[(&str, &str, &str)] = &[
+    ("", "v1", "ServiceAccount"),
+    ("", "v1", "Service"),
+    ("", "v1", "ConfigMap"),
+    ("apps", "v1", "Deployment"),
+    ("apps", "v1", "DaemonSet"),
+    ("policy", "v1", "PodDisruptionBudget"),
+    ("rbac.authorization.k8s.io", "v1", "ClusterRole"),
+    ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding"),
+    ("rbac.authorization.k8s.io", "v1", "Role"),
+    ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+];
+
+type ObjKey = (String, String, String);
+
+/// Every object in the cluster labelled as part of the release: (kind, namespace, name).
+async fn release_objects(client: &Client) -> BTreeSet<ObjKey> {
+    let mut out = BTreeSet::new();
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}"));
+    for (g, v, k) in CHART_KINDS {
+        let api = dynamic_api(client, &GroupVersionKind::gvk(g, v, k), None).await;
+        for o in api.list(&lp).await.expect("list").items {
+            out.insert((
+                k.to_string(),
+                o.namespace().unwrap_or_default(),
+                o.name_any(),
+            ));
+        }
+    }
+    out
+}
+
+fn keys(list: &[(&str, &str, &str)]) -> BTreeSet<ObjKey> {
+    list.iter()
+        .map(|(k, ns, n)| (k.to_string(), ns.to_string(), n.to_string()))
+        .collect()
+}
+
+/// What the chart installs with default values, node part on or off.
+fn expected_objects(node: bool) -> BTreeSet<ObjKey> {
+    let mut v = keys(&[
+        ("ServiceAccount", NS, "talaria-controller"),
+        ("Service", NS, "talaria-controller-metrics"),
+        ("Deployment", NS, "talaria-controller"),
+        ("PodDisruptionBudget", NS, "talaria-controller"),
+        ("ClusterRole", "", "talaria-controller"),
+        ("ClusterRoleBinding", "", "talaria-controller"),
+        ("Role", "default", "talaria-controller-events"),
+        ("RoleBinding", "default", "talaria-controller-events"),
+        ("Role", NS, "talaria-controller-leader-election"),
+        ("RoleBinding", NS, "talaria-controller-leader-election"),
+    ]);
+    if node {
+        v.extend(keys(&[
+            ("ServiceAccount", NS, "talaria-node"),
+            ("DaemonSet", NS, "talaria-node"),
+            ("ClusterRole", "", "talaria-node"),
+            ("ClusterRoleBinding", "", "talaria-node"),
+        ]));
+    }
+    v
+}
+
+#[tokio::test]
+async fn helm_lint_passes_strictly() {
+    let helm = Helm::new(None);
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("utf-8 path");
+    helm.run(&["lint", "--strict", chart]).await;
+    let all: Vec<String> = ALL_FEATURES.iter().map(|s| format!("--set={s}")).collect();
+    let mut args = vec!["lint", "--strict", chart];
+    args.extend(all.iter().map(String::as_str));
+    helm.run(&args).await;
+    // The schema covers every value: an unknown key or a bad value is rejected.
+    for bad in [
+        "controller.replicaz=2",
+        "controller.logFormat=xml",
+        "node.root=relative/dir",
+    ] {
+        let err = helm
+            .try_run(&["template", "x", chart, "--set", bad])
+            .await
+            .expect_err(bad);
+        assert!(
+            err.contains("values don't meet the specifications") || err.contains("at '/"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn chart_crds_are_the_generated_crds() {
+    let top = repo_root().join("crds");
+    let chart = chart_dir().join("crds");
+    let list = |d: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(d)
+            .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(
+        list(&top),
+        list(&chart),
+        "charts/talaria/crds must hold the files of crds/"
+    );
+    for name in list(&top) {
+        let a = std::fs::read(top.join(&name)).expect("read");
+        let b = std::fs::read(chart.join(&name)).expect("read");
+        assert!(
+            a == b,
+            "charts/talaria/crds/{name} differs from crds/{name} (it should be a symlink to ../../../crds/{name})"
+        );
+    }
+}
+
+#[test]
+fn plain_manifests_are_current() {
+    let out = tempfile::tempdir().expect("tmp");
+    let status = Command::new("bash")
+        .arg(repo_root().join("hack/gen-manifests.sh"))
+        .arg(out.path())
+        .env("TALARIA_TOOLS", talaria_testenv::tools_bin_dir().join(".."))
+        .status()
+        .expect("hack/gen-manifests.sh");
+    assert!(status.success(), "hack/gen-manifests.sh failed");
+    for f in ["talaria.yaml", "kustomization.yaml"] {
+        let fresh = std::fs::read_to_string(out.path().join(f)).expect("generated");
+        let committed =
+            std::fs::read_to_string(repo_root().join("config/install").join(f)).unwrap_or_default();
+        assert!(
+            fresh == committed,
+            "config/install/{f} is stale: run hack/gen-manifests.sh"
+        );
+    }
+}
+
+/// Every resource a kustomization names exists (no kustomize binary here to build them).
+#[test]
+fn kustomizations_name_existing_files() {
+    for dir in [
+        "config/install",
+        "config/samples",
+        "config/gitops",
+        "config/gitops/policies",
+    ] {
+        let dir = repo_root().join(dir);
+        let text = std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization");
+        let k: Value = serde_saphyr::from_str(&text).expect("yaml");
+        let resources = k["resources"].as_array().expect("resources");
+        assert!(!resources.is_empty());
+        for r in resources {
+            let p = dir.join(r.as_str().expect("string"));
+            assert!(
+                p.exists(),
+                "{} names missing {}",
+                dir.display(),
+                p.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rendering_passes_server_side_dry_run() {
+    let kube = KubeApi::start().await.expect("control plane");
+    let client = kube.client().await.expect("client");
+    common::apply_crds(&client).await;
+    install_monitoring_crds(&client).await;
+    create_namespace(&client, NS).await;
+    let helm = Helm::new(None);
+
+    let defaults = helm.template(&[]).await;
+    let all = helm.template(ALL_FEATURES).await;
+    let kinds = |d: &[Value]| -> BTreeSet<String> {
+        d.iter()
+            .map(|o| o["kind"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    for k in ["ServiceMonitor", "PrometheusRule", "ConfigMap"] {
+        assert!(!kinds(&defaults).contains(k), "{k} is opt-in");
+        assert!(kinds(&all).contains(k), "{k} rendered when enabled");
+    }
+    apply(&client, &defaults, true)
+        .await
+        .unwrap_or_else(|e| panic!("defaults: {e}"));
+    apply(&client, &all, true)
+        .await
+        .unwrap_or_else(|e| panic!("all features: {e}"));
+
+    // The plain manifests too (their Namespace and CRDs exist already, as objects' dry-runs
+    // need them to).
+    let text = std::fs::read_to_string(repo_root().join("config/install/talaria.yaml"))
+        .expect("manifests");
+    let plain = docs(&text);
+    assert!(
+        plain.len() > defaults.len(),
+        "plain manifests hold the CRDs and Namespace too"
+    );
+    apply(&client, &plain, true)
+        .await
+        .unwrap_or_else(|e| panic!("config/install/talaria.yaml: {e}"));
+
+    // A dry-run really validates: a broken object is refused.
+    let mut broken = defaults
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("deployment")
+        .clone();
+    broken["spec"]["replicas"] = json!("two");
+    assert!(apply(&client, &[broken], true).await.is_err());
+    // And it did not create anything.
+    assert!(release_objects(&client).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_upgrade_uninstall_change_exactly_the_expected_objects() {
+    let kube = KubeApi::start().await.expect("control plane");
+    let client = kube.client().await.expect("client");
+    let helm = Helm::new(Some(kube.kubeconfig()));
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("utf-8 path");
+
+    helm.run(&["install", RELEASE, chart, "-n", NS, "--create-namespace"])
+        .await;
+    assert_eq!(release_objects(&client).await, expected_objects(true));
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for c in [
+        "accelerationpolicies.talaria.dev",
+        "acceleratedimages.talaria.dev",
+    ] {
+        crds.get(c).await.unwrap_or_else(|e| panic!("CRD {c}: {e}"));
+    }
+    let deploys = dynamic_api(
+        &client,
+        &GroupVersionKind::gvk("apps", "v1", "Deployment"),
+        Some(NS),
+    )
+    .await;
+    let d = deploys.get("talaria-controller").await.expect("deployment");
+    assert_eq!(d.data["spec"]["replicas"], 2);
+    let c = &d.data["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        d.data["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+
+    // A policy created meanwhile must survive the uninstall with its CRD.
+    let policy: AccelerationPolicy = serde_json::from_value(json!({
+        "apiVersion": "talaria.dev/v1alpha1", "kind": "AccelerationPolicy",
+        "metadata": {"name": "keep-me"},
+        "spec": {"images": ["registry.example.com/a:1"]},
+    }))
+    .expect("policy");
+    Api::<AccelerationPolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("create policy");
+
+    helm.run(&[
+        "upgrade",
+        RELEASE,
+        chart,
+        "-n",
+        NS,
+        "--set",
+        "controller.replicas=3",
+        "--set",
+        "controller.maxBuilds=7",
+        "--set",
+        "node.enabled=false",
+    ])
+    .await;
+    assert_eq!(release_objects(&client).await, expected_objects(false));
+    let d = deploys.get("talaria-controller").await.expect("deployment");
+    assert_eq!(d.data["spec"]["replicas"], 3);
+    let args = d.data["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(
+        args.as_array()
+            .expect("args")
+            .contains(&json!("--max-builds=7")),
+        "{args}"
+    );
+
+    helm.run(&["uninstall", RELEASE, "-n", NS]).await;
+    let left = release_objects(&client).await;
+    assert!(left.is_empty(), "left after uninstall: {left:?}");
+    for c in [
+        "accelerationpolicies.talaria.dev",
+        "acceleratedimages.talaria.dev",
+    ] {
+        crds.get(c)
+            .await
+            .unwrap_or_else(|e| panic!("CRD {c} must stay: {e}"));
+    }
+    Api::<AccelerationPolicy>::all(client.clone())
+        .get("keep-me")
+        .await
+        .expect("policies stay with their CRD");
+}
+
+/// Pushes a small image of its own content; returns the manifest digest.
+fn push_image(reg: &Registry, repo: &str, tag: &str) -> String {
+    let layer = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/seed", format!("{repo}:{tag}").into_bytes(), 0o644)
+        .file("bin/app", vec![7u8; 100_000], 0o755)
+        .build()
+        .expect("layer");
+    let img = ImageBuilder::new()
+        .layer(layer)
+        .cmd(&["/bin/app"])
+        .build()
+        .expect("image");
+    img.push(&reg.host(), repo, tag).expect("push image")
+}
+
+async fn create_pod(client: &Client, ns: &str, name: &str, image: &str) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": image}]},
+    }))
+    .expect("pod");
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("create pod {ns}/{name}: {e}"));
+}
+
+/// The real controller binary, authenticated as the chart's ServiceAccount.
+struct ControllerProc {
+    child: Child,
+    http: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ControllerProc {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("--- talaria-controller log (last 60 lines, newest first) ---");
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn start_controller(kubeconfig: &Path) -> ControllerProc {
+    let http = format!("127.0.0.1:{}", free_port().expect("port"));
+    let dir = tempfile::tempdir().expect("log dir");
+    let log = dir.path().join("controller.log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(BIN)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .args([
+            "--http-addr",
+            &http,
+            "--identity",
+            "chart-sa-replica",
+            "--lease-namespace",
+            NS,
+            "--log-format",
+            "json",
+            "--backoff-base-seconds",
+            "1",
+            "--backoff-max-seconds",
+            "2",
+            "--resync-seconds",
+            "10",
+        ])
+        // Logs go to stdout; errors before logging starts to stderr.
+        .stdout(Stdio::from(log_file.try_clone().expect("log file")))
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .expect("start talaria-controller");
+    ControllerProc {
+        child,
+        http,
+        log,
+        _dir: dir,
+    }
+}
+
+fn policy_ready(p: &AccelerationPolicy) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// The samples with their registry pointed at the test registry (Docker Hub too).
+fn samples(host: &str) -> Vec<Value> {
+    let dir = repo_root().join("config/samples");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("config/samples")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for p in names {
+        let text = std::fs::read_to_string(&p).expect("sample");
+        let text = text
+            .replace(SAMPLE_REGISTRY, host)
+            .replace("docker.io", host);
+        out.extend(docs(&text));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_rbac_runs_the_controller_and_samples_reach_ready() {
+    talaria_controller::install_crypto_provider();
+    let registry = Registry::start().expect("registry");
+    let host = registry.host();
+    let kube = KubeApi::start().await.expect("control plane");
+    let admin = kube.client().await.expect("client");
+    let helm = Helm::new(Some(kube.kubeconfig()));
+    let chart = chart_dir();
+    helm.run(&[
+        "install",
+        RELEASE,
+        chart.to_str().expect("utf-8 path"),
+        "-n",
+        NS,
+        "--create-namespace",
+    ])
+    .await;
+
+    // Images the samples and the pods name.
+    for (repo, tag) in [
+        ("team-a/api", "1.0"),
+        ("apps/api", "2.0"),
+        ("apps/web", "1.0"),
+        ("apps/worker", "1.0"),
+        ("library/busybox", "1.37"),
+        ("apps/late", "1.0"),
+    ] {
+        push_image(&registry, repo, tag);
+    }
+    create_namespace(&admin, "team-a").await;
+    create_pod(&admin, "team-a", "api", &format!("{host}/team-a/api:1.0")).await;
+    create_pod(&admin, "default", "api", &format!("{host}/apps/api:2.0")).await;
+
+    let sa_kubeconfig = kube
+        .service_account_kubeconfig(NS, CONTROLLER_SA)
+        .expect("SA kubeconfig");
+    let ctrl = start_controller(&sa_kubeconfig);
+
+    let samples = samples(&host);
+    assert_eq!(samples.len(), 4, "one policy per sample file");
+    apply(&admin, &samples, false)
+        .await
+        .unwrap_or_else(|e| panic!("applying config/samples: {e}"));
+    let policies: Api<AccelerationPolicy> = Api::all(admin.clone());
+    for s in &samples {
+        let name = s["metadata"]["name"].as_str().expect("name").to_string();
+        wait_for(&format!("sample policy {name} Ready"), WAIT, || {
+            let policies = policies.clone();
+            let name = name.clone();
+            async move {
+                let p = policies.get(&name).await.ok()?;
+                policy_ready(&p).then_some(())
+            }
+        })
+        .await;
+    }
+    let images: Api<AcceleratedImage> = Api::all(admin.clone());
+    let all = images
+        .list(&Default::default())
+        .await
+        .expect("list images")
+        .items;
+    assert!(
+        all.len() >= 5,
+        "one image per selected reference: {}",
+        all.len()
+    );
+    for i in &all {
+        assert_eq!(
+            i.status.as_ref().map(|s| s.phase),
+            Some(Phase::Ready),
+            "{}",
+            i.name_any()
+        );
+    }
+    // The public-images sample writes its artifacts to its artifactRepository.
+    let busybox = all
+        .iter()
+        .find(|i| {
+            i.owner_references()
+                .iter()
+                .any(|o| o.name == "public-images")
+        })
+        .expect("busybox image");
+    let artifact = busybox
+        .status
+        .as_ref()
+        .and_then(|s| s.artifact.clone())
+        .expect("artifact");
+    assert_eq!(
+        artifact.repository,
+        format!("{host}/talaria/public-artifacts")
+    );
+
+    // The probes the chart points at answer.
+    for path in ["/healthz", "/readyz"] {
+        let r = http::request(&ctrl.http, "GET", path, &[], &[], Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(r.status, 200, "{path}");
+    }
+    // The chart's Role for events and its leader-election Role were enough too.
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), NS);
+    let lease = leases.get("talaria-controller").await.expect("lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("chart-sa-replica")
+    );
+    let events = dynamic_api(
+        &admin,
+        &GroupVersionKind::gvk("events.k8s.io", "v1", "Event"),
+        Some("default"),
+    )
+    .await;
+    let evs = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items;
+    assert!(
+        evs.iter()
+            .any(|e| e.data["reportingController"] == "talaria-controller"),
+        "the controller published events"
+    );
+
+    // Without `create` on acceleratedimages the controller can no longer do its job.
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    let mut role = roles.get("talaria-controller").await.expect("cluster role");
+    let mut removed = false;
+    for rule in role.rules.iter_mut().flatten() {
+        if rule
+            .resources
+            .as_ref()
+            .is_some_and(|r| r.iter().any(|r| r == "acceleratedimages"))
+        {
+            let before = rule.verbs.len();
+            rule.verbs.retain(|v| v != "create");
+            removed |= rule.verbs.len() < before;
+        }
+    }
+    assert!(removed, "the chart grants create on acceleratedimages");
+    role.metadata.managed_fields = None;
+    roles
+        .replace("talaria-controller", &PostParams::default(), &role)
+        .await
+        .expect("replace cluster role");
+    let late: AccelerationPolicy = serde_json::from_value(json!({
+        "apiVersion": "talaria.dev/v1alpha1", "kind": "AccelerationPolicy",
+        "metadata": {"name": "late"},
+        "spec": {"images": [format!("{host}/apps/late:1.0")]},
+    }))
+    .expect("policy");
+    policies
+        .create(&PostParams::default(), &late)
+        .await
+        .expect("create late policy");
+    wait_for("a forbidden reconcile of the late policy", WAIT, || {
+        let text = ctrl.log_text();
+        async move {
+            text.lines()
+                .any(|l| l.contains(r#""policy":"late""#) && l.contains("forbidden"))
+                .then_some(())
+        }
+    })
+    .await;
+    let images_now = images.list(&Default::default()).await.expect("list").items;
+    assert!(
+        !images_now
+            .iter()
+            .any(|i| i.owner_references().iter().any(|o| o.name == "late")),
+        "no AcceleratedImage can be created without the verb"
+    );
+    assert!(!policy_ready(&policies.get("late").await.expect("late")));
+    drop(ctrl);
+}
+
+/// The chart's containerd patch script on containerd's default config: containerd's own
+/// parser sees the proxy plugin and the CRI snapshotter; a rerun changes nothing; turning the
+/// default snapshotter off restores the original settings.
+#[test]
+fn containerd_patch_script_produces_a_config_containerd_accepts() {
+    let containerd = tool("containerd").expect("containerd (hack/setup.sh)");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("config.toml");
+    let default = Command::new(&containerd)
+        .args(["config", "default"])
+        .output()
+        .expect("containerd config default");
+    assert!(default.status.success());
+    std::fs::write(&cfg, &default.stdout).expect("write config");
+    let script = chart_dir().join("files/configure-containerd.sh");
+    let run = |set_default: &str| {
+        let out = Command::new("sh")
+            .arg(&script)
+            .env("CONTAINERD_CONFIG", &cfg)
+            .env("SNAPSHOTTER_SOCKET", "/run/talaria/snapshotter.sock")
+            .env("SET_DEFAULT_SNAPSHOTTER", set_default)
+            .env("RESTART_CONTAINERD", "false")
+            .output()
+            .expect("run script");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let dump = || {
+        let out = Command::new(&containerd)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["config", "dump"])
+            .output()
+            .expect("containerd config dump");
+        assert!(
+            out.status.success(),
+            "containerd rejects the config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let snapshotter_line = |text: &str| -> String {
+        text.lines()
+            .find(|l| l.trim_start().starts_with("snapshotter = "))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(snapshotter_line(&dump()), "snapshotter = \"overlayfs\"");
+
+    assert!(run("true").contains("updated"));
+    let patched = dump();
+    assert!(patched.contains("[proxy_plugins.talaria]"), "{patched}");
+    assert!(patched.contains("address = \"/run/talaria/snapshotter.sock\""));
+    assert_eq!(snapshotter_line(&patched), "snapshotter = \"talaria\"");
+    assert!(patched.contains("disable_snapshot_annotations = false"));
+    let once = std::fs::read(&cfg).expect("read");
+    assert!(run("true").contains("nothing to do"));
+    assert_eq!(
+        std::fs::read(&cfg).expect("read"),
+        once,
+        "a rerun changes nothing"
+    );
+
+    run("false");
+    let plugin_only = dump();
+    assert!(plugin_only.contains("[proxy_plugins.talaria]"));
+    assert_eq!(
+        snapshotter_line(&plugin_only),
+        "snapshotter = \"overlayfs\""
+    );
+    assert!(dir.path().join("config.toml.talaria.bak").exists());
+}
