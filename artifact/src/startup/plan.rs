@@ -101,7 +101,17 @@ const MAX_REASON: usize = 64;
 /// A plan entry's reason: the analyzer's first reason for the file, shortened to what a
 /// reader of `talaria inspect` needs ("needed by libssl.so.3", "jvm rule", "nss", ...).
 pub fn short_reason(reason: &str) -> String {
-    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    // The file name; with its directory for names that say little alone.
+    let base = |p: &str| {
+        let mut it = p.rsplit('/');
+        let name = it.next().unwrap_or(p);
+        match it.next() {
+            Some(dir) if !dir.is_empty() && matches!(name, "__init__.py" | "index.js") => {
+                format!("{dir}/{name}")
+            }
+            _ => name.to_string(),
+        }
+    };
     // `<prefix> X ...`: the basename of the path after the prefix.
     let after = |prefix: &str| -> Option<String> {
         let rest = reason.strip_prefix(prefix)?;
@@ -206,6 +216,10 @@ mod tests {
             (
                 "imported by /usr/lib/python3.11/site.py",
                 "imported by site.py",
+            ),
+            (
+                "imported by /usr/lib/python3.11/json/__init__.py",
+                "imported by json/__init__.py",
             ),
             ("run by script /app/run.sh: ls", "run by run.sh"),
             ("NSS service library", "nss"),
