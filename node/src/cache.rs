@@ -17,7 +17,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
-use talaria_artifact::reader::SpanCache;
+use talaria_artifact::reader::{MemorySpanCache, SpanCache};
 use tracing::{debug, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,6 @@ pub struct DiskSpanCache {
     max_bytes: u64,
     lru: Mutex<Lru>,
     size_gauge: Option<Gauge>,
-    hit_bytes: Option<Counter>,
 }
 
 fn parse_name(name: &str) -> Option<[u8; 32]> {
@@ -150,17 +149,15 @@ impl DiskSpanCache {
             max_bytes,
             lru: Mutex::new(lru),
             size_gauge: None,
-            hit_bytes: None,
         };
         cache.evict();
         Ok(cache)
     }
 
-    /// Reports the cache size to `gauge` and bytes served to `hits`.
-    pub fn with_metrics(mut self, gauge: Gauge, hits: Counter) -> Self {
+    /// Reports the cache size to `gauge`.
+    pub fn with_size_gauge(mut self, gauge: Gauge) -> Self {
         gauge.set(i64::try_from(self.size()).unwrap_or(i64::MAX));
         self.size_gauge = Some(gauge);
-        self.hit_bytes = Some(hits);
         self
     }
 
@@ -251,9 +248,6 @@ impl SpanCache for DiskSpanCache {
         if let Ok(f) = fs::File::open(&path) {
             let _ = f.set_modified(SystemTime::now());
         }
-        if let Some(c) = &self.hit_bytes {
-            c.inc_by(data.len() as u64);
-        }
         Some(Bytes::from(data))
     }
 
@@ -277,6 +271,52 @@ impl SpanCache for DiskSpanCache {
             l.insert(span_digest, len);
         }
         self.evict();
+    }
+}
+
+/// A small in-memory LRU in front of the disk cache: FUSE reads come in pages of 128 KiB
+/// while spans are megabytes, so without it every page would re-read and re-hash its span.
+pub struct TieredSpanCache {
+    memory: MemorySpanCache,
+    disk: std::sync::Arc<DiskSpanCache>,
+    hit_bytes: Option<Counter>,
+}
+
+impl TieredSpanCache {
+    pub fn new(memory_bytes: u64, disk: std::sync::Arc<DiskSpanCache>) -> Self {
+        TieredSpanCache {
+            memory: MemorySpanCache::new(memory_bytes),
+            disk,
+            hit_bytes: None,
+        }
+    }
+
+    /// Counts span bytes served from either tier.
+    pub fn with_hit_counter(mut self, hits: Counter) -> Self {
+        self.hit_bytes = Some(hits);
+        self
+    }
+}
+
+impl SpanCache for TieredSpanCache {
+    fn get(&self, span_digest: &[u8; 32]) -> Option<Bytes> {
+        let data = match self.memory.get(span_digest) {
+            Some(d) => d,
+            None => {
+                let d = self.disk.get(span_digest)?;
+                self.memory.put(*span_digest, d.clone());
+                d
+            }
+        };
+        if let Some(c) = &self.hit_bytes {
+            c.inc_by(data.len() as u64);
+        }
+        Some(data)
+    }
+
+    fn put(&self, span_digest: [u8; 32], data: Bytes) {
+        self.memory.put(span_digest, data.clone());
+        self.disk.put(span_digest, data);
     }
 }
 

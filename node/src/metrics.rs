@@ -68,7 +68,7 @@ impl Metrics {
         );
         registry.register(
             "from_cache_bytes",
-            "Uncompressed span bytes served from the span cache",
+            "Uncompressed span bytes found in the span cache (memory or disk) by reads",
             m.bytes_from_cache.clone(),
         );
         registry.register(

@@ -30,7 +30,7 @@ use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
 use talaria_artifact::store::{RegistryStore, Store};
 use tracing::{debug, info, warn};
 
-use crate::cache::{CacheError, DiskSpanCache};
+use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
 use crate::fusefs::{FsError, LayerFs};
 use crate::metrics::Metrics;
 use crate::snapshotter::{
@@ -46,6 +46,8 @@ const RESOLVE_TTL: Duration = Duration::from_secs(30);
 const RESOLVE_CACHE_MAX: usize = 256;
 /// Spans fetched per background request.
 const PREFETCH_SPANS: usize = 4;
+/// Recently read spans kept in memory in front of the disk cache.
+const MEMORY_CACHE_BYTES: u64 = 64 << 20;
 
 /// Settings of remote layers.
 #[derive(Clone, Debug)]
@@ -165,7 +167,7 @@ struct Mounted {
 pub struct RemoteLayers {
     rt: tokio::runtime::Handle,
     client: RegistryClient,
-    cache: Arc<DiskSpanCache>,
+    cache: Arc<TieredSpanCache>,
     metrics: Arc<Metrics>,
     opts: RemoteOptions,
     mounts: Mutex<HashMap<u64, Mounted>>,
@@ -195,10 +197,10 @@ impl RemoteLayers {
             context: "creating the registry client".into(),
             source: std::io::Error::other(e),
         })?;
-        let cache = DiskSpanCache::open(&opts.cache_dir, opts.cache_max_bytes)?.with_metrics(
-            metrics.cache_bytes.clone(),
-            metrics.bytes_from_cache.clone(),
-        );
+        let disk = DiskSpanCache::open(&opts.cache_dir, opts.cache_max_bytes)?
+            .with_size_gauge(metrics.cache_bytes.clone());
+        let cache = TieredSpanCache::new(MEMORY_CACHE_BYTES, Arc::new(disk))
+            .with_hit_counter(metrics.bytes_from_cache.clone());
         Ok(RemoteLayers {
             rt,
             client,
@@ -211,7 +213,7 @@ impl RemoteLayers {
         })
     }
 
-    pub fn cache(&self) -> &Arc<DiskSpanCache> {
+    pub fn cache(&self) -> &Arc<TieredSpanCache> {
         &self.cache
     }
 
