@@ -145,6 +145,8 @@ fn store(host: &str, repo: &str) -> RegistryStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_or_terminated_mid_build_then_restarted() {
     talaria_controller::install_crypto_provider();
+    let t0 = Instant::now();
+    let mark = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let reg = Registry::start_shaped(RATE_MBIT, 5).expect("shaped registry");
     let host = reg.host();
     let first = push_big_image(&reg, "big/first", 0x5eed_0001);
@@ -164,6 +166,7 @@ async fn killed_or_terminated_mid_build_then_restarted() {
     };
 
     // SIGKILL mid-build.
+    mark("control plane and images ready");
     let mut c = start(kube.kubeconfig(), &host);
     policies
         .create(&PostParams::default(), &policy("first", "big/first"))
@@ -171,6 +174,7 @@ async fn killed_or_terminated_mid_build_then_restarted() {
         .expect("create policy");
     let building = wait_phase(&images, &first, Phase::Building).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    mark("first image Building; SIGKILL");
     signal(&c, "KILL");
     wait_exit(&mut c, Duration::from_secs(10));
     drop(c);
@@ -187,6 +191,7 @@ async fn killed_or_terminated_mid_build_then_restarted() {
         "a SIGKILL writes nothing"
     );
 
+    mark("restarting");
     let mut c = start(kube.kubeconfig(), &host);
     let done = wait_phase(&images, &first, Phase::Ready).await;
     let st = done.status.clone().expect("status");
@@ -209,6 +214,7 @@ async fn killed_or_terminated_mid_build_then_restarted() {
     );
     assert!(arts.iter().any(|a| a.descriptor.digest == art.digest));
 
+    mark("first image Ready");
     // SIGTERM mid-build: clean exit, image handed back, not left Building.
     policies
         .create(&PostParams::default(), &policy("second", "big/second"))
@@ -216,6 +222,7 @@ async fn killed_or_terminated_mid_build_then_restarted() {
         .expect("create policy");
     wait_phase(&images, &second, Phase::Building).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    mark("second image Building; SIGTERM");
     signal(&c, "TERM");
     let (status, took) = wait_exit(&mut c, Duration::from_secs(30));
     assert!(status.success(), "graceful shutdown exits 0: {status:?}");
@@ -237,6 +244,7 @@ async fn killed_or_terminated_mid_build_then_restarted() {
     );
     eprintln!("SIGTERM mid-build: exited in {took:?}");
 
+    mark("controller exited");
     let _c = start(kube.kubeconfig(), &host);
     let done2 = wait_phase(&images, &second, Phase::Ready).await;
     assert_eq!(
@@ -247,6 +255,7 @@ async fn killed_or_terminated_mid_build_then_restarted() {
     let arts = list_artifacts(&second_store, &second).await.expect("list");
     assert_eq!(arts.len(), 2, "{arts:?}");
 
+    mark("second image Ready");
     // The real CLI resolves the artifact and its startup plan from the registry.
     let out = common::talaria_inspect(
         &format!("{host}/big/first@{first}"),
@@ -259,4 +268,5 @@ async fn killed_or_terminated_mid_build_then_restarted() {
     assert!(files >= 1, "the startup plan lists the entrypoint: {out}");
     let paths = out["plan"]["paths"].to_string();
     assert!(paths.contains("/bin/app"), "{out}");
+    mark("talaria inspect checked");
 }
