@@ -329,7 +329,8 @@ fn test_image(name: &str, seed: u64) -> Image {
         .build()
         .expect("base layer");
     let middle = LayerBuilder::new()
-        .file("msg.txt", "from layer two\n", 0o644)
+        // Its own content too: containerd's content store is shared by digest across images.
+        .file("msg.txt", format!("layer two of {name}\n"), 0o644)
         .whiteout("data/doomed.txt")
         .dir("data", 0o750)
         .file("data/b.sh", "#!/bin/sh\necho b\n", 0o4755)
