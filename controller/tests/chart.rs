@@ -292,13 +292,16 @@ async fn helm_lint_passes_strictly() {
         "controller.replicaz=2",
         "controller.logFormat=xml",
         "node.root=relative/dir",
+        "controller.leaderElection.enabled=false",
     ] {
         let err = helm
             .try_run(&["template", "x", chart, "--set", bad])
             .await
             .expect_err(bad);
         assert!(
-            err.contains("values don't meet the specifications") || err.contains("at '/"),
+            err.contains("values don't meet the specifications")
+                || err.contains("at '/")
+                || err.contains("needs controller.leaderElection"),
             "{bad}: {err}"
         );
     }
