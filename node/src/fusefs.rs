@@ -6,7 +6,7 @@
 //! share an inode, whiteouts are character devices 0/0 and opaque directories carry the xattr
 //! `trusted.overlay.opaque=y`, so overlayfs treats this mount like an unpacked layer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -113,10 +113,8 @@ impl Tree {
         let mut t = Tree {
             nodes: vec![Node::dir(1)],
         };
-        let mut by_path: HashMap<String, u64> = HashMap::new();
-        by_path.insert(String::new(), 1);
         for (i, e) in index.entries.iter().enumerate() {
-            t.add(&mut by_path, i, e)?;
+            t.add(i, e)?;
         }
         // Directory link counts as on disk: 2 + subdirectories.
         let subdirs: Vec<(u64, u32)> = t
@@ -158,52 +156,59 @@ impl Tree {
         self.nodes.len() as u64
     }
 
+    /// The inode at `path`, walking down from the root (paths are normalized by the index).
+    fn lookup(&self, path: &str) -> Option<u64> {
+        if path.is_empty() {
+            return Some(1);
+        }
+        let mut ino = 1;
+        for comp in path.split('/') {
+            ino = *self.node(ino)?.children.get(comp.as_bytes())?;
+        }
+        Some(ino)
+    }
+
     /// The directory at `path`, created (with missing parents) if absent.
-    fn ensure_dir(
-        &mut self,
-        by_path: &mut HashMap<String, u64>,
-        path: &str,
-    ) -> Result<u64, FsError> {
-        if let Some(&ino) = by_path.get(path) {
-            return match self.node(ino) {
-                Some(n) if n.kind == FileType::Directory => Ok(ino),
-                _ => Err(FsError::Tree {
-                    path: path.to_string(),
-                    message: "used as a directory but is not one".into(),
-                }),
+    fn ensure_dir(&mut self, path: &str) -> Result<u64, FsError> {
+        let mut ino = 1;
+        if path.is_empty() {
+            return Ok(ino);
+        }
+        for comp in path.split('/') {
+            let next = self
+                .node(ino)
+                .and_then(|n| n.children.get(comp.as_bytes()).copied());
+            ino = match next {
+                Some(c) if self.node(c).is_some_and(|n| n.kind == FileType::Directory) => c,
+                Some(_) => {
+                    return Err(FsError::Tree {
+                        path: path.to_string(),
+                        message: format!("{comp:?} is used as a directory but is not one"),
+                    });
+                }
+                None => {
+                    let c = self.push(Node::dir(ino));
+                    if let Some(p) = self.node_mut(ino) {
+                        p.children.insert(comp.as_bytes().to_vec(), c);
+                    }
+                    c
+                }
             };
         }
-        let (parent, name) = split(path);
-        let pino = self.ensure_dir(by_path, parent)?;
-        let ino = self.push(Node::dir(pino));
-        if let Some(p) = self.node_mut(pino) {
-            p.children.insert(name.as_bytes().to_vec(), ino);
-        }
-        by_path.insert(path.to_string(), ino);
         Ok(ino)
     }
 
     /// Unlinks `name` from `pino` (as extraction replaces an existing path).
-    fn unlink(&mut self, by_path: &mut HashMap<String, u64>, pino: u64, path: &str, name: &str) {
+    fn unlink(&mut self, pino: u64, name: &str) {
         let old = self
             .node_mut(pino)
             .and_then(|p| p.children.remove(name.as_bytes()));
-        if let Some(old) = old {
-            by_path.remove(path);
-            let prefix = format!("{path}/");
-            by_path.retain(|k, _| !k.starts_with(&prefix));
-            if let Some(n) = self.node_mut(old) {
-                n.nlink = n.nlink.saturating_sub(1);
-            }
+        if let Some(n) = old.and_then(|old| self.node_mut(old)) {
+            n.nlink = n.nlink.saturating_sub(1);
         }
     }
 
-    fn add(
-        &mut self,
-        by_path: &mut HashMap<String, u64>,
-        i: usize,
-        e: &Entry,
-    ) -> Result<(), FsError> {
+    fn add(&mut self, i: usize, e: &Entry) -> Result<(), FsError> {
         let err = |message: &str| FsError::Tree {
             path: e.path.clone(),
             message: message.to_string(),
@@ -212,7 +217,7 @@ impl Tree {
         let gid = u32::try_from(e.gid).map_err(|_| err("gid out of range"))?;
         let perm = (e.mode & 0o7777) as u16;
         if e.kind == EntryKind::OpaqueDir {
-            let ino = self.ensure_dir(by_path, &e.path)?;
+            let ino = self.ensure_dir(&e.path)?;
             if let Some(n) = self.node_mut(ino) {
                 n.opaque = true;
             }
@@ -229,10 +234,10 @@ impl Tree {
             return Ok(());
         }
         let (parent, name) = split(&e.path);
-        let pino = self.ensure_dir(by_path, parent)?;
+        let pino = self.ensure_dir(parent)?;
         if e.kind == EntryKind::Dir {
             // An existing directory keeps its children; only attributes change.
-            if let Some(&ino) = by_path.get(&e.path)
+            if let Some(ino) = self.lookup(&e.path)
                 && self
                     .node(ino)
                     .is_some_and(|n| n.kind == FileType::Directory)
@@ -249,8 +254,8 @@ impl Tree {
                 .link_target
                 .as_deref()
                 .ok_or_else(|| err("hard link without target"))?;
-            let tino = *by_path
-                .get(target)
+            let tino = self
+                .lookup(target)
                 .ok_or_else(|| err("hard link to a path not in the layer"))?;
             if self
                 .node(tino)
@@ -266,19 +271,18 @@ impl Tree {
                     n.xattrs.push((k.clone(), v.clone()));
                 }
             }
-            if tino != by_path.get(&e.path).copied().unwrap_or(0) {
-                self.unlink(by_path, pino, &e.path, name);
+            if self.lookup(&e.path) != Some(tino) {
+                self.unlink(pino, name);
                 if let Some(n) = self.node_mut(tino) {
                     n.nlink = n.nlink.saturating_add(1);
                 }
                 if let Some(p) = self.node_mut(pino) {
                     p.children.insert(name.as_bytes().to_vec(), tino);
                 }
-                by_path.insert(e.path.clone(), tino);
             }
             return Ok(());
         }
-        self.unlink(by_path, pino, &e.path, name);
+        self.unlink(pino, name);
         let mut n = Node::dir(pino);
         (n.perm, n.uid, n.gid, n.mtime) = (perm, uid, gid, mtime_of(e.mtime));
         n.xattrs = e.xattrs.clone();
@@ -321,7 +325,6 @@ impl Tree {
         if let Some(p) = self.node_mut(pino) {
             p.children.insert(name.as_bytes().to_vec(), ino);
         }
-        by_path.insert(e.path.clone(), ino);
         Ok(())
     }
 
