@@ -2,123 +2,17 @@
 //! images unpack into it, containers run on it, the unpacked tree equals overlayfs', and
 //! committed snapshots survive restarts and crashes of the snapshotter process.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use common::{Node, mount_at, tree, tree_diff};
 use talaria_testenv::containerd::Containerd;
 use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
 use talaria_testenv::registry::Registry;
-
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The talaria-node binary running on `root`, serving `socket`.
-struct Node {
-    child: Option<Child>,
-    root: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Node {
-    fn start(root: &Path, socket: &Path, log: &Path) -> Node {
-        let log_file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("open node log");
-        let child = Command::new(env!("CARGO_BIN_EXE_talaria-node"))
-            .arg("--root")
-            .arg(root)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--log")
-            .arg("talaria_node=debug,info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn talaria-node");
-        let mut node = Node {
-            child: Some(child),
-            root: root.to_path_buf(),
-            socket: socket.to_path_buf(),
-            log: log.to_path_buf(),
-        };
-        let started = Instant::now();
-        while !socket.exists() {
-            if let Some(status) = node.child_mut().try_wait().expect("try_wait") {
-                panic!("talaria-node exited with {status}:\n{}", node.log_text());
-            }
-            assert!(
-                started.elapsed() < START_TIMEOUT,
-                "talaria-node did not create {} within {START_TIMEOUT:?}:\n{}",
-                socket.display(),
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("node is running")
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&mut self, sig: &str) -> ExitStatus {
-        let pid = self.child_mut().id().to_string();
-        let st = Command::new("kill")
-            .args(["-s", sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(st.success(), "kill -s {sig} {pid}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "talaria-node ignored {sig}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Restarts on the same root and socket.
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop the node first");
-        let again = Node::start(&self.root, &self.socket, &self.log);
-        *self = again;
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            let text = self.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            eprintln!("--- talaria-node log (last lines) ---");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
 
 fn proxy_config(socket: &Path) -> String {
     format!(
@@ -154,61 +48,6 @@ fn import(
     format!("{name}:latest")
 }
 
-/// Everything about a tree that an image defines: type, mode, owner, content hash,
-/// link target and which paths are hard links of each other.
-fn tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut first_path_of_inode: BTreeMap<(u64, u64), String> = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = fs::symlink_metadata(&p).expect("lstat");
-        let rel = p
-            .strip_prefix(root)
-            .expect("under root")
-            .to_string_lossy()
-            .into_owned();
-        let rel = if rel.is_empty() { "/".to_string() } else { rel };
-        let ft = md.file_type();
-        let what = if ft.is_dir() {
-            for e in fs::read_dir(&p).expect("read_dir") {
-                stack.push(e.expect("dir entry").path());
-            }
-            "dir".to_string()
-        } else if ft.is_symlink() {
-            format!(
-                "symlink -> {}",
-                fs::read_link(&p).expect("readlink").display()
-            )
-        } else if ft.is_file() {
-            let data = fs::read(&p).expect("read file");
-            let link = match first_path_of_inode.get(&(md.dev(), md.ino())) {
-                Some(first) if md.nlink() > 1 => format!(" hardlink-of {first}"),
-                _ => {
-                    first_path_of_inode.insert((md.dev(), md.ino()), rel.clone());
-                    String::new()
-                }
-            };
-            format!(
-                "file {} {}{link}",
-                data.len(),
-                hex::encode(Sha256::digest(&data))
-            )
-        } else if ft.is_char_device() {
-            format!("char {}", md.rdev())
-        } else {
-            format!("other {:o}", md.mode())
-        };
-        // The root dir's own mode differs by snapshotter design (bind vs overlay); contents
-        // are what must match.
-        let mode = if rel == "/" { 0 } else { md.mode() & 0o7777 };
-        out.insert(
-            rel,
-            format!("{what} mode={mode:o} uid={} gid={}", md.uid(), md.gid()),
-        );
-    }
-    out
-}
-
 /// The committed snapshot no other snapshot of `snapshotter` has as parent (the image's top
 /// layer when one image is unpacked).
 fn leaf_snapshot(ctd: &Containerd, snapshotter: &str) -> String {
@@ -238,7 +77,6 @@ fn image_tree(
     snapshotter: &str,
     dir: &Path,
 ) -> (Vec<serde_json::Value>, BTreeMap<String, String>) {
-    use nix::mount::{MsFlags, mount, umount};
     let chain = leaf_snapshot(ctd, snapshotter);
     let key = format!("tree-{snapshotter}");
     let out = ctd
@@ -255,56 +93,26 @@ fn image_tree(
     let mounts: Vec<serde_json::Value> = serde_json::from_str(&out).expect("mounts JSON");
     assert_eq!(mounts.len(), 1, "{out}");
     let m = &mounts[0];
-    let kind = m["Type"].as_str().expect("Type");
-    let source = m["Source"].as_str().expect("Source");
-    let options: Vec<&str> = m["Options"]
+    let options: Vec<String> = m["Options"]
         .as_array()
         .expect("Options")
         .iter()
-        .filter_map(|o| o.as_str())
+        .filter_map(|o| o.as_str().map(str::to_string))
         .collect();
     let target = dir.join(format!("mnt-{snapshotter}"));
-    fs::create_dir_all(&target).expect("mount target");
-    let ro = options.contains(&"ro");
-    if kind == "bind" {
-        mount(
-            Some(source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .expect("bind mount");
-        if ro {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .expect("read-only remount");
-        }
-    } else {
-        let data: Vec<&str> = options.iter().copied().filter(|o| *o != "ro").collect();
-        let flags = if ro {
-            MsFlags::MS_RDONLY
-        } else {
-            MsFlags::empty()
-        };
-        mount(
-            Some(source),
-            &target,
-            Some(kind),
-            flags,
-            Some(data.join(",").as_str()),
-        )
-        .unwrap_or_else(|e| panic!("mount {kind} {source} {data:?}: {e}"));
-    }
+    mount_at(
+        m["Type"].as_str().expect("Type"),
+        m["Source"].as_str().expect("Source"),
+        &options,
+        &target,
+    );
     let tree = tree(&target);
-    umount(&target).expect("umount");
-    ctd.ctr(&["snapshots", "--snapshotter", snapshotter, "rm", &key])
-        .expect("remove the view");
+    nix::mount::umount(&target).expect("umount");
+    // containerd's garbage collector may have taken the unreferenced view already (ctr
+    // creates it without a lease).
+    if let Err(e) = ctd.ctr(&["snapshots", "--snapshotter", snapshotter, "rm", &key]) {
+        assert!(e.to_string().contains("not found"), "remove the view: {e}");
+    }
     (mounts, tree)
 }
 
@@ -420,7 +228,7 @@ fn containerd_unpacks_runs_and_survives_restarts() {
         .expect("tempdir");
     let root = dir.path().join("root");
     let socket = dir.path().join("sn.sock");
-    let mut node = Node::start(&root, &socket, &dir.path().join("node.log"));
+    let mut node = Node::start(&root, &socket, &dir.path().join("node.log"), &[]);
     let ctd = Containerd::start_with_config(&proxy_config(&socket)).expect("start containerd");
     let plugins = ctd.ctr_stdout(&["plugins", "ls"]).expect("plugins ls");
     assert!(
@@ -474,17 +282,7 @@ fn containerd_unpacks_runs_and_survives_restarts() {
     );
     assert!(ours.contains_key("data/old/new.txt") && !ours.contains_key("data/old/gone.txt"));
     assert!(!ours.contains_key("etc/group"), "whiteout applied");
-    let diff: Vec<_> = ours
-        .iter()
-        .filter(|(k, v)| theirs.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k}: talaria {v} / overlayfs {:?}", theirs.get(k)))
-        .chain(
-            theirs
-                .keys()
-                .filter(|k| !ours.contains_key(*k))
-                .map(|k| format!("{k}: only in overlayfs")),
-        )
-        .collect();
+    let diff = tree_diff(&ours, &theirs);
     assert!(diff.is_empty(), "trees differ:\n{}", diff.join("\n"));
     // The views are gone again.
     assert_eq!(snapshot_rows(&ctd), rows);
