@@ -1,42 +1,17 @@
 //! The Snapshots gRPC service over its unix socket, seen by a real gRPC client: the status
 //! codes containerd maps to its errdefs, streamed List batches, and shutdown.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use common::connect;
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
 use talaria_node::service::serve_unix;
 use talaria_node::snapshotter::Snapshotter;
-use tokio::net::UnixStream;
 use tonic::Code;
-use tonic::transport::{Endpoint, Uri};
-
-type Client = pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>;
-
-async fn connect(socket: PathBuf) -> Client {
-    // The server may not listen yet (or a stale file may still sit at the path): retry the
-    // connection itself, bounded, not just the file's existence.
-    let mut last = None;
-    for _ in 0..300 {
-        let s = socket.clone();
-        let attempt = Endpoint::try_from("http://localhost")
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let s = s.clone();
-                async move { UnixStream::connect(s).await.map(TokioIo::new) }
-            }))
-            .await;
-        match attempt {
-            Ok(channel) => return pb::snapshots_client::SnapshotsClient::new(channel),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("connect over the unix socket: {last:?}");
-}
 
 fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
     pb::PrepareSnapshotRequest {
