@@ -28,7 +28,7 @@ use talaria_artifact::reader::{LayerReader, SpanCache};
 use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
 use talaria_artifact::store::{RegistryStore, Store};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
 use crate::fusefs::{FsError, LayerFs};
@@ -218,7 +218,8 @@ impl RemoteLayers {
     }
 
     /// Remounts the remote snapshots a previous run left committed. Returns how many came
-    /// back; the others are logged and counted (`restore_error`) and read as empty.
+    /// back; the others are logged, counted (`restore_error`) and removed when nothing
+    /// depends on them.
     pub fn restore(&self, sn: &Snapshotter) -> crate::Result<usize> {
         let mut n = 0;
         for info in sn.list()? {
@@ -234,7 +235,18 @@ impl RemoteLayers {
                 Ok(()) => n += 1,
                 Err(e) => {
                     self.metrics.fallback("restore_error");
-                    warn!(snapshot = info.name, error = %e, "remote snapshot could not be remounted");
+                    // An empty directory must not pass for the layer: without children the
+                    // snapshot is removed, so containerd sees it missing (NotFound) and the
+                    // image is unpacked again on its next pull; with children it stays,
+                    // and reads of it fail loudly in the log.
+                    match sn.remove(&info.name) {
+                        Ok(()) => {
+                            error!(snapshot = info.name, error = %e, "remote snapshot could not be remounted; removed it")
+                        }
+                        Err(re) => {
+                            error!(snapshot = info.name, error = %e, remove_error = %re, "remote snapshot could not be remounted and is still in use")
+                        }
+                    }
                 }
             }
         }

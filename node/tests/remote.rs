@@ -552,27 +552,46 @@ async fn remote_layers_mount_lazily_and_fall_back_safely() {
     );
     unmount_view(&mut c, "view-b", &mnt_b).await;
 
-    // A crash too: stale FUSE mounts are detached and remounted.
+    // A crash too: stale FUSE mounts are detached and remounted. D's kept index is damaged
+    // meanwhile: D cannot come back and, unused, is removed rather than left empty.
     drop(c);
     let status = node.signal("KILL");
     assert!(!status.success());
+    let d_dir = std::fs::read_dir(root.join("snapshots"))
+        .expect("snapshots dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| {
+            std::fs::read_to_string(p.join("remote.json")).is_ok_and(|r| r.contains("talaria/d:v1"))
+        })
+        .expect("D's snapshot dir");
+    std::fs::write(d_dir.join("layer.index"), b"damaged").expect("damage D's index");
     registry.start_again().expect("registry back");
     node.restart();
     let mut c = connect(socket.clone()).await;
-    assert_eq!(list(&mut c).await, before, "snapshots after a crash");
+    let without_d: Vec<String> = before
+        .iter()
+        .filter(|r| !r.starts_with(&d_chain))
+        .cloned()
+        .collect();
+    assert_eq!(before.len(), without_d.len() + 1, "{before:?}");
+    assert_eq!(list(&mut c).await, without_d, "snapshots after a crash");
+    let m = http_get(&metrics_addr, "/metrics");
+    assert_eq!(
+        metric(&m, "talaria_node_fallbacks_total{reason=\"restore_error\"}"),
+        1.0,
+        "{m}"
+    );
     mount_view(&mut c, &a_top, "view-a", &mnt).await;
     assert_eq!(tree(&mnt), ours, "A after a crash and remount");
     unmount_view(&mut c, "view-a", &mnt).await;
 
-    // Removing the layers unmounts them; nothing stays mounted under the root.
-    for key in [d_chain.as_str(), b_chain.as_str()] {
-        c.remove(pb::RemoveSnapshotRequest {
-            snapshotter: "talaria".into(),
-            key: key.into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("remove {key}: {e}"));
-    }
+    // Removing a layer unmounts it; nothing else stays mounted under the root.
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "talaria".into(),
+        key: b_chain.clone(),
+    })
+    .await
+    .expect("remove B");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let ours_mounted = mountinfo
         .lines()
