@@ -95,7 +95,12 @@ pub async fn reconcile(
         Err(_) => return Err(Error::Other("policy cache not synced yet".into())),
     }
     let prev = img.status.clone().unwrap_or_default();
-    if prev.phase == Phase::Ready && prev.artifact.is_some() {
+    // The spec changed since the last attempt (its first policy moved the artifact repository):
+    // what was built, or failed, was for other settings.
+    let settings_changed = prev
+        .observed_generation
+        .is_some_and(|g| Some(g) != img.metadata.generation);
+    if prev.phase == Phase::Ready && prev.artifact.is_some() && !settings_changed {
         return Ok(Action::await_change());
     }
     let owner_policies: Vec<Arc<AccelerationPolicy>> = owners(&img)
@@ -109,12 +114,15 @@ pub async fn reconcile(
     let s = &ctx.build;
     let owner_generations = owner_generations(&owner_policies);
     let mut prev = prev;
-    if prev.phase == Phase::Failed && prev.owner_generations.as_ref() != Some(&owner_generations) {
-        // The owners changed (new credentials, a new owner...): the failure may be gone, so
-        // retry now with a fresh backoff.
+    if (prev.phase == Phase::Failed && prev.owner_generations.as_ref() != Some(&owner_generations))
+        || settings_changed
+    {
+        // The owners or the image's own settings changed (new credentials, another artifact
+        // repository, a new owner...): the failure may be gone, so retry now with a fresh backoff.
         info!(
             attempts = prev.attempts,
-            "owning policies changed; retrying a failed build"
+            phase = ?prev.phase,
+            "owning policies or settings changed; building again"
         );
         prev.attempts = 0;
         prev.last_attempt_time = None;

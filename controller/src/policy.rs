@@ -336,14 +336,8 @@ pub async fn reconcile(p: Arc<AccelerationPolicy>, ctx: Arc<Ctx>) -> Result<Acti
 fn new_image(oref: &OwnerReference, d: &Desired) -> AcceleratedImage {
     let mut ann = BTreeMap::new();
     ann.insert(ANN_REFERENCE.to_string(), truncate(&d.reference, 1024));
-    if !d.pull_secrets.is_empty() {
-        let s: Vec<String> = d
-            .pull_secrets
-            .iter()
-            .take(32)
-            .map(|(ns, n)| format!("{ns}/{n}"))
-            .collect();
-        ann.insert(ANN_PULL_SECRETS.to_string(), s.join(","));
+    if let Some(s) = pull_secrets_annotation(d) {
+        ann.insert(ANN_PULL_SECRETS.to_string(), s);
     }
     let mut labels = BTreeMap::new();
     labels.insert(
@@ -363,6 +357,59 @@ fn new_image(oref: &OwnerReference, d: &Desired) -> AcceleratedImage {
     }
 }
 
+/// The pull-secrets annotation as `new_image` writes it.
+fn pull_secrets_annotation(d: &Desired) -> Option<String> {
+    if d.pull_secrets.is_empty() {
+        return None;
+    }
+    let s: Vec<String> = d
+        .pull_secrets
+        .iter()
+        .take(32)
+        .map(|(ns, n)| format!("{ns}/{n}"))
+        .collect();
+    Some(s.join(","))
+}
+
+/// Keeps an existing image's per-policy settings (artifact repository, pull secrets) in step
+/// with its first owner, so a policy edited after a failure retries with its new settings
+/// instead of the ones the image was created with. Other owners never override the first.
+async fn refresh_settings(
+    ctx: &Ctx,
+    oref: &OwnerReference,
+    d: &Desired,
+    img: &AcceleratedImage,
+) -> Result<(), Error> {
+    if img.owner_references().first().map(|o| &o.uid) != Some(&oref.uid) {
+        return Ok(());
+    }
+    let want_secrets = pull_secrets_annotation(d);
+    let have_secrets = img.annotations().get(ANN_PULL_SECRETS).cloned();
+    if img.spec.artifact_repository == d.spec.artifact_repository && have_secrets == want_secrets {
+        return Ok(());
+    }
+    let api: Api<AcceleratedImage> = Api::all(ctx.client.clone());
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": img.resource_version(),
+            "annotations": { ANN_PULL_SECRETS: want_secrets },
+        },
+        "spec": { "artifactRepository": d.spec.artifact_repository },
+    });
+    match api
+        .patch(&d.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            info!(image = %d.name, "AcceleratedImage settings follow its policy");
+            Ok(())
+        }
+        // Someone else wrote it since our cache saw it; the next reconcile looks again.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(Error::kube(format!("updating settings of {}", d.name))(e)),
+    }
+}
+
 /// Creates the image owned by the policy, or adds the policy to the owners of an existing one.
 async fn ensure_owned(
     ctx: &Ctx,
@@ -372,11 +419,10 @@ async fn ensure_owned(
 ) -> Result<(), Error> {
     let api: Api<AcceleratedImage> = Api::all(ctx.client.clone());
     let cached = ctx.images.get(&ObjectRef::new(&d.name));
-    if cached
-        .as_ref()
-        .is_some_and(|i| i.owner_references().iter().any(|o| o.uid == oref.uid))
+    if let Some(img) = cached.as_ref()
+        && img.owner_references().iter().any(|o| o.uid == oref.uid)
     {
-        return Ok(());
+        return refresh_settings(ctx, oref, d, img).await;
     }
     if cached.is_none() {
         match api

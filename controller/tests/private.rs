@@ -7,7 +7,8 @@
 //! - `artifactRepository` on the private registry: without credentials the image is Failed
 //!   with an authentication message and stays so (max attempts); once the policy references the
 //!   Secret (a new generation) it is retried at once with a fresh backoff and becomes Ready,
-//!   its artifacts in the other repository;
+//!   its artifacts in the other repository; moving the policy's `artifactRepository` later
+//!   updates the image's spec and builds the artifact again in the new place;
 //! - the real `talaria inspect` resolves both images' artifacts with the registry credentials.
 
 mod common;
@@ -270,6 +271,31 @@ async fn private_registries_pull_secrets_policy_secrets_and_artifact_repository(
     assert_ne!(ts.owner_generations, fs.owner_generations);
     let tart = ts.artifact.clone().expect("artifact");
     assert_eq!(tart.repository, format!("{ph}/talaria/artifacts"));
+
+    // The policy moves its artifacts elsewhere: the image's spec follows its policy and the
+    // artifact is built again there.
+    let moved = format!("{oh}/talaria/moved");
+    let patch = json!({"spec": {"artifactRepository": moved}});
+    policies
+        .patch("artifacts", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch policy");
+    let m = wait_for(
+        "image rebuilt in the new artifact repository",
+        WAIT,
+        || async {
+            let i = image_of(&images, &tool).await?;
+            let st = i.status.as_ref()?;
+            (i.spec.artifact_repository.as_deref() == Some(moved.as_str())
+                && st.phase == Phase::Ready
+                && st.artifact.as_ref()?.repository == moved)
+                .then_some(i)
+        },
+    )
+    .await;
+    let ms = m.status.clone().expect("status");
+    assert_eq!(ms.attempts, 1, "a settings change starts a fresh count");
+    assert_eq!(ms.observed_generation, m.metadata.generation);
 
     // The real CLI finds both images' artifacts and plans, with the registry credentials.
     let dir = tempfile::tempdir().expect("tempdir");
