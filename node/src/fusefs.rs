@@ -23,6 +23,7 @@ use talaria_artifact::reader::LayerReader;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::reach::Reachability;
 
 /// The layer never changes, so the kernel may cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -375,6 +376,7 @@ pub struct LayerFs {
     tree: Tree,
     index: Arc<LayerIndex>,
     reader: Arc<LayerReader>,
+    reach: Arc<Reachability>,
     rt: tokio::runtime::Handle,
     read_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -383,6 +385,7 @@ pub struct LayerFs {
 impl LayerFs {
     pub fn new(
         reader: Arc<LayerReader>,
+        reach: Arc<Reachability>,
         rt: tokio::runtime::Handle,
         read_timeout: Duration,
         metrics: Arc<Metrics>,
@@ -393,6 +396,7 @@ impl LayerFs {
             tree,
             index,
             reader,
+            reach,
             rt,
             read_timeout,
             metrics,
@@ -492,20 +496,30 @@ impl Filesystem for LayerFs {
         };
         // Answered from the runtime so a slow fetch never holds up this FUSE thread.
         let reader = self.reader.clone();
+        let reach = self.reach.clone();
         let timeout = self.read_timeout;
         let metrics = self.metrics.clone();
         self.rt.spawn(async move {
-            let res =
-                tokio::time::timeout(timeout, reader.read_file(&entry, offset, u64::from(size)))
-                    .await;
-            match res {
+            // A registry already known down fails this read at once: not worth a warning each.
+            let known_down = reach.down_since().is_some();
+            let read = reader.read_file(&entry, offset, u64::from(size));
+            tokio::pin!(read);
+            match tokio::time::timeout(timeout, &mut read).await {
                 Ok(Ok(data)) => reply.data(&data),
                 Ok(Err(e)) => {
                     metrics.read_errors.inc();
-                    warn!(path = %entry.path, offset, size, error = %e, "read failed: EIO");
+                    if known_down {
+                        debug!(path = %entry.path, offset, size, error = %e, "read failed: EIO");
+                    } else {
+                        warn!(path = %entry.path, offset, size, error = %e, "read failed: EIO");
+                    }
                     reply.error(Errno::EIO);
                 }
                 Err(_) => {
+                    // Marked while the fetch is still held (it is dropped with this task,
+                    // which lets readers waiting on its spans go on): the kernel's retry of
+                    // this read and those readers must not wait through another timeout.
+                    reach.failed(&format_args!("a read waited {timeout:?}"));
                     metrics.read_errors.inc();
                     warn!(path = %entry.path, offset, size, ?timeout, "read timed out: EIO");
                     reply.error(Errno::EIO);

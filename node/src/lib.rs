@@ -10,6 +10,7 @@ pub mod cache;
 pub mod error;
 pub mod fusefs;
 pub mod metrics;
+pub mod reach;
 pub mod remote;
 pub mod service;
 pub mod snapshotter;

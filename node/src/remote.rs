@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
 use crate::fusefs::{FsError, LayerFs};
 use crate::metrics::Metrics;
+use crate::reach::Reachability;
 use crate::snapshotter::{
     CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, CRI_MANIFEST_DIGEST_LABEL, HookOutcome,
     PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL,
@@ -136,21 +137,38 @@ struct RemoteRecord {
     artifact: String,
 }
 
-/// Ranged reads bounded in time and counted.
+/// Ranged reads bounded in time, counted, and refused at once while the blob was just
+/// found unreachable.
 struct MeteredSource {
     inner: Arc<dyn RangeSource>,
     timeout: Duration,
     bytes: Counter,
+    reach: Arc<Reachability>,
 }
 
 impl RangeSource for MeteredSource {
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
-            let data = tokio::time::timeout(self.timeout, self.inner.read_range(offset, len))
+            if let Some(age) = self.reach.down_since() {
+                return Err(SourceError::Remote(format!(
+                    "registry unreachable (a fetch failed {age:.1?} ago; not tried again within {:?})",
+                    self.reach.hold()
+                )));
+            }
+            let res = tokio::time::timeout(self.timeout, self.inner.read_range(offset, len))
                 .await
-                .map_err(|_| SourceError::Timeout(self.timeout))??;
-            self.bytes.inc_by(data.len() as u64);
-            Ok(data)
+                .unwrap_or(Err(SourceError::Timeout(self.timeout)));
+            match res {
+                Ok(data) => {
+                    self.reach.succeeded();
+                    self.bytes.inc_by(data.len() as u64);
+                    Ok(data)
+                }
+                Err(e) => {
+                    self.reach.failed(&e);
+                    Err(e)
+                }
+            }
         })
     }
 }
@@ -291,6 +309,12 @@ impl RemoteLayers {
             index.compressed_size,
         ));
         let cache: Arc<dyn SpanCache> = self.cache.clone();
+        // Shared by on-demand reads and the background fetch: either finding the registry
+        // gone makes the other's uncached reads fail at once.
+        let reach = Arc::new(Reachability::new(
+            rec.layer_digest.clone(),
+            self.opts.read_timeout,
+        ));
         let reader = |bytes: Counter| {
             Arc::new(LayerReader::new(
                 index.clone(),
@@ -298,6 +322,7 @@ impl RemoteLayers {
                     inner: blob.clone(),
                     timeout: self.opts.read_timeout,
                     bytes,
+                    reach: reach.clone(),
                 }),
                 cache.clone(),
             ))
@@ -305,6 +330,7 @@ impl RemoteLayers {
         let on_demand = reader(self.metrics.bytes_on_demand.clone());
         let fs = LayerFs::new(
             on_demand,
+            reach.clone(),
             self.rt.clone(),
             self.opts.read_timeout,
             self.metrics.clone(),
@@ -531,9 +557,15 @@ fn detach(mut m: Mounted) {
     if let Err(e) = nix::mount::umount2(&m.fs_dir, nix::mount::MntFlags::MNT_DETACH) {
         debug!(fs = %m.fs_dir.display(), error = %e, "lazy unmount");
     }
-    // The session's own unmount then finds nothing mounted; its thread ends with the
-    // connection, so nothing here waits.
-    drop(m.session.take());
+    // The session's own unmount then fails (EINVAL: no longer in the namespace) or finds the
+    // connection gone; taken here so it is not logged as a warning when the session drops.
+    // It fails before joining while the connection lives, so nothing here waits on a busy
+    // mount.
+    if let Some(session) = m.session.take()
+        && let Err(e) = session.umount_and_join()
+    {
+        debug!(fs = %m.fs_dir.display(), error = %e, "session unmount after the lazy one");
+    }
 }
 
 impl PrepareHook for RemoteLayers {

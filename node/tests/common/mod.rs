@@ -115,6 +115,14 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // For looking at a passing run's log too: the test's temporary root is gone after it.
+        if let Some(dir) = std::env::var_os("TALARIA_KEEP_NODE_LOGS") {
+            let name = self.root.to_string_lossy().replace('/', "_");
+            let to = Path::new(&dir).join(format!("node{name}.log"));
+            if let Err(e) = fs::copy(&self.log, &to) {
+                eprintln!("keeping the node log as {}: {e}", to.display());
+            }
+        }
         if std::thread::panicking() {
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(80).collect();
