@@ -119,6 +119,38 @@ fn rich_layer(seed: u64) -> Layer {
     Layer::from_tar(&b.into_inner().expect("tar")).expect("layer")
 }
 
+/// The test's registry process stopped (SIGSTOP) until dropped: a registry that hangs.
+struct Paused(nix::unistd::Pid);
+
+impl Paused {
+    fn new(registry: &Registry) -> Paused {
+        // Found by its config path, unique to this registry's temp dir.
+        let config = registry.dir().join("config.yml");
+        let config = config.to_string_lossy();
+        let pid = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                cmd.split(|b| *b == 0)
+                    .any(|a| a == config.as_bytes())
+                    .then_some(pid)
+            })
+            .next()
+            .unwrap_or_else(|| panic!("no registry process serving {config}"));
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP registry");
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// `srv/big.bin` of `rich_layer(seed)`: large enough for several spans of a small span
 /// size, incompressible.
 fn big_content(seed: u64) -> Vec<u8> {
@@ -514,11 +546,30 @@ async fn remote_layers_mount_lazily_and_fall_back_safely() {
     assert_eq!(prepare_layers(&mut c, &d_ref, &d).await, [true]);
     let d_chain = chain_ids(&d).remove(0);
 
+    // The registry hangs (SIGSTOP: connections are accepted, nothing answers): the read
+    // timeout itself ends the read, and the kernel's retry of it does not wait again.
+    let mnt_d = dir.path().join("mnt-d");
+    mount_view(&mut c, &d_chain, "view-d", &mnt_d).await;
+    let paused = Paused::new(&registry);
+    let t = Instant::now();
+    let err = match std::fs::read(mnt_d.join("srv/big.bin")) {
+        Ok(data) => panic!("read {} bytes with the registry hanging", data.len()),
+        Err(e) => e,
+    };
+    let took = t.elapsed();
+    drop(paused);
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        took < Duration::from_secs(READ_TIMEOUT_SECS) + Duration::from_secs(1),
+        "EIO after {took:?} from a hanging registry, timeout {READ_TIMEOUT_SECS}s"
+    );
+    eprintln!("D: EIO after {took:?} (registry hanging)");
+    // Past the hold, so the next read meets the stopped registry afresh.
+    tokio::time::sleep(Duration::from_secs(READ_TIMEOUT_SECS) + Duration::from_millis(100)).await;
+
     // The registry goes away: an uncached read fails with EIO within the timeout, B still
     // reads from the span cache.
     registry.stop();
-    let mnt_d = dir.path().join("mnt-d");
-    mount_view(&mut c, &d_chain, "view-d", &mnt_d).await;
     let t = Instant::now();
     let err = match std::fs::read(mnt_d.join("srv/big.bin")) {
         Ok(data) => panic!("read {} bytes with the registry down", data.len()),
