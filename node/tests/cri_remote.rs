@@ -160,6 +160,14 @@ impl Drop for Node {
                 let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+        // For looking at a passing run's log too: the test's temporary dir is gone after it.
+        if let Some(dir) = std::env::var_os("TALARIA_KEEP_NODE_LOGS") {
+            let name = self.root.to_string_lossy().replace('/', "_");
+            let to = Path::new(&dir).join(format!("node{name}.log"));
+            if let Err(e) = fs::copy(&self.log, &to) {
+                eprintln!("keeping the node log as {}: {e}", to.display());
+            }
+        }
         if std::thread::panicking() {
             eprintln!(
                 "--- talaria-node log (last lines) ---\n{}",
