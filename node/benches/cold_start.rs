@@ -70,8 +70,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Workload::Echo)]
     workload: Workload,
     /// Extra talaria-node flags (e.g. "--no-prefetch"), whitespace-separated.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     node_args: String,
+    /// Keep each run's talaria-node and containerd logs here (`RUN-VARIANT-*.log`).
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
     /// Passed by `cargo bench` to harness-less benches; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -192,7 +195,7 @@ async fn run(args: Args) -> Result<()> {
     for run in 0..args.runs {
         for (variant, got) in &mut samples {
             let t = Instant::now();
-            let s = cold_start(*variant, &host, &args, &node_args, pull_timeout)
+            let s = cold_start(*variant, run, &host, &args, &node_args, pull_timeout)
                 .await
                 .with_context(|| format!("run {run} of {}", variant.name()))?;
             eprintln!(
@@ -229,6 +232,7 @@ async fn run(args: Args) -> Result<()> {
 
 async fn cold_start(
     variant: Variant,
+    run: usize,
     host: &str,
     args: &Args,
     node_args: &[String],
@@ -318,6 +322,17 @@ async fn cold_start(
         String::new()
     };
     let _ = cri.remove_pod(&pod).await;
+    if let Some(keep) = &args.keep_logs {
+        std::fs::create_dir_all(keep).with_context(|| format!("create {}", keep.display()))?;
+        let prefix = keep.join(format!("{run}-{}", variant.name()));
+        let _ = std::fs::copy(
+            env.containerd().log_path(),
+            prefix.with_extension("containerd.log"),
+        );
+        if let Some(n) = &node {
+            let _ = std::fs::copy(&n.log, prefix.with_extension("node.log"));
+        }
+    }
     drop(env);
     drop(node);
     Ok(Sample {
