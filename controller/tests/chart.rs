@@ -270,6 +270,7 @@ fn expected_objects(node: bool) -> BTreeSet<ObjKey> {
         v.extend(keys(&[
             ("ServiceAccount", NS, "talaria-node"),
             ("DaemonSet", NS, "talaria-node"),
+            ("Service", NS, "talaria-node-metrics"),
             ("ClusterRole", "", "talaria-node"),
             ("ClusterRoleBinding", "", "talaria-node"),
         ]));
