@@ -7,6 +7,7 @@
 //! [`snapshotter::PrepareHook`] is where remote (lazy) layers plug in.
 
 pub mod cache;
+pub mod cluster;
 pub mod error;
 pub mod fusefs;
 pub mod metrics;

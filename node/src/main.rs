@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use talaria_artifact::auth::Credentials;
 use talaria_artifact::registry::{RegistryConfig, RetryPolicy};
+use talaria_node::cluster::{self, ClusterSource};
 use talaria_node::metrics::Metrics;
 use talaria_node::remote::{RemoteLayers, RemoteOptions, detach_stale_mounts};
 use talaria_node::service::serve_unix;
@@ -62,6 +63,15 @@ struct Args {
         value_delimiter = ','
     )]
     insecure_registries: Vec<String>,
+    /// Kubeconfig of the cluster whose policy-approved AcceleratedImages name artifacts.
+    #[arg(long, env = "TALARIA_NODE_KUBECONFIG", conflicts_with = "in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch AcceleratedImages with the pod's service account.
+    #[arg(long, env = "TALARIA_NODE_IN_CLUSTER")]
+    in_cluster: bool,
+    /// Do not look for artifacts among registry referrers (only the cluster's).
+    #[arg(long, env = "TALARIA_NODE_NO_REFERRERS")]
+    no_referrers: bool,
     /// Address for /metrics and /healthz (e.g. 127.0.0.1:9810); off when absent.
     #[arg(long, env = "TALARIA_NODE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -118,6 +128,15 @@ async fn main() -> anyhow::Result<()> {
             read_timeout: args.read_timeout,
             ..RegistryConfig::default()
         };
+        let cluster = if args.kubeconfig.is_some() || args.in_cluster {
+            let client = cluster::client(args.kubeconfig.as_deref())
+                .await
+                .context("connecting to the cluster")?;
+            info!("watching AcceleratedImages for artifacts");
+            Some(Arc::new(ClusterSource::start(client)))
+        } else {
+            None
+        };
         let opts = RemoteOptions {
             cache_dir: args.root.join("cache").join("spans"),
             cache_max_bytes: args.cache_mib.saturating_mul(1 << 20),
@@ -125,6 +144,8 @@ async fn main() -> anyhow::Result<()> {
             resolve_timeout: args.resolve_timeout,
             registry,
             prefetch: !args.no_prefetch,
+            cluster,
+            referrers: !args.no_referrers,
         };
         Some(Arc::new(
             RemoteLayers::new(opts, metrics.clone()).context("setting up remote layers")?,

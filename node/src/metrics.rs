@@ -16,6 +16,12 @@ pub struct FallbackLabels {
     pub reason: String,
 }
 
+/// Where the artifact of a lazily mounted layer was found.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
 /// All node metrics. Cheap to share: every metric is an `Arc` inside.
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +32,8 @@ pub struct Metrics {
     /// Uncompressed span bytes served from the span cache.
     pub bytes_from_cache: Counter,
     pub fallbacks: Family<FallbackLabels, Counter>,
+    /// Layers mounted lazily, by where their artifact was found (`cluster`, `referrers`).
+    pub mounted_by_source: Family<SourceLabels, Counter>,
     /// Seconds from Prepare to a mounted, committed remote layer.
     pub mount_seconds: Histogram,
     pub remote_mounts: Gauge,
@@ -48,6 +56,7 @@ impl Metrics {
             bytes_prefetched: Counter::default(),
             bytes_from_cache: Counter::default(),
             fallbacks: Family::default(),
+            mounted_by_source: Family::default(),
             mount_seconds: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
@@ -77,6 +86,11 @@ impl Metrics {
             m.fallbacks.clone(),
         );
         registry.register(
+            "mounted_layers",
+            "Layers mounted lazily, by where their artifact was found",
+            m.mounted_by_source.clone(),
+        );
+        registry.register(
             "mount_seconds",
             "Time to resolve, mount and commit a remote layer",
             m.mount_seconds.clone(),
@@ -103,6 +117,14 @@ impl Metrics {
         self.fallbacks
             .get_or_create(&FallbackLabels {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn mounted_from(&self, source: &str) {
+        self.mounted_by_source
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
             })
             .inc();
     }

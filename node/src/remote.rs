@@ -2,8 +2,9 @@
 //! Talaria layer index instead of letting containerd download and unpack it.
 //!
 //! On a layer Prepare carrying containerd's remote-snapshot labels (target chain id, CRI
-//! image ref, manifest digest, layer digest) the hook resolves the image's artifact through
-//! the registry's referrers (accelerated → default → none), loads the layer's index, creates
+//! image ref, manifest digest, layer digest) the hook resolves the image's artifact from the
+//! AcceleratedImages a policy approved (when watching a cluster, see [`crate::cluster`]), else
+//! through the registry's referrers (accelerated → default → none), loads the layer's index, creates
 //! the active snapshot `key`, mounts the layer read-only at its `fs` dir, commits it under
 //! the target name (labelled with it, as containerd's metadata layer looks it up) and answers
 //! `Provided`. Anything that goes wrong is logged, counted by reason and answered `Unpack`:
@@ -31,6 +32,7 @@ use talaria_artifact::store::{RegistryStore, Store};
 use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
+use crate::cluster::{ClusterSource, node_platform};
 use crate::fusefs::{FsError, LayerFs};
 use crate::metrics::Metrics;
 use crate::reach::Reachability;
@@ -63,6 +65,34 @@ pub struct RemoteOptions {
     pub registry: RegistryConfig,
     /// Fetch the rest of each layer in the background after mounting it.
     pub prefetch: bool,
+    /// Policy-approved AcceleratedImages, looked at before the referrers.
+    pub cluster: Option<Arc<ClusterSource>>,
+    /// Look for artifacts among the image's registry referrers.
+    pub referrers: bool,
+}
+
+/// Where an image's artifact was found; the `source` label of the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArtifactSource {
+    Cluster,
+    Referrers,
+}
+
+impl ArtifactSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            ArtifactSource::Cluster => "cluster",
+            ArtifactSource::Referrers => "referrers",
+        }
+    }
+}
+
+/// A resolved artifact and the repository holding it (and its index blobs).
+#[derive(Clone, Debug)]
+struct Resolved {
+    info: ArtifactInfo,
+    repo: Repository,
+    source: ArtifactSource,
 }
 
 /// Why a layer was not mounted remotely; `reason()` is the metric label.
@@ -88,6 +118,8 @@ pub enum RemoteError {
     },
     #[error("index {index}: {message}")]
     Index { index: String, message: String },
+    #[error("artifact {artifact} of an AcceleratedImage: {message}")]
+    ClusterArtifact { artifact: String, message: String },
     #[error("{0} timed out after {1:?}")]
     Timeout(&'static str, Duration),
     #[error(transparent)]
@@ -117,6 +149,7 @@ impl RemoteError {
             RemoteError::NotIndexed { .. } => "layer_not_indexed",
             RemoteError::Resolve { .. } => "resolve_error",
             RemoteError::Index { .. } => "index_error",
+            RemoteError::ClusterArtifact { .. } => "cluster_artifact_error",
             RemoteError::Timeout(..) => "timeout",
             RemoteError::Fs(FsError::Tree { .. }) => "unsupported_layer",
             RemoteError::Fs(FsError::Mount { .. }) => "mount_error",
@@ -189,7 +222,9 @@ pub struct RemoteLayers {
     metrics: Arc<Metrics>,
     opts: RemoteOptions,
     mounts: Mutex<HashMap<u64, Mounted>>,
-    resolved: Mutex<HashMap<String, (Instant, Option<ArtifactInfo>)>>,
+    resolved: Mutex<HashMap<String, (Instant, Option<Resolved>)>>,
+    /// `os/arch` of this node, to pick the AcceleratedImage of its platform.
+    platform: String,
     /// One background fetch at a time across the node: on-demand reads come first.
     prefetch_slot: Arc<tokio::sync::Semaphore>,
 }
@@ -227,6 +262,7 @@ impl RemoteLayers {
             opts,
             mounts: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
+            platform: node_platform(),
             prefetch_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
@@ -405,26 +441,54 @@ impl RemoteLayers {
         }
     }
 
-    /// The artifact for a manifest, reused briefly for the image's other layers.
+    /// The artifact for a manifest, reused briefly for the image's other layers: from an
+    /// approved AcceleratedImage first, else from the image's referrers (when enabled).
     async fn resolve(
         &self,
-        store: &dyn Store,
+        image_repo: &Repository,
         manifest: &str,
         image: &str,
-    ) -> Result<Option<ArtifactInfo>, RemoteError> {
+    ) -> Result<Option<Resolved>, RemoteError> {
         if let Ok(m) = self.resolved.lock()
             && let Some((at, a)) = m.get(manifest)
             && at.elapsed() < RESOLVE_TTL
         {
             return Ok(a.clone());
         }
-        let found =
-            artifact::resolve(store, manifest)
+        let mut found = None;
+        if let Some(cluster) = &self.opts.cluster
+            && let Some(r) = cluster.lookup(manifest, &self.platform).await
+        {
+            match self.load_cluster_artifact(&r, manifest).await {
+                Ok(res) => found = Some(res),
+                // A broken object must not stop the image: the referrers may still have one.
+                Err(e) => warn!(image, error = %e, "artifact of an AcceleratedImage unusable"),
+            }
+        }
+        if found.is_none() && self.opts.referrers {
+            let store = RegistryStore::new(self.client.clone(), image_repo.clone());
+            found = artifact::resolve(&store, manifest)
                 .await
                 .map_err(|source| RemoteError::Resolve {
                     image: image.to_string(),
                     source: Box::new(source),
-                })?;
+                })?
+                .map(|info| Resolved {
+                    info,
+                    repo: image_repo.clone(),
+                    source: ArtifactSource::Referrers,
+                });
+        }
+        match &found {
+            Some(r) => info!(
+                image,
+                artifact = r.info.descriptor.digest,
+                repository = %r.repo,
+                source = r.source.label(),
+                "artifact resolved"
+            ),
+            None => debug!(image, "no artifact found"),
+        }
         if let Ok(mut m) = self.resolved.lock() {
             if m.len() >= RESOLVE_CACHE_MAX {
                 m.clear();
@@ -434,11 +498,43 @@ impl RemoteLayers {
         Ok(found)
     }
 
+    /// Loads the artifact manifest an AcceleratedImage names, checking it is about `manifest`.
+    async fn load_cluster_artifact(
+        &self,
+        r: &talaria_api::ArtifactRef,
+        manifest: &str,
+    ) -> Result<Resolved, RemoteError> {
+        let err = |message: String| RemoteError::ClusterArtifact {
+            artifact: format!("{}@{}", r.repository, r.digest),
+            message,
+        };
+        let repo = ImageRef::parse(&r.repository)
+            .map_err(|e| err(format!("repository: {e}")))?
+            .repository;
+        let store = RegistryStore::new(self.client.clone(), repo.clone());
+        let raw = store
+            .get_manifest(&r.digest)
+            .await
+            .map_err(|e| err(format!("fetching the manifest: {e}")))?;
+        let info = artifact::parse_artifact(&raw).map_err(|e| err(e.to_string()))?;
+        if info.subject.digest != manifest {
+            return Err(err(format!(
+                "its subject is {}, not the image {manifest}",
+                info.subject.digest
+            )));
+        }
+        Ok(Resolved {
+            info,
+            repo,
+            source: ArtifactSource::Cluster,
+        })
+    }
+
     /// Resolves and loads the index of the layer a Prepare is about.
     async fn locate(
         &self,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(RemoteRecord, Bytes, LayerIndex), RemoteError> {
+    ) -> Result<(RemoteRecord, Bytes, LayerIndex, ArtifactSource), RemoteError> {
         let image_ref = label(labels, CRI_IMAGE_REF_LABEL)?;
         let manifest = label(labels, CRI_MANIFEST_DIGEST_LABEL)?;
         let layer = label(labels, CRI_LAYER_DIGEST_LABEL)?;
@@ -447,11 +543,13 @@ impl RemoteLayers {
             value: image_ref.to_string(),
             message: e.to_string(),
         })?;
-        let store = RegistryStore::new(self.client.clone(), parsed.repository.clone());
-        let art = self
-            .resolve(&store, manifest, image_ref)
+        let found = self
+            .resolve(&parsed.repository, manifest, image_ref)
             .await?
             .ok_or_else(|| RemoteError::NoArtifact(image_ref.to_string()))?;
+        let art = &found.info;
+        // Index blobs live with the artifact, which may be in another repository.
+        let store = RegistryStore::new(self.client.clone(), found.repo.clone());
         let desc = art
             .index_for(layer)
             .ok_or_else(|| RemoteError::NotIndexed {
@@ -486,7 +584,7 @@ impl RemoteLayers {
             layer_digest: layer.to_string(),
             artifact: art.descriptor.digest.clone(),
         };
-        Ok((rec, raw, index))
+        Ok((rec, raw, index, found.source))
     }
 
     fn provide(
@@ -499,7 +597,7 @@ impl RemoteLayers {
     ) -> Result<(), RemoteError> {
         let t0 = Instant::now();
         let timeout = self.opts.resolve_timeout;
-        let (rec, raw, index) = self
+        let (rec, raw, index, source) = self
             .rt
             .block_on(tokio::time::timeout(timeout, self.locate(labels)))
             .map_err(|_| RemoteError::Timeout("resolving the artifact", timeout))??;
@@ -540,10 +638,12 @@ impl RemoteLayers {
         }
         let secs = t0.elapsed().as_secs_f64();
         self.metrics.mount_seconds.observe(secs);
+        self.metrics.mounted_from(source.label());
         info!(
             target,
             layer = rec.layer_digest,
             artifact = rec.artifact,
+            source = source.label(),
             ms = (secs * 1000.0) as u64,
             "remote layer mounted lazily"
         );

@@ -1,0 +1,338 @@
+//! Artifacts named by the cluster, with the real kube-apiserver and registry: the node
+//! watches AcceleratedImages and mounts a layer lazily from the artifact a policy-approved
+//! one names, even when that artifact lives in another repository (so the image's referrers
+//! find nothing); an AcceleratedImage no policy owns is ignored and the layer falls back.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Client, Node, connect, mount_at};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt, Resource};
+use serde_json::json;
+use talaria_api::{AcceleratedImage, AccelerationPolicy};
+use talaria_artifact::artifact::{self, Profile};
+use talaria_artifact::build::{BuildOptions, BuildSummary, build};
+use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::store::{RegistryStore, Store};
+use talaria_node::proto::containerd::services::snapshots::v1 as pb;
+use talaria_testenv::apiserver::KubeApi;
+use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
+use talaria_testenv::registry::Registry;
+use tonic::Code;
+
+const ARTIFACT_REPO: &str = "talaria/artifacts";
+
+fn store(host: &str, repo: &str) -> Arc<dyn Store> {
+    let client = RegistryClient::new(RegistryConfig::default()).expect("registry client");
+    Arc::new(RegistryStore::new(
+        client,
+        Repository {
+            registry: host.to_string(),
+            name: repo.to_string(),
+        },
+    ))
+}
+
+/// A one-layer image holding `name` with `content`, pushed as `host/repo:v1`, and its
+/// default artifact built into [`ARTIFACT_REPO`] (not the image's repository).
+async fn image_with_artifact(
+    host: &str,
+    repo: &str,
+    name: &str,
+    content: &[u8],
+) -> (images::Image, BuildSummary) {
+    let img = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .file(name, content.to_vec(), 0o644)
+                .build()
+                .expect("layer"),
+        )
+        .cmd(&["/bin/sh"])
+        .build()
+        .expect("image");
+    img.push(host, repo, "v1").expect("push image");
+    let opts = BuildOptions {
+        profile: Profile::Default,
+        ..BuildOptions::default()
+    };
+    let summary = build(
+        store(host, repo),
+        "v1",
+        Some(store(host, ARTIFACT_REPO)),
+        &opts,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("build the artifact of {repo}: {e}"));
+    // The precondition of the test: the image's own referrers know no artifact.
+    let own = artifact::resolve(store(host, repo).as_ref(), &img.manifest_digest)
+        .await
+        .expect("referrers of the image");
+    assert!(own.is_none(), "{repo} has a referrer artifact: {own:?}");
+    (img, summary)
+}
+
+/// Creates a Ready AcceleratedImage for `img` naming `summary`'s artifact, owned by
+/// `owner` when given; the status is written through the status subresource.
+async fn accelerated_image(
+    api: &Api<AcceleratedImage>,
+    name: &str,
+    host: &str,
+    repo: &str,
+    img: &images::Image,
+    summary: &BuildSummary,
+    owner: Option<&AccelerationPolicy>,
+) {
+    let mut obj: AcceleratedImage = serde_json::from_value(json!({
+        "apiVersion": "talaria.dev/v1alpha1",
+        "kind": "AcceleratedImage",
+        "metadata": { "name": name },
+        "spec": {
+            "image": format!("{host}/{repo}"),
+            "digest": img.manifest_digest,
+            "platform": talaria_node::cluster::node_platform(),
+            "profile": "default",
+            "accelerationKey": summary.key,
+            "artifactRepository": format!("{host}/{ARTIFACT_REPO}"),
+        },
+    }))
+    .expect("AcceleratedImage");
+    if let Some(p) = owner {
+        obj.metadata.owner_references = Some(vec![p.controller_owner_ref(&()).expect("owner ref")]);
+    }
+    api.create(&PostParams::default(), &obj)
+        .await
+        .unwrap_or_else(|e| panic!("create AcceleratedImage {name}: {e}"));
+    let status = json!({ "status": {
+        "phase": "Ready",
+        "defaultArtifact": {
+            "repository": format!("{host}/{ARTIFACT_REPO}"),
+            "digest": summary.artifact.digest,
+            "size": summary.artifact.size,
+        },
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("status of {name}: {e}"));
+}
+
+/// Prepares the image's only layer as containerd's CRI plugin does; true when the node
+/// provided it lazily, false when it handed out an active snapshot to unpack into.
+async fn prepare(c: &mut Client, image_ref: &str, img: &images::Image) -> bool {
+    let layer = &img.layers[0];
+    let chain = layer.diff_id.clone();
+    let key = format!("default/1/extract-{}", &chain[7..19]);
+    let labels = HashMap::from([
+        ("containerd.io/snapshot.ref".to_string(), chain.clone()),
+        (
+            "containerd.io/snapshot/cri.image-ref".to_string(),
+            image_ref.to_string(),
+        ),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".to_string(),
+            img.manifest_digest.clone(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".to_string(),
+            layer.digest.clone(),
+        ),
+    ]);
+    let res = c
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "talaria".into(),
+            key: key.clone(),
+            parent: String::new(),
+            labels,
+        })
+        .await;
+    match res {
+        Err(e) if e.code() == Code::AlreadyExists => true,
+        Ok(_) => {
+            c.remove(pb::RemoveSnapshotRequest {
+                snapshotter: "talaria".into(),
+                key,
+            })
+            .await
+            .expect("remove the fallback's active snapshot");
+            false
+        }
+        Err(e) => panic!("prepare {image_ref}: {e}"),
+    }
+}
+
+fn metrics(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// The value of the metric line starting with `prefix` (0 when absent).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_mount_from_artifacts_a_policy_approved() {
+    talaria_artifact::registry::install_crypto_provider();
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-cluster-")
+        .tempdir()
+        .expect("tempdir");
+    let registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    let kube = KubeApi::start().await.expect("start kube-apiserver");
+    let client = kube.client().await.expect("kube client");
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [AccelerationPolicy::crd(), AcceleratedImage::crd()] {
+        crds.create(&PostParams::default(), &crd)
+            .await
+            .expect("create CRD");
+    }
+    let policies: Api<AccelerationPolicy> = Api::all(client.clone());
+    let images_api: Api<AcceleratedImage> = Api::all(client.clone());
+    // Established: the resource answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while images_api.list(&Default::default()).await.is_err()
+        || policies.list(&Default::default()).await.is_err()
+    {
+        assert!(Instant::now() < deadline, "CRDs not served within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let policy: AccelerationPolicy = serde_json::from_value(json!({
+        "apiVersion": "talaria.dev/v1alpha1",
+        "kind": "AccelerationPolicy",
+        "metadata": { "name": "approved" },
+        "spec": { "images": [format!("{host}/talaria/*")], "profile": "default" },
+    }))
+    .expect("policy");
+    let policy = policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("create policy");
+    assert!(policy.meta().uid.is_some());
+
+    let ok_content = b"approved by a policy\n".repeat(1000);
+    let (ok_img, ok_art) =
+        image_with_artifact(&host, "talaria/approved", "ok.txt", &ok_content).await;
+    accelerated_image(
+        &images_api,
+        "approved",
+        &host,
+        "talaria/approved",
+        &ok_img,
+        &ok_art,
+        Some(&policy),
+    )
+    .await;
+    let (stray_img, stray_art) =
+        image_with_artifact(&host, "talaria/stray", "stray.txt", b"no policy\n").await;
+    accelerated_image(
+        &images_api,
+        "stray",
+        &host,
+        "talaria/stray",
+        &stray_img,
+        &stray_art,
+        None,
+    )
+    .await;
+
+    let socket = dir.path().join("sn.sock");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let metrics_addr = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    let mut node = Node::start(
+        &dir.path().join("root"),
+        &socket,
+        &dir.path().join("node.log"),
+        &[
+            "--kubeconfig".into(),
+            kube.kubeconfig().display().to_string(),
+            "--metrics-addr".into(),
+            metrics_addr.clone(),
+        ],
+    );
+    let mut c = connect(socket.clone()).await;
+
+    // Approved: mounted lazily from the artifact in the other repository; reads are right.
+    let ok_ref = format!("{host}/talaria/approved:v1");
+    assert!(
+        prepare(&mut c, &ok_ref, &ok_img).await,
+        "approved image not provided:\n{}",
+        node.log_text()
+    );
+    let chain = ok_img.layers[0].diff_id.clone();
+    let view = c
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "talaria".into(),
+            key: "view-ok".into(),
+            parent: chain,
+            labels: HashMap::new(),
+        })
+        .await
+        .expect("view")
+        .into_inner();
+    let m = &view.mounts[0];
+    let mnt = dir.path().join("mnt");
+    mount_at(&m.r#type, &m.source, &m.options, &mnt);
+    let read = std::fs::read(mnt.join("ok.txt"));
+    nix::mount::umount(&mnt).expect("umount view");
+    assert_eq!(read.expect("read ok.txt"), ok_content);
+    let text = metrics(&metrics_addr);
+    assert_eq!(
+        metric(
+            &text,
+            "talaria_node_mounted_layers_total{source=\"cluster\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "talaria_node_remote_mounts "), 1.0, "{text}");
+
+    // Not approved (no owning policy): ignored; the referrers find nothing; unpacked.
+    let stray_ref = format!("{host}/talaria/stray:v1");
+    assert!(!prepare(&mut c, &stray_ref, &stray_img).await);
+    let text = metrics(&metrics_addr);
+    assert_eq!(
+        metric(
+            &text,
+            "talaria_node_fallbacks_total{reason=\"no_artifact\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "talaria_node_mounted_layers_total{source=\"cluster\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        node.log_text().contains("source=\"cluster\"")
+            || node.log_text().contains("source=cluster"),
+        "the log names the source:\n{}",
+        node.log_text()
+    );
+    drop(c);
+    let status = node.signal("TERM");
+    assert!(status.success(), "node exit: {status}\n{}", node.log_text());
+    eprintln!("cluster test took {:?}", t0.elapsed());
+}
