@@ -15,7 +15,7 @@ use kube::runtime::controller::Action;
 use serde_json::json;
 use talaria_api::{AcceleratedImage, AcceleratedImageStatus, AccelerationPolicy, Phase};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::context::{ANN_PULL_SECRETS, Ctx, Error, FIELD_MANAGER, condition, truncate};
 use crate::policy::{CACHE_SYNC_WAIT, owners};
@@ -79,6 +79,23 @@ fn registry_host(image: &str) -> &str {
     image.split('/').next().unwrap_or(image)
 }
 
+/// The image's owning policies as the apiserver has them now; None when one cannot be read.
+async fn fresh_owners(ctx: &Ctx, img: &AcceleratedImage) -> Option<Vec<Arc<AccelerationPolicy>>> {
+    let api: Api<AccelerationPolicy> = Api::all(ctx.client.clone());
+    let mut out = Vec::new();
+    for r in owners(img) {
+        match api.get_opt(&r.name).await {
+            Ok(Some(p)) => out.push(Arc::new(p)),
+            Ok(None) => {}
+            Err(e) => {
+                debug!(policy = %r.name, error = %e, "reading an owning policy; using the cache");
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
 #[tracing::instrument(name = "build_image", skip_all, fields(image = %img.name_any()))]
 pub async fn reconcile(
     img: Arc<AcceleratedImage>,
@@ -103,10 +120,16 @@ pub async fn reconcile(
     if prev.phase == Phase::Ready && prev.artifact.is_some() && !settings_changed {
         return Ok(Action::await_change());
     }
-    let owner_policies: Vec<Arc<AccelerationPolicy>> = owners(&img)
+    let mut owner_policies: Vec<Arc<AccelerationPolicy>> = owners(&img)
         .iter()
         .filter_map(|r| ctx.policies.get(r))
         .collect();
+    if prev.phase == Phase::Failed {
+        // This reconcile may have been triggered by a policy change that the policy cache has
+        // not seen yet (the trigger is another watch): read the owners fresh, so a changed
+        // policy is not missed and the image left Failed. Failed images are few.
+        owner_policies = fresh_owners(&ctx, &img).await.unwrap_or(owner_policies);
+    }
     // Paused policies build nothing new; an image nobody active owns waits.
     if owner_policies.is_empty() || owner_policies.iter().all(|p| p.spec.paused) {
         return Ok(Action::await_change());
