@@ -6,11 +6,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Node, connect, mount_at};
+use common::{Client, Node, connect, http_get, metric, mount_at};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{CustomResourceExt, Resource};
@@ -166,25 +165,6 @@ async fn prepare(c: &mut Client, image_ref: &str, img: &images::Image) -> bool {
     }
 }
 
-fn metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    out
-}
-
-/// The value of the metric line starting with `prefix` (0 when absent).
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_mount_from_artifacts_a_policy_approved() {
     talaria_artifact::registry::install_crypto_provider();
@@ -294,7 +274,7 @@ async fn layers_mount_from_artifacts_a_policy_approved() {
     let read = std::fs::read(mnt.join("ok.txt"));
     nix::mount::umount(&mnt).expect("umount view");
     assert_eq!(read.expect("read ok.txt"), ok_content);
-    let text = metrics(&metrics_addr);
+    let text = http_get(&metrics_addr, "/metrics");
     assert_eq!(
         metric(
             &text,
@@ -308,7 +288,7 @@ async fn layers_mount_from_artifacts_a_policy_approved() {
     // Not approved (no owning policy): ignored; the referrers find nothing; unpacked.
     let stray_ref = format!("{host}/talaria/stray:v1");
     assert!(!prepare(&mut c, &stray_ref, &stray_img).await);
-    let text = metrics(&metrics_addr);
+    let text = http_get(&metrics_addr, "/metrics");
     assert_eq!(
         metric(
             &text,

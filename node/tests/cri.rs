@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Node;
+use common::{Node, http_get, metric};
 use sha2::{Digest, Sha256};
 use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
@@ -19,24 +18,6 @@ use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
 use talaria_testenv::registry::Registry;
 
 const T: Duration = Duration::from_secs(60);
-
-fn metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    out
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pulls_lazily_and_runs_containers() {
@@ -120,7 +101,7 @@ async fn cri_pulls_lazily_and_runs_containers() {
     // With an artifact: both layers mounted lazily; the blobs are never downloaded.
     let image = format!("{host}/talaria/cri-lazy:v1");
     cri.pull_image(&image).await.expect("PullImage (lazy)");
-    let m = metrics(&addr);
+    let m = http_get(&addr, "/metrics");
     assert_eq!(
         metric(&m, "talaria_node_mount_seconds_count"),
         2.0,
@@ -157,7 +138,7 @@ async fn cri_pulls_lazily_and_runs_containers() {
             .is_some_and(|n| n > 100),
         "busybox applets: {out:?}"
     );
-    let m = metrics(&addr);
+    let m = http_get(&addr, "/metrics");
     // Fetched on demand or by the background fetch, whichever came first.
     assert!(
         metric(&m, "talaria_node_fetched_on_demand_bytes_total")
@@ -174,7 +155,7 @@ async fn cri_pulls_lazily_and_runs_containers() {
         .await
         .expect("run on unpacked layers");
     assert_eq!(out.stdout, "unpacked\n", "{out:?}");
-    let m = metrics(&addr);
+    let m = http_get(&addr, "/metrics");
     assert!(
         metric(&m, "talaria_node_fallbacks_total{reason=\"no_artifact\"}") >= 1.0,
         "{m}"

@@ -177,13 +177,6 @@ impl Drop for Node {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -543,7 +536,10 @@ async fn cri_pulls_and_runs_images_with_and_without_artifacts() {
     }
     eprintln!("images and artifacts pushed in {:?}", t0.elapsed());
 
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let metrics_addr = format!(
+        "127.0.0.1:{}",
+        talaria_testenv::free_port().expect("free port")
+    );
     let node = Node::start(
         dir.path(),
         &[
@@ -690,7 +686,10 @@ async fn dead_registry_gives_eio_within_the_timeout_and_other_images_keep_runnin
         image.push(&host, &repo, "v1").expect("push image");
         build_artifact(&host, &repo, "v1", Profile::Default).await;
     }
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let metrics_addr = format!(
+        "127.0.0.1:{}",
+        talaria_testenv::free_port().expect("free port")
+    );
     let node = Node::start(
         dir.path(),
         &[

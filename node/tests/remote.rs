@@ -7,12 +7,11 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Node, connect, mount_at, tree, tree_diff};
+use common::{Client, Node, connect, http_get, metric, mount_at, tree, tree_diff};
 use sha2::{Digest, Sha256};
 use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
@@ -390,32 +389,6 @@ fn overlayfs_tree(ctd: &Containerd, top_chain: &str, dir: &Path) -> BTreeMap<Str
     t
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    out
-}
-
-/// The value of a metric line starting with `prefix` (0 when absent).
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_layers_mount_lazily_and_fall_back_safely() {
     talaria_artifact::registry::install_crypto_provider();
@@ -454,7 +427,10 @@ async fn remote_layers_mount_lazily_and_fall_back_safely() {
 
     let root = dir.path().join("root");
     let socket = dir.path().join("sn.sock");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let metrics_addr = format!(
+        "127.0.0.1:{}",
+        talaria_testenv::free_port().expect("free port")
+    );
     let mut node = Node::start(
         &root,
         &socket,
