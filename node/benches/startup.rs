@@ -1,0 +1,1211 @@
+//! Issue 8's acceptance benchmark: cold start of real Debian workloads (a JVM service, a
+//! Python service importing a large library set, PostgreSQL) from PullImage to ready, behind
+//! shaped registry links, with containerd's overlayfs snapshotter and with talaria-node (no
+//! artifact, default artifact, accelerated artifact).
+//!
+//! Every run starts from nothing: a fresh containerd (empty content store) and, for talaria, a
+//! fresh talaria-node root (empty span cache). Runs are interleaved: run → workload → variant,
+//! so a drift of the machine hits all variants alike. Readiness is an HTTP 200 on the
+//! workload's port (polled every few ms) or its ready line in the container log.
+//!
+//! Printed: one table (workload, link, variant, median, p90, speedup against overlayfs), the
+//! physical limit per workload and link, and the node's counters per variant (where the time
+//! goes). Results are also written as JSON under `~/.cache/talaria/bench-results/`.
+//!
+//! `hack/bench-startup.sh [--workloads jvm,python,postgres] [--links 1000mbit/5ms,200mbit/20ms]
+//! [--variants ...] [--runs 5]` (root: netns, tc, FUSE, containerd). The images come from
+//! `hack/workload-images.sh` (`--images DIR`).
+//!
+//! Setup: images are pushed and artifacts built (with the real analyzer) against an unshaped
+//! loopback registry, whose storage is hard-linked into each shaped registry's.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use serde_json::json;
+use talaria_artifact::artifact::Profile;
+use talaria_artifact::build::{BuildOptions, build};
+use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::store::{RegistryStore, Store};
+use talaria_testenv::cri::{self, Cri, CriContainerd, CriOptions, CriSnapshotter, PodSandbox};
+use talaria_testenv::images::{self, Image, Layer};
+use talaria_testenv::registry::Registry;
+
+const SNAPSHOTTER: &str = "talaria";
+const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often readiness is probed.
+const POLL: Duration = Duration::from_millis(5);
+/// Container state is checked this often while waiting, to fail fast on a crashed workload.
+const STATUS_EVERY: u32 = 200;
+/// Round trips the physical limit counts: TCP connect, image manifest, config, and one round
+/// of parallel ranged reads of the startup bytes.
+const LIMIT_RTTS: u32 = 4;
+const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+#[derive(Parser, Debug)]
+#[command(about = "Startup benchmark: PullImage to ready for real workloads, overlayfs vs talaria")]
+struct Args {
+    /// Output dir of hack/workload-images.sh.
+    #[arg(long)]
+    images: PathBuf,
+    /// Comma-separated workload names (dirs of --images).
+    #[arg(long, value_delimiter = ',', default_value = "jvm,python,postgres")]
+    workloads: Vec<String>,
+    /// Comma-separated link settings, RATEmbit/DELAYms (delay = added round-trip time).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1000mbit/5ms,200mbit/20ms"
+    )]
+    links: Vec<Link>,
+    /// Comma-separated: overlayfs, talaria-none, talaria-default, talaria-accelerated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "overlayfs,talaria-none,talaria-default,talaria-accelerated"
+    )]
+    variants: Vec<Variant>,
+    /// Runs per workload, link and variant.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Starts per workload with the image already pulled (the app's own start time).
+    #[arg(long, default_value_t = 3)]
+    local_runs: usize,
+    /// Extra talaria-node flags for every talaria run, whitespace-separated.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    node_args: String,
+    /// Keep each run's talaria-node and containerd logs here.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
+    /// Where the JSON results go (default ~/.cache/talaria/bench-results).
+    #[arg(long)]
+    results_dir: Option<PathBuf>,
+    /// Passed by `cargo bench` to harness-less benches; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Link {
+    rate_mbit: u32,
+    delay_ms: u32,
+}
+
+impl std::str::FromStr for Link {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Link, String> {
+        let (rate, delay) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected RATEmbit/DELAYms"))?;
+        let rate_mbit = rate
+            .trim()
+            .trim_end_matches("mbit")
+            .parse()
+            .map_err(|e| format!("{s:?}: rate: {e}"))?;
+        let delay_ms = delay
+            .trim()
+            .trim_end_matches("ms")
+            .parse()
+            .map_err(|e| format!("{s:?}: delay: {e}"))?;
+        if rate_mbit == 0 {
+            return Err(format!("{s:?}: rate must be > 0"));
+        }
+        Ok(Link {
+            rate_mbit,
+            delay_ms,
+        })
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}mbit/{}ms", self.rate_mbit, self.delay_ms)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+enum Variant {
+    Overlayfs,
+    TalariaNone,
+    TalariaDefault,
+    TalariaAccelerated,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Overlayfs => "overlayfs",
+            Variant::TalariaNone => "talaria-none",
+            Variant::TalariaDefault => "talaria-default",
+            Variant::TalariaAccelerated => "talaria-accelerated",
+        }
+    }
+
+    /// One tag per artifact kind; the tags differ only in config, so they share every layer.
+    fn tag(self) -> &'static str {
+        match self {
+            Variant::Overlayfs | Variant::TalariaNone => "none",
+            Variant::TalariaDefault => "default",
+            Variant::TalariaAccelerated => "accelerated",
+        }
+    }
+
+    fn uses_talaria(self) -> bool {
+        self != Variant::Overlayfs
+    }
+}
+
+const TAGS: [(&str, Option<Profile>); 3] = [
+    ("none", None),
+    ("default", Some(Profile::Default)),
+    ("accelerated", Some(Profile::StartupLocalV1)),
+];
+
+/// How a workload says it is ready.
+#[derive(Clone, Debug)]
+enum Ready {
+    /// GET / on 127.0.0.1:PORT answers 200 (the pods share the host network).
+    Http(u16),
+    /// This text appears in the container's log (stdout or stderr).
+    Log(String),
+}
+
+/// One workload of hack/workload-images.sh.
+struct Workload {
+    name: String,
+    layers: Vec<Layer>,
+    /// Uncompressed tar size per layer.
+    unpacked: Vec<u64>,
+    /// The image config's `config` object.
+    config: serde_json::Value,
+    ready: Ready,
+}
+
+impl Workload {
+    fn repo(&self) -> String {
+        format!("talaria/bench-{}", self.name)
+    }
+    fn compressed_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.blob.len() as u64).sum()
+    }
+    fn unpacked_bytes(&self) -> u64 {
+        self.unpacked.iter().sum()
+    }
+}
+
+/// talaria-node's counters after a run; `None` where this node version has no such metric.
+#[derive(Clone, Debug, Default)]
+struct NodeCounters {
+    on_demand: Option<f64>,
+    prefetched: Option<f64>,
+    from_cache: Option<f64>,
+    fuse_read: Option<f64>,
+    /// FUSE-read bytes converted to compressed bytes with each layer's ratio.
+    fuse_read_compressed: Option<f64>,
+    read_waits: Option<f64>,
+    read_wait_seconds: Option<f64>,
+    startup_prefetch_seconds: Option<f64>,
+    mount_seconds: Option<f64>,
+    fallbacks: Option<f64>,
+}
+
+/// One measured cold start.
+#[derive(Clone, Debug)]
+struct Sample {
+    /// The PullImage call.
+    pull: Duration,
+    /// PullImage start to ready.
+    ready: Duration,
+    node: NodeCounters,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    ensure!(!args.variants.is_empty(), "no --variants");
+    ensure!(!args.links.is_empty(), "no --links");
+    ensure!(!args.workloads.is_empty(), "no --workloads");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(run(args))
+}
+
+type Key = (String, String, Variant);
+
+async fn run(args: Args) -> Result<()> {
+    talaria_artifact::registry::install_crypto_provider();
+    let t_total = Instant::now();
+    let mut workloads = Vec::new();
+    for name in &args.workloads {
+        let w = load_workload(&args.images, name).with_context(|| format!("workload {name}"))?;
+        eprintln!(
+            "{}: {} layers, {:.0} MiB compressed, {:.0} MiB unpacked, ready {:?}",
+            w.name,
+            w.layers.len(),
+            mib(w.compressed_bytes() as f64),
+            mib(w.unpacked_bytes() as f64),
+            w.ready
+        );
+        workloads.push(w);
+    }
+    let node_args: Vec<String> = args
+        .node_args
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+
+    let local = Registry::start().context("start the loopback registry")?;
+    for w in &workloads {
+        let t = Instant::now();
+        push_workload(&local.host(), w).await?;
+        eprintln!("{}: pushed, artifacts built in {:?}", w.name, t.elapsed());
+    }
+
+    // The app's own start time: image already pulled (overlayfs), container start to ready.
+    let mut local_start: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for w in &workloads {
+        let secs = local_start_times(&local.host(), w, args.local_runs)
+            .await
+            .with_context(|| format!("{}: local start", w.name))?;
+        eprintln!("{}: local start {secs:.2?} s", w.name);
+        local_start.insert(w.name.clone(), secs);
+    }
+
+    let mut samples: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
+    // What the startup reads: a talaria-default run with --no-prefetch (one per workload).
+    let mut probes: BTreeMap<String, NodeCounters> = BTreeMap::new();
+    for link in &args.links {
+        let shaped = Registry::start_shaped(link.rate_mbit, link.delay_ms)
+            .with_context(|| format!("start the shaped registry ({link})"))?;
+        link_storage(&local.storage_dir(), &shaped.storage_dir())?;
+        let host = shaped.host();
+        eprintln!("registry {host} behind {link}");
+        for w in &workloads {
+            if probes.contains_key(&w.name) {
+                continue;
+            }
+            let mut a = node_args.clone();
+            a.push("--no-prefetch".into());
+            let s = cold_start(w, Variant::TalariaDefault, "probe", &host, *link, &a, &args)
+                .await
+                .with_context(|| format!("{}: --no-prefetch probe", w.name))?;
+            eprintln!(
+                "{}: probe (talaria-default --no-prefetch) ready {:.2} s, FUSE read {}, on demand {}",
+                w.name,
+                s.ready.as_secs_f64(),
+                fmt_mib(s.node.fuse_read),
+                fmt_mib(s.node.on_demand)
+            );
+            probes.insert(w.name.clone(), s.node);
+        }
+        for run in 0..args.runs {
+            for w in &workloads {
+                for v in &args.variants {
+                    let t = Instant::now();
+                    let label = format!("{run}");
+                    let s = cold_start(w, *v, &label, &host, *link, &node_args, &args)
+                        .await
+                        .with_context(|| format!("{} {link} run {run} {}", w.name, v.name()))?;
+                    eprintln!(
+                        "{link} run {run} {:<9} {:<20} ready {:>7.2} s (pull {:>6.2} s; on demand {}, \
+                         prefetched {}, FUSE read {}) [run took {:.1} s]",
+                        w.name,
+                        v.name(),
+                        s.ready.as_secs_f64(),
+                        s.pull.as_secs_f64(),
+                        fmt_mib(s.node.on_demand),
+                        fmt_mib(s.node.prefetched),
+                        fmt_mib(s.node.fuse_read),
+                        t.elapsed().as_secs_f64()
+                    );
+                    samples
+                        .entry((w.name.clone(), link.to_string(), *v))
+                        .or_default()
+                        .push(s);
+                }
+            }
+        }
+    }
+    let wall = t_total.elapsed();
+    let report = Report {
+        args: &args,
+        workloads: &workloads,
+        samples: &samples,
+        probes: &probes,
+        local_start: &local_start,
+    };
+    println!(
+        "\nstartup benchmark, {} runs per cell, wall time {:.1} min\n",
+        args.runs,
+        wall.as_secs_f64() / 60.0
+    );
+    print!("{}", report.table());
+    println!();
+    print!("{}", report.limits());
+    println!();
+    print!("{}", report.where_time_goes());
+    let path = report.write_json(wall)?;
+    println!("\nresults: {}", path.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Workloads and artifacts
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+}
+
+fn load_workload(dir: &Path, name: &str) -> Result<Workload> {
+    let wdir = dir.join(name);
+    let mut layers = Vec::new();
+    let mut unpacked = Vec::new();
+    for rel in read_text(&wdir.join("layers"))?.lines().map(str::trim) {
+        if rel.is_empty() {
+            continue;
+        }
+        let path = dir.join(rel);
+        let blob = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        let diff_id = read_text(&dir.join(format!("{rel}.diffid")))?
+            .trim()
+            .to_string();
+        ensure!(
+            diff_id.starts_with("sha256:"),
+            "bad diff id in {rel}.diffid"
+        );
+        let size: u64 = read_text(&dir.join(format!("{rel}.size")))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{rel}.size"))?;
+        layers.push(Layer {
+            digest: images::sha256_digest(&blob),
+            diff_id,
+            blob,
+        });
+        unpacked.push(size);
+    }
+    ensure!(!layers.is_empty(), "no layers listed in {}", wdir.display());
+    let config: serde_json::Value = serde_json::from_str(&read_text(&wdir.join("config.json"))?)
+        .context("config.json is not JSON")?;
+    let config = config
+        .get("config")
+        .cloned()
+        .context("config.json has no \"config\"")?;
+    let ready_text = read_text(&wdir.join("ready"))?;
+    let ready = match ready_text.trim().split_once(' ') {
+        Some(("http", port)) => Ready::Http(port.parse().context("ready: bad port")?),
+        Some(("log", text)) if !text.is_empty() => Ready::Log(text.to_string()),
+        _ => bail!("ready: unknown probe {ready_text:?}"),
+    };
+    Ok(Workload {
+        name: name.to_string(),
+        layers,
+        unpacked,
+        config,
+        ready,
+    })
+}
+
+/// The image of `w` for `tag`: its config plus an env var naming the tag.
+fn image_for(w: &Workload, tag: &str) -> Result<Image> {
+    let mut cfg = w.config.clone();
+    let env = cfg
+        .as_object_mut()
+        .context("config is not an object")?
+        .entry("Env")
+        .or_insert_with(|| json!([]));
+    env.as_array_mut()
+        .context("Env is not a list")?
+        .push(json!(format!("BENCH_IMAGE={tag}")));
+    let config = json!({
+        "created": "2026-11-23T00:00:00Z",
+        "architecture": images::oci_arch(),
+        "os": "linux",
+        "config": cfg,
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": w.layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>(),
+        },
+    });
+    let config = serde_json::to_vec(&config)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_MANIFEST,
+        "config": {
+            "mediaType": MEDIA_TYPE_CONFIG,
+            "digest": images::sha256_digest(&config),
+            "size": config.len(),
+        },
+        "layers": w.layers.iter().map(|l| json!({
+            "mediaType": MEDIA_TYPE_LAYER_GZIP,
+            "digest": l.digest,
+            "size": l.blob.len(),
+        })).collect::<Vec<_>>(),
+    });
+    let manifest = serde_json::to_vec(&manifest)?;
+    Ok(Image {
+        config_digest: images::sha256_digest(&config),
+        manifest_digest: images::sha256_digest(&manifest),
+        config,
+        manifest,
+        // Cloning ~300 MiB once per tag; the push only needs the blobs.
+        layers: w.layers.clone(),
+    })
+}
+
+async fn push_workload(host: &str, w: &Workload) -> Result<()> {
+    for (tag, profile) in TAGS {
+        let image = image_for(w, tag)?;
+        let repo = w.repo();
+        let h = host.to_string();
+        tokio::task::spawn_blocking(move || image.push(&h, &repo, tag))
+            .await
+            .context("push task")?
+            .with_context(|| format!("push {}:{tag}", w.repo()))?;
+        if let Some(p) = profile {
+            build_artifact(host, &w.repo(), tag, p).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn build_artifact(host: &str, repo: &str, tag: &str, profile: Profile) -> Result<()> {
+    let client = RegistryClient::new(RegistryConfig {
+        insecure_hosts: vec![host.to_string()],
+        ..RegistryConfig::default()
+    })?;
+    let store: Arc<dyn Store> = Arc::new(RegistryStore::new(
+        client,
+        Repository {
+            registry: host.to_string(),
+            name: repo.to_string(),
+        },
+    ));
+    let opts = BuildOptions {
+        profile,
+        ..BuildOptions::default()
+    };
+    let summary = build(store, tag, None, &opts)
+        .await
+        .with_context(|| format!("build the {} artifact of {repo}:{tag}", profile.name()))?;
+    ensure!(
+        summary.layers.iter().all(|l| l.index.is_some()),
+        "a layer of {repo} was not indexed: {:?}",
+        summary.layers
+    );
+    Ok(())
+}
+
+/// Hard-links a registry's storage tree into another's (same filesystem).
+fn link_storage(from: &Path, to: &Path) -> Result<()> {
+    let src = from.join("docker");
+    let dst = to.join("docker");
+    if dst.exists() {
+        std::fs::remove_dir_all(&dst).with_context(|| format!("clear {}", dst.display()))?;
+    }
+    let out = Command::new("cp")
+        .arg("-al")
+        .arg(&src)
+        .arg(to)
+        .output()
+        .context("run cp -al")?;
+    ensure!(
+        out.status.success(),
+        "cp -al {} {}: {}",
+        src.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Runs
+
+/// Waits until `w` is ready in container `id` of `pod`, or fails after `timeout` or when the
+/// container exits. Returns when the probe first succeeded.
+async fn wait_ready(
+    cri: &Cri,
+    pod: &PodSandbox,
+    id: &str,
+    w: &Workload,
+    timeout: Duration,
+) -> Result<Instant> {
+    let log = pod.log_dir.join("app.log");
+    let t = Instant::now();
+    let mut polls: u32 = 0;
+    loop {
+        let ok = match &w.ready {
+            Ready::Http(port) => http_ok(*port),
+            Ready::Log(text) => {
+                log.exists() && {
+                    let (out, err) = cri::read_container_log(&log)?;
+                    out.contains(text.as_str()) || err.contains(text.as_str())
+                }
+            }
+        };
+        if ok {
+            return Ok(Instant::now());
+        }
+        polls += 1;
+        if polls.is_multiple_of(STATUS_EVERY) || t.elapsed() > timeout {
+            let (status, _) = cri.container_status(id, false).await?;
+            let exited = status.state == cri::proto::ContainerState::ContainerExited as i32;
+            if exited || t.elapsed() > timeout {
+                let (out, err) = cri::read_container_log(&log).unwrap_or_default();
+                bail!(
+                    "{} not ready after {:?} (state {} exit {}): stdout {:?} stderr {:?}",
+                    w.name,
+                    t.elapsed(),
+                    status.state,
+                    status.exit_code,
+                    tail(&out),
+                    tail(&err)
+                );
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn tail(s: &str) -> &str {
+    let start = s.len().saturating_sub(2000);
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    s.get(start..).unwrap_or("")
+}
+
+/// GET / on 127.0.0.1:PORT answered 200.
+fn http_ok(port: u16) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    let mut got = 0;
+    while got < head.len() {
+        match s.read(head.get_mut(got..).unwrap_or_default()) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    head.get(..got)
+        .is_some_and(|h| h.starts_with(b"HTTP/1.") && h.get(9..12) == Some(b"200"))
+}
+
+/// The app's own start time: one containerd (overlayfs), the image pulled from the unshaped
+/// registry once, then `runs` container starts, each timed from CreateContainer to ready.
+async fn local_start_times(host: &str, w: &Workload, runs: usize) -> Result<Vec<f64>> {
+    let env = CriContainerd::start(CriOptions::default()).context("start containerd")?;
+    env.allow_plain_http(host)?;
+    let cri = env
+        .client()
+        .await?
+        .with_timeouts(Duration::from_secs(120), Duration::from_secs(600));
+    let image = format!("{host}/{}:none", w.repo());
+    cri.pull_image(&image).await.context("PullImage")?;
+    let mut out = Vec::new();
+    for _ in 0..runs.max(1) {
+        let pod = cri.run_pod("local").await.context("RunPodSandbox")?;
+        let t0 = Instant::now();
+        let id = cri
+            .create_container(&pod, Cri::container_config("app", &image, &[]))
+            .await?;
+        cri.start_container_id(&id).await?;
+        let at = wait_ready(&cri, &pod, &id, w, Duration::from_secs(300)).await?;
+        out.push(at.duration_since(t0).as_secs_f64());
+        cri.remove_pod(&pod).await.context("RemovePodSandbox")?;
+    }
+    Ok(out)
+}
+
+async fn cold_start(
+    w: &Workload,
+    variant: Variant,
+    label: &str,
+    host: &str,
+    link: Link,
+    node_args: &[String],
+    args: &Args,
+) -> Result<Sample> {
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-bench-startup-")
+        .tempdir()
+        .context("tempdir")?;
+    let metrics_addr = format!("127.0.0.1:{}", talaria_testenv::free_port()?);
+    let node = if variant.uses_talaria() {
+        let mut a = vec![
+            "--insecure-registry".to_string(),
+            host.to_string(),
+            "--metrics-addr".to_string(),
+            metrics_addr.clone(),
+        ];
+        a.extend_from_slice(node_args);
+        Some(NodeProc::start(dir.path(), &a)?)
+    } else {
+        None
+    };
+    let snapshotter = match &node {
+        Some(n) => CriSnapshotter::Proxy {
+            name: SNAPSHOTTER.into(),
+            socket: n.socket.clone(),
+        },
+        None => CriSnapshotter::Overlayfs,
+    };
+    let env = CriContainerd::start(CriOptions {
+        snapshotter,
+        ..CriOptions::default()
+    })
+    .context("start containerd with CRI")?;
+    env.allow_plain_http(host)?;
+    // The whole image over the link three times, never under 10 minutes.
+    let timeout = Duration::from_secs(
+        (w.compressed_bytes() * 8 * 3 / (u64::from(link.rate_mbit) * 1_000_000)).max(600),
+    );
+    let cri = env
+        .client()
+        .await?
+        .with_timeouts(Duration::from_secs(120), timeout);
+    // The sandbox exists before the pull, as kubelet creates it first.
+    let pod = cri.run_pod("startup").await.context("RunPodSandbox")?;
+    let image = format!("{host}/{}:{}", w.repo(), variant.tag());
+
+    let t0 = Instant::now();
+    cri.pull_image(&image).await.context("PullImage")?;
+    let pull = t0.elapsed();
+    let id = cri
+        .create_container(&pod, Cri::container_config("app", &image, &[]))
+        .await
+        .context("CreateContainer")?;
+    cri.start_container_id(&id)
+        .await
+        .context("StartContainer")?;
+    let ready = wait_ready(&cri, &pod, &id, w, timeout)
+        .await?
+        .duration_since(t0);
+    let metrics = if node.is_some() {
+        http_get(&metrics_addr, "/metrics").context("scrape talaria-node metrics")?
+    } else {
+        String::new()
+    };
+    let _ = cri.remove_pod(&pod).await;
+    if let Some(keep) = &args.keep_logs {
+        std::fs::create_dir_all(keep).with_context(|| format!("create {}", keep.display()))?;
+        let prefix =
+            keep.join(format!("{}-{link}-{label}-{}", w.name, variant.name()).replace('/', "_"));
+        let _ = std::fs::copy(
+            env.containerd().log_path(),
+            prefix.with_extension("containerd.log"),
+        );
+        if let Some(n) = &node {
+            let _ = std::fs::copy(&n.log, prefix.with_extension("node.log"));
+            let _ = std::fs::write(prefix.with_extension("metrics.txt"), &metrics);
+        }
+    }
+    drop(env);
+    drop(node);
+    Ok(Sample {
+        pull,
+        ready,
+        node: if variant.uses_talaria() {
+            counters(&metrics, w)
+        } else {
+            NodeCounters::default()
+        },
+    })
+}
+
+/// The talaria-node binary on a fresh root; stopped with SIGTERM (it unmounts its FUSE
+/// layers), anything left mounted is detached.
+struct NodeProc {
+    child: Child,
+    root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl NodeProc {
+    fn start(dir: &Path, args: &[String]) -> Result<NodeProc> {
+        let root = dir.join("root");
+        let socket = dir.join("talaria.sock");
+        let log = dir.join("node.log");
+        let log_file = std::fs::File::create(&log).context("node log")?;
+        let child = Command::new(env!("CARGO_BIN_EXE_talaria-node"))
+            .arg("--root")
+            .arg(&root)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("spawn talaria-node")?;
+        let mut node = NodeProc {
+            child,
+            root,
+            socket,
+            log,
+        };
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&node.socket).is_err() {
+            if let Some(status) = node.child.try_wait()? {
+                bail!("talaria-node exited with {status}: {}", node.log_text());
+            }
+            ensure!(
+                t.elapsed() < NODE_START_TIMEOUT,
+                "talaria-node not serving after {NODE_START_TIMEOUT:?}: {}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(node)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let root = self.root.to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if point.starts_with(&root) {
+                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    // Bounded: the node's metrics page is small.
+    s.take(64 << 20).read_to_string(&mut out)?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics (parsed defensively: a metric this node version lacks is `None`, printed "n/a")
+
+/// (labels, value) of every sample of metric `name` (also as `name_total`, the counter form).
+fn metric_lines<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    let total = format!("{name}_total");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest),
+                None => (series, ""),
+            };
+            if metric != name && metric != total {
+                return None;
+            }
+            Some((labels, value.parse::<f64>().ok()?))
+        })
+        .collect()
+}
+
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let lines = metric_lines(text, name);
+    // A fold from +0.0: an empty f64 `sum` is -0.0.
+    (!lines.is_empty()).then(|| lines.iter().fold(0.0, |a, (_, v)| a + v))
+}
+
+fn counters(text: &str, w: &Workload) -> NodeCounters {
+    let fuse = metric_lines(text, "talaria_node_fuse_read_bytes");
+    let fuse_read_compressed = (!fuse.is_empty()).then(|| {
+        let image_ratio = w.compressed_bytes() as f64 / w.unpacked_bytes().max(1) as f64;
+        fuse.iter().fold(0.0, |acc, (labels, v)| {
+            // A per-layer series names its layer's digest; otherwise the image's ratio.
+            let ratio = w
+                .layers
+                .iter()
+                .zip(&w.unpacked)
+                .find(|(l, _)| {
+                    let hex = l.digest.trim_start_matches("sha256:");
+                    hex.get(..12).is_some_and(|h| labels.contains(h))
+                })
+                .map_or(image_ratio, |(l, u)| {
+                    l.blob.len() as f64 / (*u).max(1) as f64
+                });
+            acc + v * ratio
+        })
+    });
+    NodeCounters {
+        on_demand: metric_sum(text, "talaria_node_fetched_on_demand_bytes"),
+        prefetched: metric_sum(text, "talaria_node_prefetched_bytes"),
+        from_cache: metric_sum(text, "talaria_node_from_cache_bytes"),
+        fuse_read: metric_sum(text, "talaria_node_fuse_read_bytes"),
+        fuse_read_compressed,
+        read_waits: metric_sum(text, "talaria_node_read_wait_seconds_count"),
+        read_wait_seconds: metric_sum(text, "talaria_node_read_wait_seconds_sum"),
+        startup_prefetch_seconds: metric_sum(text, "talaria_node_startup_prefetch_seconds_sum"),
+        mount_seconds: metric_sum(text, "talaria_node_mount_seconds_sum"),
+        fallbacks: metric_sum(text, "talaria_node_fallbacks"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics and report
+
+fn mib(b: f64) -> f64 {
+    b / f64::from(1 << 20)
+}
+
+fn fmt_mib(b: Option<f64>) -> String {
+    b.map_or("n/a".to_string(), |b| format!("{:.1} MiB", mib(b)))
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len()) - 1)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(f64::NAN),
+        _ => match (v.get(n / 2 - 1), v.get(n / 2)) {
+            (Some(a), Some(b)) => (a + b) / 2.0,
+            _ => f64::NAN,
+        },
+    }
+}
+
+fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Median over the runs of an optional counter; `None` if no run had it.
+fn median_opt(samples: &[Sample], f: impl Fn(&NodeCounters) -> Option<f64>) -> Option<f64> {
+    let v: Vec<f64> = samples.iter().filter_map(|s| f(&s.node)).collect();
+    (!v.is_empty()).then(|| median(&v))
+}
+
+struct Report<'a> {
+    args: &'a Args,
+    workloads: &'a [Workload],
+    samples: &'a BTreeMap<Key, Vec<Sample>>,
+    probes: &'a BTreeMap<String, NodeCounters>,
+    local_start: &'a BTreeMap<String, Vec<f64>>,
+}
+
+/// The physical limit of one workload on one link.
+struct Limit {
+    /// Startup bytes, compressed-equivalent, and which measure gave them.
+    bytes: f64,
+    source: &'static str,
+    uncompressed: Option<f64>,
+    local_start: f64,
+    seconds: f64,
+}
+
+impl Report<'_> {
+    fn cell(&self, w: &str, link: Link, v: Variant) -> Option<&Vec<Sample>> {
+        self.samples.get(&(w.to_string(), link.to_string(), v))
+    }
+
+    fn ready_median(&self, w: &str, link: Link, v: Variant) -> Option<f64> {
+        self.cell(w, link, v)
+            .map(|s| median(&s.iter().map(|x| x.ready.as_secs_f64()).collect::<Vec<_>>()))
+    }
+
+    fn limit(&self, w: &Workload, link: Link) -> Option<Limit> {
+        let probe = self.probes.get(&w.name)?;
+        // FUSE-read bytes are what the app read; without that metric, the compressed bytes
+        // fetched on demand (whole spans: an upper bound) stand in.
+        let (bytes, source) = match (probe.fuse_read_compressed, probe.on_demand) {
+            (Some(b), _) => (b, "FUSE read x layer ratio"),
+            (None, Some(b)) => (b, "on-demand spans (upper bound)"),
+            (None, None) => return None,
+        };
+        let local_start = median(self.local_start.get(&w.name)?);
+        let seconds = bytes * 8.0 / (f64::from(link.rate_mbit) * 1e6)
+            + f64::from(LIMIT_RTTS) * f64::from(link.delay_ms) / 1000.0
+            + local_start;
+        Some(Limit {
+            bytes,
+            source,
+            uncompressed: probe.fuse_read,
+            local_start,
+            seconds,
+        })
+    }
+
+    fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "| workload | link | variant | runs | ready median (s) | p90 (s) | pull median (s) | \
+             overlayfs / variant | variant / limit |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        for w in self.workloads {
+            for link in &self.args.links {
+                let base = self.ready_median(&w.name, *link, Variant::Overlayfs);
+                let limit = self.limit(w, *link).map(|l| l.seconds);
+                for v in &self.args.variants {
+                    let Some(s) = self.cell(&w.name, *link, *v) else {
+                        continue;
+                    };
+                    let ready = sorted(s.iter().map(|x| x.ready.as_secs_f64()));
+                    let pull: Vec<f64> = s.iter().map(|x| x.pull.as_secs_f64()).collect();
+                    let m = median(&ready);
+                    let _ = writeln!(
+                        out,
+                        "| {} | {link} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                        w.name,
+                        v.name(),
+                        s.len(),
+                        m,
+                        percentile(&ready, 90.0),
+                        median(&pull),
+                        base.map_or("-".into(), |b| format!("{:.2}x", b / m)),
+                        limit.map_or("n/a".into(), |l| format!("{:.2}x", m / l)),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn limits(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "physical limit = startup bytes (compressed-equivalent) / link rate + {LIMIT_RTTS} RTTs \
+             (connect, manifest, config, one round of parallel ranged reads) + the app's own start \
+             time with a local image\n"
+        );
+        let _ = writeln!(
+            out,
+            "| workload | link | startup bytes MiB (compressed-eq.) | measured as | uncompressed MiB | \
+             image MiB (compressed / unpacked) | local start (s) | limit (s) | accelerated median (s) | \
+             accelerated / limit |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        for w in self.workloads {
+            for link in &self.args.links {
+                let Some(l) = self.limit(w, *link) else {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {link} | n/a | no probe | n/a | {:.0} / {:.0} | n/a | n/a | n/a | n/a |",
+                        w.name,
+                        mib(w.compressed_bytes() as f64),
+                        mib(w.unpacked_bytes() as f64)
+                    );
+                    continue;
+                };
+                let acc = self.ready_median(&w.name, *link, Variant::TalariaAccelerated);
+                let _ = writeln!(
+                    out,
+                    "| {} | {link} | {:.1} | {} | {} | {:.0} / {:.0} | {:.2} | {:.2} | {} | {} |",
+                    w.name,
+                    mib(l.bytes),
+                    l.source,
+                    l.uncompressed
+                        .map_or("n/a".into(), |u| format!("{:.1}", mib(u))),
+                    mib(w.compressed_bytes() as f64),
+                    mib(w.unpacked_bytes() as f64),
+                    l.local_start,
+                    l.seconds,
+                    fmt_opt(acc, 2),
+                    acc.map_or("n/a".into(), |a| format!("{:.2}x", a / l.seconds)),
+                );
+            }
+        }
+        out
+    }
+
+    fn where_time_goes(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "where the time goes (medians over runs; node counters at ready; n/a = this node has no \
+             such metric)\n"
+        );
+        let _ = writeln!(
+            out,
+            "| workload | link | variant | pull (s) | start to ready (s) | on demand MiB | \
+             prefetched MiB | from cache MiB | FUSE read MiB | read waits | read wait (s) | \
+             startup prefetch (s) | mount (s, sum) | fallbacks |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for w in self.workloads {
+            for link in &self.args.links {
+                for v in &self.args.variants {
+                    let Some(s) = self.cell(&w.name, *link, *v) else {
+                        continue;
+                    };
+                    let pull: Vec<f64> = s.iter().map(|x| x.pull.as_secs_f64()).collect();
+                    let after: Vec<f64> =
+                        s.iter().map(|x| (x.ready - x.pull).as_secs_f64()).collect();
+                    let m = |f: fn(&NodeCounters) -> Option<f64>| {
+                        if v.uses_talaria() {
+                            fmt_opt(median_opt(s, f).map(mib), 1)
+                        } else {
+                            "-".into()
+                        }
+                    };
+                    let n = |f: fn(&NodeCounters) -> Option<f64>, d: usize| {
+                        if v.uses_talaria() {
+                            fmt_opt(median_opt(s, f), d)
+                        } else {
+                            "-".into()
+                        }
+                    };
+                    let _ = writeln!(
+                        out,
+                        "| {} | {link} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        w.name,
+                        v.name(),
+                        median(&pull),
+                        median(&after),
+                        m(|c| c.on_demand),
+                        m(|c| c.prefetched),
+                        m(|c| c.from_cache),
+                        m(|c| c.fuse_read),
+                        n(|c| c.read_waits, 0),
+                        n(|c| c.read_wait_seconds, 2),
+                        n(|c| c.startup_prefetch_seconds, 2),
+                        n(|c| c.mount_seconds, 2),
+                        n(|c| c.fallbacks, 0),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn write_json(&self, wall: Duration) -> Result<PathBuf> {
+        let dir = match &self.args.results_dir {
+            Some(d) => d.clone(),
+            None => PathBuf::from(std::env::var_os("HOME").context("HOME unset")?)
+                .join(".cache/talaria/bench-results"),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let counters_json = |c: &NodeCounters| {
+            json!({
+                "on_demand_bytes": c.on_demand,
+                "prefetched_bytes": c.prefetched,
+                "from_cache_bytes": c.from_cache,
+                "fuse_read_bytes": c.fuse_read,
+                "fuse_read_compressed_bytes": c.fuse_read_compressed,
+                "read_waits": c.read_waits,
+                "read_wait_seconds": c.read_wait_seconds,
+                "startup_prefetch_seconds": c.startup_prefetch_seconds,
+                "mount_seconds": c.mount_seconds,
+                "fallbacks": c.fallbacks,
+            })
+        };
+        let mut cells = Vec::new();
+        for ((w, link, v), s) in self.samples {
+            cells.push(json!({
+                "workload": w,
+                "link": link,
+                "variant": v.name(),
+                "runs": s.iter().map(|x| json!({
+                    "ready_seconds": x.ready.as_secs_f64(),
+                    "pull_seconds": x.pull.as_secs_f64(),
+                    "node": counters_json(&x.node),
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        let mut limits = Vec::new();
+        for w in self.workloads {
+            for link in &self.args.links {
+                if let Some(l) = self.limit(w, *link) {
+                    limits.push(json!({
+                        "workload": w.name,
+                        "link": link.to_string(),
+                        "startup_bytes_compressed": l.bytes,
+                        "measured_as": l.source,
+                        "startup_bytes_uncompressed": l.uncompressed,
+                        "rtts": LIMIT_RTTS,
+                        "local_start_seconds": l.local_start,
+                        "limit_seconds": l.seconds,
+                    }));
+                }
+            }
+        }
+        let doc = json!({
+            "benchmark": "startup",
+            "unix_time": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            "wall_seconds": wall.as_secs_f64(),
+            "runs": self.args.runs,
+            "node_args": self.args.node_args,
+            "workloads": self.workloads.iter().map(|w| json!({
+                "name": w.name,
+                "layers": w.layers.iter().zip(&w.unpacked).map(|(l, u)| json!({
+                    "digest": l.digest, "compressed": l.blob.len(), "unpacked": u,
+                })).collect::<Vec<_>>(),
+                "local_start_seconds": self.local_start.get(&w.name),
+                "probe": self.probes.get(&w.name).map(counters_json),
+            })).collect::<Vec<_>>(),
+            "cells": cells,
+            "limits": limits,
+        });
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let path = dir.join(format!("startup-{stamp}.json"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+}
