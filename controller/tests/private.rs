@@ -16,7 +16,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::wait_for;
+use common::{image_of, wait_for};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -54,19 +54,6 @@ where
     api.create(&PostParams::default(), &obj)
         .await
         .unwrap_or_else(|e| panic!("create {:?}: {e}", obj.meta().name));
-}
-
-async fn image_of(api: &Api<AcceleratedImage>, digest: &str) -> Option<AcceleratedImage> {
-    let all = api.list(&Default::default()).await.ok()?.items;
-    let mut found: Vec<_> = all
-        .into_iter()
-        .filter(|i| i.spec.digest == digest)
-        .collect();
-    assert!(
-        found.len() <= 1,
-        "more than one AcceleratedImage for {digest}"
-    );
-    found.pop()
 }
 
 fn condition<'a>(

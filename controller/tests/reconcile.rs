@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::wait_for;
+use common::{image_of, wait_for};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -101,25 +101,8 @@ fn owners(img: &AcceleratedImage) -> Vec<String> {
 }
 
 /// The AcceleratedImage of a digest (there must be at most one).
-async fn image_of(api: &Api<AcceleratedImage>, digest: &str) -> Option<AcceleratedImage> {
-    let all = api.list(&Default::default()).await.ok()?.items;
-    let mut found: Vec<_> = all
-        .into_iter()
-        .filter(|i| i.spec.digest == digest)
-        .collect();
-    assert!(
-        found.len() <= 1,
-        "more than one AcceleratedImage for {digest}"
-    );
-    found.pop()
-}
-
 async fn wait_phase(api: &Api<AcceleratedImage>, digest: &str, phase: Phase) -> AcceleratedImage {
-    wait_for(&format!("{digest} {phase:?}"), WAIT, || async {
-        let i = image_of(api, digest).await?;
-        (i.status.as_ref()?.phase == phase).then_some(i)
-    })
-    .await
+    common::wait_phase(api, digest, phase, WAIT).await
 }
 
 fn start_controller(

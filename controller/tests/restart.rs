@@ -12,7 +12,7 @@ mod common;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::wait_for;
+use common::image_of;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use talaria_api::{AcceleratedImage, AccelerationPolicy, Phase};
@@ -111,25 +111,8 @@ fn push_big_image(reg: &Registry, repo: &str, seed: u64) -> String {
     img.push(&reg.host(), repo, "v1").expect("push")
 }
 
-async fn image_of(api: &Api<AcceleratedImage>, digest: &str) -> Option<AcceleratedImage> {
-    let all = api.list(&Default::default()).await.ok()?.items;
-    let mut found: Vec<_> = all
-        .into_iter()
-        .filter(|i| i.spec.digest == digest)
-        .collect();
-    assert!(
-        found.len() <= 1,
-        "more than one AcceleratedImage for {digest}"
-    );
-    found.pop()
-}
-
 async fn wait_phase(api: &Api<AcceleratedImage>, digest: &str, phase: Phase) -> AcceleratedImage {
-    wait_for(&format!("{digest} {phase:?}"), WAIT, || async {
-        let i = image_of(api, digest).await?;
-        (i.status.as_ref()?.phase == phase).then_some(i)
-    })
-    .await
+    common::wait_phase(api, digest, phase, WAIT).await
 }
 
 fn store(host: &str, repo: &str) -> RegistryStore {

@@ -64,6 +64,37 @@ where
     }
 }
 
+/// The one AcceleratedImage for `digest`, if any (more than one fails the test).
+pub async fn image_of(
+    api: &Api<talaria_api::AcceleratedImage>,
+    digest: &str,
+) -> Option<talaria_api::AcceleratedImage> {
+    let all = api.list(&Default::default()).await.ok()?.items;
+    let mut found: Vec<_> = all
+        .into_iter()
+        .filter(|i| i.spec.digest == digest)
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "more than one AcceleratedImage for {digest}"
+    );
+    found.pop()
+}
+
+/// Waits until the AcceleratedImage for `digest` reaches `phase`.
+pub async fn wait_phase(
+    api: &Api<talaria_api::AcceleratedImage>,
+    digest: &str,
+    phase: talaria_api::Phase,
+    timeout: Duration,
+) -> talaria_api::AcceleratedImage {
+    wait_for(&format!("{digest} {phase:?}"), timeout, || async {
+        let i = image_of(api, digest).await?;
+        (i.status.as_ref()?.phase == phase).then_some(i)
+    })
+    .await
+}
+
 /// A TCP front for a registry that answers the first `throttled` connections with
 /// `429 Too Many Requests` (Retry-After: 1) and relays every later one to the real registry.
 /// Returns its `127.0.0.1:PORT` and the count of 429s served.
