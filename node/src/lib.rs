@@ -10,6 +10,8 @@ pub mod cache;
 pub mod cluster;
 pub mod error;
 pub mod fusefs;
+pub mod generic;
+pub mod materialize;
 pub mod metrics;
 pub mod reach;
 pub mod remote;
