@@ -5,10 +5,15 @@
 //! path win, missing parent directories appear as root-owned 0755 directories, hard links
 //! share an inode, whiteouts are character devices 0/0 and opaque directories carry the xattr
 //! `trusted.overlay.opaque=y`, so overlayfs treats this mount like an unpacked layer.
+//!
+//! Files the [`Materializer`] holds for the layer are read from local disk with `pread`,
+//! never through the span path.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,10 +23,12 @@ use fuser::{
     MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
+use prometheus_client::metrics::counter::Counter;
 use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
 use talaria_artifact::reader::LayerReader;
 use tracing::{debug, warn};
 
+use crate::materialize::Materializer;
 use crate::metrics::Metrics;
 use crate::reach::Reachability;
 
@@ -380,6 +387,20 @@ pub struct LayerFs {
     rt: tokio::runtime::Handle,
     read_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Local copies of hot files, and the layer digest they are kept under.
+    materialized: Option<(Arc<Materializer>, String)>,
+    /// Bytes returned to the kernel (what applications actually read).
+    read_bytes: Option<Counter>,
+}
+
+/// Up to `size` bytes at `offset` of a local copy of a file of `file_size` bytes; an error
+/// when the copy is shorter than the file (then the span path answers instead).
+fn pread(f: &File, offset: u64, size: u32, file_size: u64) -> std::io::Result<Vec<u8>> {
+    let want = u64::from(size).min(file_size.saturating_sub(offset));
+    // `want` ≤ the kernel's read size (a u32), so it fits in memory and in usize.
+    let mut buf = vec![0u8; usize::try_from(want).unwrap_or(0)];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
 }
 
 impl LayerFs {
@@ -400,7 +421,21 @@ impl LayerFs {
             rt,
             read_timeout,
             metrics,
+            materialized: None,
+            read_bytes: None,
         })
+    }
+
+    /// Serves the files `m` holds under `layer_digest` from local disk.
+    pub fn with_materialized(mut self, m: Arc<Materializer>, layer_digest: String) -> Self {
+        self.materialized = Some((m, layer_digest));
+        self
+    }
+
+    /// Counts the bytes every read returns to the kernel into `c`.
+    pub fn with_read_bytes_counter(mut self, c: Counter) -> Self {
+        self.read_bytes = Some(c);
+        self
     }
 
     /// Mounts read-only at `mountpoint`; dropping the session unmounts.
@@ -494,18 +529,40 @@ impl Filesystem for LayerFs {
         else {
             return reply.error(Errno::EINVAL);
         };
+        if let Some((m, layer)) = &self.materialized
+            && let Some(f) = m.get(layer, &entry.path)
+        {
+            // A local pread: fast enough to answer on this FUSE thread.
+            match pread(&f, offset, size, entry.size) {
+                Ok(data) => {
+                    if let Some(c) = &self.read_bytes {
+                        c.inc_by(data.len() as u64);
+                    }
+                    return reply.data(&data);
+                }
+                Err(e) => {
+                    warn!(path = %entry.path, offset, size, error = %e, "materialized copy unreadable; reading through spans");
+                }
+            }
+        }
         // Answered from the runtime so a slow fetch never holds up this FUSE thread.
         let reader = self.reader.clone();
         let reach = self.reach.clone();
         let timeout = self.read_timeout;
         let metrics = self.metrics.clone();
+        let read_bytes = self.read_bytes.clone();
         self.rt.spawn(async move {
             // A registry already known down fails this read at once: not worth a warning each.
             let known_down = reach.down_since().is_some();
             let read = reader.read_file(&entry, offset, u64::from(size));
             tokio::pin!(read);
             match tokio::time::timeout(timeout, &mut read).await {
-                Ok(Ok(data)) => reply.data(&data),
+                Ok(Ok(data)) => {
+                    if let Some(c) = &read_bytes {
+                        c.inc_by(data.len() as u64);
+                    }
+                    reply.data(&data)
+                }
                 Ok(Err(e)) => {
                     metrics.read_errors.inc();
                     if known_down {
