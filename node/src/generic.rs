@@ -3,8 +3,9 @@
 //! content is read, so this is pure, fast and needs no network.
 //!
 //! Tiers, fetched in this order (the tier rank is the entry's `priority`):
-//! 0. `entrypoint`: argv\[0\] resolved on the config's PATH (symlinks followed, bounded), and
-//!    the script arguments of a well-known interpreter (`python3 app.py`, `env node x.js`).
+//! 0. `entrypoint`: argv\[0\] resolved on the config's PATH (symlinks followed, bounded),
+//!    what it runs through `env` and `sh -c` scripts (bounded), and the script argument of
+//!    a well-known interpreter (`python3 app.py`, `java -jar app.jar`).
 //! 1. `loader`: the dynamic loader (`ld-linux*`, `ld-musl*`) in the library directories.
 //! 2. `libc`: libc-level libraries (libc, libm, libpthread, libdl, librt, ...).
 //! 3. `etc`: small system files read at start (ld.so.cache, NSS, passwd, hosts, certs, ...).
@@ -20,13 +21,14 @@
 //! span bytes newly named (what the prefetch will fetch); a file that does not fit is left
 //! out and smaller later ones may still fit.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use talaria_artifact::artifact::PlanEntry;
 use talaria_artifact::build::MergedView;
 use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
 use talaria_artifact::startup::resolve::{lexical_join, resolve};
+use talaria_artifact::startup::shell::{parse_env_args, parse_script};
 use talaria_artifact::startup::{DEFAULT_PATH, ImageConfig};
 
 /// Limits of a generic plan.
@@ -43,6 +45,12 @@ const MAX_PATH_DIRS: usize = 64;
 const MAX_SCRIPT_ARGS: usize = 4;
 /// Longest argument or PATH entry considered.
 const MAX_ARG_LEN: usize = 4096;
+/// Programs followed through `env` and `sh -c` (nesting, and commands in all).
+const MAX_CHAIN_DEPTH: usize = 4;
+const MAX_CHAIN: usize = 32;
+/// Commands of one `sh -c` script followed, and the longest script parsed.
+const MAX_SCRIPT_COMMANDS: usize = 8;
+const MAX_SCRIPT_LEN: usize = 64 * 1024;
 
 const TIER_NAMES: [&str; 7] = [
     "entrypoint",
@@ -209,6 +217,73 @@ impl<'v> Chooser<'v> {
             .find_map(|d| found(&format!("{}/{name}", d.trim_end_matches('/'))))
     }
 
+    /// Follows what `argv` runs, adding each program and script to the entrypoint tier;
+    /// returns the canonical path of the program that ends up running (the last one `exec`ed
+    /// or run by a shell). Bounded by depth and by `left` commands in all.
+    fn follow(
+        &mut self,
+        argv: &[String],
+        cwd: &str,
+        path_var: &str,
+        env: &mut BTreeMap<String, String>,
+        depth: usize,
+        left: &mut usize,
+    ) -> Option<String> {
+        if depth > MAX_CHAIN_DEPTH || *left == 0 {
+            return None;
+        }
+        *left -= 1;
+        let arg0 = argv.first()?;
+        let (path, pick) = self.program(arg0, cwd, path_var)?;
+        self.add(T_ENTRY, Some(pick));
+        let kind = interpreter_kind(basename(arg0)).or(interpreter_kind(basename(&path)));
+        let rest = argv.get(1..).unwrap_or_default();
+        match kind {
+            Some("env") => {
+                let (inner, _) = parse_env_args(rest);
+                self.follow(&inner, cwd, path_var, env, depth + 1, left)
+                    .or(Some(path))
+            }
+            Some("shell") => {
+                let Some(pos) = rest.iter().position(|a| a == "-c") else {
+                    // `sh script.sh`: the script is read.
+                    let script = rest.iter().find(|a| !a.starts_with('-'));
+                    let pick = script.and_then(|a| self.file(cwd, a));
+                    self.add(T_ENTRY, pick);
+                    return Some(path);
+                };
+                let Some(text) = rest.get(pos + 1).filter(|t| t.len() <= MAX_SCRIPT_LEN) else {
+                    return Some(path);
+                };
+                let args = rest.get(pos + 2..).unwrap_or_default();
+                let script = parse_script(text, env, args);
+                let mut main = None;
+                for cmd in script.commands.iter().take(MAX_SCRIPT_COMMANDS) {
+                    let got = self.follow(&cmd.argv, cwd, path_var, env, depth + 1, left);
+                    if got.is_some() {
+                        main = got;
+                    }
+                }
+                main.or(Some(path))
+            }
+            Some(_) => {
+                // `python3 app.py`, `java -jar app.jar`, `node server.js`: the first
+                // argument that is a file is the script (options and their values are not).
+                for a in rest.iter().take(MAX_SCRIPT_ARGS) {
+                    if a.starts_with('-') {
+                        continue;
+                    }
+                    if let Some(pick) = self.file(cwd, a) {
+                        self.add(T_ENTRY, Some(pick));
+                        break;
+                    }
+                }
+                Some(path)
+            }
+            None => Some(path),
+        }
+    }
+
     /// Application files (see [`is_app_file`]) under the canonical directory `dir`.
     fn app_files_under(&self, dir: &str) -> Vec<Pick<'v>> {
         let prefix = format!("{}/", dir.trim_matches('/'));
@@ -297,16 +372,17 @@ fn is_app_file(e: &Entry) -> bool {
 }
 
 fn interpreter_kind(name: &str) -> Option<&'static str> {
-    let n = name;
-    if n.starts_with("python") {
+    if name.starts_with("python") {
         Some("python")
-    } else if n == "java" {
+    } else if name == "java" {
         Some("java")
-    } else if matches!(
-        n,
-        "node" | "nodejs" | "ruby" | "perl" | "bash" | "sh" | "dash" | "env"
-    ) || n.starts_with("ruby")
-        || n.starts_with("perl")
+    } else if matches!(name, "sh" | "bash" | "dash" | "ash" | "zsh") {
+        Some("shell")
+    } else if name == "env" {
+        Some("env")
+    } else if matches!(name, "node" | "nodejs")
+        || name.starts_with("ruby")
+        || name.starts_with("perl")
     {
         Some("script")
     } else {
@@ -339,38 +415,17 @@ pub fn generic_plan(
     let path_var = config.env_var("PATH").unwrap_or(DEFAULT_PATH);
     let argv = config.argv();
 
-    // Entrypoint, and the scripts a well-known interpreter is given.
-    let mut entry_path = None;
-    let mut runtime = None;
-    if let Some(arg0) = argv.first()
-        && let Some((path, pick)) = c.program(arg0, &workdir, path_var)
-    {
-        c.add(T_ENTRY, Some(pick));
-        let kind = interpreter_kind(basename(arg0)).or(interpreter_kind(basename(&path)));
-        if let Some(kind) = kind {
-            runtime = Some((kind, path.clone()));
-            let mut next_is_program = kind == "script" && basename(arg0) == "env";
-            for a in argv.iter().skip(1).take(MAX_SCRIPT_ARGS) {
-                if a.starts_with('-') {
-                    continue;
-                }
-                if next_is_program {
-                    // `env X args`: X is found on PATH and may itself be an interpreter.
-                    next_is_program = false;
-                    if let Some((p, pick)) = c.program(a, &workdir, path_var) {
-                        c.add(T_ENTRY, Some(pick));
-                        if let Some(k) = interpreter_kind(basename(a)) {
-                            runtime = Some((k, p));
-                        }
-                    }
-                    continue;
-                }
-                let pick = c.file(&workdir, a);
-                c.add(T_ENTRY, pick);
-            }
-        }
-        entry_path = Some(path);
-    }
+    // The entrypoint chain: argv[0], what `env` and `sh -c` run, interpreters' scripts.
+    let mut env: BTreeMap<String, String> = config
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut budget_left = MAX_CHAIN;
+    let main = c.follow(&argv, &workdir, path_var, &mut env, 0, &mut budget_left);
+    let entry_path = main.clone();
+    let runtime = main.and_then(|p| interpreter_kind(basename(&p)).map(|k| (k, p)));
 
     // Loader and libc-level libraries: one pass over the view.
     for (p, layer, e) in view.list() {
@@ -775,8 +830,59 @@ mod tests {
     }
 
     #[test]
+    fn shell_and_env_chain_to_a_jvm() {
+        let l = layer(
+            &[
+                T::File("bin/sh", 900, 0o755),
+                T::File("usr/bin/env", 800, 0o755),
+                T::Link("usr/bin/java", "/usr/lib/jvm/j17/bin/java"),
+                T::File("usr/lib/jvm/j17/bin/java", 700, 0o755),
+                T::File("usr/lib/jvm/j17/lib/server/libjvm.so", 5000, 0o644),
+                T::File("usr/lib/jvm/j17/lib/jvm.cfg", 30, 0o644),
+                T::File("usr/lib/jvm/j17/lib/modules", 9000, 0o644),
+                T::File("app/app.jar", 600, 0o644),
+            ],
+            1024,
+        );
+        let layers = vec![Some(l)];
+        let c = cfg(
+            &[
+                "/bin/sh",
+                "-c",
+                "set -e; exec env JAVA_OPTS=-Xmx1g java -jar /app/app.jar",
+            ],
+            "/",
+            &["PATH=/usr/bin:/bin"],
+        );
+        let plan = generic_plan(&c, &layers, &big());
+        let got: Vec<String> = reasons(&plan)
+            .iter()
+            .map(|(p, r)| format!("{p} {r}"))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "/bin/sh entrypoint",
+                "/usr/bin/env entrypoint",
+                "/usr/lib/jvm/j17/bin/java entrypoint",
+                "/app/app.jar entrypoint",
+                "/usr/lib/jvm/j17/lib/jvm.cfg runtime",
+                "/usr/lib/jvm/j17/lib/server/libjvm.so runtime",
+            ]
+        );
+    }
+
+    #[test]
     fn hostile_inputs_do_not_panic() {
-        let mut ix = (*layer(&[T::File("usr/bin/x", 5000, 0o755)], 1024)).clone();
+        let mut ix = (*layer(
+            &[
+                T::File("usr/bin/x", 5000, 0o755),
+                T::File("usr/bin/sh", 50, 0o755),
+                T::File("usr/bin/env", 50, 0o755),
+            ],
+            1024,
+        ))
+        .clone();
         // Offsets and sizes past the end, and an index without spans.
         ix.entries.push(Entry {
             path: "etc/passwd".into(),
@@ -787,6 +893,7 @@ mod tests {
         let mut nospans = ix.clone();
         nospans.spans.clear();
         let long = "a/".repeat(5000);
+        let nested = "sh -c 'x; sh -c x; env sh -c x'; ".repeat(1000);
         let path = format!("PATH={}", ":".repeat(100_000));
         for layers in [
             vec![Some(Arc::new(ix))],
@@ -798,6 +905,8 @@ mod tests {
                 cfg(&[long.as_str()], &long, &[path.as_str()]),
                 cfg(&["env", "-i", "python3", "-c", "x"], "../../..", &[]),
                 cfg(&[], "", &[]),
+                cfg(&["env"; 100], "", &[]),
+                cfg(&["sh", "-c", &nested], "", &[]),
             ] {
                 let _ = generic_plan(&c, &layers, &big());
             }
