@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -18,6 +19,34 @@ use crate::source::{RangeSource, SourceError};
 pub trait SpanCache: Send + Sync {
     fn get(&self, span_digest: &[u8; 32]) -> Option<Bytes>;
     fn put(&self, span_digest: [u8; 32], data: Bytes);
+    /// Whether the span is held, without reading it (prefetchers skip held spans). The
+    /// default reads it; caches that can answer cheaply override it.
+    fn contains(&self, span_digest: &[u8; 32]) -> bool {
+        self.get(span_digest).is_some()
+    }
+}
+
+/// Hooks a node uses to see how reads went (all optional, called on the reading task).
+pub trait ReadObserver: Send + Sync {
+    /// A read found spans missing from the cache and waited `waited` for them, whether it
+    /// fetched them itself or another read (or a prefetch) was already fetching them.
+    fn waited(&self, _waited: Duration) {}
+    /// A read used `bytes` bytes of spans it found in the cache (only the bytes it
+    /// returned, not whole spans).
+    fn cached_bytes(&self, _bytes: u64) {}
+}
+
+/// What [`LayerReader::prefetch_spans`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefetchStats {
+    /// Spans fetched, inflated, verified and cached.
+    pub spans_fetched: u64,
+    /// Compressed bytes requested from the source.
+    pub compressed_bytes: u64,
+    /// Ranged requests made.
+    pub requests: u64,
+    /// Spans skipped: already cached, or being fetched by another read.
+    pub spans_skipped: u64,
 }
 
 /// An in-memory LRU span cache bounded in bytes.
@@ -49,6 +78,12 @@ impl MemorySpanCache {
 }
 
 impl SpanCache for MemorySpanCache {
+    fn contains(&self, span_digest: &[u8; 32]) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|l| l.map.contains_key(span_digest))
+    }
+
     fn get(&self, span_digest: &[u8; 32]) -> Option<Bytes> {
         let mut l = self.inner.lock().ok()?;
         l.tick += 1;
@@ -141,6 +176,7 @@ pub struct LayerReader {
     /// One async lock per span: concurrent reads of the same span fetch it once, the others
     /// wait and then find it in the cache.
     in_flight: Vec<tokio::sync::Mutex<()>>,
+    observer: Option<Arc<dyn ReadObserver>>,
 }
 
 impl LayerReader {
@@ -160,7 +196,14 @@ impl LayerReader {
             fetched_spans: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             in_flight,
+            observer: None,
         }
+    }
+
+    /// Reports waits and cache use of reads to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn ReadObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn index(&self) -> &Arc<LayerIndex> {
@@ -211,15 +254,33 @@ impl LayerReader {
         }
         let first = ix.span_for(uncompressed_offset);
         let last = ix.span_for(end - 1);
-        let spans = self.load_spans(first, last).await?;
+        let t0 = Instant::now();
+        let (spans, waited) = self.load_spans(first, last).await?;
+        if let Some(o) = &self.observer {
+            if waited {
+                o.waited(t0.elapsed());
+            }
+            let used: u64 = spans
+                .iter()
+                .filter(|(_, _, cached)| *cached)
+                .filter_map(|(i, data, _)| {
+                    let base = ix.spans.get(*i)?.uncompressed_offset;
+                    let to = end.min(base + data.len() as u64);
+                    Some(to.saturating_sub(uncompressed_offset.max(base)))
+                })
+                .sum();
+            if used > 0 {
+                o.cached_bytes(used);
+            }
+        }
         // Fast path: one span holds the whole read, no copy.
-        if let [(i, data)] = spans.as_slice() {
+        if let [(i, data, _)] = spans.as_slice() {
             let base = ix.spans.get(*i).map(|s| s.uncompressed_offset).unwrap_or(0);
             let from = (uncompressed_offset - base) as usize;
             return Ok(data.slice(from..from + len as usize));
         }
         let mut out = BytesMut::with_capacity(len as usize);
-        for (i, data) in &spans {
+        for (i, data, _) in &spans {
             let base = ix.spans.get(*i).map(|s| s.uncompressed_offset).unwrap_or(0);
             let from = uncompressed_offset.max(base) - base;
             let to = end.min(base + data.len() as u64) - base;
@@ -228,18 +289,22 @@ impl LayerReader {
         Ok(out.freeze())
     }
 
-    /// Returns the verified data of spans `first..=last`, fetching the missing ones.
+    /// Returns the verified data of spans `first..=last` (with whether each came from the
+    /// cache), fetching the missing ones, and whether it had to wait for any.
+    #[allow(clippy::type_complexity)]
     async fn load_spans(
         &self,
         first: usize,
         last: usize,
-    ) -> Result<Vec<(usize, Bytes)>, ReadError> {
+    ) -> Result<(Vec<(usize, Bytes, bool)>, bool), ReadError> {
         let mut have = self.cached(first, last);
         if have.iter().all(|(_, d)| d.is_some()) {
-            return Ok(have
-                .into_iter()
-                .filter_map(|(i, d)| d.map(|d| (i, d)))
-                .collect());
+            return Ok((
+                have.into_iter()
+                    .filter_map(|(i, d)| d.map(|d| (i, d, true)))
+                    .collect(),
+                false,
+            ));
         }
         // Lock the missing spans in ascending order (no deadlock between overlapping reads),
         // then look again: another read may have fetched them meanwhile.
@@ -271,10 +336,65 @@ impl LayerReader {
             futures::future::try_join_all(runs.iter().map(|&(a, b)| self.fetch_run(a, b))).await?;
         drop(guards);
         let mut fetched: HashMap<usize, Bytes> = fetched.into_iter().flatten().collect();
-        Ok(have
-            .into_iter()
-            .filter_map(|(i, d)| d.or_else(|| fetched.remove(&i)).map(|d| (i, d)))
-            .collect())
+        Ok((
+            have.into_iter()
+                .filter_map(|(i, d)| match d {
+                    Some(d) => Some((i, d, true)),
+                    None => fetched.remove(&i).map(|d| (i, d, false)),
+                })
+                .collect(),
+            true,
+        ))
+    }
+
+    /// Makes sure spans `first..=last` are cached without ever waiting on other reads:
+    /// spans already cached, or locked by a read fetching them, are skipped; the others are
+    /// locked and fetched with one ranged read per run of adjacent spans, one run after the
+    /// other. For prefetchers, which must neither queue behind reads nor make a read wait
+    /// on a span they have not started fetching.
+    pub async fn prefetch_spans(
+        &self,
+        first: usize,
+        last: usize,
+    ) -> Result<PrefetchStats, ReadError> {
+        let mut stats = PrefetchStats::default();
+        let mut guards = Vec::new();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in first..=last {
+            let (Some(span), Some(lock)) = (self.index.spans.get(i), self.in_flight.get(i)) else {
+                break;
+            };
+            if self.cache.contains(&span.digest) {
+                stats.spans_skipped += 1;
+                continue;
+            }
+            let Ok(guard) = lock.try_lock() else {
+                stats.spans_skipped += 1;
+                continue;
+            };
+            // Fetched by a read that let go of the lock just now.
+            if self.cache.contains(&span.digest) {
+                stats.spans_skipped += 1;
+                continue;
+            }
+            guards.push(guard);
+            match runs.last_mut() {
+                Some((_, e)) if *e + 1 == i => *e = i,
+                _ => runs.push((i, i)),
+            }
+        }
+        for (a, b) in runs {
+            let (start, end) = (
+                self.index.compressed_range(a).0,
+                self.index.compressed_range(b).1,
+            );
+            let spans = self.fetch_run(a, b).await?;
+            stats.requests += 1;
+            stats.compressed_bytes += end.saturating_sub(start);
+            stats.spans_fetched += spans.len() as u64;
+        }
+        drop(guards);
+        Ok(stats)
     }
 
     /// Cache lookups for spans `first..=last`.
@@ -370,6 +490,82 @@ impl LayerReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::{Compression, MIN_SPAN_SIZE};
+    use crate::indexer::{IndexOptions, index_layer};
+    use crate::source::MemorySource;
+
+    /// An uncompressed one-file layer of 8 spans and a reader on it.
+    fn layer_reader(observer: Arc<Counts>) -> LayerReader {
+        let mut b = tar::Builder::new(Vec::new());
+        let data: Vec<u8> = (0..8 * MIN_SPAN_SIZE).map(|i| (i % 251) as u8).collect();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", data.as_slice()).expect("tar");
+        let blob = b.into_inner().expect("tar");
+        let out = index_layer(
+            blob.as_slice(),
+            Compression::None,
+            &IndexOptions {
+                span_size: MIN_SPAN_SIZE,
+            },
+        )
+        .expect("index");
+        LayerReader::new(
+            Arc::new(out.index),
+            Arc::new(MemorySource(Bytes::from(blob))),
+            Arc::new(MemorySpanCache::new(1 << 30)),
+        )
+        .with_observer(observer)
+    }
+
+    #[derive(Default)]
+    struct Counts {
+        waits: AtomicU64,
+        cached: AtomicU64,
+    }
+
+    impl ReadObserver for Counts {
+        fn waited(&self, _: Duration) {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+        }
+        fn cached_bytes(&self, bytes: u64) {
+            self.cached.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn prefetch_skips_cached_and_locked_spans_and_reads_then_wait_for_nothing() {
+        let counts = Arc::new(Counts::default());
+        let r = layer_reader(counts.clone());
+        assert!(r.index().spans.len() >= 8, "{}", r.index().spans.len());
+        // Span 2 is being fetched by a read: the prefetch leaves it alone, in two runs.
+        let held = r.in_flight[2].lock().await;
+        let st = r.prefetch_spans(0, 4).await.expect("prefetch");
+        assert_eq!(st.spans_fetched, 4);
+        assert_eq!(st.spans_skipped, 1);
+        assert_eq!(st.requests, 2);
+        assert_eq!(st.compressed_bytes, r.stats().compressed_bytes_fetched);
+        drop(held);
+        // Again: all cached but span 2.
+        let st = r.prefetch_spans(0, 4).await.expect("prefetch again");
+        assert_eq!((st.spans_fetched, st.spans_skipped, st.requests), (1, 4, 1));
+        // A read inside the prefetched spans waits for nothing and counts only what it used.
+        let off = r.index().spans[1].uncompressed_offset + 10;
+        let got = r.read_at(off, 100).await.expect("read");
+        assert_eq!(got.len(), 100);
+        assert_eq!(counts.waits.load(Ordering::Relaxed), 0);
+        assert_eq!(counts.cached.load(Ordering::Relaxed), 100);
+        // A read of a span not prefetched waits (its own fetch).
+        let off = r.index().spans[6].uncompressed_offset;
+        r.read_at(off, 10).await.expect("read uncached");
+        assert_eq!(counts.waits.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.cached.load(Ordering::Relaxed), 100);
+        // Out-of-range span numbers end the prefetch quietly.
+        let n = r.index().spans.len();
+        let st = r.prefetch_spans(n, n + 3).await.expect("past the end");
+        assert_eq!(st, PrefetchStats::default());
+    }
 
     #[test]
     fn memory_cache_evicts_least_recently_used() {

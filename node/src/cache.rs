@@ -225,6 +225,12 @@ impl DiskSpanCache {
 }
 
 impl SpanCache for DiskSpanCache {
+    fn contains(&self, span_digest: &[u8; 32]) -> bool {
+        self.lru
+            .lock()
+            .is_ok_and(|l| l.map.contains_key(span_digest))
+    }
+
     fn get(&self, span_digest: &[u8; 32]) -> Option<Bytes> {
         let known = self.lru.lock().ok()?.touch(span_digest);
         if !known {
@@ -299,6 +305,10 @@ impl TieredSpanCache {
 }
 
 impl SpanCache for TieredSpanCache {
+    fn contains(&self, span_digest: &[u8; 32]) -> bool {
+        self.memory.contains(span_digest) || self.disk.contains(span_digest)
+    }
+
     fn get(&self, span_digest: &[u8; 32]) -> Option<Bytes> {
         let data = match self.memory.get(span_digest) {
             Some(d) => d,

@@ -53,6 +53,10 @@ struct Args {
     /// Do not fetch the rest of mounted layers in the background.
     #[arg(long, env = "TALARIA_NODE_NO_PREFETCH")]
     no_prefetch: bool,
+    /// Concurrent ranged requests per registry host (reads first, then startup prefetch,
+    /// then background fetch).
+    #[arg(long, env = "TALARIA_NODE_REGISTRY_MAX_REQUESTS", default_value_t = 8)]
+    registry_max_requests: usize,
     /// Docker config.json with registry credentials.
     #[arg(long, env = "TALARIA_NODE_DOCKER_CONFIG")]
     docker_config: Option<PathBuf>,
@@ -144,6 +148,10 @@ async fn main() -> anyhow::Result<()> {
             resolve_timeout: args.resolve_timeout,
             registry,
             prefetch: !args.no_prefetch,
+            sched: talaria_node::sched::SchedOptions {
+                max_requests: args.registry_max_requests,
+                ..Default::default()
+            },
             cluster,
             referrers: !args.no_referrers,
         };

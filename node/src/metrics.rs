@@ -22,13 +22,47 @@ pub struct SourceLabels {
     pub source: String,
 }
 
+/// Bytes of one layer for one image, by how they came (`on_demand`, `startup`,
+/// `background`: compressed bytes fetched; `cache`: uncompressed bytes reads used from
+/// the span cache).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerLabels {
+    pub image: String,
+    pub layer: String,
+    pub kind: String,
+}
+
+/// Which step of the startup or background prefetch failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
+/// The `kind` values of [`LayerLabels`].
+pub const LAYER_KINDS: [&str; 4] = ["on_demand", "startup", "background", "cache"];
+
 /// All node metrics. Cheap to share: every metric is an `Arc` inside.
 pub struct Metrics {
     registry: Registry,
     /// Compressed bytes fetched from registries because a read needed them.
     pub bytes_on_demand: Counter,
-    /// Compressed bytes fetched by background prefetch.
+    /// Compressed bytes fetched ahead of reads (startup prefetch and background fetch).
     pub bytes_prefetched: Counter,
+    /// Compressed bytes fetched by the startup prefetch of images (also in `bytes_prefetched`).
+    pub bytes_startup: Counter,
+    /// Per image and layer bytes (see [`LayerLabels`]); series are removed with the layer.
+    pub layer_bytes: Family<LayerLabels, Counter>,
+    /// Startup prefetches finished (whatever their outcome).
+    pub startup_prefetches: Counter,
+    /// Seconds from the start of an image's startup prefetch to its end.
+    pub startup_seconds: Histogram,
+    /// Ranged requests and spans fetched by startup prefetches.
+    pub startup_requests: Counter,
+    pub startup_spans: Counter,
+    /// Failures of prefetch steps (never fatal: reads still fetch on demand).
+    pub prefetch_errors: Family<StageLabels, Counter>,
+    /// Seconds reads of remote layers waited for spans not in the cache.
+    pub read_wait_seconds: Histogram,
     /// Uncompressed span bytes served from the span cache.
     pub bytes_from_cache: Counter,
     pub fallbacks: Family<FallbackLabels, Counter>,
@@ -55,6 +89,18 @@ impl Metrics {
             bytes_on_demand: Counter::default(),
             bytes_prefetched: Counter::default(),
             bytes_from_cache: Counter::default(),
+            bytes_startup: Counter::default(),
+            layer_bytes: Family::default(),
+            startup_prefetches: Counter::default(),
+            startup_seconds: Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
+            ]),
+            startup_requests: Counter::default(),
+            startup_spans: Counter::default(),
+            prefetch_errors: Family::default(),
+            read_wait_seconds: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             fallbacks: Family::default(),
             mounted_by_source: Family::default(),
             mount_seconds: Histogram::new([
@@ -72,13 +118,53 @@ impl Metrics {
         );
         registry.register(
             "prefetched_bytes",
-            "Compressed layer bytes fetched in the background",
+            "Compressed layer bytes fetched ahead of reads (startup prefetch and background fetch)",
             m.bytes_prefetched.clone(),
         );
         registry.register(
             "from_cache_bytes",
-            "Uncompressed span bytes found in the span cache (memory or disk) by reads",
+            "Uncompressed bytes reads used from spans found in the span cache (memory or disk)",
             m.bytes_from_cache.clone(),
+        );
+        registry.register(
+            "startup_prefetched_bytes",
+            "Compressed layer bytes fetched by the startup prefetch of images",
+            m.bytes_startup.clone(),
+        );
+        registry.register(
+            "layer_bytes",
+            "Bytes of a layer for an image: fetched on_demand, startup, background (compressed), or used from cache (uncompressed)",
+            m.layer_bytes.clone(),
+        );
+        registry.register(
+            "startup_prefetches",
+            "Startup prefetches of images finished",
+            m.startup_prefetches.clone(),
+        );
+        registry.register(
+            "startup_prefetch_seconds",
+            "Time from the start of an image's startup prefetch to its end",
+            m.startup_seconds.clone(),
+        );
+        registry.register(
+            "startup_prefetch_requests",
+            "Ranged requests made by startup prefetches",
+            m.startup_requests.clone(),
+        );
+        registry.register(
+            "startup_prefetch_spans",
+            "Spans fetched by startup prefetches",
+            m.startup_spans.clone(),
+        );
+        registry.register(
+            "prefetch_errors",
+            "Failed steps of startup or background prefetch, by stage",
+            m.prefetch_errors.clone(),
+        );
+        registry.register(
+            "read_wait_seconds",
+            "Time reads of remote layers waited for spans not in the cache",
+            m.read_wait_seconds.clone(),
         );
         registry.register(
             "fallbacks",
@@ -119,6 +205,36 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    pub fn prefetch_error(&self, stage: &str) {
+        self.prefetch_errors
+            .get_or_create(&StageLabels {
+                stage: stage.to_string(),
+            })
+            .inc();
+    }
+
+    /// Adds `bytes` to the `kind` series of `image`'s `layer`.
+    pub fn layer_bytes(&self, image: &str, layer: &str, kind: &str, bytes: u64) {
+        self.layer_bytes
+            .get_or_create(&LayerLabels {
+                image: image.to_string(),
+                layer: layer.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// Removes the series of `image`'s `layer` (it is no longer mounted).
+    pub fn forget_layer(&self, image: &str, layer: &str) {
+        for kind in LAYER_KINDS {
+            self.layer_bytes.remove(&LayerLabels {
+                image: image.to_string(),
+                layer: layer.to_string(),
+                kind: kind.to_string(),
+            });
+        }
     }
 
     pub fn mounted_from(&self, source: &str) {

@@ -16,18 +16,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use talaria_artifact::artifact::{self, ArtifactError, ArtifactInfo};
 use talaria_artifact::index::LayerIndex;
-use talaria_artifact::reader::{LayerReader, SpanCache};
 use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
 use talaria_artifact::store::{RegistryStore, Store};
 use tracing::{debug, error, info, warn};
 
@@ -35,7 +31,8 @@ use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
 use crate::cluster::{ClusterSource, node_platform};
 use crate::fusefs::{FsError, LayerFs};
 use crate::metrics::Metrics;
-use crate::reach::Reachability;
+use crate::prefetch::{FetchOptions, Fetcher, SharedLayer};
+use crate::sched::{LinkScheduler, SchedOptions};
 use crate::snapshotter::{
     CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, CRI_MANIFEST_DIGEST_LABEL, HookOutcome,
     PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL,
@@ -47,8 +44,6 @@ const INDEX_FILE: &str = "layer.index";
 /// How long a resolved artifact (or its absence) is reused for the other layers of an image.
 const RESOLVE_TTL: Duration = Duration::from_secs(30);
 const RESOLVE_CACHE_MAX: usize = 256;
-/// Spans fetched per background request.
-const PREFETCH_SPANS: usize = 4;
 /// Recently read spans kept in memory in front of the disk cache.
 const MEMORY_CACHE_BYTES: u64 = 64 << 20;
 
@@ -63,8 +58,11 @@ pub struct RemoteOptions {
     /// Longest artifact resolution and index loading may take in a Prepare.
     pub resolve_timeout: Duration,
     pub registry: RegistryConfig,
-    /// Fetch the rest of each layer in the background after mounting it.
+    /// Fetch each image's startup plan at its first Prepare, and the rest of each layer in
+    /// the background after mounting it.
     pub prefetch: bool,
+    /// The link scheduler's settings (concurrent requests per registry host).
+    pub sched: SchedOptions,
     /// Policy-approved AcceleratedImages, looked at before the referrers.
     pub cluster: Option<Arc<ClusterSource>>,
     /// Look for artifacts among the image's registry referrers.
@@ -170,46 +168,13 @@ struct RemoteRecord {
     artifact: String,
 }
 
-/// Ranged reads bounded in time, counted, and refused at once while the blob was just
-/// found unreachable.
-struct MeteredSource {
-    inner: Arc<dyn RangeSource>,
-    timeout: Duration,
-    bytes: Counter,
-    reach: Arc<Reachability>,
-}
-
-impl RangeSource for MeteredSource {
-    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
-        Box::pin(async move {
-            if let Some(age) = self.reach.down_since() {
-                return Err(SourceError::Remote(format!(
-                    "registry unreachable (a fetch failed {age:.1?} ago; not tried again within {:?})",
-                    self.reach.hold()
-                )));
-            }
-            let res = tokio::time::timeout(self.timeout, self.inner.read_range(offset, len))
-                .await
-                .unwrap_or(Err(SourceError::Timeout(self.timeout)));
-            match res {
-                Ok(data) => {
-                    self.reach.succeeded();
-                    self.bytes.inc_by(data.len() as u64);
-                    Ok(data)
-                }
-                Err(e) => {
-                    self.reach.failed(&e);
-                    Err(e)
-                }
-            }
-        })
-    }
-}
-
 struct Mounted {
     session: Option<fuser::BackgroundSession>,
     fs_dir: PathBuf,
-    stop: Arc<AtomicBool>,
+    /// The layer's shared reader: held while mounted (the reader, its cached state and
+    /// its background fetch live as long as some mount or prefetch holds it).
+    _layer: Arc<SharedLayer>,
+    manifest: String,
 }
 
 /// The remote-layer hook. Create it inside a tokio runtime (it keeps the runtime's handle
@@ -225,8 +190,8 @@ pub struct RemoteLayers {
     resolved: Mutex<HashMap<String, (Instant, Option<Resolved>)>>,
     /// `os/arch` of this node, to pick the AcceleratedImage of its platform.
     platform: String,
-    /// One background fetch at a time across the node: on-demand reads come first.
-    prefetch_slot: Arc<tokio::sync::Semaphore>,
+    /// Shared layer readers, image jobs (startup prefetch), background fetch.
+    fetcher: Arc<Fetcher>,
 }
 
 fn label<'a>(
@@ -252,19 +217,37 @@ impl RemoteLayers {
         })?;
         let disk = DiskSpanCache::open(&opts.cache_dir, opts.cache_max_bytes)?
             .with_size_gauge(metrics.cache_bytes.clone());
-        let cache = TieredSpanCache::new(MEMORY_CACHE_BYTES, Arc::new(disk))
-            .with_hit_counter(metrics.bytes_from_cache.clone());
+        // Cache hits are counted by the readers, in bytes the reads used.
+        let cache = Arc::new(TieredSpanCache::new(MEMORY_CACHE_BYTES, Arc::new(disk)));
+        let sched = Arc::new(LinkScheduler::new(opts.sched.clone()));
+        let fetcher = Fetcher::new(
+            rt.clone(),
+            client.clone(),
+            cache.clone(),
+            sched,
+            metrics.clone(),
+            FetchOptions {
+                read_timeout: opts.read_timeout,
+                startup: opts.prefetch,
+                background: opts.prefetch,
+            },
+        );
         Ok(RemoteLayers {
             rt,
             client,
-            cache: Arc::new(cache),
+            cache,
             metrics,
             opts,
             mounts: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
             platform: node_platform(),
-            prefetch_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            fetcher,
         })
+    }
+
+    /// The link scheduler (concurrent requests per registry, by priority).
+    pub fn sched(&self) -> &Arc<LinkScheduler> {
+        self.fetcher.sched()
     }
 
     pub fn cache(&self) -> &Arc<TieredSpanCache> {
@@ -327,7 +310,8 @@ impl RemoteLayers {
         self.mount(id, fs_dir, Arc::new(index), &rec)
     }
 
-    /// Mounts `index` at `fs_dir` as snapshot `id` and starts its background fetch.
+    /// Mounts `index` at `fs_dir` as snapshot `id`, reading through the node's shared
+    /// reader of the layer (which starts its background fetch when new).
     fn mount(
         &self,
         id: u64,
@@ -339,50 +323,25 @@ impl RemoteLayers {
             registry: rec.registry.clone(),
             name: rec.repository.clone(),
         };
-        let blob: Arc<dyn RangeSource> = Arc::new(self.client.range_source(
-            &repo,
-            &rec.layer_digest,
-            index.compressed_size,
-        ));
-        let cache: Arc<dyn SpanCache> = self.cache.clone();
-        // Shared by on-demand reads and the background fetch: either finding the registry
-        // gone makes the other's uncached reads fail at once.
-        let reach = Arc::new(Reachability::new(
-            rec.layer_digest.clone(),
-            self.opts.read_timeout,
-        ));
-        let reader = |bytes: Counter| {
-            Arc::new(LayerReader::new(
-                index.clone(),
-                Arc::new(MeteredSource {
-                    inner: blob.clone(),
-                    timeout: self.opts.read_timeout,
-                    bytes,
-                    reach: reach.clone(),
-                }),
-                cache.clone(),
-            ))
-        };
-        let on_demand = reader(self.metrics.bytes_on_demand.clone());
+        let layer = self
+            .fetcher
+            .layer(&rec.layer_digest, &repo, index, &rec.image_ref);
         let fs = LayerFs::new(
-            on_demand,
-            reach.clone(),
+            layer.reader.clone(),
+            layer.reach.clone(),
             self.rt.clone(),
             self.opts.read_timeout,
             self.metrics.clone(),
         )?;
         let session = fs.mount(fs_dir)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        if self.opts.prefetch {
-            self.spawn_prefetch(reader(self.metrics.bytes_prefetched.clone()), stop.clone());
-        }
         let old = self.mounts.lock().ok().and_then(|mut m| {
             m.insert(
                 id,
                 Mounted {
                     session: Some(session),
                     fs_dir: fs_dir.to_path_buf(),
-                    stop,
+                    _layer: layer,
+                    manifest: rec.manifest_digest.clone(),
                 },
             )
         });
@@ -393,40 +352,6 @@ impl RemoteLayers {
         }
         debug!(id, fs = %fs_dir.display(), layer = rec.layer_digest, "remote layer mounted");
         Ok(())
-    }
-
-    fn spawn_prefetch(&self, reader: Arc<LayerReader>, stop: Arc<AtomicBool>) {
-        let slot = self.prefetch_slot.clone();
-        let timeout = self.opts.read_timeout;
-        self.rt.spawn(async move {
-            let Ok(_permit) = slot.acquire_owned().await else {
-                return;
-            };
-            let index = reader.index().clone();
-            for chunk in index.spans.chunks(PREFETCH_SPANS) {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-                    continue;
-                };
-                let start = first.uncompressed_offset;
-                let len = (last.uncompressed_offset + last.uncompressed_size).saturating_sub(start);
-                match tokio::time::timeout(timeout, reader.read_at(start, len)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        // Bounded: one failure ends this layer's prefetch; reads still fetch.
-                        warn!(layer = %index.compressed_digest_string(), error = %e, "background fetch stopped");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(layer = %index.compressed_digest_string(), ?timeout, "background fetch timed out; stopped");
-                        return;
-                    }
-                }
-            }
-            debug!(layer = %index.compressed_digest_string(), "background fetch complete");
-        });
     }
 
     /// Unmounts everything (shutdown).
@@ -534,7 +459,7 @@ impl RemoteLayers {
     async fn locate(
         &self,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(RemoteRecord, Bytes, LayerIndex, ArtifactSource), RemoteError> {
+    ) -> Result<(RemoteRecord, Bytes, Arc<LayerIndex>, ArtifactSource), RemoteError> {
         let image_ref = label(labels, CRI_IMAGE_REF_LABEL)?;
         let manifest = label(labels, CRI_MANIFEST_DIGEST_LABEL)?;
         let layer = label(labels, CRI_LAYER_DIGEST_LABEL)?;
@@ -548,6 +473,7 @@ impl RemoteLayers {
             .await?
             .ok_or_else(|| RemoteError::NoArtifact(image_ref.to_string()))?;
         let art = &found.info;
+        self.fetcher.sched().note_prepare();
         // Index blobs live with the artifact, which may be in another repository.
         let store = RegistryStore::new(self.client.clone(), found.repo.clone());
         let desc = art
@@ -556,6 +482,28 @@ impl RemoteLayers {
                 artifact: art.descriptor.digest.clone(),
                 layer: layer.to_string(),
             })?;
+        // The image's job (started by its first Prepare) loads every index at once; this
+        // layer's is taken from it. Without a job, or if its load failed, fetched here.
+        let job = self.opts.prefetch.then(|| {
+            self.fetcher
+                .job(manifest, image_ref, &parsed.repository, art, &found.repo)
+        });
+        if let Some(Some(job)) = job {
+            match job.load(&self.client, art, &found.repo, layer).await {
+                Ok(l) => {
+                    let rec = RemoteRecord {
+                        image_ref: image_ref.to_string(),
+                        registry: parsed.repository.registry,
+                        repository: parsed.repository.name,
+                        manifest_digest: manifest.to_string(),
+                        layer_digest: layer.to_string(),
+                        artifact: art.descriptor.digest.clone(),
+                    };
+                    return Ok((rec, l.raw, l.index, found.source));
+                }
+                Err(e) => debug!(layer, error = %e, "index not loaded by the image's job"),
+            }
+        }
         let raw = store
             .get_blob(&desc.digest, artifact::MAX_INDEX_BLOB)
             .await
@@ -584,7 +532,7 @@ impl RemoteLayers {
             layer_digest: layer.to_string(),
             artifact: art.descriptor.digest.clone(),
         };
-        Ok((rec, raw, index, found.source))
+        Ok((rec, raw, Arc::new(index), found.source))
     }
 
     fn provide(
@@ -626,8 +574,10 @@ impl RemoteLayers {
         write(INDEX_FILE, &raw)
             .and_then(|()| write(RECORD_FILE, &json))
             .map_err(undo)?;
-        self.mount(id, &fs_dir, Arc::new(index), &rec)
-            .map_err(undo)?;
+        self.mount(id, &fs_dir, index, &rec).map_err(undo)?;
+        if let Some(job) = self.fetcher.existing_job(&rec.manifest_digest) {
+            job.mounted(id);
+        }
         // Committed under the target with its label: containerd's metadata finds it by both.
         let mut commit_labels = labels.clone();
         commit_labels.insert(TARGET_SNAPSHOT_REF_LABEL.to_string(), target.to_string());
@@ -653,7 +603,6 @@ impl RemoteLayers {
 
 /// Detaches the mount (lazily, so a busy one cannot block) and ends its session.
 fn detach(mut m: Mounted) {
-    m.stop.store(true, Ordering::Relaxed);
     if let Err(e) = nix::mount::umount2(&m.fs_dir, nix::mount::MntFlags::MNT_DETACH) {
         debug!(fs = %m.fs_dir.display(), error = %e, "lazy unmount");
     }
@@ -717,6 +666,7 @@ impl PrepareHook for RemoteLayers {
         let m = self.mounts.lock().ok().and_then(|mut m| m.remove(&id));
         if let Some(m) = m {
             self.metrics.remote_mounts.dec();
+            self.fetcher.unmounted(&m.manifest, id);
             detach(m);
         }
     }

@@ -1,0 +1,1051 @@
+//! Fetching ahead of reads: one shared reader per layer on the node, the startup prefetch
+//! of an image, and the background fetch of the rest.
+//!
+//! - [`Fetcher::layer`] hands out the node's one [`SharedLayer`] per layer (keyed by layer
+//!   digest and span size), shared by every mount of it, by every image that has it and by
+//!   the prefetchers, so a read of a span being prefetched waits for that fetch (the
+//!   reader's span locks) instead of fetching it again.
+//! - At the first layer Prepare of an image, [`Fetcher::job`] starts its [`ImageJob`]: the
+//!   plan blob, the image manifest and all layer index blobs in parallel (the later layer
+//!   Prepares of the image take their index from the job), then the plan's spans across all
+//!   layers in plan order, adjacent spans merged into one ranged request up to
+//!   [`MAX_REQUEST_BYTES`], as many requests at once as the link scheduler allows.
+//! - Each layer's background fetch runs at the lowest class, paused while images start.
+//!
+//! Nothing here fails a Prepare or a read: errors are logged and counted, and reads still
+//! fetch what they need on demand.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use talaria_artifact::artifact::{self, ArtifactInfo, PlanEntry, StartupPlan};
+use talaria_artifact::index::LayerIndex;
+use talaria_artifact::reader::{LayerReader, PrefetchStats, ReadObserver, SpanCache};
+use talaria_artifact::registry::{RegistryClient, Repository};
+use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
+use talaria_artifact::startup::ImageConfig;
+use talaria_artifact::store::oci::{ImageManifest, Manifest};
+use talaria_artifact::store::{RegistryStore, Store};
+use tokio::sync::{Notify, OnceCell};
+use tracing::{debug, info, warn};
+
+use crate::cache::TieredSpanCache;
+use crate::generic::{GenericBudget, generic_plan};
+use crate::metrics::Metrics;
+use crate::reach::Reachability;
+use crate::sched::{self, Class, FETCH, FetchContext, LinkScheduler};
+
+/// Largest compressed size of one merged startup request.
+pub const MAX_REQUEST_BYTES: u64 = 8 << 20;
+/// Largest compressed size of one background request.
+const BACKGROUND_REQUEST_BYTES: u64 = 4 << 20;
+/// Image jobs kept (their index blobs serve the image's later Prepares).
+const MAX_JOBS: usize = 32;
+/// A finished job is reused by Prepares of its image within this time.
+const JOB_KEEP: Duration = Duration::from_secs(60);
+/// Longest a whole startup prefetch may take.
+const STARTUP_MAX: Duration = Duration::from_secs(600);
+/// Image configs read for a generic plan are small.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+/// Budget of a generic plan (images with only a default artifact): uncompressed span
+/// bytes and files.
+const GENERIC_MAX_BYTES: u64 = 128 << 20;
+const GENERIC_MAX_FILES: usize = 4096;
+
+/// A layer's index blob as fetched and its decoded index.
+#[derive(Clone)]
+pub struct LoadedIndex {
+    pub raw: Bytes,
+    pub index: Arc<LayerIndex>,
+}
+
+/// Series of the per-image, per-layer byte metrics one shared layer created; removed when
+/// the layer goes away, so their number stays bounded by the layers mounted.
+struct LayerSeries {
+    layer: String,
+    /// The image the layer was first mounted or prefetched for: reads (which do not say
+    /// which image they are for) are charged to it.
+    owner: Arc<str>,
+    metrics: Arc<Metrics>,
+    images: Mutex<Option<HashSet<Arc<str>>>>,
+}
+
+impl LayerSeries {
+    fn add(&self, image: Option<&Arc<str>>, kind: &str, bytes: u64) {
+        let image = image.unwrap_or(&self.owner);
+        let Ok(mut images) = self.images.lock() else {
+            return;
+        };
+        // Closed: the layer is gone, and its series with it.
+        let Some(set) = images.as_mut() else {
+            return;
+        };
+        if !set.contains(image) {
+            set.insert(image.clone());
+        }
+        self.metrics.layer_bytes(image, &self.layer, kind, bytes);
+    }
+
+    fn close(&self) {
+        let images = self.images.lock().ok().and_then(|mut i| i.take());
+        for image in images.into_iter().flatten() {
+            self.metrics.forget_layer(&image, &self.layer);
+        }
+    }
+}
+
+/// Ranged reads of a layer blob: granted by the link scheduler (unless the caller holds a
+/// permit), bounded in time, counted by who asked, and refused at once while the blob was
+/// just found unreachable.
+struct MeteredSource {
+    inner: Arc<dyn RangeSource>,
+    timeout: Duration,
+    reach: Arc<Reachability>,
+    sched: Arc<LinkScheduler>,
+    host: String,
+    metrics: Arc<Metrics>,
+    series: Arc<LayerSeries>,
+}
+
+impl RangeSource for MeteredSource {
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            if let Some(age) = self.reach.down_since() {
+                return Err(SourceError::Remote(format!(
+                    "registry unreachable (a fetch failed {age:.1?} ago; not tried again within {:?})",
+                    self.reach.hold()
+                )));
+            }
+            let ctx = sched::current();
+            let _permit = if ctx.permit_held {
+                None
+            } else {
+                Some(
+                    self.sched
+                        .acquire(&self.host, ctx.class)
+                        .await
+                        .map_err(|e| SourceError::Remote(e.to_string()))?,
+                )
+            };
+            let res = tokio::time::timeout(self.timeout, self.inner.read_range(offset, len))
+                .await
+                .unwrap_or(Err(SourceError::Timeout(self.timeout)));
+            match res {
+                Ok(data) => {
+                    self.reach.succeeded();
+                    let n = data.len() as u64;
+                    match ctx.class {
+                        Class::OnDemand => {
+                            self.metrics.bytes_on_demand.inc_by(n);
+                        }
+                        // `prefetched` counts both kinds of fetch ahead of reads.
+                        Class::Startup => {
+                            self.metrics.bytes_startup.inc_by(n);
+                            self.metrics.bytes_prefetched.inc_by(n);
+                        }
+                        Class::Background => {
+                            self.metrics.bytes_prefetched.inc_by(n);
+                        }
+                    }
+                    self.series.add(ctx.image.as_ref(), ctx.class.label(), n);
+                    Ok(data)
+                }
+                Err(e) => {
+                    self.reach.failed(&e);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+/// What reads of a shared layer report: cache use and waits (also to the startup jobs
+/// running for images with this layer).
+struct LayerObserver {
+    layer: String,
+    series: Arc<LayerSeries>,
+    fetcher: Weak<Fetcher>,
+}
+
+impl ReadObserver for LayerObserver {
+    fn waited(&self, waited: Duration) {
+        if sched::current().class != Class::OnDemand {
+            return;
+        }
+        let Some(f) = self.fetcher.upgrade() else {
+            return;
+        };
+        f.metrics.read_wait_seconds.observe(waited.as_secs_f64());
+        for job in f.running_jobs() {
+            if job.layers.contains_key(&self.layer) {
+                job.waits.fetch_add(1, Ordering::Relaxed);
+                job.wait_micros
+                    .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn cached_bytes(&self, bytes: u64) {
+        if let Some(f) = self.fetcher.upgrade() {
+            f.metrics.bytes_from_cache.inc_by(bytes);
+        }
+        let ctx = sched::current();
+        self.series.add(ctx.image.as_ref(), "cache", bytes);
+    }
+}
+
+/// The node's reader of one layer, shared by its mounts and prefetchers.
+pub struct SharedLayer {
+    pub reader: Arc<LayerReader>,
+    pub reach: Arc<Reachability>,
+    pub host: String,
+    pub layer: String,
+    stop: Arc<AtomicBool>,
+    series: Arc<LayerSeries>,
+}
+
+impl Drop for SharedLayer {
+    fn drop(&mut self) {
+        // Nothing mounts or prefetches the layer any more: its background fetch ends and
+        // its metric series go.
+        self.stop.store(true, Ordering::Relaxed);
+        self.series.close();
+    }
+}
+
+/// Settings of the fetcher.
+#[derive(Clone, Debug)]
+pub struct FetchOptions {
+    /// Longest one ranged request may take.
+    pub read_timeout: Duration,
+    /// Fetch the plan's spans at an image's first Prepare.
+    pub startup: bool,
+    /// Fetch the rest of each layer in the background.
+    pub background: bool,
+}
+
+/// Shared layers, image jobs, and what they need.
+pub struct Fetcher {
+    rt: tokio::runtime::Handle,
+    client: RegistryClient,
+    cache: Arc<TieredSpanCache>,
+    sched: Arc<LinkScheduler>,
+    metrics: Arc<Metrics>,
+    opts: FetchOptions,
+    layers: Mutex<HashMap<String, Weak<SharedLayer>>>,
+    jobs: Mutex<HashMap<String, Arc<ImageJob>>>,
+    me: Weak<Fetcher>,
+}
+
+impl Fetcher {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        client: RegistryClient,
+        cache: Arc<TieredSpanCache>,
+        sched: Arc<LinkScheduler>,
+        metrics: Arc<Metrics>,
+        opts: FetchOptions,
+    ) -> Arc<Fetcher> {
+        Arc::new_cyclic(|me| Fetcher {
+            rt,
+            client,
+            cache,
+            sched,
+            metrics,
+            opts,
+            layers: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    pub fn sched(&self) -> &Arc<LinkScheduler> {
+        &self.sched
+    }
+
+    /// The node's reader of `layer` (blob in `repo`), created with `index` if none is alive.
+    /// `image` is charged for reads until another image takes the layer over.
+    pub fn layer(
+        &self,
+        layer: &str,
+        repo: &Repository,
+        index: Arc<LayerIndex>,
+        image: &str,
+    ) -> Arc<SharedLayer> {
+        // Artifacts of other knobs index the same layer with other spans: their span
+        // numbers must not meet another index's reader.
+        let key = format!("{layer}/{}", index.span_size);
+        let mut layers = match self.layers.lock() {
+            Ok(l) => l,
+            Err(e) => e.into_inner(),
+        };
+        if let Some(l) = layers.get(&key).and_then(Weak::upgrade) {
+            return l;
+        }
+        layers.retain(|_, w| w.strong_count() > 0);
+        let shared = Arc::new(self.new_layer(layer, repo, index, image));
+        layers.insert(key, Arc::downgrade(&shared));
+        drop(layers);
+        if self.opts.background {
+            self.spawn_background(&shared);
+        }
+        shared
+    }
+
+    fn new_layer(
+        &self,
+        layer: &str,
+        repo: &Repository,
+        index: Arc<LayerIndex>,
+        image: &str,
+    ) -> SharedLayer {
+        let series = Arc::new(LayerSeries {
+            layer: layer.to_string(),
+            owner: Arc::from(image),
+            metrics: self.metrics.clone(),
+            images: Mutex::new(Some(HashSet::new())),
+        });
+        // Shared by reads and prefetchers: either finding the registry gone makes the
+        // others' uncached reads fail at once.
+        let reach = Arc::new(Reachability::new(layer, self.opts.read_timeout));
+        let blob: Arc<dyn RangeSource> =
+            Arc::new(self.client.range_source(repo, layer, index.compressed_size));
+        let source = Arc::new(MeteredSource {
+            inner: blob,
+            timeout: self.opts.read_timeout,
+            reach: reach.clone(),
+            sched: self.sched.clone(),
+            host: repo.registry.clone(),
+            metrics: self.metrics.clone(),
+            series: series.clone(),
+        });
+        let cache: Arc<dyn SpanCache> = self.cache.clone();
+        let reader =
+            LayerReader::new(index, source, cache).with_observer(Arc::new(LayerObserver {
+                layer: layer.to_string(),
+                series: series.clone(),
+                fetcher: self.me.clone(),
+            }));
+        SharedLayer {
+            reader: Arc::new(reader),
+            reach,
+            host: repo.registry.clone(),
+            layer: layer.to_string(),
+            stop: Arc::new(AtomicBool::new(false)),
+            series,
+        }
+    }
+
+    /// Fetches the layer's spans not cached, a few at a time at the lowest class, until it
+    /// is complete, it fails once, or the layer goes away.
+    fn spawn_background(&self, shared: &Arc<SharedLayer>) {
+        let reader = shared.reader.clone();
+        let stop = shared.stop.clone();
+        let host = shared.host.clone();
+        let layer = shared.layer.clone();
+        let sched = self.sched.clone();
+        let metrics = self.metrics.clone();
+        let timeout = self.opts.read_timeout;
+        self.rt.spawn(async move {
+            let index = reader.index().clone();
+            let runs = merge_runs(
+                (0..index.spans.len()).map(|i| (i, i)).collect(),
+                &index,
+                BACKGROUND_REQUEST_BYTES,
+            );
+            let ctx = FetchContext {
+                class: Class::Background,
+                permit_held: true,
+                image: None,
+            };
+            for (first, last, _) in runs {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let permit = match sched.acquire(&host, Class::Background).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        metrics.prefetch_error("background");
+                        warn!(layer, error = %e, "background fetch stopped");
+                        return;
+                    }
+                };
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let fetch = FETCH.scope(ctx.clone(), reader.prefetch_spans(first, last));
+                let res = tokio::time::timeout(timeout, fetch).await;
+                drop(permit);
+                match res {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        // Bounded: one failure ends this layer's background fetch; reads
+                        // still fetch on demand.
+                        metrics.prefetch_error("background");
+                        warn!(layer, error = %e, "background fetch stopped");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.prefetch_error("background");
+                        warn!(layer, ?timeout, "background fetch timed out; stopped");
+                        return;
+                    }
+                }
+            }
+            debug!(layer, "background fetch complete");
+        });
+    }
+
+    fn running_jobs(&self) -> Vec<Arc<ImageJob>> {
+        self.jobs
+            .lock()
+            .map(|j| {
+                j.values()
+                    .filter(|j| j.running.load(Ordering::Relaxed))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The job of image `manifest`, started now if it has none (or only an old finished
+    /// one); `None` when too many images are in flight to keep another.
+    pub fn job(
+        &self,
+        manifest: &str,
+        image: &str,
+        image_repo: &Repository,
+        art: &ArtifactInfo,
+        art_repo: &Repository,
+    ) -> Option<Arc<ImageJob>> {
+        let mut jobs = self.jobs.lock().ok()?;
+        if let Some(j) = jobs.get(manifest)
+            && (j.running.load(Ordering::Relaxed) || j.created.elapsed() < JOB_KEEP)
+            && j.artifact == art.descriptor.digest
+        {
+            return Some(j.clone());
+        }
+        jobs.remove(manifest);
+        if jobs.len() >= MAX_JOBS {
+            let oldest = jobs
+                .iter()
+                .filter(|(_, j)| !j.running.load(Ordering::Relaxed))
+                .min_by_key(|(_, j)| j.created)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => {
+                    jobs.remove(&k);
+                }
+                None => return None,
+            }
+        }
+        let job = Arc::new(ImageJob {
+            manifest: manifest.to_string(),
+            image: Arc::from(image),
+            artifact: art.descriptor.digest.clone(),
+            layers: art
+                .layers
+                .iter()
+                .map(|l| (l.layer_digest.clone(), OnceCell::new()))
+                .collect(),
+            created: Instant::now(),
+            running: AtomicBool::new(self.opts.startup),
+            cancelled: AtomicBool::new(false),
+            cancel: Notify::new(),
+            mounts: Mutex::new(HashSet::new()),
+            waits: AtomicU64::new(0),
+            wait_micros: AtomicU64::new(0),
+        });
+        jobs.insert(manifest.to_string(), job.clone());
+        drop(jobs);
+        if self.opts.startup
+            && let Some(me) = self.me.upgrade()
+        {
+            let (j, image_repo, art, art_repo) = (
+                job.clone(),
+                image_repo.clone(),
+                art.clone(),
+                art_repo.clone(),
+            );
+            let starting = self.sched.starting();
+            self.rt.spawn(async move {
+                let t0 = Instant::now();
+                let work = me.run_startup(&j, &image_repo, &art, &art_repo);
+                let res = tokio::select! {
+                    r = tokio::time::timeout(STARTUP_MAX, work) => r.ok(),
+                    _ = j.cancelled() => {
+                        info!(image = %j.image, "startup prefetch cancelled: the image's layers were removed");
+                        None
+                    }
+                };
+                j.running.store(false, Ordering::Relaxed);
+                drop(starting);
+                me.finish(&j, t0.elapsed(), res);
+            });
+        }
+        Some(job)
+    }
+
+    fn finish(&self, j: &ImageJob, elapsed: Duration, res: Option<StartupStats>) {
+        let m = &self.metrics;
+        m.startup_prefetches.inc();
+        m.startup_seconds.observe(elapsed.as_secs_f64());
+        let Some(st) = res else {
+            if !j.cancelled.load(Ordering::Relaxed) {
+                m.prefetch_error("timeout");
+                warn!(image = %j.image, ?elapsed, "startup prefetch timed out");
+            }
+            return;
+        };
+        m.startup_requests.inc_by(st.requests);
+        m.startup_spans.inc_by(st.spans);
+        info!(
+            image = %j.image,
+            plan = st.plan,
+            bytes = st.bytes,
+            requests = st.requests,
+            spans = st.spans,
+            spans_skipped = st.skipped,
+            errors = st.errors,
+            ms = elapsed.as_millis() as u64,
+            read_waits = j.waits.load(Ordering::Relaxed),
+            read_wait_ms = j.wait_micros.load(Ordering::Relaxed) / 1000,
+            "startup prefetch done"
+        );
+    }
+
+    /// Fetches indexes, plan and the plan's spans; returns what it did.
+    async fn run_startup(
+        &self,
+        j: &Arc<ImageJob>,
+        image_repo: &Repository,
+        art: &ArtifactInfo,
+        art_repo: &Repository,
+    ) -> StartupStats {
+        let mut st = StartupStats::default();
+        let art_store = RegistryStore::new(self.client.clone(), art_repo.clone());
+        let image_store = RegistryStore::new(self.client.clone(), image_repo.clone());
+        let indexes = futures::future::join_all(art.layers.iter().map(|l| {
+            let store = &art_store;
+            async move {
+                let r = j
+                    .index(&l.layer_digest, || {
+                        load_index(store, &l.index, &l.layer_digest)
+                    })
+                    .await;
+                (l.layer_digest.clone(), r)
+            }
+        }));
+        let plan = async {
+            match &art.plan {
+                Some(d) => {
+                    let raw = art_store
+                        .get_blob(&d.digest, artifact::MAX_INDEX_BLOB)
+                        .await
+                        .map_err(|e| format!("plan blob {}: {e}", d.digest))?;
+                    serde_json::from_slice::<StartupPlan>(&raw)
+                        .map(Some)
+                        .map_err(|e| format!("plan blob {}: {e}", d.digest))
+                }
+                None => Ok(None),
+            }
+        };
+        let manifest = async {
+            let raw = image_store
+                .get_manifest(&j.manifest)
+                .await
+                .map_err(|e| format!("image manifest {}: {e}", j.manifest))?;
+            match raw.parse() {
+                Ok(Manifest::Image(m)) => Ok(m),
+                Ok(Manifest::Index(_)) => Err(format!("{} is an index", j.manifest)),
+                Err(e) => Err(format!("image manifest {}: {e}", j.manifest)),
+            }
+        };
+        let (indexes, plan, manifest) = tokio::join!(indexes, plan, manifest);
+        let mut by_layer: HashMap<String, Arc<LayerIndex>> = HashMap::new();
+        for (layer, r) in indexes {
+            match r {
+                Ok(l) => {
+                    by_layer.insert(layer, l.index);
+                }
+                Err(e) => {
+                    st.errors += 1;
+                    self.metrics.prefetch_error("index");
+                    warn!(image = %j.image, layer, error = %e, "startup prefetch: index not loaded");
+                }
+            }
+        }
+        let manifest = match manifest {
+            Ok(m) => m,
+            Err(e) => {
+                st.errors += 1;
+                self.metrics.prefetch_error("manifest");
+                warn!(image = %j.image, error = %e, "startup prefetch: no image manifest; nothing prefetched");
+                return st;
+            }
+        };
+        // Readers by manifest position, kept alive while the job fetches.
+        let shared: Vec<Option<Arc<SharedLayer>>> = manifest
+            .layers
+            .iter()
+            .map(|d| {
+                by_layer
+                    .get(&d.digest)
+                    .map(|ix| self.layer(&d.digest, image_repo, ix.clone(), &j.image))
+            })
+            .collect();
+        let (entries, budget) = match plan {
+            Ok(Some(p)) => {
+                st.plan = "accelerated";
+                (p.entries, p.prefetch_budget)
+            }
+            Ok(None) => match self.generic_entries(&image_store, &manifest, &shared).await {
+                Ok(Some((e, budget))) => {
+                    st.plan = "generic";
+                    (e, budget)
+                }
+                Ok(None) => {
+                    st.plan = "none";
+                    return st;
+                }
+                Err(e) => {
+                    st.errors += 1;
+                    self.metrics.prefetch_error("config");
+                    warn!(image = %j.image, error = %e, "startup prefetch: no generic plan");
+                    return st;
+                }
+            },
+            Err(e) => {
+                st.errors += 1;
+                self.metrics.prefetch_error("plan");
+                warn!(image = %j.image, error = %e, "startup prefetch: plan not loaded");
+                return st;
+            }
+        };
+        let indexes: Vec<Option<&LayerIndex>> = shared
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.reader.index().as_ref()))
+            .collect();
+        let requests = plan_requests(&entries, &indexes, budget, MAX_REQUEST_BYTES);
+        let ctx = FetchContext {
+            class: Class::Startup,
+            permit_held: true,
+            image: Some(j.image.clone()),
+        };
+        let timeout = self.opts.read_timeout;
+        let results = futures::stream::iter(requests)
+            .map(|r| {
+                let layer = shared.get(r.layer).and_then(Option::as_ref).cloned();
+                let ctx = ctx.clone();
+                async move {
+                    let layer = layer?;
+                    // The permit before the span locks: a queued prefetch holds no span.
+                    let permit = self
+                        .sched
+                        .acquire(&layer.host, Class::Startup)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let res = match permit {
+                        Ok(_p) => {
+                            let fetch =
+                                FETCH.scope(ctx, layer.reader.prefetch_spans(r.first, r.last));
+                            match tokio::time::timeout(timeout, fetch).await {
+                                Ok(r) => r.map_err(|e| e.to_string()),
+                                Err(_) => Err(format!("timed out after {timeout:?}")),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    };
+                    Some((layer.layer.clone(), res))
+                }
+            })
+            .buffer_unordered(self.sched.max_requests())
+            .collect::<Vec<_>>()
+            .await;
+        for (layer, r) in results.into_iter().flatten() {
+            match r {
+                Ok(p) => st.add(&p),
+                Err(e) => {
+                    st.errors += 1;
+                    self.metrics.prefetch_error("fetch");
+                    debug!(image = %j.image, layer, error = %e, "startup prefetch request failed");
+                }
+            }
+        }
+        st
+    }
+
+    /// A generic plan for an image with only a default artifact, from its config (see
+    /// [`crate::generic`]); `Ok(None)` means nothing to prefetch.
+    async fn generic_entries(
+        &self,
+        image_store: &RegistryStore,
+        manifest: &ImageManifest,
+        shared: &[Option<Arc<SharedLayer>>],
+    ) -> Result<Option<(Vec<PlanEntry>, u64)>, String> {
+        if shared.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let digest = &manifest.config.digest;
+        let raw = image_store
+            .get_blob(digest, MAX_CONFIG_BYTES)
+            .await
+            .map_err(|e| format!("image config {digest}: {e}"))?;
+        let config =
+            ImageConfig::from_json(&raw).map_err(|e| format!("image config {digest}: {e}"))?;
+        let layers: Vec<Option<Arc<LayerIndex>>> = shared
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.reader.index().clone()))
+            .collect();
+        let budget = GenericBudget {
+            max_bytes: GENERIC_MAX_BYTES,
+            max_files: GENERIC_MAX_FILES,
+        };
+        // Walks the merged tree of every layer: CPU work, off the async workers.
+        let entries = tokio::task::spawn_blocking(move || generic_plan(&config, &layers, &budget))
+            .await
+            .map_err(|e| format!("generic plan task: {e}"))?;
+        Ok(Some((entries, GENERIC_MAX_BYTES)))
+    }
+
+    /// The job of image `manifest`, if one is kept.
+    pub fn existing_job(&self, manifest: &str) -> Option<Arc<ImageJob>> {
+        self.jobs.lock().ok()?.get(manifest).cloned()
+    }
+
+    /// Forgets snapshot `id` for image `manifest`; its job is cancelled when no mount of
+    /// the image is left.
+    pub fn unmounted(&self, manifest: &str, id: u64) {
+        let job = self.jobs.lock().ok().and_then(|j| j.get(manifest).cloned());
+        if let Some(j) = job {
+            let empty = j
+                .mounts
+                .lock()
+                .map(|mut m| {
+                    m.remove(&id);
+                    m.is_empty()
+                })
+                .unwrap_or(false);
+            if empty {
+                j.cancel();
+            }
+        }
+    }
+}
+
+/// Loads, decodes and checks a layer's index blob.
+async fn load_index(
+    store: &RegistryStore,
+    desc: &talaria_artifact::store::oci::Descriptor,
+    layer: &str,
+) -> Result<LoadedIndex, String> {
+    let raw = store
+        .get_blob(&desc.digest, artifact::MAX_INDEX_BLOB)
+        .await
+        .map_err(|e| format!("index blob {}: {e}", desc.digest))?;
+    let index = LayerIndex::decode(&raw).map_err(|e| format!("index {}: {e}", desc.digest))?;
+    if index.compressed_digest_string() != layer {
+        return Err(format!(
+            "index {} indexes {} but the layer is {layer}",
+            desc.digest,
+            index.compressed_digest_string()
+        ));
+    }
+    Ok(LoadedIndex {
+        raw,
+        index: Arc::new(index),
+    })
+}
+
+#[derive(Default)]
+struct StartupStats {
+    plan: &'static str,
+    bytes: u64,
+    requests: u64,
+    spans: u64,
+    skipped: u64,
+    errors: u64,
+}
+
+impl StartupStats {
+    fn add(&mut self, p: &PrefetchStats) {
+        self.bytes += p.compressed_bytes;
+        self.requests += p.requests;
+        self.spans += p.spans_fetched;
+        self.skipped += p.spans_skipped;
+    }
+}
+
+/// The image-level work started at an image's first layer Prepare.
+pub struct ImageJob {
+    manifest: String,
+    image: Arc<str>,
+    artifact: String,
+    /// Index blobs of the artifact's layers, loaded once (by the job or a Prepare).
+    layers: HashMap<String, OnceCell<Result<LoadedIndex, String>>>,
+    created: Instant,
+    running: AtomicBool,
+    cancelled: AtomicBool,
+    cancel: Notify,
+    /// Snapshots mounted for the image.
+    mounts: Mutex<HashSet<u64>>,
+    /// Reads of the image's layers that waited for the network while the job ran.
+    waits: AtomicU64,
+    wait_micros: AtomicU64,
+}
+
+impl ImageJob {
+    /// The index of `layer`, loaded by `load` unless the job (or another Prepare) already
+    /// has or is loading it.
+    pub async fn index<F, Fut>(&self, layer: &str, load: F) -> Result<LoadedIndex, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<LoadedIndex, String>>,
+    {
+        match self.layers.get(layer) {
+            Some(cell) => cell.get_or_init(load).await.clone(),
+            None => load().await,
+        }
+    }
+
+    /// Loads `layer`'s index from the artifact repository, through the job's cell.
+    pub async fn load(
+        &self,
+        client: &RegistryClient,
+        art: &ArtifactInfo,
+        art_repo: &Repository,
+        layer: &str,
+    ) -> Result<LoadedIndex, String> {
+        let desc = art
+            .index_for(layer)
+            .ok_or_else(|| format!("artifact {} does not index {layer}", art.descriptor.digest))?;
+        let store = RegistryStore::new(client.clone(), art_repo.clone());
+        self.index(layer, || load_index(&store, desc, layer)).await
+    }
+
+    /// Records snapshot `id` as mounted for this image.
+    pub fn mounted(&self, id: u64) {
+        if let Ok(mut m) = self.mounts.lock() {
+            m.insert(id);
+        }
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+        self.cancel.notify_waiters();
+    }
+
+    async fn cancelled(&self) {
+        loop {
+            let n = self.cancel.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// One ranged request of a startup prefetch: spans `first..=last` of manifest layer `layer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanRequest {
+    pub layer: usize,
+    pub first: usize,
+    pub last: usize,
+}
+
+/// Turns plan entries into ranged requests: entries by priority (stable, so plan order
+/// within a priority), each entry's spans counted once against `budget` (uncompressed
+/// bytes; 0 = no cap; an entry whose new spans would pass it is left out, smaller later
+/// ones may still fit), then per layer adjacent spans merged up to `max_request`
+/// compressed bytes, requests ordered by their earliest span in plan order.
+pub fn plan_requests(
+    entries: &[PlanEntry],
+    layers: &[Option<&LayerIndex>],
+    budget: u64,
+    max_request: u64,
+) -> Vec<SpanRequest> {
+    let mut order: Vec<&PlanEntry> = entries.iter().collect();
+    order.sort_by_key(|e| e.priority);
+    // (layer, span) → rank of its first appearance.
+    let mut rank: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    let mut spent = 0u64;
+    for e in order {
+        let l = e.layer as usize;
+        let Some(Some(ix)) = layers.get(l) else {
+            continue;
+        };
+        let mut new: Vec<usize> = Vec::new();
+        let mut cost = 0u64;
+        for &s in &e.spans {
+            let s = s as usize;
+            let Some(span) = ix.spans.get(s) else {
+                continue;
+            };
+            if rank.contains_key(&(l, s)) || new.contains(&s) {
+                continue;
+            }
+            new.push(s);
+            cost = cost.saturating_add(span.uncompressed_size);
+        }
+        if budget > 0 && spent.saturating_add(cost) > budget {
+            continue;
+        }
+        spent += cost;
+        for s in new {
+            let next = rank.len();
+            rank.insert((l, s), next);
+        }
+    }
+    // Per layer, spans ascending (BTreeMap order) → runs.
+    let mut per_layer: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+    for (&(l, s), &r) in &rank {
+        per_layer.entry(l).or_default().push((s, r));
+    }
+    let mut out: Vec<(usize, SpanRequest)> = Vec::new();
+    for (l, spans) in per_layer {
+        let Some(Some(ix)) = layers.get(l) else {
+            continue;
+        };
+        for (first, last, r) in merge_runs(spans, ix, max_request) {
+            out.push((
+                r,
+                SpanRequest {
+                    layer: l,
+                    first,
+                    last,
+                },
+            ));
+        }
+    }
+    out.sort_by_key(|(r, _)| *r);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Merges ascending `(span, rank)` pairs into runs of adjacent spans of at most
+/// `max_request` compressed bytes (a single larger span is a run of its own); each run
+/// with its smallest rank.
+fn merge_runs(
+    spans: Vec<(usize, usize)>,
+    ix: &LayerIndex,
+    max_request: u64,
+) -> Vec<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for (s, r) in spans {
+        if let Some((first, last, rank)) = runs.last_mut()
+            && *last + 1 == s
+            && ix
+                .compressed_range(s)
+                .1
+                .saturating_sub(ix.compressed_range(*first).0)
+                <= max_request
+        {
+            *last = s;
+            *rank = (*rank).min(r);
+            continue;
+        }
+        runs.push((s, s, r));
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use talaria_artifact::index::{Compression, Span};
+
+    /// An index of `n` spans of 100 compressed bytes each (a real index of a tiny layer
+    /// with its spans replaced).
+    fn index(n: usize) -> LayerIndex {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", &b"abc"[..]).expect("tar");
+        let blob = b.into_inner().expect("tar");
+        let mut ix = talaria_artifact::indexer::index_layer(
+            blob.as_slice(),
+            Compression::None,
+            &talaria_artifact::indexer::IndexOptions { span_size: 1024 },
+        )
+        .expect("index")
+        .index;
+        ix.compressed_size = 100 * n as u64;
+        ix.uncompressed_size = 1000 * n as u64;
+        ix.spans = (0..n as u64)
+            .map(|i| Span {
+                uncompressed_offset: 1000 * i,
+                uncompressed_size: 1000,
+                compressed_offset: 100 * i,
+                compressed_end: 100 * (i + 1),
+                bits: 0,
+                window_len: 0,
+                window: Bytes::new(),
+                digest: [0; 32],
+            })
+            .collect();
+        ix
+    }
+
+    fn entry(layer: u32, spans: &[u32], priority: u32) -> PlanEntry {
+        PlanEntry {
+            layer,
+            path: format!("f{layer}-{spans:?}"),
+            spans: spans.to_vec(),
+            priority,
+            bytes: 0,
+            reason: String::new(),
+        }
+    }
+
+    fn req(layer: usize, first: usize, last: usize) -> SpanRequest {
+        SpanRequest { layer, first, last }
+    }
+
+    #[test]
+    fn merges_adjacent_spans_in_plan_order_across_layers() {
+        let (a, b) = (index(20), index(20));
+        let layers = [Some(&a), None, Some(&b)];
+        let entries = [
+            entry(2, &[5, 6], 0),
+            entry(0, &[1, 2, 3], 0),
+            entry(0, &[4, 9], 1),
+            entry(2, &[7], 0),
+            // Not indexed, out of range, repeated: ignored.
+            entry(1, &[0], 0),
+            entry(0, &[99], 0),
+            entry(0, &[2], 0),
+        ];
+        // Cap of 300 compressed bytes: at most 3 spans of 100 per request.
+        let got = plan_requests(&entries, &layers, 0, 300);
+        assert_eq!(
+            got,
+            [req(2, 5, 7), req(0, 1, 3), req(0, 4, 4), req(0, 9, 9)]
+        );
+        // A larger cap merges 1..=4 of layer 0 (4 has a lower priority, the run is ranked
+        // by its earliest span).
+        let got = plan_requests(&entries, &layers, 0, 8 << 20);
+        assert_eq!(got, [req(2, 5, 7), req(0, 1, 4), req(0, 9, 9)]);
+    }
+
+    #[test]
+    fn keeps_to_the_budget() {
+        let a = index(20);
+        let layers = [Some(&a)];
+        let entries = [
+            entry(0, &[0, 1], 0),
+            // Would pass the budget of 3 spans: left out; the next one still fits.
+            entry(0, &[10, 11], 1),
+            entry(0, &[15], 2),
+            entry(0, &[16], 3),
+        ];
+        let got = plan_requests(&entries, &layers, 3000, 8 << 20);
+        assert_eq!(got, [req(0, 0, 1), req(0, 15, 15)]);
+    }
+}
