@@ -269,8 +269,21 @@ impl<'v> Chooser<'v> {
             Some(_) => {
                 // `python3 app.py`, `java -jar app.jar`, `node server.js`: the first
                 // argument that is a file is the script (options and their values are not).
+                let mut classpath = false;
                 for a in rest.iter().take(MAX_SCRIPT_ARGS) {
+                    if classpath {
+                        // `java -cp a.jar:lib/*`: the named jars (globs are not expanded).
+                        classpath = false;
+                        for part in a.split(':').take(MAX_SCRIPT_ARGS) {
+                            if !part.contains('*') {
+                                let pick = self.file(cwd, part);
+                                self.add(T_ENTRY, pick);
+                            }
+                        }
+                        continue;
+                    }
                     if a.starts_with('-') {
+                        classpath = matches!(a.as_str(), "-cp" | "-classpath" | "--class-path");
                         continue;
                     }
                     if let Some(pick) = self.file(cwd, a) {
@@ -329,10 +342,11 @@ fn is_lib_dir(dir: &str) -> bool {
     }
 }
 
-/// `name` is `<stem>.so...` or `<stem>-<version>.so...`.
+/// `name` is `<stem>.so.<version>` or `<stem>-<version>.so`: what programs load (a bare
+/// `<stem>.so` is a link-time file of a -dev package, never loaded at run time).
 fn is_lib_named(name: &str, stem: &str) -> bool {
     match name.strip_prefix(stem) {
-        Some(rest) => rest.starts_with(".so") || (rest.starts_with('-') && rest.contains(".so")),
+        Some(rest) => rest.starts_with(".so.") || (rest.starts_with('-') && rest.contains(".so")),
         None => false,
     }
 }
@@ -672,6 +686,7 @@ mod tests {
                 T::File("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", 2000, 0o755),
                 T::File("usr/lib/x86_64-linux-gnu/libc.so.6", 3000, 0o755),
                 T::File("usr/lib/x86_64-linux-gnu/libm.so.6", 1000, 0o644),
+                T::File("usr/lib/x86_64-linux-gnu/libm.so", 10, 0o644),
                 T::File("usr/lib/x86_64-linux-gnu/libcrypto.so.3", 4000, 0o644),
                 T::File("usr/lib/python3.11/os.py", 300, 0o644),
                 T::File("usr/lib/python3.11/json/decoder.py", 300, 0o644),
@@ -849,7 +864,7 @@ mod tests {
             &[
                 "/bin/sh",
                 "-c",
-                "set -e; exec env JAVA_OPTS=-Xmx1g java -jar /app/app.jar",
+                "set -e; exec env JAVA_OPTS=-Xmx1g java -cp /app/app.jar:/lib/* Main",
             ],
             "/",
             &["PATH=/usr/bin:/bin"],
