@@ -6,10 +6,13 @@
 //! username/password, `Bearer` by fetching a token from the challenge's realm.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use serde::Deserialize;
+use tracing::{debug, warn};
 
 /// Errors reading credentials.
 #[derive(Debug, thiserror::Error)]
@@ -57,10 +60,29 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-/// Credentials by registry host (`host[:port]`, normalized).
-#[derive(Clone, Debug, Default)]
+/// Credentials by registry host (`host[:port]`, normalized), plus dynamic sources consulted
+/// first, at the time of each lookup (see [`Credentials::with_source`]).
+#[derive(Clone, Default)]
 pub struct Credentials {
     by_host: HashMap<String, Credential>,
+    sources: Vec<Arc<dyn CredentialSource>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("by_host", &self.by_host)
+            .field("sources", &self.sources.len())
+            .finish()
+    }
+}
+
+/// A source of credentials asked at request time, so a credential learned or changed after
+/// a client was made is used by it.
+pub trait CredentialSource: Send + Sync {
+    /// The credential for `repository` on `host` (normalized, see [`normalize_host`]), or
+    /// `None` when this source has none.
+    fn lookup(&self, host: &str, repository: &str) -> Option<Credential>;
 }
 
 #[derive(Deserialize)]
@@ -118,12 +140,33 @@ impl Credentials {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_host.is_empty()
+        self.by_host.is_empty() && self.sources.is_empty()
     }
 
-    /// Adds every credential of `other`; `other` wins on the same host.
+    /// Adds every credential of `other`; `other` wins on the same host. Its sources are
+    /// asked after ours.
     pub fn merge(&mut self, other: Credentials) {
         self.by_host.extend(other.by_host);
+        self.sources.extend(other.sources);
+    }
+
+    /// Adds a dynamic source, asked (after sources added before it) ahead of the static
+    /// credentials.
+    pub fn with_source(mut self, source: Arc<dyn CredentialSource>) -> Self {
+        self.sources.push(source);
+        self
+    }
+
+    /// The credential for `repository` on `host` now: the first source that has one, else
+    /// the static credential of the host, else anonymous.
+    pub fn resolve(&self, host: &str, repository: &str) -> Credential {
+        let host = normalize_host(host);
+        for s in &self.sources {
+            if let Some(c) = s.lookup(&host, repository) {
+                return c;
+            }
+        }
+        self.by_host.get(&host).cloned().unwrap_or_default()
     }
 
     /// Parses a docker `config.json` (`{"auths": {"host": {"auth": "base64(user:pass)"}}}`).
@@ -199,6 +242,205 @@ impl Credentials {
             return Self::from_auths(auths);
         }
         Err(AuthError::MissingSecretKey)
+    }
+}
+
+/// Credentials learned from image pulls (kubelet sends the pull secret's credential with
+/// every CRI `PullImage`), by registry host and repository. Memory only, bounded in count,
+/// and an entry not refreshed by a pull within the time to live is forgotten.
+pub struct LearnedCredentials {
+    max_entries: usize,
+    ttl: Duration,
+    inner: Mutex<Learned>,
+}
+
+#[derive(Default)]
+struct Learned {
+    by_repo: HashMap<(String, String), LearnedEntry>,
+    /// The latest credential per host, for repositories no pull named (e.g. an artifact
+    /// repository next to the image's).
+    by_host: HashMap<String, LearnedEntry>,
+}
+
+#[derive(Clone)]
+struct LearnedEntry {
+    credential: Credential,
+    refreshed: Instant,
+}
+
+impl LearnedCredentials {
+    pub fn new(max_entries: usize, ttl: Duration) -> Self {
+        LearnedCredentials {
+            max_entries: max_entries.max(1),
+            ttl,
+            inner: Mutex::new(Learned::default()),
+        }
+    }
+
+    /// Remembers the credential of a pull of `repository` on `host`. Returns whether it
+    /// differs from the one known for that repository (a new or rotated credential).
+    /// Anonymous pulls teach nothing.
+    pub fn remember(&self, host: &str, repository: &str, credential: Credential) -> bool {
+        if credential == Credential::Anonymous {
+            return false;
+        }
+        let host = normalize_host(host);
+        let now = Instant::now();
+        let entry = LearnedEntry {
+            credential,
+            refreshed: now,
+        };
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let ttl = self.ttl;
+        g.by_repo
+            .retain(|_, e| now.duration_since(e.refreshed) <= ttl);
+        g.by_host
+            .retain(|_, e| now.duration_since(e.refreshed) <= ttl);
+        let key = (host.clone(), repository.to_string());
+        let changed = g
+            .by_repo
+            .get(&key)
+            .is_none_or(|e| e.credential != entry.credential);
+        g.by_repo.insert(key, entry.clone());
+        g.by_host.insert(host.clone(), entry);
+        // Bounded: the least recently refreshed entries go first.
+        while g.by_repo.len() > self.max_entries {
+            let Some(oldest) = g
+                .by_repo
+                .iter()
+                .min_by_key(|(_, e)| e.refreshed)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            g.by_repo.remove(&oldest);
+        }
+        while g.by_host.len() > self.max_entries {
+            let Some(oldest) = g
+                .by_host
+                .iter()
+                .min_by_key(|(_, e)| e.refreshed)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            g.by_host.remove(&oldest);
+        }
+        debug!(%host, repository, changed, "remembered a pull credential");
+        changed
+    }
+
+    /// Entries held (per repository).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_repo
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl CredentialSource for LearnedCredentials {
+    fn lookup(&self, host: &str, repository: &str) -> Option<Credential> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = |e: &&LearnedEntry| e.refreshed.elapsed() <= self.ttl;
+        g.by_repo
+            .get(&(host.to_string(), repository.to_string()))
+            .filter(fresh)
+            .or_else(|| g.by_host.get(host).filter(fresh))
+            .map(|e| e.credential.clone())
+    }
+}
+
+/// A docker `config.json` read again when it changes (checked at most every
+/// [`DockerConfigFile::CHECK_EVERY`]), e.g. a mounted secret that Kubernetes updates.
+pub struct DockerConfigFile {
+    path: PathBuf,
+    state: Mutex<FileState>,
+}
+
+struct FileState {
+    credentials: Credentials,
+    /// Modification time and length of the version read.
+    stamp: Option<(SystemTime, u64)>,
+    checked: Instant,
+}
+
+impl DockerConfigFile {
+    pub const CHECK_EVERY: Duration = Duration::from_secs(2);
+
+    /// Reads the file; an unreadable or malformed file is an error here (later changes that
+    /// do not parse are logged and the last good version kept).
+    pub fn open(path: &Path) -> Result<Self, AuthError> {
+        let stamp = file_stamp(path).map_err(|source| AuthError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let credentials = Credentials::from_docker_config_file(path)?;
+        Ok(DockerConfigFile {
+            path: path.to_path_buf(),
+            state: Mutex::new(FileState {
+                credentials,
+                stamp: Some(stamp),
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    fn refresh(&self, st: &mut FileState) {
+        st.checked = Instant::now();
+        let stamp = match file_stamp(&self.path) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "docker config unreadable; keeping the last version");
+                return;
+            }
+        };
+        if stamp == st.stamp {
+            return;
+        }
+        match stamp {
+            None => {
+                debug!(path = %self.path.display(), "docker config removed");
+                st.credentials = Credentials::default();
+                st.stamp = None;
+            }
+            Some(_) => match Credentials::from_docker_config_file(&self.path) {
+                Ok(c) => {
+                    debug!(path = %self.path.display(), "docker config changed; reloaded");
+                    st.credentials = c;
+                    st.stamp = stamp;
+                }
+                Err(e) => {
+                    warn!(path = %self.path.display(), error = %e, "docker config does not parse; keeping the last version");
+                    // Not retried until the file changes again.
+                    st.stamp = stamp;
+                }
+            },
+        }
+    }
+}
+
+fn file_stamp(path: &Path) -> std::io::Result<(SystemTime, u64)> {
+    let md = std::fs::metadata(path)?;
+    Ok((md.modified()?, md.len()))
+}
+
+impl CredentialSource for DockerConfigFile {
+    fn lookup(&self, host: &str, repository: &str) -> Option<Credential> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.checked.elapsed() >= Self::CHECK_EVERY {
+            self.refresh(&mut st);
+        }
+        match st.credentials.resolve(host, repository) {
+            Credential::Anonymous => None,
+            c => Some(c),
+        }
     }
 }
 
@@ -378,6 +620,71 @@ mod tests {
         // Malformed input must not panic.
         let _ = parse_challenge(r#"Bearer realm="unterminated"#);
         let _ = parse_challenge("Bearer ,,,=,==\"");
+    }
+
+    fn basic(p: &str) -> Credential {
+        Credential::Basic {
+            username: "u".into(),
+            password: p.into(),
+        }
+    }
+
+    #[test]
+    fn learned_credentials_by_repo_then_host_bounded_and_expiring() {
+        let l = LearnedCredentials::new(2, Duration::from_secs(3600));
+        assert!(!l.remember("r.io", "a", Credential::Anonymous));
+        assert!(l.is_empty());
+        assert!(l.remember("https://R.io", "a", basic("1")));
+        assert!(!l.remember("r.io", "a", basic("1")), "same credential");
+        assert!(l.remember("r.io", "b", basic("2")));
+        assert_eq!(l.lookup("r.io", "a"), Some(basic("1")));
+        // A repository no pull named: the host's latest.
+        assert_eq!(l.lookup("r.io", "other"), Some(basic("2")));
+        assert_eq!(l.lookup("x.io", "a"), None);
+        // Bounded: the least recently refreshed goes.
+        l.remember("s.io", "c", basic("3"));
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.lookup("r.io", "a"), Some(basic("2")), "host fallback");
+        let expired = LearnedCredentials::new(8, Duration::ZERO);
+        expired.remember("r.io", "a", basic("1"));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(expired.lookup("r.io", "a"), None);
+    }
+
+    #[test]
+    fn sources_come_first_and_docker_config_file_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths":{"r.io":{"username":"u","password":"1"}}}"#,
+        )
+        .unwrap();
+        let file = Arc::new(DockerConfigFile::open(&path).unwrap());
+        let learned = Arc::new(LearnedCredentials::new(8, Duration::from_secs(60)));
+        let mut stat = Credentials::new();
+        stat.insert("r.io", basic("static"));
+        stat.insert("z.io", basic("z"));
+        let creds = stat.with_source(learned.clone()).with_source(file.clone());
+        assert_eq!(creds.resolve("r.io", "a"), basic("1"), "file before static");
+        assert_eq!(creds.resolve("z.io", "a"), basic("z"));
+        learned.remember("r.io", "a", basic("pulled"));
+        assert_eq!(creds.resolve("r.io", "a"), basic("pulled"));
+        assert_eq!(creds.resolve("r.io", "b"), basic("pulled"));
+        // The file changes (size differs): read again after the check interval.
+        std::fs::write(
+            &path,
+            r#"{"auths":{"q.io":{"username":"u","password":"22"}}}"#,
+        )
+        .unwrap();
+        file.state.lock().unwrap().checked -= DockerConfigFile::CHECK_EVERY;
+        assert_eq!(file.lookup("q.io", "a"), Some(basic("22")));
+        assert_eq!(file.lookup("r.io", "a"), None);
+        // A broken file keeps the last good version.
+        std::fs::write(&path, "not json at all, longer").unwrap();
+        file.state.lock().unwrap().checked -= DockerConfigFile::CHECK_EVERY;
+        assert_eq!(file.lookup("q.io", "a"), Some(basic("22")));
+        assert!(DockerConfigFile::open(&dir.path().join("missing")).is_err());
     }
 
     #[test]
