@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -63,6 +64,10 @@ pub struct Metrics {
     pub prefetch_errors: Family<StageLabels, Counter>,
     /// Seconds reads of remote layers waited for spans not in the cache.
     pub read_wait_seconds: Histogram,
+    /// Reads that waited for the network while a startup prefetch of their image ran, and
+    /// their total wait.
+    pub startup_read_waits: Counter,
+    pub startup_read_wait_seconds: Counter<f64, AtomicU64>,
     /// Uncompressed span bytes served from the span cache.
     pub bytes_from_cache: Counter,
     pub fallbacks: Family<FallbackLabels, Counter>,
@@ -101,6 +106,8 @@ impl Metrics {
             read_wait_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
+            startup_read_waits: Counter::default(),
+            startup_read_wait_seconds: Counter::default(),
             fallbacks: Family::default(),
             mounted_by_source: Family::default(),
             mount_seconds: Histogram::new([
@@ -160,6 +167,16 @@ impl Metrics {
             "prefetch_errors",
             "Failed steps of startup or background prefetch, by stage",
             m.prefetch_errors.clone(),
+        );
+        registry.register(
+            "startup_read_waits",
+            "Reads that waited for the network while a startup prefetch of their image ran",
+            m.startup_read_waits.clone(),
+        );
+        registry.register(
+            "startup_read_wait_seconds",
+            "Total time reads waited for the network while a startup prefetch of their image ran",
+            m.startup_read_wait_seconds.clone(),
         );
         registry.register(
             "read_wait_seconds",

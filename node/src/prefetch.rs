@@ -47,6 +47,8 @@ const BACKGROUND_REQUEST_BYTES: u64 = 4 << 20;
 const MAX_JOBS: usize = 32;
 /// A finished job is reused by Prepares of its image within this time.
 const JOB_KEEP: Duration = Duration::from_secs(60);
+/// How long after a startup prefetch its trace counts reads that waited during it.
+const TRACE_GRACE: Duration = Duration::from_millis(500);
 /// Longest a whole startup prefetch may take.
 const STARTUP_MAX: Duration = Duration::from_secs(600);
 /// Image configs read for a generic plan are small.
@@ -180,12 +182,20 @@ impl ReadObserver for LayerObserver {
             return;
         };
         f.metrics.read_wait_seconds.observe(waited.as_secs_f64());
-        for job in f.running_jobs() {
+        let mut during_startup = false;
+        for job in f.jobs_since(Instant::now().checked_sub(waited)) {
             if job.layers.contains_key(&self.layer) {
+                during_startup = true;
                 job.waits.fetch_add(1, Ordering::Relaxed);
                 job.wait_micros
                     .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
             }
+        }
+        if during_startup {
+            f.metrics.startup_read_waits.inc();
+            f.metrics
+                .startup_read_wait_seconds
+                .inc_by(waited.as_secs_f64());
         }
     }
 
@@ -400,12 +410,21 @@ impl Fetcher {
         });
     }
 
-    fn running_jobs(&self) -> Vec<Arc<ImageJob>> {
+    /// Jobs whose startup prefetch ran at some time since `since` (all running ones when
+    /// `None`): a read whose wait began then waited during it.
+    fn jobs_since(&self, since: Option<Instant>) -> Vec<Arc<ImageJob>> {
         self.jobs
             .lock()
             .map(|j| {
                 j.values()
-                    .filter(|j| j.running.load(Ordering::Relaxed))
+                    .filter(|j| {
+                        j.running.load(Ordering::Relaxed)
+                            || j.ended
+                                .lock()
+                                .ok()
+                                .and_then(|e| *e)
+                                .is_some_and(|e| since.is_some_and(|s| e > s))
+                    })
                     .cloned()
                     .collect()
             })
@@ -454,9 +473,11 @@ impl Fetcher {
                 .collect(),
             created: Instant::now(),
             running: AtomicBool::new(self.opts.startup),
+            ended: Mutex::new(None),
             cancelled: AtomicBool::new(false),
             cancel: Notify::new(),
             mounts: Mutex::new(HashSet::new()),
+            held: Mutex::new(Vec::new()),
             waits: AtomicU64::new(0),
             wait_micros: AtomicU64::new(0),
         });
@@ -482,27 +503,43 @@ impl Fetcher {
                         None
                     }
                 };
+                if let Ok(mut e) = j.ended.lock() {
+                    *e = Some(Instant::now());
+                }
                 j.running.store(false, Ordering::Relaxed);
                 drop(starting);
-                me.finish(&j, t0.elapsed(), res);
+                let elapsed = t0.elapsed();
+                me.finish(&j, elapsed, &res);
+                // Reads waiting on the last requests are told of their wait just after
+                // those end: the trace waits a moment to count them.
+                tokio::time::sleep(TRACE_GRACE).await;
+                me.trace(&j, elapsed, res);
             });
         }
         Some(job)
     }
 
-    fn finish(&self, j: &ImageJob, elapsed: Duration, res: Option<StartupStats>) {
+    fn finish(&self, j: &ImageJob, elapsed: Duration, res: &Option<StartupStats>) {
         let m = &self.metrics;
-        m.startup_prefetches.inc();
+        m.startup_requests
+            .inc_by(res.as_ref().map_or(0, |st| st.requests));
+        m.startup_spans
+            .inc_by(res.as_ref().map_or(0, |st| st.spans));
         m.startup_seconds.observe(elapsed.as_secs_f64());
+        // Last: tests and benchmarks wait on this one.
+        m.startup_prefetches.inc();
+        if res.is_none() && !j.cancelled.load(Ordering::Relaxed) {
+            m.prefetch_error("timeout");
+            warn!(image = %j.image, ?elapsed, "startup prefetch timed out");
+        }
+    }
+
+    /// The info line of an image's startup prefetch: what it fetched, and how many reads
+    /// of the image's layers waited for the network meanwhile.
+    fn trace(&self, j: &ImageJob, elapsed: Duration, res: Option<StartupStats>) {
         let Some(st) = res else {
-            if !j.cancelled.load(Ordering::Relaxed) {
-                m.prefetch_error("timeout");
-                warn!(image = %j.image, ?elapsed, "startup prefetch timed out");
-            }
             return;
         };
-        m.startup_requests.inc_by(st.requests);
-        m.startup_spans.inc_by(st.spans);
         info!(
             image = %j.image,
             plan = st.plan,
@@ -588,7 +625,7 @@ impl Fetcher {
                 return st;
             }
         };
-        // Readers by manifest position, kept alive while the job fetches.
+        // Readers by manifest position, kept alive while the job is kept.
         let shared: Vec<Option<Arc<SharedLayer>>> = manifest
             .layers
             .iter()
@@ -598,6 +635,9 @@ impl Fetcher {
                     .map(|ix| self.layer(&d.digest, image_repo, ix.clone(), &j.image))
             })
             .collect();
+        if let Ok(mut h) = j.held.lock() {
+            *h = shared.iter().flatten().cloned().collect();
+        }
         let (entries, budget) = match plan {
             Ok(Some(p)) => {
                 st.plan = "accelerated";
@@ -717,22 +757,28 @@ impl Fetcher {
         self.jobs.lock().ok()?.get(manifest).cloned()
     }
 
-    /// Forgets snapshot `id` for image `manifest`; its job is cancelled when no mount of
-    /// the image is left.
+    /// Forgets snapshot `id` for image `manifest`; when no mount of the image is left its
+    /// job is cancelled and let go, with the readers it held.
     pub fn unmounted(&self, manifest: &str, id: u64) {
-        let job = self.jobs.lock().ok().and_then(|j| j.get(manifest).cloned());
-        if let Some(j) = job {
-            let empty = j
-                .mounts
-                .lock()
-                .map(|mut m| {
-                    m.remove(&id);
-                    m.is_empty()
-                })
-                .unwrap_or(false);
-            if empty {
-                j.cancel();
-            }
+        let Ok(mut jobs) = self.jobs.lock() else {
+            return;
+        };
+        let Some(j) = jobs.get(manifest).cloned() else {
+            return;
+        };
+        let empty = j
+            .mounts
+            .lock()
+            // Only mounts of this job count (a newer job of the image has its own).
+            .map(|mut m| m.remove(&id) && m.is_empty())
+            .unwrap_or(false);
+        if empty {
+            jobs.remove(manifest);
+            drop(jobs);
+            j.cancel();
+            // Dropped outside the jobs lock: the last reader of a layer ends its series.
+            let held = j.held.lock().map(|mut h| std::mem::take(&mut *h));
+            drop(held);
         }
     }
 }
@@ -789,10 +835,15 @@ pub struct ImageJob {
     layers: HashMap<String, OnceCell<Result<LoadedIndex, String>>>,
     created: Instant,
     running: AtomicBool,
+    /// When the startup prefetch ended.
+    ended: Mutex<Option<Instant>>,
     cancelled: AtomicBool,
     cancel: Notify,
     /// Snapshots mounted for the image.
     mounts: Mutex<HashSet<u64>>,
+    /// The readers of the image's layers, held while the job is kept: a layer prefetched
+    /// before its Prepare keeps its reader (and its metric series) until it is mounted.
+    held: Mutex<Vec<Arc<SharedLayer>>>,
     /// Reads of the image's layers that waited for the network while the job ran.
     waits: AtomicU64,
     wait_micros: AtomicU64,

@@ -1,0 +1,405 @@
+//! Startup prefetch with the real registry and the real snapshotter over gRPC: at an
+//! image's first layer Prepare the node fetches its plan's spans across all its layers, so
+//! reads of the plan's files need no network; a read racing the prefetch waits for it
+//! instead of fetching the same bytes again; an image with only a default artifact gets a
+//! generic plan.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Client, Node, connect, http_get, metric, mount_at};
+use sha2::{Digest, Sha256};
+use talaria_artifact::artifact::Profile;
+use talaria_artifact::build::{BuildOptions, build};
+use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::store::{RegistryStore, Store};
+use talaria_node::proto::containerd::services::snapshots::v1 as pb;
+use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
+use talaria_testenv::registry::Registry;
+use tonic::Code;
+
+/// The tests share two cores with everything else: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Longest the tests wait for the node to report something.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A script whose body is incompressible: the shebang makes `/bin/sh` (busybox, in the
+/// first layer) part of the plan too.
+fn big_script(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = b"#!/bin/sh\nexit 0\n".to_vec();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ seed;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// busybox, then a layer with `/app/run` (the command, `len` bytes).
+fn app_image(len: usize, seed: u64) -> (images::Image, Vec<u8>) {
+    let script = big_script(len, seed);
+    let app = LayerBuilder::new()
+        .dir("app", 0o755)
+        .file("app/run", script.clone(), 0o755)
+        .file("app/unused.txt", "not in the plan\n", 0o644)
+        .build()
+        .expect("app layer");
+    let image = ImageBuilder::new()
+        .layer(images::busybox_layer().expect("busybox layer"))
+        .layer(app)
+        .cmd(&["/app/run"])
+        .build()
+        .expect("image");
+    (image, script)
+}
+
+async fn build_artifact(registry: &str, repo: &str, tag: &str, profile: Profile) {
+    // The shaped registry is not on loopback: plain HTTP by name.
+    let client = RegistryClient::new(RegistryConfig {
+        insecure_hosts: vec![registry.to_string()],
+        ..RegistryConfig::default()
+    })
+    .expect("registry client");
+    let store: Arc<dyn Store> = Arc::new(RegistryStore::new(
+        client,
+        Repository {
+            registry: registry.to_string(),
+            name: repo.to_string(),
+        },
+    ));
+    let mut opts = BuildOptions {
+        profile,
+        ..BuildOptions::default()
+    };
+    // Small spans: files span several, and merging adjacent ones matters.
+    opts.knobs.span_size = 256 << 10;
+    build(store, tag, None, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("build artifact of {repo}:{tag}: {e}"));
+}
+
+fn chain_ids(image: &images::Image) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in &image.layers {
+        let next = match out.last() {
+            None => l.diff_id.clone(),
+            Some(prev) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{prev} {}", l.diff_id)))
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// Prepares layer `i` of `image` with the CRI plugin's labels; asserts the node provided it.
+async fn prepare_layer(c: &mut Client, image_ref: &str, image: &images::Image, i: usize) {
+    let chains = chain_ids(image);
+    let parent = if i == 0 {
+        String::new()
+    } else {
+        chains[i - 1].clone()
+    };
+    let labels = HashMap::from([
+        ("containerd.io/snapshot.ref".to_string(), chains[i].clone()),
+        (
+            "containerd.io/snapshot/cri.image-ref".to_string(),
+            image_ref.to_string(),
+        ),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".to_string(),
+            image.manifest_digest.clone(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".to_string(),
+            image.layers[i].digest.clone(),
+        ),
+    ]);
+    let res = c
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "talaria".into(),
+            key: format!("default/1/extract-{i}-{}", &chains[i][7..19]),
+            parent,
+            labels,
+        })
+        .await;
+    match res {
+        Err(e) if e.code() == Code::AlreadyExists => {}
+        other => panic!("layer {i} was not provided lazily: {other:?}"),
+    }
+}
+
+async fn mount_view(c: &mut Client, parent: &str, key: &str, target: &Path) {
+    let r = c
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "talaria".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("view {parent}: {e}"))
+        .into_inner();
+    let m = &r.mounts[0];
+    mount_at(&m.r#type, &m.source, &m.options, target);
+}
+
+/// Polls /metrics until `metric_name` reaches `at_least` (bounded by [`WAIT`]).
+fn wait_metric(node: &Node, addr: &str, metric_name: &str, at_least: f64) -> String {
+    let t0 = Instant::now();
+    loop {
+        let m = http_get(addr, "/metrics");
+        if metric(&m, metric_name) >= at_least {
+            return m;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "{metric_name} did not reach {at_least} within {WAIT:?}:\n{m}\n{}",
+            node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (bounded) for the startup prefetch's trace line containing `what`.
+fn wait_log(node: &Node, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let log = node.log_text();
+        if log
+            .lines()
+            .any(|l| l.contains("startup prefetch done") && l.contains(what))
+        {
+            return;
+        }
+        assert!(t0.elapsed() < WAIT, "no trace with {what}:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `layer_bytes` series of one image's layer.
+fn layer_bytes(m: &str, image: &str, layer: &str, kind: &str) -> f64 {
+    metric(
+        m,
+        &format!(
+            "talaria_node_layer_bytes_total{{image=\"{image}\",layer=\"{layer}\",kind=\"{kind}\"}}"
+        ),
+    )
+}
+
+fn start_node(dir: &Path, extra: &[&str]) -> (Node, String) {
+    let addr = format!(
+        "127.0.0.1:{}",
+        talaria_testenv::free_port().expect("free port")
+    );
+    let mut args = vec!["--metrics-addr".to_string(), addr.clone()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let node = Node::start(
+        &dir.join("root"),
+        &dir.join("sn.sock"),
+        &dir.join("node.log"),
+        &args,
+    );
+    (node, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_prepare_prefetches_the_plan_of_all_layers_and_plan_reads_need_no_network() {
+    let _serial = SERIAL.lock().await;
+    talaria_artifact::registry::install_crypto_provider();
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-prefetch-")
+        .tempdir()
+        .expect("tempdir");
+    let registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    let (image, script) = app_image(3 << 20, 1);
+    image.push(&host, "talaria/app", "v1").expect("push");
+    build_artifact(&host, "talaria/app", "v1", Profile::StartupLocalV1).await;
+    let (node, addr) = start_node(dir.path(), &[]);
+    let mut c = connect(node.socket.clone()).await;
+    let image_ref = format!("{host}/talaria/app:v1");
+
+    // Only the first layer prepared: the startup prefetch covers the second one too.
+    prepare_layer(&mut c, &image_ref, &image, 0).await;
+    let m = wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
+    let app_layer = &image.layers[1].digest;
+    let startup_app = layer_bytes(&m, &image_ref, app_layer, "startup");
+    assert!(
+        startup_app > (3 << 20) as f64 * 0.9,
+        "the plan's script in the unprepared layer was prefetched ({startup_app} bytes):\n{m}"
+    );
+    assert!(
+        layer_bytes(&m, &image_ref, &image.layers[0].digest, "startup") > 0.0,
+        "and busybox (its interpreter) in the first layer:\n{m}"
+    );
+    assert!(
+        metric(&m, "talaria_node_startup_prefetch_spans_total") >= 12.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "talaria_node_startup_prefetch_requests_total") >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "talaria_node_startup_prefetch_seconds_count") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "talaria_node_fetched_on_demand_bytes_total"),
+        0.0,
+        "{m}"
+    );
+    wait_log(&node, "accelerated");
+
+    // The rest of the image, then the plan's files read through FUSE: no network.
+    prepare_layer(&mut c, &image_ref, &image, 1).await;
+    let top = chain_ids(&image).pop().expect("top");
+    let mnt = dir.path().join("mnt");
+    mount_view(&mut c, &top, "view", &mnt).await;
+    let got = std::fs::read(mnt.join("app/run")).expect("read the script");
+    assert!(got == script, "the script reads back intact");
+    let sh = std::fs::read(mnt.join("bin/sh")).expect("read /bin/sh");
+    assert_eq!(&sh[..4], b"\x7fELF");
+    let m = http_get(&addr, "/metrics");
+    assert_eq!(
+        metric(&m, "talaria_node_fetched_on_demand_bytes_total"),
+        0.0,
+        "reads of plan files fetched nothing:\n{m}"
+    );
+    assert_eq!(layer_bytes(&m, &image_ref, app_layer, "on_demand"), 0.0);
+    assert!(
+        layer_bytes(&m, &image_ref, app_layer, "cache") >= script.len() as f64,
+        "the script's bytes came from the cache, counted as read:\n{m}"
+    );
+    // A file outside the plan is fetched on demand.
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("app/unused.txt")).expect("read"),
+        "not in the plan\n"
+    );
+    nix::mount::umount(&mnt).expect("umount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_racing_the_prefetch_waits_for_it_instead_of_fetching_again() {
+    let _serial = SERIAL.lock().await;
+    talaria_artifact::registry::install_crypto_provider();
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-prefetch-race-")
+        .tempdir()
+        .expect("tempdir");
+    // Slow enough that the script's fetch is still running when the read comes.
+    let registry = Registry::start_shaped(20, 5).expect("start shaped registry");
+    let host = registry.host();
+    let (image, script) = app_image(8 << 20, 2);
+    image.push(&host, "talaria/race", "v1").expect("push");
+    build_artifact(&host, "talaria/race", "v1", Profile::StartupLocalV1).await;
+    let (node, addr) = start_node(dir.path(), &["--insecure-registry", &host]);
+    let mut c = connect(node.socket.clone()).await;
+    let image_ref = format!("{host}/talaria/race:v1");
+
+    prepare_layer(&mut c, &image_ref, &image, 0).await;
+    prepare_layer(&mut c, &image_ref, &image, 1).await;
+    let top = chain_ids(&image).pop().expect("top");
+    let mnt = dir.path().join("mnt");
+    mount_view(&mut c, &top, "view", &mnt).await;
+    let got = std::fs::read(mnt.join("app/run")).expect("read the script");
+    assert!(got == script, "the script reads back intact");
+    let m = wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
+    assert!(
+        metric(&m, "talaria_node_read_wait_seconds_count") >= 1.0,
+        "the read waited for the network:\n{m}"
+    );
+    let layer = &image.layers[1].digest;
+    let blob = image.layers[1].blob.len() as f64;
+    let fetched = layer_bytes(&m, &image_ref, layer, "startup")
+        + layer_bytes(&m, &image_ref, layer, "on_demand");
+    assert!(
+        layer_bytes(&m, &image_ref, layer, "startup") > 0.0,
+        "the prefetch fetched the script (or part of it):\n{m}"
+    );
+    assert!(
+        fetched >= blob * 0.9 && fetched <= blob + (256 << 10) as f64,
+        "the app layer ({blob} bytes) was fetched once by the prefetch and the read together, not twice ({fetched}):\n{m}"
+    );
+    assert!(
+        metric(&m, "talaria_node_startup_read_waits_total") >= 1.0,
+        "counted as a wait during the startup prefetch:\n{m}"
+    );
+    // The trace follows the metrics by a moment.
+    let t0 = Instant::now();
+    let done = loop {
+        let log = node.log_text();
+        if let Some(l) = log.lines().find(|l| l.contains("startup prefetch done")) {
+            break l.to_string();
+        }
+        assert!(t0.elapsed() < WAIT, "no trace of the prefetch:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("{done}");
+    let waits: u64 = done
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("read_waits="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no read_waits in {done}"));
+    assert!(waits >= 1, "the trace counts the read that waited: {done}");
+    nix::mount::umount(&mnt).expect("umount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_with_only_a_default_artifact_gets_a_generic_plan() {
+    let _serial = SERIAL.lock().await;
+    talaria_artifact::registry::install_crypto_provider();
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-prefetch-generic-")
+        .tempdir()
+        .expect("tempdir");
+    let registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    let image = ImageBuilder::new()
+        .layer(images::busybox_layer().expect("busybox layer"))
+        .layer(
+            LayerBuilder::new()
+                .file("etc/motd", "generic\n", 0o644)
+                .build()
+                .expect("layer"),
+        )
+        .cmd(&["/bin/sh", "-c", "cat /etc/motd"])
+        .build()
+        .expect("image");
+    image.push(&host, "talaria/generic", "v1").expect("push");
+    build_artifact(&host, "talaria/generic", "v1", Profile::Default).await;
+    let (node, addr) = start_node(dir.path(), &[]);
+    let mut c = connect(node.socket.clone()).await;
+    let image_ref = format!("{host}/talaria/generic:v1");
+
+    prepare_layer(&mut c, &image_ref, &image, 0).await;
+    let m = wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
+    assert!(
+        metric(&m, "talaria_node_startup_prefetch_spans_total") >= 1.0,
+        "{m}"
+    );
+    wait_log(&node, "plan=\"generic\"");
+    // The entrypoint (busybox, on PATH) was in the generic plan.
+    prepare_layer(&mut c, &image_ref, &image, 1).await;
+    let top = chain_ids(&image).pop().expect("top");
+    let mnt = dir.path().join("mnt");
+    mount_view(&mut c, &top, "view", &mnt).await;
+    let sh = std::fs::read(mnt.join("bin/sh")).expect("read /bin/sh");
+    assert_eq!(&sh[..4], b"\x7fELF");
+    let m = http_get(&addr, "/metrics");
+    assert_eq!(
+        metric(&m, "talaria_node_fetched_on_demand_bytes_total"),
+        0.0,
+        "{m}"
+    );
+    nix::mount::umount(&mnt).expect("umount");
+}
