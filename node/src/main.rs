@@ -12,7 +12,7 @@ use talaria_artifact::auth::Credentials;
 use talaria_artifact::registry::{RegistryConfig, RetryPolicy};
 use talaria_node::cluster::{self, ClusterSource};
 use talaria_node::metrics::Metrics;
-use talaria_node::remote::{RemoteLayers, RemoteOptions, detach_stale_mounts};
+use talaria_node::remote::{MaterializeOptions, RemoteLayers, RemoteOptions, detach_stale_mounts};
 use talaria_node::service::serve_unix;
 use talaria_node::snapshotter::Snapshotter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -57,6 +57,23 @@ struct Args {
     /// then background fetch).
     #[arg(long, env = "TALARIA_NODE_REGISTRY_MAX_REQUESTS", default_value_t = 8)]
     registry_max_requests: usize,
+    /// Startup files up to this size (KiB) are copied to local disk once prefetched.
+    #[arg(
+        long,
+        env = "TALARIA_NODE_MATERIALIZE_MAX_FILE_KIB",
+        default_value_t = 256
+    )]
+    materialize_max_file_kib: u64,
+    /// Disk for materialized startup files (MiB, under --root); 0 turns it off.
+    #[arg(long, env = "TALARIA_NODE_MATERIALIZE_MIB", default_value_t = 256)]
+    materialize_mib: u64,
+    /// Most materialized startup files kept.
+    #[arg(
+        long,
+        env = "TALARIA_NODE_MATERIALIZE_MAX_FILES",
+        default_value_t = 20000
+    )]
+    materialize_max_files: usize,
     /// Docker config.json with registry credentials.
     #[arg(long, env = "TALARIA_NODE_DOCKER_CONFIG")]
     docker_config: Option<PathBuf>,
@@ -152,6 +169,14 @@ async fn main() -> anyhow::Result<()> {
                 max_requests: args.registry_max_requests,
                 ..Default::default()
             },
+            materialize: (args.materialize_mib > 0 && args.materialize_max_files > 0).then(|| {
+                MaterializeOptions {
+                    dir: args.root.join("cache").join("materialized"),
+                    max_bytes: args.materialize_mib.saturating_mul(1 << 20),
+                    max_files: args.materialize_max_files,
+                    max_file_bytes: args.materialize_max_file_kib.saturating_mul(1 << 10),
+                }
+            }),
             cluster,
             referrers: !args.no_referrers,
         };

@@ -77,6 +77,11 @@ pub struct Metrics {
     pub mount_seconds: Histogram,
     pub remote_mounts: Gauge,
     pub cache_bytes: Gauge,
+    /// Bytes FUSE reads returned to the kernel (from spans or materialized files).
+    pub fuse_read_bytes: Counter,
+    /// Startup files copied to local disk, and their bytes.
+    pub materialized_files: Counter,
+    pub materialized_bytes: Counter,
     /// FUSE reads answered with EIO (registry down, timeout, verification failure).
     pub read_errors: Counter,
 }
@@ -116,6 +121,9 @@ impl Metrics {
             remote_mounts: Gauge::default(),
             cache_bytes: Gauge::default(),
             read_errors: Counter::default(),
+            fuse_read_bytes: Counter::default(),
+            materialized_files: Counter::default(),
+            materialized_bytes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +215,21 @@ impl Metrics {
             "span_cache_bytes",
             "Bytes held by the on-disk span cache",
             m.cache_bytes.clone(),
+        );
+        registry.register(
+            "fuse_read_bytes",
+            "Bytes reads of remote layers returned (from spans or materialized files)",
+            m.fuse_read_bytes.clone(),
+        );
+        registry.register(
+            "materialized_files",
+            "Startup files copied to local disk so their reads skip the span path",
+            m.materialized_files.clone(),
+        );
+        registry.register(
+            "materialized_bytes",
+            "Bytes of startup files copied to local disk",
+            m.materialized_bytes.clone(),
         );
         registry.register(
             "read_errors",

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use talaria_artifact::artifact::{self, ArtifactInfo, PlanEntry, StartupPlan};
-use talaria_artifact::index::LayerIndex;
+use talaria_artifact::index::{EntryKind, LayerIndex};
 use talaria_artifact::reader::{LayerReader, PrefetchStats, ReadObserver, SpanCache};
 use talaria_artifact::registry::{RegistryClient, Repository};
 use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::TieredSpanCache;
 use crate::generic::{GenericBudget, generic_plan};
+use crate::materialize::Materializer;
 use crate::metrics::Metrics;
 use crate::reach::Reachability;
 use crate::sched::{self, Class, FETCH, FetchContext, LinkScheduler};
@@ -200,10 +201,14 @@ impl ReadObserver for LayerObserver {
     }
 
     fn cached_bytes(&self, bytes: u64) {
+        // Reads only: the node's own reads (materialization) are not what a container used.
+        let ctx = sched::current();
+        if ctx.class != Class::OnDemand {
+            return;
+        }
         if let Some(f) = self.fetcher.upgrade() {
             f.metrics.bytes_from_cache.inc_by(bytes);
         }
-        let ctx = sched::current();
         self.series.add(ctx.image.as_ref(), "cache", bytes);
     }
 }
@@ -216,14 +221,18 @@ pub struct SharedLayer {
     pub layer: String,
     stop: Arc<AtomicBool>,
     series: Arc<LayerSeries>,
+    materializer: Option<Arc<Materializer>>,
 }
 
 impl Drop for SharedLayer {
     fn drop(&mut self) {
-        // Nothing mounts or prefetches the layer any more: its background fetch ends and
-        // its metric series go.
+        // Nothing mounts or prefetches the layer any more: its background fetch ends, its
+        // metric series and its materialized files go.
         self.stop.store(true, Ordering::Relaxed);
         self.series.close();
+        if let Some(m) = &self.materializer {
+            m.remove_layer(&self.layer);
+        }
     }
 }
 
@@ -248,6 +257,7 @@ pub struct Fetcher {
     opts: FetchOptions,
     layers: Mutex<HashMap<String, Weak<SharedLayer>>>,
     jobs: Mutex<HashMap<String, Arc<ImageJob>>>,
+    materializer: Option<Arc<Materializer>>,
     me: Weak<Fetcher>,
 }
 
@@ -259,6 +269,7 @@ impl Fetcher {
         sched: Arc<LinkScheduler>,
         metrics: Arc<Metrics>,
         opts: FetchOptions,
+        materializer: Option<Arc<Materializer>>,
     ) -> Arc<Fetcher> {
         Arc::new_cyclic(|me| Fetcher {
             rt,
@@ -269,12 +280,18 @@ impl Fetcher {
             opts,
             layers: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
+            materializer,
             me: me.clone(),
         })
     }
 
     pub fn sched(&self) -> &Arc<LinkScheduler> {
         &self.sched
+    }
+
+    /// Where small startup files are copied, when enabled.
+    pub fn materializer(&self) -> Option<&Arc<Materializer>> {
+        self.materializer.as_ref()
     }
 
     /// The node's reader of `layer` (blob in `repo`), created with `index` if none is alive.
@@ -347,6 +364,7 @@ impl Fetcher {
             layer: layer.to_string(),
             stop: Arc::new(AtomicBool::new(false)),
             series,
+            materializer: self.materializer.clone(),
         }
     }
 
@@ -548,6 +566,8 @@ impl Fetcher {
             spans = st.spans,
             spans_skipped = st.skipped,
             errors = st.errors,
+            materialized = st.materialized,
+            materialized_bytes = st.materialized_bytes,
             ms = elapsed.as_millis() as u64,
             read_waits = j.waits.load(Ordering::Relaxed),
             read_wait_ms = j.wait_micros.load(Ordering::Relaxed) / 1000,
@@ -716,7 +736,86 @@ impl Fetcher {
                 }
             }
         }
+        if let Some(m) = &self.materializer {
+            let (files, bytes) = self.materialize(m, &entries, &shared, ctx).await;
+            st.materialized = files;
+            st.materialized_bytes = bytes;
+        }
         st
+    }
+
+    /// Copies the plan's small files whose spans are in to local disk (see
+    /// [`crate::materialize`]), in plan order until a budget is reached. Returns the files
+    /// and bytes copied.
+    async fn materialize(
+        &self,
+        m: &Arc<Materializer>,
+        entries: &[PlanEntry],
+        shared: &[Option<Arc<SharedLayer>>],
+        ctx: FetchContext,
+    ) -> (u64, u64) {
+        let (mut files, mut bytes) = (0u64, 0u64);
+        let mut seen = HashSet::new();
+        for e in entries {
+            let Some(Some(layer)) = shared.get(e.layer as usize) else {
+                continue;
+            };
+            let ix = layer.reader.index();
+            let Some(entry) = ix.find(&e.path) else {
+                continue;
+            };
+            if entry.kind != EntryKind::File || entry.size == 0 || !m.wants(entry.size) {
+                continue;
+            }
+            if !seen.insert((e.layer, entry.path.clone())) {
+                continue;
+            }
+            // Only files the prefetch brought in: nothing is fetched for this.
+            let first = ix.span_for(entry.offset);
+            let last = ix.span_for(entry.offset.saturating_add(entry.size - 1));
+            let all_in = (first..=last).all(|i| {
+                ix.spans
+                    .get(i)
+                    .is_some_and(|s| self.cache.contains(&s.digest))
+            });
+            if !all_in {
+                continue;
+            }
+            let data = match FETCH
+                .scope(ctx.clone(), layer.reader.read_file(entry, 0, entry.size))
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!(path = %entry.path, error = %e, "not materialized: read failed");
+                    continue;
+                }
+            };
+            let (m2, digest, path) = (m.clone(), layer.layer.clone(), entry.path.clone());
+            let len = data.len() as u64;
+            // Small files, but disk writes: off the async workers.
+            match tokio::task::spawn_blocking(move || m2.put(&digest, &path, &data)).await {
+                Ok(Ok(true)) => {
+                    files += 1;
+                    bytes += len;
+                    self.metrics.materialized_files.inc();
+                    self.metrics.materialized_bytes.inc_by(len);
+                }
+                // Over a budget: later files may be smaller, but the budget is nearly spent.
+                Ok(Ok(false)) => break,
+                Ok(Err(e)) => {
+                    self.metrics.prefetch_error("materialize");
+                    warn!(path = %entry.path, error = %e, "materializing stopped");
+                    break;
+                }
+                Err(e) => {
+                    self.metrics.prefetch_error("materialize");
+                    warn!(error = %e, "materializing task failed");
+                    break;
+                }
+            }
+        }
+        (files, bytes)
     }
 
     /// A generic plan for an image with only a default artifact, from its config (see
@@ -810,6 +909,8 @@ async fn load_index(
 #[derive(Default)]
 struct StartupStats {
     plan: &'static str,
+    materialized: u64,
+    materialized_bytes: u64,
     bytes: u64,
     requests: u64,
     spans: u64,

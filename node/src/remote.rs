@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
 use crate::cluster::{ClusterSource, node_platform};
 use crate::fusefs::{FsError, LayerFs};
+use crate::materialize::Materializer;
 use crate::metrics::Metrics;
 use crate::prefetch::{FetchOptions, Fetcher, SharedLayer};
 use crate::sched::{LinkScheduler, SchedOptions};
@@ -63,10 +64,23 @@ pub struct RemoteOptions {
     pub prefetch: bool,
     /// The link scheduler's settings (concurrent requests per registry host).
     pub sched: SchedOptions,
+    /// Local copies of small startup files (`None`: off).
+    pub materialize: Option<MaterializeOptions>,
     /// Policy-approved AcceleratedImages, looked at before the referrers.
     pub cluster: Option<Arc<ClusterSource>>,
     /// Look for artifacts among the image's registry referrers.
     pub referrers: bool,
+}
+
+/// Bounds of startup-local materialization.
+#[derive(Clone, Debug)]
+pub struct MaterializeOptions {
+    /// Directory of the copies (emptied at start).
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub max_files: usize,
+    /// Largest file copied.
+    pub max_file_bytes: u64,
 }
 
 /// Where an image's artifact was found; the `source` label of the metrics.
@@ -220,6 +234,17 @@ impl RemoteLayers {
         // Cache hits are counted by the readers, in bytes the reads used.
         let cache = Arc::new(TieredSpanCache::new(MEMORY_CACHE_BYTES, Arc::new(disk)));
         let sched = Arc::new(LinkScheduler::new(opts.sched.clone()));
+        let materializer = match &opts.materialize {
+            Some(m) => Some(Arc::new(
+                Materializer::open(&m.dir, m.max_bytes, m.max_files, m.max_file_bytes).map_err(
+                    |e| RemoteError::Io {
+                        context: format!("opening the materialized files in {}", m.dir.display()),
+                        source: std::io::Error::other(e),
+                    },
+                )?,
+            )),
+            None => None,
+        };
         let fetcher = Fetcher::new(
             rt.clone(),
             client.clone(),
@@ -231,6 +256,7 @@ impl RemoteLayers {
                 startup: opts.prefetch,
                 background: opts.prefetch,
             },
+            materializer,
         );
         Ok(RemoteLayers {
             rt,
@@ -326,13 +352,17 @@ impl RemoteLayers {
         let layer = self
             .fetcher
             .layer(&rec.layer_digest, &repo, index, &rec.image_ref);
-        let fs = LayerFs::new(
+        let mut fs = LayerFs::new(
             layer.reader.clone(),
             layer.reach.clone(),
             self.rt.clone(),
             self.opts.read_timeout,
             self.metrics.clone(),
-        )?;
+        )?
+        .with_read_bytes_counter(self.metrics.fuse_read_bytes.clone());
+        if let Some(m) = self.fetcher.materializer() {
+            fs = fs.with_materialized(m.clone(), rec.layer_digest.clone());
+        }
         let session = fs.mount(fs_dir)?;
         let old = self.mounts.lock().ok().and_then(|mut m| {
             m.insert(

@@ -259,6 +259,11 @@ async fn first_prepare_prefetches_the_plan_of_all_layers_and_plan_reads_need_no_
         "{m}"
     );
     wait_log(&node, "accelerated");
+    // Its small files (busybox's /etc files) were copied to local disk.
+    assert!(
+        metric(&m, "talaria_node_materialized_files_total") >= 1.0,
+        "{m}"
+    );
 
     // The rest of the image, then the plan's files read through FUSE: no network.
     prepare_layer(&mut c, &image_ref, &image, 1).await;
