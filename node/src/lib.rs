@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod cluster;
+pub mod criproxy;
 pub mod error;
 pub mod fusefs;
 pub mod generic;

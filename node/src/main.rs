@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use talaria_artifact::auth::Credentials;
+use talaria_artifact::auth::{Credentials, DockerConfigFile, LearnedCredentials};
 use talaria_artifact::registry::{RegistryConfig, RetryPolicy};
 use talaria_node::cluster::{self, ClusterSource};
 use talaria_node::metrics::Metrics;
@@ -93,6 +93,20 @@ struct Args {
     /// Do not look for artifacts among registry referrers (only the cluster's).
     #[arg(long, env = "TALARIA_NODE_NO_REFERRERS")]
     no_referrers: bool,
+    /// Serve CRI's image service here (kubelet's --image-service-endpoint), forwarding to
+    /// --containerd-socket and keeping the credentials of pulls for lazy reads.
+    #[arg(long, env = "TALARIA_NODE_IMAGE_SERVICE_SOCKET")]
+    image_service_socket: Option<PathBuf>,
+    /// containerd's CRI socket, where the image-service proxy forwards.
+    #[arg(
+        long,
+        env = "TALARIA_NODE_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    containerd_socket: PathBuf,
+    /// How long a credential learned from a pull is kept without a newer pull refreshing it.
+    #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "720m", value_parser = parse_duration)]
+    pull_credential_ttl: Duration,
     /// Address for /metrics and /healthz (e.g. 127.0.0.1:9810); off when absent.
     #[arg(long, env = "TALARIA_NODE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -130,13 +144,16 @@ async fn main() -> anyhow::Result<()> {
     if stale > 0 {
         info!(stale, "detached mounts of a previous run");
     }
+    // Credentials of CRI pulls (memory only, bounded), asked before the docker config.
+    let learned = Arc::new(LearnedCredentials::new(4096, args.pull_credential_ttl));
     let remote = if args.no_remote {
         None
     } else {
-        let mut credentials = Credentials::default();
+        let mut credentials = Credentials::default().with_source(learned.clone());
         if let Some(path) = &args.docker_config {
-            credentials = Credentials::from_docker_config_file(path)
+            let file = DockerConfigFile::open(path)
                 .with_context(|| format!("--docker-config {}", path.display()))?;
+            credentials = credentials.with_source(Arc::new(file));
         }
         let registry = RegistryConfig {
             credentials,
@@ -210,6 +227,21 @@ async fn main() -> anyhow::Result<()> {
             };
             if let Err(e) = talaria_node::metrics::serve(m, addr, stop).await {
                 tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    if let Some(socket) = args.image_service_socket.clone() {
+        let proxy = talaria_node::criproxy::ImageServiceProxy::to_unix_socket(
+            &args.containerd_socket,
+            learned.clone(),
+        );
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = talaria_node::criproxy::serve_unix(proxy, &socket, stop).await {
+                tracing::error!(error = %e, "CRI image service proxy failed");
             }
         });
     }

@@ -1,0 +1,351 @@
+//! Registry credentials as kubelet has them (issue 7, item 3), with the real components: a
+//! private (htpasswd) registry, containerd's CRI plugin with runc and the talaria-node binary
+//! as its snapshotter, and the node's CRI image-service proxy in front of containerd.
+//!
+//! - A pull sent to containerd directly (the proxy bypassed) with a credential the node never
+//!   sees, and no docker config on the node: every layer falls back (counted, the log says
+//!   why: authentication) and the pull still succeeds.
+//! - The same kind of pull through the proxy: the node learns the credential, the layers are
+//!   mounted lazily, and a container reads files from the lazy layer.
+//! - ListImages, ImageStatus and RemoveImage through the proxy answer as containerd does.
+//! - The registry's password rotated: a lazy read with the old credential fails (EIO, not a
+//!   hang or a loop); after a pull with the new credential, lazy reads work again.
+//!
+//! Not covered here: a token server (the registry runs htpasswd Basic auth); token expiry
+//! and refresh are unit-tested in talaria-artifact's registry client.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Node, http_get, metric};
+use sha2::{Digest, Sha256};
+use talaria_artifact::artifact::Profile;
+use talaria_artifact::build::{BuildOptions, build};
+use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::store::{RegistryStore, Store};
+use talaria_testenv::cri::{Cri, CriContainerd, CriOptions, CriSnapshotter, proto};
+use talaria_testenv::images::{self, Image, ImageBuilder, LayerBuilder};
+use talaria_testenv::registry::Registry;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+const READ_TIMEOUT_SECS: u64 = 3;
+const USER: &str = "kubelet";
+/// Files of the data layer: each cold file spans several 4 MiB spans, so reading its tail
+/// needs spans nothing else fetched.
+const COLD_LEN: usize = 9 << 20;
+const TAIL_SKIP_BLOCKS: u64 = 130; // 130 * 64 KiB = 8.125 MiB into a cold file
+const BLOCK: usize = 64 << 10;
+
+/// Deterministic incompressible bytes (xorshift), distinct per seed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn test_image(name: &str, seed: u64) -> Image {
+    let base = images::busybox_layer_builder()
+        .expect("busybox layer")
+        .file("etc/talaria-image", format!("{name}\n"), 0o644)
+        .build()
+        .expect("base layer");
+    let data = LayerBuilder::new()
+        .file("srv/hot.txt", format!("hot file of {name}\n"), 0o644)
+        .file("srv/cold1.bin", noise(seed, COLD_LEN), 0o644)
+        .file("srv/cold2.bin", noise(seed + 100, COLD_LEN), 0o644)
+        .build()
+        .expect("data layer");
+    ImageBuilder::new()
+        .layer(base)
+        .layer(data)
+        .cmd(&["/bin/sh"])
+        .build()
+        .expect("image")
+}
+
+/// `sha256sum` output of the 64 KiB block read by [`tail_read`] from a cold file.
+fn tail_sum(seed: u64) -> String {
+    let data = noise(seed, COLD_LEN);
+    let at = (TAIL_SKIP_BLOCKS as usize) * BLOCK;
+    let hex = hex::encode(Sha256::digest(&data[at..at + BLOCK]));
+    format!("{hex}  -")
+}
+
+/// A shell command reading one 64 KiB block near the end of `file`.
+fn tail_read(file: &str) -> String {
+    format!("dd if={file} bs={BLOCK} skip={TAIL_SKIP_BLOCKS} count=1 2>/dev/null | sha256sum")
+}
+
+async fn build_default_artifact(registry: &str, repo: &str) {
+    let client = RegistryClient::new(RegistryConfig {
+        insecure_hosts: vec![registry.to_string()],
+        ..RegistryConfig::default()
+    })
+    .expect("registry client");
+    let store: Arc<dyn Store> = Arc::new(RegistryStore::new(
+        client,
+        Repository {
+            registry: registry.to_string(),
+            name: repo.to_string(),
+        },
+    ));
+    let opts = BuildOptions {
+        profile: Profile::Default,
+        ..BuildOptions::default()
+    };
+    build(store, "v1", None, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("build the artifact of {repo}:v1: {e}"));
+}
+
+fn pull_request(image: &str, password: &str) -> proto::PullImageRequest {
+    proto::PullImageRequest {
+        image: Some(proto::ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        auth: Some(proto::AuthConfig {
+            username: USER.into(),
+            password: password.into(),
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    }
+}
+
+fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn wait_for_socket(path: &Path) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} not served",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
+    let t0 = Instant::now();
+    talaria_artifact::registry::install_crypto_provider();
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-cri-auth-")
+        .tempdir()
+        .expect("tempdir");
+    // Filled anonymously, then made private.
+    let mut registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    let private = test_image("private", 1);
+    let direct = test_image("direct", 2);
+    for (name, image) in [("private", &private), ("direct", &direct)] {
+        let repo = format!("talaria/{name}");
+        image.push(&host, &repo, "v1").expect("push image");
+        build_default_artifact(&host, &repo).await;
+    }
+    registry
+        .set_auth(Some((USER, "pw-1")))
+        .expect("make the registry private");
+
+    let metrics_addr = format!(
+        "127.0.0.1:{}",
+        talaria_testenv::free_port().expect("free port")
+    );
+    // containerd starts after the node (it needs the snapshotter socket); the proxy reaches
+    // it through a link made once its socket is known.
+    let containerd_link = dir.path().join("containerd.sock");
+    let proxy_socket = dir.path().join("images.sock");
+    let node = Node::start(
+        &dir.path().join("root"),
+        &dir.path().join("talaria.sock"),
+        &dir.path().join("node.log"),
+        &[
+            "--insecure-registry".into(),
+            host.clone(),
+            "--metrics-addr".into(),
+            metrics_addr.clone(),
+            "--read-timeout".into(),
+            format!("{READ_TIMEOUT_SECS}s"),
+            // Only what containers read is fetched: the cold files stay cold.
+            "--no-prefetch".into(),
+            "--image-service-socket".into(),
+            proxy_socket.display().to_string(),
+            "--containerd-socket".into(),
+            containerd_link.display().to_string(),
+        ],
+    );
+    let env = CriContainerd::start(CriOptions {
+        snapshotter: CriSnapshotter::Proxy {
+            name: "talaria".into(),
+            socket: node.socket.clone(),
+        },
+        ..CriOptions::default()
+    })
+    .expect("start containerd with CRI on talaria");
+    env.allow_plain_http(&host).expect("plain-HTTP registry");
+    std::os::unix::fs::symlink(env.socket(), &containerd_link).expect("link containerd socket");
+    wait_for_socket(&proxy_socket);
+    let cri = env.client().await.expect("CRI client (containerd)");
+    let via = Cri::connect(&proxy_socket, &env.pod_log_root())
+        .await
+        .expect("CRI image client (proxy)");
+    eprintln!("registry, node and containerd up at {:?}", t0.elapsed());
+
+    // 1. Proxy bypassed: containerd has the credential, the node does not.
+    let direct_ref = format!("{host}/talaria/direct:v1");
+    cri.pull_image_with(pull_request(&direct_ref, "pw-1"))
+        .await
+        .expect("PullImage on containerd directly");
+    let m = http_get(&metrics_addr, "/metrics");
+    assert_eq!(
+        sum_metric(&m, "talaria_node_mounted_layers_total"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        sum_metric(&m, "talaria_node_fallbacks_total"),
+        2.0,
+        "both layers fell back:\n{m}"
+    );
+    let log = node.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("unpacking") && l.contains("authenticating to")),
+        "the fallback's reason names authentication:\n{log}"
+    );
+    assert!(
+        !log.contains("pw-1"),
+        "a password never reaches the log:\n{log}"
+    );
+
+    // 2. Through the proxy: the node learns the credential and mounts lazily.
+    let private_ref = format!("{host}/talaria/private:v1");
+    let id = via
+        .pull_image_with(pull_request(&private_ref, "pw-1"))
+        .await
+        .expect("PullImage through the proxy");
+    assert_eq!(id, private.config_digest, "the image id containerd gives");
+    let m = http_get(&metrics_addr, "/metrics");
+    assert_eq!(
+        sum_metric(&m, "talaria_node_mounted_layers_total"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(sum_metric(&m, "talaria_node_fallbacks_total"), 2.0, "{m}");
+    let pod = cri.run_pod("auth").await.expect("RunPodSandbox");
+    let run = cri
+        .run_to_exit(
+            &pod,
+            "first",
+            &private_ref,
+            &[
+                "sh",
+                "-c",
+                &format!("cat /srv/hot.txt; {}", tail_read("/srv/cold1.bin")),
+            ],
+            RUN_TIMEOUT,
+        )
+        .await
+        .expect("run a container of the private image");
+    assert_eq!(
+        (run.exit_code, run.stdout.as_str()),
+        (
+            0,
+            format!("hot file of private\n{}\n", tail_sum(1)).as_str()
+        ),
+        "stderr: {}",
+        run.stderr
+    );
+    let m = http_get(&metrics_addr, "/metrics");
+    assert!(
+        metric(&m, "talaria_node_fetched_on_demand_bytes_total") >= BLOCK as f64,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "talaria_node_read_errors_total"), 0.0, "{m}");
+
+    // 3. The other image-service calls through the proxy answer as containerd does.
+    let ours = via.list_images().await.expect("ListImages via proxy");
+    let theirs = cri.list_images().await.expect("ListImages on containerd");
+    assert_eq!(ours, theirs);
+    assert!(ours.iter().any(|i| i.repo_tags.contains(&private_ref)));
+    for image in [private_ref.as_str(), "127.0.0.1:1/no/such:image"] {
+        assert_eq!(
+            via.image_status(image)
+                .await
+                .expect("ImageStatus via proxy"),
+            cri.image_status(image).await.expect("ImageStatus"),
+            "{image}"
+        );
+    }
+    // 4. The password rotated on the registry: the node's credential is refused, a lazy
+    //    read fails (at once: an auth error is not retried), until a pull brings the new one.
+    registry
+        .set_auth(Some((USER, "pw-2")))
+        .expect("rotate the password");
+    let t = Instant::now();
+    let run = cri
+        .run_to_exit(
+            &pod,
+            "stale",
+            &private_ref,
+            &["sh", "-c", "dd if=/srv/cold2.bin of=/dev/null bs=65536"],
+            RUN_TIMEOUT,
+        )
+        .await
+        .expect("run a container with the old credential");
+    assert_ne!(run.exit_code, 0, "read with a refused credential: {run:?}");
+    eprintln!("refused read failed after {:?}", t.elapsed());
+    // The node answers a layer's reads with EIO for one read timeout after a failed fetch.
+    tokio::time::sleep(Duration::from_secs(READ_TIMEOUT_SECS + 1)).await;
+    via.pull_image_with(pull_request(&private_ref, "pw-2"))
+        .await
+        .expect("PullImage with the new password through the proxy");
+    let run = cri
+        .run_to_exit(
+            &pod,
+            "rotated",
+            &private_ref,
+            &["sh", "-c", &tail_read("/srv/cold2.bin")],
+            RUN_TIMEOUT,
+        )
+        .await
+        .expect("run a container after the rotation");
+    assert_eq!(
+        (run.exit_code, run.stdout.as_str()),
+        (0, format!("{}\n", tail_sum(101)).as_str()),
+        "stderr: {}",
+        run.stderr
+    );
+
+    // 5. RemoveImage through the proxy.
+    via.remove_image(&direct_ref)
+        .await
+        .expect("RemoveImage via proxy");
+    assert!(
+        cri.image_status(&direct_ref)
+            .await
+            .expect("ImageStatus")
+            .is_none(),
+        "removed on containerd"
+    );
+    let log = node.log_text();
+    assert!(!log.contains("pw-2"), "a password never reaches the log");
+    eprintln!("total {:?}", t0.elapsed());
+}
