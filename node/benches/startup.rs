@@ -83,6 +83,10 @@ struct Args {
     /// Extra talaria-node flags for every talaria run, whitespace-separated.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     node_args: String,
+    /// The talaria-node binary (default: the one cargo built with this bench). A copy keeps a
+    /// measurement on one node version while the shared target dir is rebuilt.
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
     /// Keep each run's talaria-node and containerd logs here.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
@@ -658,7 +662,11 @@ async fn cold_start(
             metrics_addr.clone(),
         ];
         a.extend_from_slice(node_args);
-        Some(NodeProc::start(dir.path(), &a)?)
+        let bin = args
+            .node_bin
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_talaria-node")));
+        Some(NodeProc::start(&bin, dir.path(), &a)?)
     } else {
         None
     };
@@ -719,8 +727,16 @@ async fn cold_start(
             let _ = std::fs::write(prefix.with_extension("metrics.txt"), &metrics);
         }
     }
+    let t_down = Instant::now();
     drop(env);
     drop(node);
+    drop(dir);
+    eprintln!(
+        "  ({} {}: teardown {:.1} s)",
+        w.name,
+        variant.name(),
+        t_down.elapsed().as_secs_f64()
+    );
     Ok(Sample {
         pull,
         ready,
@@ -742,12 +758,12 @@ struct NodeProc {
 }
 
 impl NodeProc {
-    fn start(dir: &Path, args: &[String]) -> Result<NodeProc> {
+    fn start(bin: &Path, dir: &Path, args: &[String]) -> Result<NodeProc> {
         let root = dir.join("root");
         let socket = dir.join("talaria.sock");
         let log = dir.join("node.log");
         let log_file = std::fs::File::create(&log).context("node log")?;
-        let child = Command::new(env!("CARGO_BIN_EXE_talaria-node"))
+        let child = Command::new(bin)
             .arg("--root")
             .arg(&root)
             .arg("--socket")
