@@ -43,6 +43,7 @@ mod process;
 pub mod registry;
 pub mod relay;
 mod shaping;
+pub mod tokenauth;
 pub mod tree;
 
 pub use error::EnvError;

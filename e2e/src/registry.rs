@@ -34,6 +34,8 @@ pub struct Registry {
     host: String,
     /// (username, password) when the registry requires authentication.
     auth: Option<(String, String)>,
+    /// (realm, root certificate bundle) when it requires tokens of a token server.
+    token: Option<(String, PathBuf)>,
 }
 
 impl Registry {
@@ -68,6 +70,19 @@ impl Registry {
     /// private.
     pub fn set_auth(&mut self, auth: Option<(&str, &str)>) -> Result<(), EnvError> {
         self.auth = auth.map(|(u, p)| (u.to_string(), p.to_string()));
+        self.write_config()?;
+        self.start_again()
+    }
+
+    /// Requires bearer tokens from `server` (distribution's `auth: token` mode), restarting
+    /// the process on the same address and storage; replaces basic authentication. Call it
+    /// again after [`crate::tokenauth::TokenServer::rotate_key`] to trust the new key.
+    pub fn set_token_auth(
+        &mut self,
+        server: &crate::tokenauth::TokenServer,
+    ) -> Result<(), EnvError> {
+        self.auth = None;
+        self.token = Some((server.realm(), server.root_cert_bundle()));
         self.write_config()?;
         self.start_again()
     }
@@ -131,6 +146,7 @@ impl Registry {
             listen,
             host,
             auth: None,
+            token: None,
         })
     }
 
@@ -157,6 +173,13 @@ impl Registry {
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: talaria-test\n    path: {}\n",
                 path.display()
+            ));
+        } else if let Some((realm, bundle)) = &self.token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                crate::tokenauth::SERVICE,
+                crate::tokenauth::ISSUER,
+                bundle.display()
             ));
         }
         let config_path = self.dir.path().join("config.yml");
@@ -222,7 +245,7 @@ impl Registry {
                 &headers,
                 &[],
                 Duration::from_secs(5),
-            ) && r.status == 200
+            ) && (r.status == 200 || (self.token.is_some() && r.status == 401))
             {
                 break;
             }

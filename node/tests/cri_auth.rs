@@ -10,9 +10,8 @@
 //! - ListImages, ImageStatus and RemoveImage through the proxy answer as containerd does.
 //! - The registry's password rotated: a lazy read with the old credential fails (EIO, not a
 //!   hang or a loop); after a pull with the new credential, lazy reads work again.
-//!
-//! Not covered here: a token server (the registry runs htpasswd Basic auth); token expiry
-//! and refresh are unit-tested in talaria-artifact's registry client.
+//! - The registry in token mode: tokens are refreshed before they expire and a token the
+//!   registry no longer trusts is replaced once.
 
 mod common;
 
@@ -348,4 +347,80 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     let log = node.log_text();
     assert!(!log.contains("pw-2"), "a password never reaches the log");
     eprintln!("total {:?}", t0.elapsed());
+}
+
+/// Against the real registry in token mode (a token server in talaria-testenv signs short
+/// JWTs): the node's registry client refreshes a token before it expires, and a token the
+/// registry stops trusting (signing key rotated) is dropped and replaced once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_tokens_refresh_before_expiry_and_reauthenticate_on_401() {
+    use talaria_artifact::auth::{Credential, Credentials, LearnedCredentials};
+    use talaria_artifact::registry::RegistryError;
+    use talaria_testenv::tokenauth::TokenServer;
+
+    talaria_artifact::registry::install_crypto_provider();
+    let mut registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    let layer = LayerBuilder::new()
+        .file("a.bin", noise(7, 1 << 20), 0o644)
+        .build()
+        .expect("layer");
+    let image = ImageBuilder::new()
+        .layer(layer.clone())
+        .build()
+        .expect("image");
+    image.push(&host, "talaria/token", "v1").expect("push");
+    // Tokens live 2 s: the client fetches the next one after 1.5 s.
+    let tokens = TokenServer::start(USER, "pw", 2).expect("token server");
+    registry.set_token_auth(&tokens).expect("token mode");
+
+    let learned = Arc::new(LearnedCredentials::new(8, Duration::from_secs(600)));
+    let client = RegistryClient::new(RegistryConfig {
+        credentials: Credentials::new().with_source(learned.clone()),
+        insecure_hosts: vec![host.clone()],
+        ..RegistryConfig::default()
+    })
+    .expect("registry client");
+    let repo = Repository {
+        registry: host.clone(),
+        name: "talaria/token".into(),
+    };
+    let read = || client.get_blob_range(&repo, &layer.digest, 100, 64);
+    let e = read().await.expect_err("no credential yet");
+    assert!(matches!(e, RegistryError::Auth { .. }), "{e}");
+    assert_eq!(tokens.issued(), 0);
+
+    learned.remember(
+        &host,
+        "talaria/token",
+        Credential::Basic {
+            username: USER.into(),
+            password: "pw".into(),
+        },
+    );
+    assert_eq!(
+        &read().await.expect("read with a token")[..],
+        &layer.blob[100..164]
+    );
+    read().await.expect("read again");
+    assert_eq!(tokens.issued(), 1, "the token is reused");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    read().await.expect("read near expiry");
+    assert_eq!(tokens.issued(), 2, "refreshed before it expired");
+
+    // A long-lived token next, so the one below is replaced for the 401, not for its age.
+    tokens.set_expires_in(3600);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    read().await.expect("read near expiry");
+    assert_eq!(tokens.issued(), 3);
+
+    tokens.rotate_key().expect("rotate the signing key");
+    registry
+        .set_token_auth(&tokens)
+        .expect("registry trusts the new key");
+    assert_eq!(
+        &read().await.expect("read after rotation")[..],
+        &layer.blob[100..164]
+    );
+    assert_eq!(tokens.issued(), 4, "one new token after the 401");
 }
