@@ -69,8 +69,13 @@ tar_layer() {
       --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
       -C "$1" -cf - . | tee >(sha256sum | cut -d' ' -f1 > "$2.sha") >(wc -c > "$2.size") \
       | pigz -n -6 > "$2.tmp"
-  # The process substitutions finish after tar; wait for their files.
-  while [ ! -s "$2.sha" ] || [ ! -s "$2.size" ]; do sleep 0.1; done
+  # The process substitutions finish after tar; wait for their files (bounded: 60 s).
+  local i=0
+  while [ ! -s "$2.sha" ] || [ ! -s "$2.size" ]; do
+    i=$((i + 1))
+    [ "$i" -le 600 ] || { log "no digest or size for $2"; exit 1; }
+    sleep 0.1
+  done
   echo "sha256:$(cat "$2.sha")" > "$2.diffid"
   rm -f "$2.sha"
   mv "$2.tmp" "$2"

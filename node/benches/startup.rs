@@ -1105,8 +1105,10 @@ impl Report<'_> {
                         continue;
                     };
                     let pull: Vec<f64> = s.iter().map(|x| x.pull.as_secs_f64()).collect();
-                    let after: Vec<f64> =
-                        s.iter().map(|x| (x.ready - x.pull).as_secs_f64()).collect();
+                    let after: Vec<f64> = s
+                        .iter()
+                        .map(|x| x.ready.saturating_sub(x.pull).as_secs_f64())
+                        .collect();
                     let m = |f: fn(&NodeCounters) -> Option<f64>| {
                         if v.uses_talaria() {
                             fmt_opt(median_opt(s, f).map(mib), 1)
