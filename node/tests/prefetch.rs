@@ -224,7 +224,7 @@ async fn first_prepare_prefetches_the_plan_of_all_layers_and_plan_reads_need_no_
     let (image, script) = app_image(3 << 20, 1);
     image.push(&host, "talaria/app", "v1").expect("push");
     build_artifact(&host, "talaria/app", "v1", Profile::StartupLocalV1).await;
-    let (node, addr) = start_node(dir.path(), &[]);
+    let (mut node, addr) = start_node(dir.path(), &[]);
     let mut c = connect(node.socket.clone()).await;
     let image_ref = format!("{host}/talaria/app:v1");
 
@@ -291,6 +291,8 @@ async fn first_prepare_prefetches_the_plan_of_all_layers_and_plan_reads_need_no_
         "not in the plan\n"
     );
     nix::mount::umount(&mnt).expect("umount");
+    // Stopped cleanly, the node unmounts its layers (a killed one leaves them mounted).
+    assert!(node.signal("TERM").success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +309,7 @@ async fn a_read_racing_the_prefetch_waits_for_it_instead_of_fetching_again() {
     let (image, script) = app_image(8 << 20, 2);
     image.push(&host, "talaria/race", "v1").expect("push");
     build_artifact(&host, "talaria/race", "v1", Profile::StartupLocalV1).await;
-    let (node, addr) = start_node(dir.path(), &["--insecure-registry", &host]);
+    let (mut node, addr) = start_node(dir.path(), &["--insecure-registry", &host]);
     let mut c = connect(node.socket.clone()).await;
     let image_ref = format!("{host}/talaria/race:v1");
 
@@ -357,6 +359,8 @@ async fn a_read_racing_the_prefetch_waits_for_it_instead_of_fetching_again() {
         .unwrap_or_else(|| panic!("no read_waits in {done}"));
     assert!(waits >= 1, "the trace counts the read that waited: {done}");
     nix::mount::umount(&mnt).expect("umount");
+    // Stopped cleanly, the node unmounts its layers (a killed one leaves them mounted).
+    assert!(node.signal("TERM").success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,7 +386,7 @@ async fn an_image_with_only_a_default_artifact_gets_a_generic_plan() {
         .expect("image");
     image.push(&host, "talaria/generic", "v1").expect("push");
     build_artifact(&host, "talaria/generic", "v1", Profile::Default).await;
-    let (node, addr) = start_node(dir.path(), &[]);
+    let (mut node, addr) = start_node(dir.path(), &[]);
     let mut c = connect(node.socket.clone()).await;
     let image_ref = format!("{host}/talaria/generic:v1");
 
@@ -407,4 +411,6 @@ async fn an_image_with_only_a_default_artifact_gets_a_generic_plan() {
         "{m}"
     );
     nix::mount::umount(&mnt).expect("umount");
+    // Stopped cleanly, the node unmounts its layers (a killed one leaves them mounted).
+    assert!(node.signal("TERM").success());
 }
