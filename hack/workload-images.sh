@@ -6,7 +6,8 @@
 #
 # Three images of several layers each (base + runtime + libs + app), each >= 500 MiB unpacked,
 # whose startup reads a small part of them:
-#   jvm       OpenJDK 17 + a large set of Debian's Java libraries on the classpath; a small
+#   jvm       OpenJDK 17 + a large set of Debian's Java libraries, of which the service's classpath
+#             names the ~27 jars it uses (as a service's lib/ would); a small
 #             com.sun.net.httpserver app that loads library classes, then answers 200 on :18080
 #   python    python3 + numpy, scipy, pandas, scikit-learn, matplotlib, statsmodels, ...; an
 #             http.server that imports them, then answers 200 on :18081
@@ -307,7 +308,7 @@ EOS
 config() {
   case $1 in
     jvm) jq -cn --arg p "$PATH_ENV" '{Env: ["PATH=\($p)", "JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64", "PORT=18080"],
-      Entrypoint: ["java", "-cp", "/app/app.jar:/usr/share/java/*", "Main"], WorkingDir: "/app"}' ;;
+      Entrypoint: ["java", "-cp", "/app/app.jar:/usr/share/java/guava.jar:/usr/share/java/commons-lang3.jar:/usr/share/java/commons-io.jar:/usr/share/java/commons-codec.jar:/usr/share/java/commons-math3.jar:/usr/share/java/commons-logging.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/log4j-api.jar:/usr/share/java/netty-common.jar:/usr/share/java/netty-buffer.jar:/usr/share/java/jetty9-util.jar:/usr/share/java/jetty9-io.jar:/usr/share/java/jetty9-http.jar:/usr/share/java/jetty9-server.jar:/usr/share/java/servlet-api.jar:/usr/share/java/spring3-core.jar:/usr/share/java/spring3-beans.jar:/usr/share/java/spring3-aop.jar:/usr/share/java/spring3-expression.jar:/usr/share/java/spring3-context.jar:/usr/share/java/postgresql.jar:/usr/share/java/h2.jar:/usr/share/java/gson.jar:/usr/share/java/bcprov.jar:/usr/share/java/jackson-core.jar:/usr/share/java/jackson-annotations.jar:/usr/share/java/jackson-databind.jar", "Main"], WorkingDir: "/app"}' ;;
     python) jq -cn --arg p "$PATH_ENV" '{Env: ["PATH=\($p)", "LANG=C.UTF-8", "MPLCONFIGDIR=/app/.mpl", "PORT=18081"],
       Cmd: ["python3", "/app/main.py"], WorkingDir: "/app"}' ;;
     postgres) jq -cn --arg p "$PATH_ENV" '{Env: ["PATH=/usr/lib/postgresql/15/bin:\($p)", "PGDATA=/var/lib/postgresql/data"],
