@@ -3,8 +3,9 @@
 //!
 //! Permits are handed over in priority order, first come first served within a class.
 //! Background fetch also waits while an image is starting (its startup prefetch running,
-//! or a layer Prepare seen within the last few seconds), so it never competes with a
-//! container about to start. Who a fetch is for travels with the task ([`FETCH`], a
+//! or a layer Prepare or an on-demand request seen within the last few seconds), so it
+//! never competes with a container about to start or reading, and only a quarter of the
+//! cap of background requests run at once, so little is queued ahead of a read. Who a fetch is for travels with the task ([`FETCH`], a
 //! task-local): the metered registry source asks for a permit of that class and charges
 //! the bytes to it, unless the caller already holds one (prefetchers take their permit
 //! before they lock spans, so a queued prefetch never holds a span a read waits on).
@@ -105,6 +106,7 @@ impl Link {
             while let Some(tx) = q.pop_front() {
                 match tx.send(Permit {
                     link: Some(self.clone()),
+                    _background: None,
                 }) {
                     Ok(()) => return,
                     // That waiter gave up: this permit must not release the slot again.
@@ -119,6 +121,8 @@ impl Link {
 /// A slot for one request to a host; released (or handed to the next waiter) on drop.
 pub struct Permit {
     link: Option<Arc<Link>>,
+    /// A background request's share of the node's background slots.
+    _background: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Permit {
@@ -139,6 +143,7 @@ impl std::fmt::Debug for Permit {
 #[derive(Default)]
 struct Busy {
     starting: usize,
+    /// The last layer Prepare or on-demand request: a container is starting or reading.
     last_prepare: Option<Instant>,
 }
 
@@ -168,6 +173,9 @@ pub struct LinkScheduler {
     opts: SchedOptions,
     links: Mutex<HashMap<String, Arc<Link>>>,
     busy: Mutex<Busy>,
+    /// Background requests in flight on the node: a few, so the bytes already queued on the
+    /// link ahead of an on-demand read stay small.
+    background: Arc<tokio::sync::Semaphore>,
     /// Woken when an image's startup ends.
     calm: Notify,
 }
@@ -191,10 +199,14 @@ impl LinkScheduler {
     pub fn new(mut opts: SchedOptions) -> LinkScheduler {
         opts.max_requests = opts.max_requests.max(1);
         opts.max_queued = opts.max_queued.max(1);
+        let background = Arc::new(tokio::sync::Semaphore::new(
+            opts.max_requests.div_ceil(4).max(1),
+        ));
         LinkScheduler {
             opts,
             links: Mutex::new(HashMap::new()),
             busy: Mutex::new(Busy::default()),
+            background,
             calm: Notify::new(),
         }
     }
@@ -225,7 +237,8 @@ impl LinkScheduler {
             .clone()
     }
 
-    /// Records a layer Prepare: background fetch pauses for the quiet period.
+    /// Records a layer Prepare or an on-demand request: background fetch pauses for the
+    /// quiet period.
     pub fn note_prepare(&self) {
         self.busy().last_prepare = Some(Instant::now());
     }
@@ -279,9 +292,27 @@ impl LinkScheduler {
     /// A permit for one request to `host` on behalf of `class`. Background requests first
     /// wait for the link to be quiet (see [`LinkScheduler::wait_quiet`]).
     pub async fn acquire(&self, host: &str, class: Class) -> Result<Permit, SchedError> {
-        if class == Class::Background {
-            self.wait_quiet().await;
+        match class {
+            Class::Background => {
+                let slot = self
+                    .background
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| SchedError::Closed(host.to_string()))?;
+                self.wait_quiet().await;
+                let mut p = self.acquire_link(host, class).await?;
+                p._background = Some(slot);
+                return Ok(p);
+            }
+            // A container is reading: background fetch keeps off the link meanwhile.
+            Class::OnDemand => self.note_prepare(),
+            Class::Startup => {}
         }
+        self.acquire_link(host, class).await
+    }
+
+    async fn acquire_link(&self, host: &str, class: Class) -> Result<Permit, SchedError> {
         let link = self.link(host);
         let rx = {
             let mut st = link.lock();
@@ -294,7 +325,10 @@ impl LinkScheduler {
                 if st.waiting[..=rank].iter().all(VecDeque::is_empty) {
                     st.in_use += 1;
                     drop(st);
-                    return Ok(Permit { link: Some(link) });
+                    return Ok(Permit {
+                        link: Some(link),
+                        _background: None,
+                    });
                 }
             }
             let q = &mut st.waiting[rank];
@@ -448,6 +482,36 @@ mod tests {
         );
         assert!(matches!(
             s.acquire("r", Class::OnDemand).now_or_never(),
+            Some(Ok(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn reads_pause_background_and_background_takes_a_quarter_of_the_cap() {
+        // An on-demand request quiets the link for background fetch.
+        let s = sched(8, Duration::from_secs(3600));
+        assert!(!s.is_busy());
+        let read = s.acquire("r", Class::OnDemand).await.expect("read");
+        assert!(s.is_busy(), "a read marks the link busy");
+        assert!(s.acquire("r", Class::Background).now_or_never().is_none());
+        drop(read);
+
+        // With the link quiet, at most 8 / 4 background requests run at once.
+        let s = sched(8, Duration::ZERO);
+        let a = s.acquire("r", Class::Background).now_or_never();
+        let b = s.acquire("other", Class::Background).now_or_never();
+        assert!(matches!(a, Some(Ok(_))) && matches!(b, Some(Ok(_))));
+        assert!(
+            s.acquire("r", Class::Background).now_or_never().is_none(),
+            "a third background request waits, on any host"
+        );
+        assert!(matches!(
+            s.acquire("r", Class::Startup).now_or_never(),
+            Some(Ok(_))
+        ));
+        drop(a);
+        assert!(matches!(
+            s.acquire("r", Class::Background).now_or_never(),
             Some(Ok(_))
         ));
     }
