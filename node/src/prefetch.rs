@@ -41,7 +41,7 @@ use crate::reach::Reachability;
 use crate::sched::{self, Class, FETCH, FetchContext, LinkScheduler};
 
 /// Largest compressed size of one merged startup request.
-pub const MAX_REQUEST_BYTES: u64 = 8 << 20;
+pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 /// Largest compressed size of one background request.
 const BACKGROUND_REQUEST_BYTES: u64 = 4 << 20;
 /// Image jobs kept (their index blobs serve the image's later Prepares).
@@ -723,7 +723,9 @@ impl Fetcher {
                     Some((layer.layer.clone(), res))
                 }
             })
-            .buffer_unordered(self.sched.max_requests())
+            // Half the cap: the link stays shared by a few streams, so a read's fetch (first
+            // in line for a permit) is not one of many slow streams behind queued prefetch.
+            .buffer_unordered((self.sched.max_requests() / 2).max(1))
             .collect::<Vec<_>>()
             .await;
         for (layer, r) in results.into_iter().flatten() {
