@@ -15,15 +15,16 @@
 //! registry, whose storage is then hard-linked into the shaped registry's (both are
 //! distribution's filesystem driver), so setting up does not wait on the shaped link.
 
+mod common;
+
 use std::fmt::Write as _;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use common::{NodeProc, http_get, link_storage, median, percentile};
 use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
@@ -34,7 +35,6 @@ use talaria_testenv::registry::Registry;
 
 const REPO: &str = "talaria/cold-start";
 const SNAPSHOTTER: &str = "talaria";
-const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the container's log is checked for its first line.
 const POLL: Duration = Duration::from_millis(5);
 /// The small file the `read` workload prints: in the last big layer, after its big file.
@@ -251,7 +251,11 @@ async fn cold_start(
             metrics_addr.clone(),
         ];
         a.extend_from_slice(node_args);
-        Some(NodeProc::start(dir.path(), &a)?)
+        Some(NodeProc::start(
+            Path::new(env!("CARGO_BIN_EXE_talaria-node")),
+            dir.path(),
+            &a,
+        )?)
     } else {
         None
     };
@@ -342,88 +346,6 @@ async fn cold_start(
         prefetched_bytes: metric_sum(&metrics, "talaria_node_prefetched_bytes"),
         fallbacks: metric_sum(&metrics, "talaria_node_fallbacks"),
     })
-}
-
-/// The talaria-node binary on a fresh root; stopped with SIGTERM (it unmounts its FUSE
-/// layers), anything left mounted is detached.
-struct NodeProc {
-    child: Child,
-    root: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl NodeProc {
-    fn start(dir: &Path, args: &[String]) -> Result<NodeProc> {
-        let root = dir.join("root");
-        let socket = dir.join("talaria.sock");
-        let log = dir.join("node.log");
-        let log_file = std::fs::File::create(&log).context("node log")?;
-        let child = Command::new(env!("CARGO_BIN_EXE_talaria-node"))
-            .arg("--root")
-            .arg(&root)
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .context("spawn talaria-node")?;
-        let mut node = NodeProc {
-            child,
-            root,
-            socket,
-            log,
-        };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&node.socket).is_err() {
-            if let Some(status) = node.child.try_wait()? {
-                bail!("talaria-node exited with {status}: {}", node.log_text());
-            }
-            ensure!(
-                t.elapsed() < NODE_START_TIMEOUT,
-                "talaria-node not serving after {NODE_START_TIMEOUT:?}: {}",
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(node)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-s", "TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let root = self.root.to_string_lossy().into_owned();
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        for point in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
-            if point.starts_with(&root) {
-                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 /// Sum over all label sets of the metric whose lines start with `prefix`.
@@ -599,45 +521,8 @@ async fn build_artifact(host: &str, tag: &str, profile: Profile) -> Result<()> {
     Ok(())
 }
 
-/// Hard-links a registry's storage tree into another's (same filesystem), so the shaped
-/// registry serves what was pushed to the fast one.
-fn link_storage(from: &Path, to: &Path) -> Result<()> {
-    let src = from.join("docker");
-    let out = Command::new("cp")
-        .arg("-al")
-        .arg(&src)
-        .arg(to)
-        .output()
-        .context("run cp -al")?;
-    ensure!(
-        out.status.success(),
-        "cp -al {} {}: {}",
-        src.display(),
-        to.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // Statistics
-
-/// Nearest-rank percentile of sorted seconds.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn median(sorted: &[f64]) -> f64 {
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
 
 fn sorted_secs(samples: &[Sample], f: impl Fn(&Sample) -> Duration) -> Vec<f64> {
     let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64()).collect();

@@ -19,16 +19,18 @@
 //! Setup: images are pushed and artifacts built (with the real analyzer) against an unshaped
 //! loopback registry, whose storage is hard-linked into each shaped registry's.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use common::{NodeProc, http_get, link_storage, median, percentile};
 use serde_json::json;
 use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
@@ -39,7 +41,6 @@ use talaria_testenv::images::{self, Image, Layer};
 use talaria_testenv::registry::Registry;
 
 const SNAPSHOTTER: &str = "talaria";
-const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often readiness is probed.
 const POLL: Duration = Duration::from_millis(5);
 /// Container state is checked this often while waiting, to fail fast on a crashed workload.
@@ -512,29 +513,6 @@ async fn build_artifact(host: &str, repo: &str, tag: &str, profile: Profile) -> 
     Ok(())
 }
 
-/// Hard-links a registry's storage tree into another's (same filesystem).
-fn link_storage(from: &Path, to: &Path) -> Result<()> {
-    let src = from.join("docker");
-    let dst = to.join("docker");
-    if dst.exists() {
-        std::fs::remove_dir_all(&dst).with_context(|| format!("clear {}", dst.display()))?;
-    }
-    let out = Command::new("cp")
-        .arg("-al")
-        .arg(&src)
-        .arg(to)
-        .output()
-        .context("run cp -al")?;
-    ensure!(
-        out.status.success(),
-        "cp -al {} {}: {}",
-        src.display(),
-        to.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // Runs
 
@@ -748,89 +726,6 @@ async fn cold_start(
     })
 }
 
-/// The talaria-node binary on a fresh root; stopped with SIGTERM (it unmounts its FUSE
-/// layers), anything left mounted is detached.
-struct NodeProc {
-    child: Child,
-    root: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl NodeProc {
-    fn start(bin: &Path, dir: &Path, args: &[String]) -> Result<NodeProc> {
-        let root = dir.join("root");
-        let socket = dir.join("talaria.sock");
-        let log = dir.join("node.log");
-        let log_file = std::fs::File::create(&log).context("node log")?;
-        let child = Command::new(bin)
-            .arg("--root")
-            .arg(&root)
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .context("spawn talaria-node")?;
-        let mut node = NodeProc {
-            child,
-            root,
-            socket,
-            log,
-        };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&node.socket).is_err() {
-            if let Some(status) = node.child.try_wait()? {
-                bail!("talaria-node exited with {status}: {}", node.log_text());
-            }
-            ensure!(
-                t.elapsed() < NODE_START_TIMEOUT,
-                "talaria-node not serving after {NODE_START_TIMEOUT:?}: {}",
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(node)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-s", "TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let root = self.root.to_string_lossy().into_owned();
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        for point in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
-            if point.starts_with(&root) {
-                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    // Bounded: the node's metrics page is small.
-    s.take(64 << 20).read_to_string(&mut out)?;
-    Ok(out)
-}
-
 // ---------------------------------------------------------------------------------------
 // Metrics (parsed defensively: a metric this node version lacks is `None`, printed "n/a")
 
@@ -906,32 +801,6 @@ fn fmt_mib(b: Option<f64>) -> String {
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"))
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted
-        .get(rank.clamp(1, sorted.len()) - 1)
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(f64::NAN),
-        _ => match (v.get(n / 2 - 1), v.get(n / 2)) {
-            (Some(a), Some(b)) => (a + b) / 2.0,
-            _ => f64::NAN,
-        },
-    }
 }
 
 fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {

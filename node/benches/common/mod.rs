@@ -1,0 +1,144 @@
+//! Helpers shared by the node benchmarks: a talaria-node process on a fresh root, its
+//! metrics page, registry storage hard-linking, and run statistics.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The talaria-node binary on a fresh root; stopped with SIGTERM (it unmounts its FUSE
+/// layers), anything left mounted is detached.
+pub struct NodeProc {
+    child: Child,
+    root: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl NodeProc {
+    pub fn start(bin: &Path, dir: &Path, args: &[String]) -> Result<NodeProc> {
+        let root = dir.join("root");
+        let socket = dir.join("talaria.sock");
+        let log = dir.join("node.log");
+        let log_file = std::fs::File::create(&log).context("node log")?;
+        let child = Command::new(bin)
+            .arg("--root")
+            .arg(&root)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("spawn talaria-node")?;
+        let mut node = NodeProc {
+            child,
+            root,
+            socket,
+            log,
+        };
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&node.socket).is_err() {
+            if let Some(status) = node.child.try_wait()? {
+                bail!("talaria-node exited with {status}: {}", node.log_text());
+            }
+            ensure!(
+                t.elapsed() < NODE_START_TIMEOUT,
+                "talaria-node not serving after {NODE_START_TIMEOUT:?}: {}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(node)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let root = self.root.to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if point.starts_with(&root) {
+                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    // Bounded: the node's metrics page is small.
+    s.take(64 << 20).read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Hard-links a registry's storage tree into another's (same filesystem).
+pub fn link_storage(from: &Path, to: &Path) -> Result<()> {
+    let src = from.join("docker");
+    let dst = to.join("docker");
+    if dst.exists() {
+        std::fs::remove_dir_all(&dst).with_context(|| format!("clear {}", dst.display()))?;
+    }
+    let out = Command::new("cp")
+        .arg("-al")
+        .arg(&src)
+        .arg(to)
+        .output()
+        .context("run cp -al")?;
+    ensure!(
+        out.status.success(),
+        "cp -al {} {}: {}",
+        src.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len()) - 1)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(f64::NAN),
+        _ => match (v.get(n / 2 - 1), v.get(n / 2)) {
+            (Some(a), Some(b)) => (a + b) / 2.0,
+            _ => f64::NAN,
+        },
+    }
+}
