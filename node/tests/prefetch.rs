@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Node, connect, http_get, metric, mount_at};
-use sha2::{Digest, Sha256};
 use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
@@ -85,24 +84,9 @@ async fn build_artifact(registry: &str, repo: &str, tag: &str, profile: Profile)
         .unwrap_or_else(|e| panic!("build artifact of {repo}:{tag}: {e}"));
 }
 
-fn chain_ids(image: &images::Image) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for l in &image.layers {
-        let next = match out.last() {
-            None => l.diff_id.clone(),
-            Some(prev) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{prev} {}", l.diff_id)))
-            ),
-        };
-        out.push(next);
-    }
-    out
-}
-
 /// Prepares layer `i` of `image` with the CRI plugin's labels; asserts the node provided it.
 async fn prepare_layer(c: &mut Client, image_ref: &str, image: &images::Image, i: usize) {
-    let chains = chain_ids(image);
+    let chains = common::chain_ids(image);
     let parent = if i == 0 {
         String::new()
     } else {
@@ -267,7 +251,7 @@ async fn first_prepare_prefetches_the_plan_of_all_layers_and_plan_reads_need_no_
 
     // The rest of the image, then the plan's files read through FUSE: no network.
     prepare_layer(&mut c, &image_ref, &image, 1).await;
-    let top = chain_ids(&image).pop().expect("top");
+    let top = common::chain_ids(&image).pop().expect("top");
     let mnt = dir.path().join("mnt");
     mount_view(&mut c, &top, "view", &mnt).await;
     let got = std::fs::read(mnt.join("app/run")).expect("read the script");
@@ -315,7 +299,7 @@ async fn a_read_racing_the_prefetch_waits_for_it_instead_of_fetching_again() {
 
     prepare_layer(&mut c, &image_ref, &image, 0).await;
     prepare_layer(&mut c, &image_ref, &image, 1).await;
-    let top = chain_ids(&image).pop().expect("top");
+    let top = common::chain_ids(&image).pop().expect("top");
     let mnt = dir.path().join("mnt");
     mount_view(&mut c, &top, "view", &mnt).await;
     let got = std::fs::read(mnt.join("app/run")).expect("read the script");
@@ -399,7 +383,7 @@ async fn an_image_with_only_a_default_artifact_gets_a_generic_plan() {
     wait_log(&node, "plan=\"generic\"");
     // The entrypoint (busybox, on PATH) was in the generic plan.
     prepare_layer(&mut c, &image_ref, &image, 1).await;
-    let top = chain_ids(&image).pop().expect("top");
+    let top = common::chain_ids(&image).pop().expect("top");
     let mnt = dir.path().join("mnt");
     mount_view(&mut c, &top, "view", &mnt).await;
     let sh = std::fs::read(mnt.join("bin/sh")).expect("read /bin/sh");

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Node, connect, http_get, metric, mount_at, tree, tree_diff};
-use sha2::{Digest, Sha256};
 use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
@@ -203,22 +202,6 @@ fn single_layer_image(layer: Layer) -> images::Image {
         .expect("image")
 }
 
-/// containerd's chain ids of an image's layers.
-fn chain_ids(image: &images::Image) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for l in &image.layers {
-        let next = match out.last() {
-            None => l.diff_id.clone(),
-            Some(prev) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{prev} {}", l.diff_id)))
-            ),
-        };
-        out.push(next);
-    }
-    out
-}
-
 /// Builds and pushes the Talaria artifact of `registry/repo:tag`, as `talaria build` does.
 async fn build_artifact(registry: &str, repo: &str, tag: &str, profile: Profile) {
     let client = RegistryClient::new(RegistryConfig::default()).expect("registry client");
@@ -249,7 +232,7 @@ async fn build_artifact(registry: &str, repo: &str, tag: &str, profile: Profile)
 /// labels); returns, per layer, whether the node provided it (AlreadyExists) or handed out
 /// an active snapshot for a normal unpack.
 async fn prepare_layers(c: &mut Client, image_ref: &str, image: &images::Image) -> Vec<bool> {
-    let chains = chain_ids(image);
+    let chains = common::chain_ids(image);
     let mut provided = Vec::new();
     for (i, (l, chain)) in image.layers.iter().zip(&chains).enumerate() {
         let parent = if i == 0 {
@@ -456,7 +439,7 @@ async fn remote_layers_mount_lazily_and_fall_back_safely() {
     let t0 = Instant::now();
     assert_eq!(prepare_layers(&mut c, &a_ref, &a).await, [true, true, true]);
     eprintln!("A: 3 layers prepared lazily in {:?}", t0.elapsed());
-    let a_chains = chain_ids(&a);
+    let a_chains = common::chain_ids(&a);
     let a_top = a_chains.last().expect("top").clone();
     let mnt = dir.path().join("mnt-a");
     mount_view(&mut c, &a_top, "view-a", &mnt).await;
@@ -513,14 +496,14 @@ async fn remote_layers_mount_lazily_and_fall_back_safely() {
     // B read completely (cached), D mounted but unread.
     let b_ref = format!("{host}/talaria/b:v1");
     assert_eq!(prepare_layers(&mut c, &b_ref, &b).await, [true]);
-    let b_chain = chain_ids(&b).remove(0);
+    let b_chain = common::chain_ids(&b).remove(0);
     let mnt_b = dir.path().join("mnt-b");
     mount_view(&mut c, &b_chain, "view-b", &mnt_b).await;
     let b_tree = tree(&mnt_b);
     unmount_view(&mut c, "view-b", &mnt_b).await;
     let d_ref = format!("{host}/talaria/d:v1");
     assert_eq!(prepare_layers(&mut c, &d_ref, &d).await, [true]);
-    let d_chain = chain_ids(&d).remove(0);
+    let d_chain = common::chain_ids(&d).remove(0);
 
     // The registry hangs (SIGSTOP: connections are accepted, nothing answers): the read
     // timeout itself ends the read, and the kernel's retry of it does not wait again.

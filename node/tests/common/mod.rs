@@ -313,3 +313,19 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// containerd's chain ids of an image's layers.
+pub fn chain_ids(image: &talaria_testenv::images::Image) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in &image.layers {
+        let next = match out.last() {
+            None => l.diff_id.clone(),
+            Some(prev) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{prev} {}", l.diff_id)))
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
