@@ -24,7 +24,7 @@ use crate::artifact::{
 use crate::index::{Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex};
 use crate::indexer::{IndexOptions, index_layer};
 use crate::reader::{LayerReader, MemorySpanCache, SpanCache};
-use crate::startup::{self, ImageConfig, LayerFiles, PlanOptions};
+use crate::startup::{self, ImageConfig, LayerFiles, PlanOptions, StartupTrace};
 use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
 use crate::store::{ChunkStream, Store, StoreError};
 
@@ -65,6 +65,10 @@ pub struct BuildOptions {
     /// Stamped as `org.opencontainers.image.created`; `None` keeps the artifact
     /// deterministic (concurrent builds converge on one digest).
     pub created: Option<String>,
+    /// Plan the reads of a recorded start instead of the analyzer's prediction (profiles
+    /// with a plan only). The artifact is built even when one exists for the key: it
+    /// replaces the predicted plan, so stamp it `created` to make it the newest.
+    pub startup_trace: Option<Arc<StartupTrace>>,
 }
 
 impl Default for BuildOptions {
@@ -75,6 +79,7 @@ impl Default for BuildOptions {
             knobs: Knobs::default(),
             parallelism: 2,
             created: None,
+            startup_trace: None,
         }
     }
 }
@@ -166,7 +171,11 @@ pub async fn build(
     let subject = raw.descriptor();
     let key = artifact::acceleration_key(opts.profile, &opts.knobs);
 
-    if let Some(existing) = artifact::find_by_key(target.as_ref(), &subject.digest, &key).await? {
+    let replacing = opts.startup_trace.is_some() && opts.profile.has_plan();
+    if !replacing
+        && let Some(existing) =
+            artifact::find_by_key(target.as_ref(), &subject.digest, &key).await?
+    {
         info!(image = %subject.digest, artifact = %existing.descriptor.digest, %key, "artifact exists; adopted");
         return Ok(adopted(subject, existing, key, t0));
     }
@@ -308,6 +317,22 @@ async fn startup_plan(
         }
     };
     let refs: Vec<Option<&LayerIndex>> = indexes.iter().map(|i| i.as_deref()).collect();
+    let plan_opts = PlanOptions {
+        profile: opts.profile.name().to_string(),
+        version: opts.profile.version(),
+        budget: opts.knobs.prefetch_budget,
+    };
+    if let Some(trace) = &opts.startup_trace {
+        let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+        let analysis = startup::analysis_from_trace(trace, &digests, &refs);
+        info!(
+            recorded_files = trace.files(),
+            files = analysis.files.len(),
+            notes = analysis.notes.len(),
+            "startup plan from a recorded trace"
+        );
+        return startup::build_plan(&analysis, &refs, &plan_opts);
+    }
     let view = MergedView::new(&refs);
     let cache: Arc<dyn SpanCache> = Arc::new(MemorySpanCache::new(ANALYSIS_CACHE_BYTES));
     let mut readers = Vec::with_capacity(indexes.len());
@@ -332,15 +357,7 @@ async fn startup_plan(
         bytes_read = analysis.bytes_read,
         "startup analysis"
     );
-    startup::build_plan(
-        &analysis,
-        &refs,
-        &PlanOptions {
-            profile: opts.profile.name().to_string(),
-            version: opts.profile.version(),
-            budget: opts.knobs.prefetch_budget,
-        },
-    )
+    startup::build_plan(&analysis, &refs, &plan_opts)
 }
 
 fn unreachable_index(art: &RawManifest) -> Result<ImageManifest, BuildError> {

@@ -11,6 +11,7 @@ use talaria_artifact::artifact::{Knobs, Profile};
 use talaria_artifact::auth::Credentials;
 use talaria_artifact::build::{self, BuildError, BuildOptions};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig};
+use talaria_artifact::startup::StartupTrace;
 use talaria_artifact::store::oci::Platform;
 use talaria_artifact::store::{OpenedRef, Store, open_reference};
 
@@ -159,7 +160,39 @@ pub fn short(digest: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
+/// Largest startup trace file read.
+const MAX_TRACE_FILE: u64 = 256 << 20;
+
+fn read_trace(path: &std::path::Path) -> anyhow::Result<StartupTrace> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("opening the startup trace {}", path.display()))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_TRACE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading the startup trace {}", path.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= MAX_TRACE_FILE,
+        "startup trace {} is larger than {} MiB",
+        path.display(),
+        MAX_TRACE_FILE >> 20
+    );
+    StartupTrace::from_json(&bytes).with_context(|| format!("startup trace {}", path.display()))
+}
+
 pub async fn build(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
+    let startup_trace = match &args.startup_trace {
+        Some(p) => {
+            if args.profile == ProfileArg::Default {
+                return Err(anyhow::anyhow!(
+                    "--startup-trace needs a profile with a startup plan, not `default`"
+                )
+                .into());
+            }
+            Some(Arc::new(read_trace(p)?))
+        }
+        None => None,
+    };
     let stores = open_stores(g, &args.image, true)?;
     let opts = BuildOptions {
         platform: platform(g)?,
@@ -174,6 +207,7 @@ pub async fn build(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
         },
         parallelism: args.parallelism as usize,
         created: Some(now_rfc3339()),
+        startup_trace,
     };
     let pb = spinner(format!("indexing the layers of {}", args.image));
     let artifact_store = g.artifact_repo.as_ref().map(|_| stores.artifacts.clone());

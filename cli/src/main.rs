@@ -98,6 +98,10 @@ pub struct BuildArgs {
     /// Layers indexed at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub parallelism: u64,
+    /// Plan the reads of a recorded start instead of predicting them: a talaria-node's
+    /// `/startup-trace` (JSON). The artifact replaces an existing one of the same key.
+    #[arg(long, value_name = "FILE")]
+    pub startup_trace: Option<std::path::PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -346,6 +346,7 @@ impl RegistryBuilder {
             knobs: knobs(&req.knobs),
             parallelism: self.parallelism,
             created: None,
+            startup_trace: None,
         };
         let s = build(image_store, &req.digest, target, &opts)
             .await

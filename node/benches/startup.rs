@@ -35,6 +35,7 @@ use serde_json::json;
 use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::startup::StartupTrace;
 use talaria_artifact::store::{RegistryStore, Store};
 use talaria_testenv::cri::{self, Cri, CriContainerd, CriOptions, CriSnapshotter, PodSandbox};
 use talaria_testenv::images::{self, Image, Layer};
@@ -68,13 +69,17 @@ struct Args {
         default_value = "1000mbit/5ms,200mbit/20ms"
     )]
     links: Vec<Link>,
-    /// Comma-separated: overlayfs, talaria-none, talaria-default, talaria-accelerated.
+    /// Comma-separated: overlayfs, talaria-none, talaria-default, talaria-accelerated,
+    /// talaria-recorded.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "overlayfs,talaria-none,talaria-default,talaria-accelerated"
+        default_value = "overlayfs,talaria-none,talaria-default,talaria-accelerated,talaria-recorded"
     )]
     variants: Vec<Variant>,
+    /// Span size (bytes) of the recorded artifact's indexes.
+    #[arg(long, default_value_t = 4 << 20)]
+    recorded_span_size: u64,
     /// Runs per workload, link and variant.
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -143,6 +148,9 @@ enum Variant {
     TalariaNone,
     TalariaDefault,
     TalariaAccelerated,
+    /// The accelerated profile with a plan recorded from one real start (a talaria-node's
+    /// /startup-trace, as `talaria build --startup-trace` takes it).
+    TalariaRecorded,
 }
 
 impl Variant {
@@ -152,6 +160,7 @@ impl Variant {
             Variant::TalariaNone => "talaria-none",
             Variant::TalariaDefault => "talaria-default",
             Variant::TalariaAccelerated => "talaria-accelerated",
+            Variant::TalariaRecorded => "talaria-recorded",
         }
     }
 
@@ -161,6 +170,7 @@ impl Variant {
             Variant::Overlayfs | Variant::TalariaNone => "none",
             Variant::TalariaDefault => "default",
             Variant::TalariaAccelerated => "accelerated",
+            Variant::TalariaRecorded => "recorded",
         }
     }
 
@@ -169,10 +179,13 @@ impl Variant {
     }
 }
 
-const TAGS: [(&str, Option<Profile>); 3] = [
+/// Tags pushed, and the artifact built at push time ("recorded" gets its artifact after the
+/// recording run).
+const TAGS: [(&str, Option<Profile>); 4] = [
     ("none", None),
     ("default", Some(Profile::Default)),
     ("accelerated", Some(Profile::StartupLocalV1)),
+    ("recorded", None),
 ];
 
 /// How a workload says it is ready.
@@ -231,6 +244,8 @@ struct Sample {
     /// PullImage start to ready.
     ready: Duration,
     node: NodeCounters,
+    /// The node's /startup-trace (recording runs only).
+    trace: Option<StartupTrace>,
 }
 
 fn main() -> Result<()> {
@@ -286,6 +301,46 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("{}: local start", w.name))?;
         eprintln!("{}: local start {secs:.2?} s", w.name);
         local_start.insert(w.name.clone(), secs);
+    }
+
+    // The recorded plan: one start against the unshaped registry with recording on (the
+    // default), its /startup-trace turned into the "recorded" tag's artifact.
+    if args.variants.contains(&Variant::TalariaRecorded) {
+        let unshaped = Link {
+            rate_mbit: 10_000,
+            delay_ms: 0,
+        };
+        for w in &workloads {
+            let s = cold_start(
+                w,
+                Variant::TalariaDefault,
+                "record",
+                &local.host(),
+                unshaped,
+                &node_args,
+                &args,
+            )
+            .await
+            .with_context(|| format!("{}: recording run", w.name))?;
+            let trace = s.trace.context("the recording run gave no trace")?;
+            eprintln!(
+                "{}: recorded {} files, {:.1} MiB read ranges (ready {:.2} s unshaped)",
+                w.name,
+                trace.files(),
+                mib(trace.bytes() as f64),
+                s.ready.as_secs_f64()
+            );
+            let t = Instant::now();
+            build_artifact(
+                &local.host(),
+                &w.repo(),
+                "recorded",
+                Profile::StartupLocalV1,
+                Some((trace, args.recorded_span_size)),
+            )
+            .await?;
+            eprintln!("{}: recorded artifact built in {:?}", w.name, t.elapsed());
+        }
     }
 
     let mut samples: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
@@ -480,13 +535,19 @@ async fn push_workload(host: &str, w: &Workload) -> Result<()> {
             .context("push task")?
             .with_context(|| format!("push {}:{tag}", w.repo()))?;
         if let Some(p) = profile {
-            build_artifact(host, &w.repo(), tag, p).await?;
+            build_artifact(host, &w.repo(), tag, p, None).await?;
         }
     }
     Ok(())
 }
 
-async fn build_artifact(host: &str, repo: &str, tag: &str, profile: Profile) -> Result<()> {
+async fn build_artifact(
+    host: &str,
+    repo: &str,
+    tag: &str,
+    profile: Profile,
+    recorded: Option<(StartupTrace, u64)>,
+) -> Result<()> {
     let client = RegistryClient::new(RegistryConfig {
         insecure_hosts: vec![host.to_string()],
         ..RegistryConfig::default()
@@ -498,10 +559,14 @@ async fn build_artifact(host: &str, repo: &str, tag: &str, profile: Profile) -> 
             name: repo.to_string(),
         },
     ));
-    let opts = BuildOptions {
+    let mut opts = BuildOptions {
         profile,
         ..BuildOptions::default()
     };
+    if let Some((trace, span_size)) = recorded {
+        opts.knobs.span_size = span_size;
+        opts.startup_trace = Some(Arc::new(trace));
+    }
     let summary = build(store, tag, None, &opts)
         .await
         .with_context(|| format!("build the {} artifact of {repo}:{tag}", profile.name()))?;
@@ -691,6 +756,16 @@ async fn cold_start(
     } else {
         String::new()
     };
+    let trace = if node.is_some() && label == "record" {
+        let resp = http_get(&metrics_addr, "/startup-trace").context("get /startup-trace")?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .context("no HTTP body")?;
+        Some(StartupTrace::from_json(body.as_bytes()).context("parse /startup-trace")?)
+    } else {
+        None
+    };
     let _ = cri.remove_pod(&pod).await;
     if let Some(keep) = &args.keep_logs {
         std::fs::create_dir_all(keep).with_context(|| format!("create {}", keep.display()))?;
@@ -723,6 +798,7 @@ async fn cold_start(
         } else {
             NodeCounters::default()
         },
+        trace,
     })
 }
 
@@ -914,15 +990,15 @@ impl Report<'_> {
             out,
             "| workload | link | startup bytes MiB (compressed-eq.) | measured as | uncompressed MiB | \
              image MiB (compressed / unpacked) | local start (s) | limit (s) | accelerated median (s) | \
-             accelerated / limit |"
+             accelerated / limit | recorded median (s) | recorded / limit |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for w in self.workloads {
             for link in &self.args.links {
                 let Some(l) = self.limit(w, *link) else {
                     let _ = writeln!(
                         out,
-                        "| {} | {link} | n/a | no probe | n/a | {:.0} / {:.0} | n/a | n/a | n/a | n/a |",
+                        "| {} | {link} | n/a | no probe | n/a | {:.0} / {:.0} | n/a | n/a | n/a | n/a | n/a | n/a |",
                         w.name,
                         mib(w.compressed_bytes() as f64),
                         mib(w.unpacked_bytes() as f64)
@@ -930,9 +1006,10 @@ impl Report<'_> {
                     continue;
                 };
                 let acc = self.ready_median(&w.name, *link, Variant::TalariaAccelerated);
+                let rec = self.ready_median(&w.name, *link, Variant::TalariaRecorded);
                 let _ = writeln!(
                     out,
-                    "| {} | {link} | {:.1} | {} | {} | {:.0} / {:.0} | {:.2} | {:.2} | {} | {} |",
+                    "| {} | {link} | {:.1} | {} | {} | {:.0} / {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
                     w.name,
                     mib(l.bytes),
                     l.source,
@@ -944,6 +1021,8 @@ impl Report<'_> {
                     l.seconds,
                     fmt_opt(acc, 2),
                     acc.map_or("n/a".into(), |a| format!("{:.2}x", a / l.seconds)),
+                    fmt_opt(rec, 2),
+                    rec.map_or("n/a".into(), |a| format!("{:.2}x", a / l.seconds)),
                 );
             }
         }

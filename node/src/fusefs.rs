@@ -31,6 +31,7 @@ use tracing::{debug, warn};
 use crate::materialize::Materializer;
 use crate::metrics::Metrics;
 use crate::reach::Reachability;
+use talaria_artifact::startup::TraceRecorder;
 
 /// The layer never changes, so the kernel may cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -391,6 +392,8 @@ pub struct LayerFs {
     materialized: Option<(Arc<Materializer>, String)>,
     /// Bytes returned to the kernel (what applications actually read).
     read_bytes: Option<Counter>,
+    /// Startup reads are recorded here, under the layer digest.
+    recorder: Option<(Arc<TraceRecorder>, String)>,
 }
 
 /// Up to `size` bytes at `offset` of a local copy of a file of `file_size` bytes; an error
@@ -423,12 +426,19 @@ impl LayerFs {
             metrics,
             materialized: None,
             read_bytes: None,
+            recorder: None,
         })
     }
 
     /// Serves the files `m` holds under `layer_digest` from local disk.
     pub fn with_materialized(mut self, m: Arc<Materializer>, layer_digest: String) -> Self {
         self.materialized = Some((m, layer_digest));
+        self
+    }
+
+    /// Records reads into `r` (it keeps those of a startup window) under `layer_digest`.
+    pub fn with_recorder(mut self, r: Arc<TraceRecorder>, layer_digest: String) -> Self {
+        self.recorder = Some((r, layer_digest));
         self
     }
 
@@ -529,6 +539,10 @@ impl Filesystem for LayerFs {
         else {
             return reply.error(Errno::EINVAL);
         };
+        if let Some((r, layer)) = &self.recorder {
+            let len = u64::from(size).min(entry.size.saturating_sub(offset));
+            r.record(layer, &entry.path, offset, len);
+        }
         if let Some((m, layer)) = &self.materialized
             && let Some(f) = m.get(layer, &entry.path)
         {

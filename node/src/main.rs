@@ -74,6 +74,11 @@ struct Args {
         default_value_t = 20000
     )]
     materialize_max_files: usize,
+    /// File reads of lazily mounted layers within this long after a container starts are
+    /// recorded and served at /startup-trace (`talaria build --startup-trace` plans them);
+    /// 0 turns recording off.
+    #[arg(long, env = "TALARIA_NODE_RECORD_STARTUP_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    record_startup_window: Duration,
     /// Docker config.json with registry credentials.
     #[arg(long, env = "TALARIA_NODE_DOCKER_CONFIG")]
     docker_config: Option<PathBuf>,
@@ -146,6 +151,13 @@ async fn main() -> anyhow::Result<()> {
     }
     // Credentials of CRI pulls (memory only, bounded), asked before the docker config.
     let learned = Arc::new(LearnedCredentials::new(4096, args.pull_credential_ttl));
+    // Bounded: 50,000 files of at most 256 ranges each.
+    let recorder = (!args.no_remote && !args.record_startup_window.is_zero()).then(|| {
+        Arc::new(talaria_artifact::startup::TraceRecorder::new(
+            args.record_startup_window,
+            50_000,
+        ))
+    });
     let remote = if args.no_remote {
         None
     } else {
@@ -176,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
             None
         };
         let opts = RemoteOptions {
+            recorder: recorder.clone(),
             cache_dir: args.root.join("cache").join("spans"),
             cache_max_bytes: args.cache_mib.saturating_mul(1 << 20),
             read_timeout: args.read_timeout,
@@ -221,11 +234,12 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         let mut rx = stop_rx.clone();
         let m = metrics.clone();
+        let rec = recorder.clone();
         tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = talaria_node::metrics::serve(m, addr, stop).await {
+            if let Err(e) = talaria_node::metrics::serve(m, rec, addr, stop).await {
                 tracing::error!(%addr, error = %e, "metrics endpoint failed");
             }
         });

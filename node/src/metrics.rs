@@ -295,9 +295,11 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz` and (with a recorder) `/startup-trace` on `addr` until
+/// `shutdown` resolves.
 pub async fn serve(
     metrics: Arc<Metrics>,
+    recorder: Option<Arc<talaria_artifact::startup::TraceRecorder>>,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -318,7 +320,25 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/startup-trace",
+            get(move || {
+                let r = recorder.clone();
+                async move {
+                    use axum::response::IntoResponse;
+                    match r {
+                        // The recorder is bounded, so is this answer.
+                        Some(r) => axum::Json(r.snapshot()).into_response(),
+                        None => (
+                            axum::http::StatusCode::NOT_FOUND,
+                            "startup recording is off (--record-startup-window 0)\n",
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
     axum::serve(listener, app)

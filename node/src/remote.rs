@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use talaria_artifact::artifact::{self, ArtifactError, ArtifactInfo};
 use talaria_artifact::index::LayerIndex;
 use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::startup::TraceRecorder;
 use talaria_artifact::store::{RegistryStore, Store};
 use tracing::{debug, error, info, warn};
 
@@ -70,6 +71,8 @@ pub struct RemoteOptions {
     pub cluster: Option<Arc<ClusterSource>>,
     /// Look for artifacts among the image's registry referrers.
     pub referrers: bool,
+    /// Records the file reads of container starts (served at `/startup-trace`).
+    pub recorder: Option<Arc<TraceRecorder>>,
 }
 
 /// Bounds of startup-local materialization.
@@ -363,6 +366,9 @@ impl RemoteLayers {
         if let Some(m) = self.fetcher.materializer() {
             fs = fs.with_materialized(m.clone(), rec.layer_digest.clone());
         }
+        if let Some(r) = &self.opts.recorder {
+            fs = fs.with_recorder(r.clone(), rec.layer_digest.clone());
+        }
         let session = fs.mount(fs_dir)?;
         let old = self.mounts.lock().ok().and_then(|mut m| {
             m.insert(
@@ -655,6 +661,10 @@ impl PrepareHook for RemoteLayers {
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> crate::Result<HookOutcome> {
+        // A layer or a container's snapshot: either way a container is about to start.
+        if let Some(r) = &self.opts.recorder {
+            r.started();
+        }
         let Some(target) = labels
             .get(TARGET_SNAPSHOT_REF_LABEL)
             .filter(|t| !t.is_empty())

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Node, connect, http_get, metric, mount_at};
-use talaria_artifact::artifact::Profile;
+use talaria_artifact::artifact::{Profile, StartupPlan};
 use talaria_artifact::build::{BuildOptions, build};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::startup::StartupTrace;
 use talaria_artifact::store::{RegistryStore, Store};
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
 use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
@@ -59,29 +60,51 @@ fn app_image(len: usize, seed: u64) -> (images::Image, Vec<u8>) {
     (image, script)
 }
 
-async fn build_artifact(registry: &str, repo: &str, tag: &str, profile: Profile) {
+fn store_of(registry: &str, repo: &str) -> Arc<dyn Store> {
     // The shaped registry is not on loopback: plain HTTP by name.
     let client = RegistryClient::new(RegistryConfig {
         insecure_hosts: vec![registry.to_string()],
         ..RegistryConfig::default()
     })
     .expect("registry client");
-    let store: Arc<dyn Store> = Arc::new(RegistryStore::new(
+    Arc::new(RegistryStore::new(
         client,
         Repository {
             registry: registry.to_string(),
             name: repo.to_string(),
         },
-    ));
+    ))
+}
+
+/// Builds the artifact of `profile` (its plan from `trace` when given); returns its plan.
+async fn build_artifact_with(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    profile: Profile,
+    trace: Option<StartupTrace>,
+) -> Option<StartupPlan> {
+    let store = store_of(registry, repo);
     let mut opts = BuildOptions {
         profile,
+        startup_trace: trace.map(Arc::new),
         ..BuildOptions::default()
     };
     // Small spans: files span several, and merging adjacent ones matters.
     opts.knobs.span_size = 256 << 10;
-    build(store, tag, None, &opts)
+    let s = build(store.clone(), tag, None, &opts)
         .await
         .unwrap_or_else(|e| panic!("build artifact of {repo}:{tag}: {e}"));
+    let plan = s.plan?;
+    let bytes = store
+        .get_blob(&plan.digest, 1 << 20)
+        .await
+        .expect("read the plan");
+    Some(serde_json::from_slice(&bytes).expect("plan JSON"))
+}
+
+async fn build_artifact(registry: &str, repo: &str, tag: &str, profile: Profile) {
+    build_artifact_with(registry, repo, tag, profile, None).await;
 }
 
 /// Prepares layer `i` of `image` with the CRI plugin's labels; asserts the node provided it.
@@ -396,5 +419,117 @@ async fn an_image_with_only_a_default_artifact_gets_a_generic_plan() {
     );
     nix::mount::umount(&mnt).expect("umount");
     // Stopped cleanly, the node unmounts its layers (a killed one leaves them mounted).
+    assert!(node.signal("TERM").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_start_becomes_a_plan_of_the_pages_read_in_read_order() {
+    use std::os::unix::fs::FileExt;
+    let _serial = SERIAL.lock().await;
+    talaria_artifact::registry::install_crypto_provider();
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-prefetch-record-")
+        .tempdir()
+        .expect("tempdir");
+    let registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    let (image, script) = app_image(3 << 20, 3);
+    image.push(&host, "talaria/rec", "v1").expect("push");
+    build_artifact(&host, "talaria/rec", "v1", Profile::Default).await;
+    let image_ref = format!("{host}/talaria/rec:v1");
+
+    // The recording start: no prefetch, so every byte read comes through FUSE on demand.
+    let (mut node, addr) = start_node(dir.path(), &["--no-prefetch"]);
+    let mut c = connect(node.socket.clone()).await;
+    prepare_layer(&mut c, &image_ref, &image, 0).await;
+    prepare_layer(&mut c, &image_ref, &image, 1).await;
+    let top = common::chain_ids(&image).pop().expect("top");
+    let mnt = dir.path().join("mnt");
+    mount_view(&mut c, &top, "view", &mnt).await;
+    // One page in the middle of the 3 MiB script, then a small file.
+    let f = std::fs::File::open(mnt.join("app/run")).expect("open the script");
+    let mut page = [0u8; 4096];
+    f.read_exact_at(&mut page, 2 << 20).expect("read a page");
+    assert!(page[..] == script[2 << 20..(2 << 20) + 4096]);
+    drop(f);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("app/unused.txt")).expect("read"),
+        "not in the plan\n"
+    );
+    let resp = http_get(&addr, "/startup-trace");
+    let body = resp.split_once("\r\n\r\n").expect("HTTP body").1;
+    let trace = StartupTrace::from_json(body.as_bytes()).expect("a trace");
+    nix::mount::umount(&mnt).expect("umount");
+    assert!(node.signal("TERM").success());
+    drop(c);
+
+    let app = trace
+        .layers
+        .iter()
+        .find(|l| l.digest == image.layers[1].digest)
+        .unwrap_or_else(|| panic!("the app layer's reads are in the trace: {trace:?}"));
+    let paths: Vec<&str> = app.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["app/run", "app/unused.txt"], "in first-read order");
+    let read: u64 = app.files[0].ranges.iter().map(|r| r.len).sum();
+    assert!(
+        app.files[0]
+            .ranges
+            .iter()
+            .any(|r| r.offset <= 2 << 20 && r.offset + r.len >= (2 << 20) + 4096),
+        "the page read is recorded: {:?}",
+        app.files[0].ranges
+    );
+    assert!(
+        read < 1 << 20,
+        "a page and the kernel's readahead, not the file ({read} bytes)"
+    );
+
+    // The plan built from it holds the spans of what was read, not of the whole script.
+    let plan = build_artifact_with(
+        &host,
+        "talaria/rec",
+        "v1",
+        Profile::StartupLocalV1,
+        Some(trace.clone()),
+    )
+    .await
+    .expect("a plan");
+    let run = plan
+        .entries
+        .iter()
+        .position(|e| e.path == "/app/run")
+        .unwrap_or_else(|| panic!("the script is planned: {plan:?}"));
+    let unused = plan
+        .entries
+        .iter()
+        .position(|e| e.path == "/app/unused.txt")
+        .expect("the small file is planned");
+    assert!(run < unused, "plan order is read order: {plan:?}");
+    let spans = &plan.entries[run].spans;
+    assert!(
+        !spans.is_empty() && spans.len() <= 3,
+        "a page's spans (256 KiB each), not the script's 12+: {spans:?}"
+    );
+    assert!(plan.entries.iter().all(|e| e.reason == "recorded"));
+
+    // A new node's startup prefetch of the recorded plan brings just those spans.
+    let dir2 = tempfile::Builder::new()
+        .prefix("tlr-prefetch-record2-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut node, addr) = start_node(dir2.path(), &[]);
+    let mut c = connect(node.socket.clone()).await;
+    prepare_layer(&mut c, &image_ref, &image, 0).await;
+    let m = wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
+    wait_log(&node, "accelerated");
+    // Background fetch is counted apart ("background"): only the plan's spans are "startup".
+    let startup = layer_bytes(&m, &image_ref, &image.layers[1].digest, "startup");
+    assert!(
+        startup > 0.0 && startup <= f64::from(3 * (256 << 10) + (64 << 10)),
+        "the recorded spans of the app layer, not its {} bytes ({startup}):\n{m}",
+        image.layers[1].blob.len()
+    );
+    drop(c);
     assert!(node.signal("TERM").success());
 }

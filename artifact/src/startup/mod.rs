@@ -19,6 +19,7 @@ pub mod plan;
 pub mod resolve;
 mod rules;
 pub mod shell;
+pub mod trace;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ use crate::source::BoxFuture;
 
 pub use analyze::analyze;
 pub use plan::{PlanOptions, build_plan, path_patterns};
+pub use trace::{StartupTrace, TraceRecorder, analysis_from_trace};
 
 /// The default PATH of container runtimes when the image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

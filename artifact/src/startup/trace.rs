@@ -1,0 +1,474 @@
+//! Recorded startups: what a real container start read, per layer, in first-access order.
+//!
+//! The analyzer predicts whole files from the image alone, and misses what a runtime loads
+//! indirectly (Python's transitive imports) while fetching whole files of which a start
+//! reads a few pages (the JDK's `lib/modules`, jars). A node sees the truth: every read of a
+//! lazily mounted file goes through its FUSE layer. [`TraceRecorder`] keeps those reads,
+//! bounded, as byte ranges of files of layers; [`StartupTrace`] is their exported form, and
+//! [`analysis_from_trace`] turns one into an [`Analysis`] that [`super::build_plan`] maps to
+//! spans like any other, so a recorded plan fetches the pages that were read, in the order
+//! they were first read.
+//!
+//! Traces are in terms of layer digests, file paths and file offsets, never spans: a trace
+//! recorded with one span size builds plans for any other.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Analysis, ByteRange, FileClass, FoundFile};
+use crate::index::{EntryKind, LayerIndex};
+
+/// Version of the trace format.
+pub const TRACE_VERSION: u32 = 1;
+/// Ranges kept per file; past it the file's ranges collapse into the one that covers them.
+pub const MAX_RANGES_PER_FILE: usize = 256;
+/// Files accepted from a trace, whoever wrote it.
+pub const MAX_TRACE_FILES: usize = 200_000;
+
+/// Reads that a container start made, per layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupTrace {
+    pub version: u32,
+    pub layers: Vec<LayerTrace>,
+}
+
+/// The files read from one layer (by its compressed digest).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerTrace {
+    pub digest: String,
+    /// In first-access order.
+    pub files: Vec<TracedFile>,
+}
+
+/// One file read during startup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracedFile {
+    /// Path in the layer, as in its index.
+    pub path: String,
+    /// First read, in milliseconds since the recorder started (orders files across layers).
+    pub first_ms: u64,
+    /// File offsets read, sorted and merged.
+    pub ranges: Vec<ByteRange>,
+}
+
+impl StartupTrace {
+    pub fn files(&self) -> usize {
+        self.layers.iter().map(|l| l.files.len()).sum()
+    }
+
+    /// Bytes of files covered by the recorded ranges.
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .flat_map(|l| &l.files)
+            .flat_map(|f| &f.ranges)
+            .map(|r| r.len)
+            .fold(0u64, u64::saturating_add)
+    }
+}
+
+/// Adds `[offset, offset+len)` to sorted, disjoint `ranges`, merging what touches it.
+/// Past [`MAX_RANGES_PER_FILE`] the ranges collapse into their hull: bounded memory for a
+/// file read in many scattered pieces, at the price of fetching the gaps.
+pub fn add_range(ranges: &mut Vec<ByteRange>, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let mut start = offset;
+    let mut end = offset.saturating_add(len);
+    // First range whose end reaches `start`: everything before it stays.
+    let i = ranges.partition_point(|r| r.offset.saturating_add(r.len) < start);
+    let mut j = i;
+    while let Some(r) = ranges.get(j) {
+        if r.offset > end {
+            break;
+        }
+        start = start.min(r.offset);
+        end = end.max(r.offset.saturating_add(r.len));
+        j += 1;
+    }
+    ranges.splice(
+        i..j,
+        [ByteRange {
+            offset: start,
+            len: end - start,
+        }],
+    );
+    if ranges.len() > MAX_RANGES_PER_FILE {
+        let lo = ranges.first().map_or(0, |r| r.offset);
+        let hi = ranges.last().map_or(0, |r| r.offset.saturating_add(r.len));
+        ranges.clear();
+        ranges.push(ByteRange {
+            offset: lo,
+            len: hi - lo,
+        });
+    }
+}
+
+#[derive(Default)]
+struct Recorded {
+    /// layer digest → path → (first read, ranges).
+    layers: HashMap<String, HashMap<String, (u64, Vec<ByteRange>)>>,
+    files: usize,
+}
+
+/// Records the reads of lazily mounted files that happen within a window after a container
+/// starts preparing (a Prepare of an image's layers), bounded in files. Cheap outside the
+/// window: one atomic load per read.
+pub struct TraceRecorder {
+    t0: Instant,
+    window: Duration,
+    max_files: usize,
+    /// Milliseconds since `t0` of the last start, plus one (0: none yet).
+    last_start: AtomicU64,
+    inner: Mutex<Recorded>,
+}
+
+impl std::fmt::Debug for TraceRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceRecorder")
+            .field("window", &self.window)
+            .field("max_files", &self.max_files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TraceRecorder {
+    pub fn new(window: Duration, max_files: usize) -> TraceRecorder {
+        TraceRecorder {
+            t0: Instant::now(),
+            window,
+            max_files,
+            last_start: AtomicU64::new(0),
+            inner: Mutex::new(Recorded::default()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A container is starting: reads during the next window are startup reads.
+    pub fn started(&self) {
+        self.last_start
+            .store(self.now_ms().saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether a read now would be recorded.
+    pub fn recording(&self) -> bool {
+        let last = self.last_start.load(Ordering::Relaxed);
+        let window = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && self.now_ms() <= (last - 1).saturating_add(window)
+    }
+
+    /// A read of `len` bytes at `offset` of the file `path` of layer `layer`.
+    pub fn record(&self, layer: &str, path: &str, offset: u64, len: u64) {
+        if len == 0 || !self.recording() {
+            return;
+        }
+        let now = self.now_ms();
+        let Ok(mut g) = self.inner.lock() else {
+            return;
+        };
+        let full = g.files >= self.max_files;
+        let Recorded { layers, files } = &mut *g;
+        if let Some(f) = layers.get_mut(layer).and_then(|l| l.get_mut(path)) {
+            add_range(&mut f.1, offset, len);
+            return;
+        }
+        if full {
+            return;
+        }
+        let mut ranges = Vec::new();
+        add_range(&mut ranges, offset, len);
+        layers
+            .entry(layer.to_string())
+            .or_default()
+            .insert(path.to_string(), (now, ranges));
+        *files += 1;
+    }
+
+    /// Everything recorded so far, files in first-access order.
+    pub fn snapshot(&self) -> StartupTrace {
+        let mut layers: Vec<LayerTrace> = match self.inner.lock() {
+            Ok(g) => g
+                .layers
+                .iter()
+                .map(|(digest, files)| {
+                    let mut files: Vec<TracedFile> = files
+                        .iter()
+                        .map(|(path, (first_ms, ranges))| TracedFile {
+                            path: path.clone(),
+                            first_ms: *first_ms,
+                            ranges: ranges.clone(),
+                        })
+                        .collect();
+                    files.sort_by(|a, b| a.first_ms.cmp(&b.first_ms).then(a.path.cmp(&b.path)));
+                    LayerTrace {
+                        digest: digest.clone(),
+                        files,
+                    }
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        layers.sort_by(|a, b| a.digest.cmp(&b.digest));
+        StartupTrace {
+            version: TRACE_VERSION,
+            layers,
+        }
+    }
+}
+
+/// Why a trace cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("startup trace version {0} is not supported (this build reads {TRACE_VERSION})")]
+    Version(u32),
+    #[error("startup trace has {0} files, more than {MAX_TRACE_FILES}")]
+    TooLarge(usize),
+    #[error("startup trace is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl StartupTrace {
+    /// Parses and checks a trace.
+    pub fn from_json(bytes: &[u8]) -> Result<StartupTrace, TraceError> {
+        let t: StartupTrace = serde_json::from_slice(bytes)?;
+        if t.version != TRACE_VERSION {
+            return Err(TraceError::Version(t.version));
+        }
+        if t.files() > MAX_TRACE_FILES {
+            return Err(TraceError::TooLarge(t.files()));
+        }
+        Ok(t)
+    }
+}
+
+/// The files of `trace` that belong to the image whose layers are `digests` (manifest
+/// order) with indexes `layers`, as an analysis in first-access order across layers. Files
+/// the trace names that the index does not hold as regular files are left out with a note
+/// (the trace was recorded from another image, or is stale); ranges past a file's end are
+/// clipped.
+pub fn analysis_from_trace(
+    trace: &StartupTrace,
+    digests: &[String],
+    layers: &[Option<&LayerIndex>],
+) -> Analysis {
+    let mut analysis = Analysis::default();
+    let mut found: Vec<(u64, FoundFile)> = Vec::new();
+    for lt in &trace.layers {
+        // A digest listed twice in a manifest is mounted once; the upper copy is the one read.
+        let Some(pos) = digests.iter().rposition(|d| *d == lt.digest) else {
+            continue;
+        };
+        let Some(Some(ix)) = layers.get(pos) else {
+            analysis.notes.push(super::Note {
+                subject: lt.digest.clone(),
+                message: "layer not indexed; its recorded reads are left out".into(),
+            });
+            continue;
+        };
+        for f in &lt.files {
+            let Some(entry) = ix.find(&f.path).filter(|e| e.kind == EntryKind::File) else {
+                analysis.notes.push(super::Note {
+                    subject: f.path.clone(),
+                    message: "recorded, but not a regular file of its layer".into(),
+                });
+                continue;
+            };
+            let ranges: Vec<ByteRange> = f
+                .ranges
+                .iter()
+                .filter(|r| r.offset < entry.size && r.len > 0)
+                .map(|r| ByteRange {
+                    offset: r.offset,
+                    len: r.len.min(entry.size - r.offset),
+                })
+                .collect();
+            if ranges.is_empty() {
+                continue;
+            }
+            found.push((
+                f.first_ms,
+                FoundFile {
+                    path: format!("/{}", entry.path),
+                    layer: pos,
+                    size: entry.size,
+                    data_offset: entry.offset,
+                    // One class: the plan keeps the recorded order.
+                    class: FileClass::Entrypoint,
+                    ranges,
+                    reasons: vec!["recorded".into()],
+                },
+            ));
+        }
+    }
+    found.sort_by_key(|(t, _)| *t);
+    analysis.files = found.into_iter().map(|(_, f)| f).collect();
+    analysis
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(offset: u64, len: u64) -> ByteRange {
+        ByteRange { offset, len }
+    }
+
+    #[test]
+    fn ranges_merge_when_they_touch() {
+        let mut v = Vec::new();
+        add_range(&mut v, 100, 10);
+        add_range(&mut v, 0, 10);
+        add_range(&mut v, 50, 10);
+        assert_eq!(v, vec![r(0, 10), r(50, 10), r(100, 10)]);
+        add_range(&mut v, 10, 40); // touches 0..10 and 50..60
+        assert_eq!(v, vec![r(0, 60), r(100, 10)]);
+        add_range(&mut v, 55, 100);
+        assert_eq!(v, vec![r(0, 155)]);
+        add_range(&mut v, 0, 0);
+        assert_eq!(v, vec![r(0, 155)]);
+        add_range(&mut v, u64::MAX - 1, 10);
+        assert_eq!(v.last(), Some(&r(u64::MAX - 1, 1)));
+    }
+
+    #[test]
+    fn scattered_reads_collapse_to_a_bounded_hull() {
+        let mut v = Vec::new();
+        for i in 0..(MAX_RANGES_PER_FILE as u64 + 1) {
+            add_range(&mut v, i * 100, 10);
+        }
+        assert_eq!(v, vec![r(0, MAX_RANGES_PER_FILE as u64 * 100 + 10)]);
+    }
+
+    #[test]
+    fn records_within_the_window_only_and_bounded() {
+        let rec = TraceRecorder::new(Duration::from_secs(60), 2);
+        rec.record("sha256:a", "etc/passwd", 0, 10);
+        assert_eq!(
+            rec.snapshot().files(),
+            0,
+            "nothing starts: nothing recorded"
+        );
+        rec.started();
+        rec.record("sha256:a", "etc/passwd", 0, 10);
+        rec.record("sha256:a", "etc/passwd", 10, 10);
+        rec.record("sha256:b", "bin/sh", 4096, 4096);
+        rec.record("sha256:b", "bin/true", 0, 1); // over max_files
+        rec.record("sha256:b", "bin/sh", 0, 4096); // known file: still merged
+        let t = rec.snapshot();
+        assert_eq!(t.files(), 2);
+        assert_eq!(t.layers[0].files[0].ranges, vec![r(0, 20)]);
+        assert_eq!(t.layers[1].files[0].ranges, vec![r(0, 8192)]);
+        let back = StartupTrace::from_json(&serde_json::to_vec(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
+
+        let closed = TraceRecorder::new(Duration::ZERO, 10);
+        closed.started();
+        std::thread::sleep(Duration::from_millis(5));
+        closed.record("sha256:a", "x", 0, 1);
+        assert_eq!(closed.snapshot().files(), 0, "window over");
+    }
+
+    #[test]
+    fn bad_traces_are_refused() {
+        assert!(matches!(
+            StartupTrace::from_json(br#"{"version":9,"layers":[]}"#),
+            Err(TraceError::Version(9))
+        ));
+        assert!(matches!(
+            StartupTrace::from_json(b"{"),
+            Err(TraceError::Json(_))
+        ));
+    }
+
+    fn layer(files: &[(&str, usize)]) -> LayerIndex {
+        let mut b = tar::Builder::new(Vec::new());
+        for (p, n) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(*n as u64);
+            b.append_data(&mut h, p, vec![7u8; *n].as_slice()).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        crate::indexer::index_layer(
+            tar.as_slice(),
+            crate::index::Compression::None,
+            &crate::indexer::IndexOptions { span_size: 4096 },
+        )
+        .unwrap()
+        .index
+    }
+
+    #[test]
+    fn a_trace_plans_the_spans_read_in_first_read_order() {
+        let l0 = layer(&[("usr/lib/big", 64 * 1024), ("etc/conf", 100)]);
+        let l1 = layer(&[("app/main", 5000)]);
+        let digests = vec!["sha256:l0".to_string(), "sha256:l1".to_string()];
+        let file = |path: &str, first_ms, ranges| TracedFile {
+            path: path.into(),
+            first_ms,
+            ranges,
+        };
+        let trace = StartupTrace {
+            version: TRACE_VERSION,
+            layers: vec![
+                LayerTrace {
+                    digest: "sha256:l0".into(),
+                    files: vec![
+                        // One page in the middle of a 64 KiB file.
+                        file("usr/lib/big", 20, vec![r(32 * 1024, 100)]),
+                        file("etc/conf", 30, vec![r(0, 1000)]), // clipped to 100
+                        file("etc/gone", 40, vec![r(0, 1)]),
+                    ],
+                },
+                LayerTrace {
+                    digest: "sha256:l1".into(),
+                    files: vec![file("app/main", 10, vec![r(0, 5000)])],
+                },
+                LayerTrace {
+                    digest: "sha256:other-image".into(),
+                    files: vec![file("x", 0, vec![r(0, 1)])],
+                },
+            ],
+        };
+        let a = analysis_from_trace(&trace, &digests, &[Some(&l0), Some(&l1)]);
+        let got: Vec<(&str, usize)> = a.files.iter().map(|f| (f.path.as_str(), f.layer)).collect();
+        assert_eq!(
+            got,
+            vec![("/app/main", 1), ("/usr/lib/big", 0), ("/etc/conf", 0)]
+        );
+        assert_eq!(a.files[2].ranges, vec![r(0, 100)]);
+        assert_eq!(a.notes.len(), 1, "{:?}", a.notes);
+
+        let plan = super::super::build_plan(
+            &a,
+            &[Some(&l0), Some(&l1)],
+            &super::super::PlanOptions {
+                profile: "startup-local-v1".into(),
+                version: 1,
+                budget: u64::MAX,
+            },
+        );
+        let big = plan
+            .entries
+            .iter()
+            .find(|e| e.path == "/usr/lib/big")
+            .unwrap();
+        let entry = l0.find("usr/lib/big").unwrap();
+        assert_eq!(
+            big.spans,
+            vec![l0.span_for(entry.offset + 32 * 1024) as u32],
+            "only the span holding the page read"
+        );
+        assert_eq!(plan.entries[0].path, "/app/main");
+        assert_eq!(plan.entries[0].reason, "recorded");
+    }
+}
