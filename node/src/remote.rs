@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use talaria_artifact::artifact::{self, ArtifactError, ArtifactInfo};
-use talaria_artifact::index::LayerIndex;
+use talaria_artifact::index::{EntryKind, LayerIndex};
 use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::startup::TraceRecorder;
 use talaria_artifact::store::{RegistryStore, Store};
@@ -37,7 +37,7 @@ use crate::prefetch::{FetchOptions, Fetcher, SharedLayer};
 use crate::sched::{LinkScheduler, SchedOptions};
 use crate::snapshotter::{
     CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, CRI_MANIFEST_DIGEST_LABEL, HookOutcome,
-    PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL,
+    PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL, Usage,
 };
 use crate::store::Kind;
 
@@ -610,6 +610,19 @@ impl RemoteLayers {
         write(INDEX_FILE, &raw)
             .and_then(|()| write(RECORD_FILE, &json))
             .map_err(undo)?;
+        // What the layer holds, as its unpacked copy would count it.
+        let usage = Usage {
+            size: i64::try_from(
+                index
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == EntryKind::File)
+                    .map(|e| e.size)
+                    .fold(0u64, u64::saturating_add),
+            )
+            .unwrap_or(i64::MAX),
+            inodes: i64::try_from(index.entries.len()).unwrap_or(i64::MAX),
+        };
         self.mount(id, &fs_dir, index, &rec).map_err(undo)?;
         if let Some(job) = self.fetcher.existing_job(&rec.manifest_digest) {
             job.mounted(id);
@@ -617,7 +630,7 @@ impl RemoteLayers {
         // Committed under the target with its label: containerd's metadata finds it by both.
         let mut commit_labels = labels.clone();
         commit_labels.insert(TARGET_SNAPSHOT_REF_LABEL.to_string(), target.to_string());
-        if let Err(e) = sn.commit(target, key, commit_labels) {
+        if let Err(e) = sn.commit_known(target, key, commit_labels, usage) {
             // The commit failed, so the active snapshot is still ours to remove.
             self.removing(id, &fs_dir);
             return Err(undo(snap_err(e)));
@@ -703,8 +716,23 @@ impl PrepareHook for RemoteLayers {
     }
 
     fn removing(&self, id: u64, _fs_dir: &Path) {
-        let m = self.mounts.lock().ok().and_then(|mut m| m.remove(&id));
+        let (m, still_mounted) = match self.mounts.lock() {
+            Ok(mut all) => {
+                let m = all.remove(&id);
+                let still = m
+                    .as_ref()
+                    .is_some_and(|m| all.values().any(|o| o._layer.layer == m._layer.layer));
+                (m, still)
+            }
+            Err(_) => (None, true),
+        };
         if let Some(m) = m {
+            // The layer is gone from this node: so is what its starts read.
+            if let Some(r) = &self.opts.recorder
+                && !still_mounted
+            {
+                r.forget(&m._layer.layer);
+            }
             self.metrics.remote_mounts.dec();
             self.fetcher.unmounted(&m.manifest, id);
             detach(m);
