@@ -22,7 +22,7 @@ use crate::artifact::{
     STARTUP_PLAN_MEDIA_TYPE, StartupPlan,
 };
 use crate::index::{Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex};
-use crate::indexer::{IndexOptions, index_layer};
+use crate::indexer::{HotRegions, IndexOptions, index_layer_hot};
 use crate::reader::{LayerReader, MemorySpanCache, SpanCache};
 use crate::startup::{self, ImageConfig, LayerFiles, PlanOptions, StartupTrace};
 use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
@@ -68,8 +68,22 @@ pub struct BuildOptions {
     /// Plan the reads of a recorded start instead of the analyzer's prediction (profiles
     /// with a plan only). The artifact is built even when one exists for the key: it
     /// replaces the predicted plan, so stamp it `created` to make it the newest.
-    pub startup_trace: Option<Arc<StartupTrace>>,
+    pub recorded: Option<Arc<Recorded>>,
 }
+
+/// A recorded start to build the plan (and finer spans) from.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub trace: StartupTrace,
+    /// Span size where the start read (see [`HotRegions`]); 0 or ≥ the knob's span size
+    /// keeps spans uniform. Needs an earlier artifact's index of the layer (the default
+    /// one) for the files' offsets; layers without one keep uniform spans.
+    pub hot_span_size: u64,
+}
+
+/// Span size in recorded startup regions: a read there fetches at most this much more
+/// than it needs, at one 32 KiB (compressed) window per span in the index.
+pub const DEFAULT_HOT_SPAN_SIZE: u64 = 256 << 10;
 
 impl Default for BuildOptions {
     fn default() -> Self {
@@ -79,7 +93,7 @@ impl Default for BuildOptions {
             knobs: Knobs::default(),
             parallelism: 2,
             created: None,
-            startup_trace: None,
+            recorded: None,
         }
     }
 }
@@ -171,7 +185,7 @@ pub async fn build(
     let subject = raw.descriptor();
     let key = artifact::acceleration_key(opts.profile, &opts.knobs);
 
-    let replacing = opts.startup_trace.is_some() && opts.profile.has_plan();
+    let replacing = opts.recorded.is_some() && opts.profile.has_plan();
     if !replacing
         && let Some(existing) =
             artifact::find_by_key(target.as_ref(), &subject.digest, &key).await?
@@ -196,6 +210,19 @@ pub async fn build(
             }
         },
     );
+    let mut hot = match &opts.recorded {
+        Some(rec) if replacing => {
+            hot_regions(
+                target.as_ref(),
+                rec,
+                &reusable,
+                &opts.knobs,
+                &manifest.layers,
+            )
+            .await
+        }
+        _ => HashMap::new(),
+    };
     let layers = manifest.layers.clone();
     let results: Vec<Result<IndexedOne, BuildError>> = futures::stream::iter(layers)
         .map(|layer| {
@@ -203,11 +230,15 @@ pub async fn build(
             let target = target.clone();
             let knobs = opts.knobs.clone();
             let reusable = reusable.clone();
+            let hot = hot.remove(&layer.digest);
             async move {
-                if let Some(found) = reuse_index(target.as_ref(), &layer, &knobs, &reusable).await {
+                if hot.is_none()
+                    && let Some(found) =
+                        reuse_index(target.as_ref(), &layer, &knobs, &reusable).await
+                {
                     return Ok(found);
                 }
-                index_one(image_store, target, layer, &knobs).await
+                index_one(image_store, target, layer, &knobs, hot).await
             }
         })
         .buffered(opts.parallelism.max(1))
@@ -322,7 +353,7 @@ async fn startup_plan(
         version: opts.profile.version(),
         budget: opts.knobs.prefetch_budget,
     };
-    if let Some(trace) = &opts.startup_trace {
+    if let Some(trace) = opts.recorded.as_ref().map(|r| &r.trace) {
         let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
         let analysis = startup::analysis_from_trace(trace, &digests, &refs);
         info!(
@@ -457,11 +488,58 @@ async fn reuse_index(
     Some((summary, Some(Arc::new(idx))))
 }
 
+/// Per layer digest, the regions a recorded start read, in offsets of the layer's
+/// uncompressed stream (from an earlier artifact's index of the layer, any span size).
+async fn hot_regions(
+    target: &dyn Store,
+    rec: &Recorded,
+    reusable: &HashMap<String, Descriptor>,
+    knobs: &Knobs,
+    layers: &[Descriptor],
+) -> HashMap<String, HotRegions> {
+    let mut out = HashMap::new();
+    if rec.hot_span_size == 0 || rec.hot_span_size >= knobs.span_size {
+        return out;
+    }
+    for lt in &rec.trace.layers {
+        if lt.files.is_empty() || !layers.iter().any(|l| l.digest == lt.digest) {
+            continue;
+        }
+        let Some(d) = reusable.get(&lt.digest) else {
+            info!(layer = %lt.digest, "no earlier index of the layer: its spans stay uniform");
+            continue;
+        };
+        let ix = match artifact::load_index(target, d).await {
+            Ok(ix) if ix.compressed_digest_string() == lt.digest => ix,
+            Ok(_) => continue,
+            Err(e) => {
+                warn!(layer = %lt.digest, index = %d.digest, error = %e, "earlier index unusable: spans stay uniform");
+                continue;
+            }
+        };
+        let ranges = lt.files.iter().flat_map(|f| {
+            let entry = ix.find(&f.path).filter(|e| e.kind == EntryKind::File);
+            f.ranges.iter().filter_map(move |r| {
+                let e = entry?;
+                let end = r.offset.saturating_add(r.len).min(e.size);
+                (r.offset < end).then(|| (e.offset + r.offset, e.offset + end))
+            })
+        });
+        let h = HotRegions::new(ranges, rec.hot_span_size);
+        if !h.is_empty() {
+            info!(layer = %lt.digest, hot_bytes = h.bytes(), span = rec.hot_span_size, "finer spans where the recorded start read");
+            out.insert(lt.digest.clone(), h);
+        }
+    }
+    out
+}
+
 async fn index_one(
     image_store: Arc<dyn Store>,
     target: Arc<dyn Store>,
     layer: Descriptor,
     knobs: &Knobs,
+    hot: Option<HotRegions>,
 ) -> Result<IndexedOne, BuildError> {
     let t0 = Instant::now();
     let skip = |why: String| {
@@ -518,13 +596,14 @@ async fn index_one(
     };
     let ld = layer.digest.clone();
     let out = tokio::task::spawn_blocking(move || {
-        index_layer(
+        index_layer_hot(
             ChannelReader {
                 rx,
                 cur: Bytes::new(),
             },
             compression,
             &opts,
+            &hot.unwrap_or_default(),
         )
     })
     .await;
@@ -690,6 +769,7 @@ fn resolve_link(
 mod tests {
     use super::*;
     use crate::indexer::IndexOptions;
+    use crate::indexer::index_layer;
 
     enum T<'a> {
         Dir(&'a str),

@@ -79,11 +79,96 @@ pub enum IndexError {
     Pipeline(String),
 }
 
+/// Uncompressed regions of a layer that a start reads (from a recorded trace), where spans
+/// are made finer: a read there fetches and verifies a small span instead of a whole one.
+/// Elsewhere spans keep the index's span size, so the index (one 32 KiB window per span)
+/// grows only where startup reads are.
+#[derive(Clone, Debug, Default)]
+pub struct HotRegions {
+    /// Sorted, disjoint `[start, end)`.
+    ranges: Vec<(u64, u64)>,
+    span_size: u64,
+}
+
+/// How far before a hot region fine spans begin (at least).
+const HOT_LEAD: u64 = 128 << 10;
+
+/// Most hot regions kept; past it the closest neighbours merge.
+pub const MAX_HOT_REGIONS: usize = 100_000;
+
+impl HotRegions {
+    /// Regions `[start, end)` (any order, overlaps allowed) with spans of `span_size` there.
+    pub fn new(ranges: impl IntoIterator<Item = (u64, u64)>, span_size: u64) -> HotRegions {
+        // A checkpoint lands on the first deflate block boundary past its target, so the
+        // span before a region overshoots into it by up to a block (often ~100 KiB): regions
+        // start early by that much, so their first bytes fall in a fine span.
+        let lead = span_size.max(HOT_LEAD);
+        let mut v: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .filter(|(s, e)| s < e)
+            .map(|(s, e)| (s.saturating_sub(lead), e))
+            .collect();
+        v.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (s, e) in v {
+            match merged.last_mut() {
+                // Regions closer than a fine span share it anyway.
+                Some(last) if s <= last.1.saturating_add(span_size) => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        if merged.len() > MAX_HOT_REGIONS {
+            // Bounded: one region per chunk of neighbours.
+            let per = merged.len().div_ceil(MAX_HOT_REGIONS);
+            merged = merged
+                .chunks(per)
+                .map(|c| (c[0].0, c.iter().map(|r| r.1).max().unwrap_or(c[0].1)))
+                .collect();
+        }
+        HotRegions {
+            ranges: merged,
+            span_size: span_size.clamp(MIN_SPAN_SIZE, MAX_SPAN_SIZE),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Bytes inside the regions (with their lead-in).
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The span length to aim for from uncompressed offset `pos`: fine inside a region,
+    /// otherwise up to the next region's start (so a span ends where the region begins),
+    /// never more than `coarse`.
+    fn target(&self, pos: u64, coarse: u64) -> u64 {
+        let fine = self.span_size.min(coarse);
+        let i = self.ranges.partition_point(|r| r.1 <= pos);
+        match self.ranges.get(i) {
+            Some(&(s, _)) if s <= pos => fine,
+            Some(&(s, _)) => (s - pos).clamp(fine, coarse),
+            None => coarse,
+        }
+    }
+}
+
 /// Indexes a layer blob read from `input` (read once, sequentially, to its end).
 pub fn index_layer<R: Read>(
     input: R,
     compression: Compression,
     opts: &IndexOptions,
+) -> Result<IndexOutput, IndexError> {
+    index_layer_hot(input, compression, opts, &HotRegions::default())
+}
+
+/// [`index_layer`] with finer spans in `hot` regions.
+pub fn index_layer_hot<R: Read>(
+    input: R,
+    compression: Compression,
+    opts: &IndexOptions,
+    hot: &HotRegions,
 ) -> Result<IndexOutput, IndexError> {
     let span_size = opts.span_size;
     if !(MIN_SPAN_SIZE..=MAX_SPAN_SIZE).contains(&span_size) {
@@ -121,6 +206,7 @@ pub fn index_layer<R: Read>(
             tx,
             free: free_rx,
             span_size,
+            hot,
         };
         let produced = match compression {
             Compression::Gzip => p.gzip(input),
@@ -199,10 +285,11 @@ impl From<IndexError> for Stop {
     }
 }
 
-struct Producer {
+struct Producer<'h> {
     tx: SyncSender<Msg>,
     free: Receiver<Vec<u8>>,
     span_size: u64,
+    hot: &'h HotRegions,
 }
 
 fn read_some<R: Read>(input: &mut R, buf: &mut [u8]) -> Result<usize, IndexError> {
@@ -215,7 +302,7 @@ fn read_some<R: Read>(input: &mut R, buf: &mut [u8]) -> Result<usize, IndexError
     }
 }
 
-impl Producer {
+impl Producer<'_> {
     fn send(&self, m: Msg) -> Result<(), Stop> {
         self.tx.send(m).map_err(|_| Stop::Disconnected)
     }
@@ -231,9 +318,10 @@ impl Producer {
         let mut pos = 0u64;
         let mut since = 0u64;
         let mut span_open = false;
+        let mut target = self.hot.target(0, self.span_size);
         loop {
             let mut buf = self.buffer()?;
-            let limit = (OUT_BUF as u64).min(self.span_size - since) as usize;
+            let limit = (OUT_BUF as u64).min(target - since) as usize;
             let n = read_some(&mut input, &mut buf[..limit])?;
             if n == 0 {
                 break;
@@ -256,8 +344,9 @@ impl Producer {
             self.send(Msg::Data(buf))?;
             pos += n as u64;
             since += n as u64;
-            if since == self.span_size {
+            if since == target {
                 since = 0;
+                target = self.hot.target(pos, self.span_size);
             }
         }
         if span_open {
@@ -289,6 +378,9 @@ impl Producer {
         let mut member_out = 0u64;
         let mut want_cp = true;
         let mut since = 0u64;
+        // Uncompressed offset (across members), and the length the open span aims at.
+        let mut upos = 0u64;
+        let mut target = self.span_size;
         let mut span_open = false;
         let mut window = Vec::new();
         loop {
@@ -335,7 +427,10 @@ impl Producer {
             let (limit, flush) = if want_cp {
                 (room, Flush::Block)
             } else {
-                (room.min((self.span_size - since) as usize), Flush::None)
+                (
+                    room.min(usize::try_from(target.saturating_sub(since)).unwrap_or(room)),
+                    Flush::None,
+                )
             };
             let step = inf
                 .inflate(
@@ -354,6 +449,7 @@ impl Producer {
             pos += step.consumed as u64;
             out_len += step.produced;
             since += step.produced as u64;
+            upos += step.produced as u64;
             member_out += step.produced as u64;
             let mut checkpointed = false;
             if step.status == Status::StreamEnd {
@@ -388,9 +484,10 @@ impl Producer {
                 })?;
                 span_open = true;
                 since = 0;
+                target = self.hot.target(upos, self.span_size);
                 want_cp = false;
                 checkpointed = true;
-            } else if !want_cp && since >= self.span_size {
+            } else if !want_cp && since >= target {
                 want_cp = true;
             }
             if out_len == out.len() {

@@ -25,7 +25,7 @@ fn opts(profile: Profile) -> BuildOptions {
         },
         parallelism: 2,
         created: None,
-        startup_trace: None,
+        recorded: None,
     }
 }
 

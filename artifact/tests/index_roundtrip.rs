@@ -208,3 +208,82 @@ fn concurrent_reads_fetch_each_span_once() {
     });
     assert_eq!(r.stats().spans_fetched, spans);
 }
+
+/// Hot regions (what a recorded start read) get fine spans; elsewhere spans stay coarse, and
+/// the index still tiles the stream and reads back, gzip and plain alike.
+#[test]
+fn hot_regions_get_fine_spans_and_the_rest_stays_coarse() {
+    use talaria_artifact::indexer::{HotRegions, IndexOptions, index_layer_hot};
+    const COARSE: u64 = 1 << 20;
+    const FINE: u64 = 64 << 10;
+    let tar_bytes = real_tar();
+    let plain = index(&tar_bytes, Compression::None, COARSE).index;
+    let libc = plain
+        .find("usr/lib/x86_64-linux-gnu/libc.so.6")
+        .expect("libc in the tar")
+        .clone();
+    // Two pieces of libc read at startup.
+    let hot_a = (libc.offset + 4096, libc.offset + 300_000);
+    let hot_b = (libc.offset + 1_200_000, libc.offset + 1_250_000);
+    let hot = HotRegions::new([hot_b, hot_a], FINE);
+    // Each region starts 128 KiB early (a checkpoint overshoots its target by a block).
+    assert_eq!(
+        hot.bytes(),
+        (hot_a.1 - hot_a.0) + (hot_b.1 - hot_b.0) + 2 * (128 << 10)
+    );
+    let gz = gzip_cmd(&tar_bytes);
+    for (blob, c) in [(&gz, Compression::Gzip), (&tar_bytes, Compression::None)] {
+        let ix = index_layer_hot(
+            blob.as_slice(),
+            c,
+            &IndexOptions { span_size: COARSE },
+            &hot,
+        )
+        .expect("index")
+        .index;
+        assert_eq!(ix.span_size, COARSE);
+        let coarse = index(blob, c, COARSE).index;
+        assert!(
+            ix.spans.len() > coarse.spans.len(),
+            "{c:?}: fine spans added ({} vs {})",
+            ix.spans.len(),
+            coarse.spans.len()
+        );
+        // A span starting inside a hot region is fine, give or take a deflate block (a
+        // checkpoint needs a block boundary; gzip -6 blocks of libc hold ~90-150 KB).
+        for s in &ix.spans {
+            let start = s.uncompressed_offset;
+            if [hot_a, hot_b].iter().any(|h| start >= h.0 && start < h.1) {
+                assert!(
+                    s.uncompressed_size <= 4 * FINE,
+                    "{c:?}: span at {start} in a hot region is {} bytes",
+                    s.uncompressed_size
+                );
+            }
+        }
+        // The bytes of a hot region are covered by few spans, far from the coarse size.
+        let (first, last) = (ix.span_for(hot_b.0), ix.span_for(hot_b.1 - 1));
+        let covered: u64 = ix.spans[first..=last]
+            .iter()
+            .map(|s| s.uncompressed_size)
+            .sum();
+        assert!(
+            covered < COARSE / 2,
+            "{c:?}: hot region b of 50 KB costs {covered} bytes of spans"
+        );
+        // Spans tile the stream; the encoding round-trips; libc reads back whole.
+        let mut off = 0;
+        for s in &ix.spans {
+            assert_eq!(s.uncompressed_offset, off);
+            off += s.uncompressed_size;
+        }
+        assert_eq!(off, tar_bytes.len() as u64);
+        let dec = LayerIndex::decode(&ix.encode()).expect("decode");
+        assert_eq!(dec, ix);
+        let r = reader(dec, blob);
+        let e = r.index().find(&libc.path).expect("libc").clone();
+        let got = block_on(r.read_file(&e, 0, e.size)).expect("read libc");
+        let want = &tar_bytes[libc.offset as usize..(libc.offset + libc.size) as usize];
+        assert!(got[..] == want[..], "{c:?}: libc reads back");
+    }
+}

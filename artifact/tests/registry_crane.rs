@@ -44,7 +44,7 @@ async fn crane_pushed_image_and_crane_readable_artifact() {
         knobs: Knobs::default(),
         parallelism: 2,
         created: Some("2026-01-01T00:00:00Z".into()),
-        startup_trace: None,
+        recorded: None,
     };
     let s = build::build(opened.store.clone(), "v1", None, &opts)
         .await

@@ -28,7 +28,7 @@ fn opts() -> BuildOptions {
         },
         parallelism: 2,
         created: None,
-        startup_trace: None,
+        recorded: None,
     }
 }
 

@@ -9,7 +9,7 @@ use clap::ValueEnum;
 use serde_json::json;
 use talaria_artifact::artifact::{Knobs, Profile};
 use talaria_artifact::auth::Credentials;
-use talaria_artifact::build::{self, BuildError, BuildOptions};
+use talaria_artifact::build::{self, BuildError, BuildOptions, Recorded};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig};
 use talaria_artifact::startup::StartupTrace;
 use talaria_artifact::store::oci::Platform;
@@ -181,7 +181,7 @@ fn read_trace(path: &std::path::Path) -> anyhow::Result<StartupTrace> {
 }
 
 pub async fn build(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
-    let startup_trace = match &args.startup_trace {
+    let recorded = match &args.startup_trace {
         Some(p) => {
             if args.profile == ProfileArg::Default {
                 return Err(anyhow::anyhow!(
@@ -189,7 +189,10 @@ pub async fn build(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
                 )
                 .into());
             }
-            Some(Arc::new(read_trace(p)?))
+            Some(Arc::new(Recorded {
+                trace: read_trace(p)?,
+                hot_span_size: args.hot_span_size,
+            }))
         }
         None => None,
     };
@@ -207,7 +210,7 @@ pub async fn build(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
         },
         parallelism: args.parallelism as usize,
         created: Some(now_rfc3339()),
-        startup_trace,
+        recorded,
     };
     let pb = spinner(format!("indexing the layers of {}", args.image));
     let artifact_store = g.artifact_repo.as_ref().map(|_| stores.artifacts.clone());

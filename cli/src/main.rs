@@ -102,6 +102,10 @@ pub struct BuildArgs {
     /// `/startup-trace` (JSON). The artifact replaces an existing one of the same key.
     #[arg(long, value_name = "FILE")]
     pub startup_trace: Option<std::path::PathBuf>,
+    /// With --startup-trace: span size where the start read (finer spans there, uniform
+    /// elsewhere); 0 keeps spans uniform.
+    #[arg(long, default_value_t = talaria_artifact::build::DEFAULT_HOT_SPAN_SIZE)]
+    pub hot_span_size: u64,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

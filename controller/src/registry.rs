@@ -346,7 +346,7 @@ impl RegistryBuilder {
             knobs: knobs(&req.knobs),
             parallelism: self.parallelism,
             created: None,
-            startup_trace: None,
+            recorded: None,
         };
         let s = build(image_store, &req.digest, target, &opts)
             .await

@@ -151,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Credentials of CRI pulls (memory only, bounded), asked before the docker config.
     let learned = Arc::new(LearnedCredentials::new(4096, args.pull_credential_ttl));
-    // Bounded: 50,000 files of at most 256 ranges each.
+    // Bounded: 50,000 files, 1 Mi ranges (16 MiB) in all.
     let recorder = (!args.no_remote && !args.record_startup_window.is_zero()).then(|| {
         Arc::new(talaria_artifact::startup::TraceRecorder::new(
             args.record_startup_window,

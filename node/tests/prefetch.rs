@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Node, connect, http_get, metric, mount_at};
 use talaria_artifact::artifact::{Profile, StartupPlan};
-use talaria_artifact::build::{BuildOptions, build};
+use talaria_artifact::build::{BuildOptions, Recorded, build};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::startup::StartupTrace;
 use talaria_artifact::store::{RegistryStore, Store};
@@ -87,7 +87,13 @@ async fn build_artifact_with(
     let store = store_of(registry, repo);
     let mut opts = BuildOptions {
         profile,
-        startup_trace: trace.map(Arc::new),
+        // Finer spans (32 KiB) where the recorded start read.
+        recorded: trace.map(|trace| {
+            Arc::new(Recorded {
+                trace,
+                hot_span_size: 32 << 10,
+            })
+        }),
         ..BuildOptions::default()
     };
     // Small spans: files span several, and merging adjacent ones matters.
@@ -508,8 +514,8 @@ async fn a_recorded_start_becomes_a_plan_of_the_pages_read_in_read_order() {
     assert!(run < unused, "plan order is read order: {plan:?}");
     let spans = &plan.entries[run].spans;
     assert!(
-        !spans.is_empty() && spans.len() <= 3,
-        "a page's spans (256 KiB each), not the script's 12+: {spans:?}"
+        !spans.is_empty() && spans.len() <= 8,
+        "a page's (and readahead's) spans of 32 KiB, not the script's 12+ of 256 KiB: {spans:?}"
     );
     assert!(plan.entries.iter().all(|e| e.reason == "recorded"));
 

@@ -114,7 +114,13 @@ struct Recorded {
     /// layer digest → path → (first read, ranges).
     layers: HashMap<String, HashMap<String, (u64, Vec<ByteRange>)>>,
     files: usize,
+    /// Ranges held, all files together.
+    ranges: usize,
 }
+
+/// Ranges a recorder holds, all files together (16 bytes each); past it a file read again
+/// keeps only its hull.
+pub const MAX_RECORDED_RANGES: usize = 1 << 20;
 
 /// Records the reads of lazily mounted files that happen within a window after a container
 /// starts preparing (a Prepare of an image's layers), bounded in files. Cheap outside the
@@ -175,9 +181,24 @@ impl TraceRecorder {
             return;
         };
         let full = g.files >= self.max_files;
-        let Recorded { layers, files } = &mut *g;
+        let Recorded {
+            layers,
+            files,
+            ranges: held,
+        } = &mut *g;
         if let Some(f) = layers.get_mut(layer).and_then(|l| l.get_mut(path)) {
+            let before = f.1.len();
             add_range(&mut f.1, offset, len);
+            if *held - before + f.1.len() > MAX_RECORDED_RANGES {
+                // Bounded memory over fidelity: this file's reads become one range.
+                let lo = f.1.first().map_or(0, |r| r.offset);
+                let hi = f.1.last().map_or(0, |r| r.offset.saturating_add(r.len));
+                f.1 = vec![ByteRange {
+                    offset: lo,
+                    len: hi - lo,
+                }];
+            }
+            *held = *held - before + f.1.len();
             return;
         }
         if full {
@@ -190,6 +211,17 @@ impl TraceRecorder {
             .or_default()
             .insert(path.to_string(), (now, ranges));
         *files += 1;
+        *held += 1;
+    }
+
+    /// Drops what was recorded of `layer` (removed from the node).
+    pub fn forget(&self, layer: &str) {
+        if let Ok(mut g) = self.inner.lock()
+            && let Some(files) = g.layers.remove(layer)
+        {
+            g.files -= files.len();
+            g.ranges -= files.values().map(|f| f.1.len()).sum::<usize>();
+        }
     }
 
     /// Everything recorded so far, files in first-access order.
@@ -364,10 +396,16 @@ mod tests {
         rec.record("sha256:b", "bin/sh", 0, 4096); // known file: still merged
         let t = rec.snapshot();
         assert_eq!(t.files(), 2);
+        rec.forget("sha256:zzz");
+        assert_eq!(rec.snapshot(), t, "an unknown layer changes nothing");
         assert_eq!(t.layers[0].files[0].ranges, vec![r(0, 20)]);
         assert_eq!(t.layers[1].files[0].ranges, vec![r(0, 8192)]);
         let back = StartupTrace::from_json(&serde_json::to_vec(&t).unwrap()).unwrap();
         assert_eq!(back, t);
+        rec.forget("sha256:a");
+        assert_eq!(rec.snapshot().files(), 1);
+        rec.record("sha256:c", "bin/ls", 0, 1); // room again
+        assert_eq!(rec.snapshot().files(), 2);
 
         let closed = TraceRecorder::new(Duration::ZERO, 10);
         closed.started();
