@@ -208,3 +208,91 @@ fn build_inspect_cat_on_a_registry() {
     );
     assert_eq!(talaria(&["bogus"]).status.code(), Some(2));
 }
+
+/// `build --startup-trace`: the plan holds the recorded files in read order (only the span
+/// of the part read of a big file), and the new artifact replaces the predicted one.
+#[test]
+fn build_with_a_startup_trace_plans_what_was_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("image");
+    demo_layout(&dir);
+    let image = format!("oci:{}", dir.display());
+    ok(&["build", "--profile", "default", &image]);
+    let predicted = json(&["build", &image]);
+    let layers: Vec<String> = predicted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    // busybox (≥ 1 MB) read in one page at 512 KiB, then /etc/passwd: as a node records them.
+    let trace = serde_json::json!({
+        "version": 1,
+        "layers": [{
+            "digest": layers[0],
+            "files": [
+                {"path": "etc/passwd", "first_ms": 20, "ranges": [{"offset": 0, "len": 4096}]},
+                {"path": "bin/busybox", "first_ms": 10, "ranges": [{"offset": 524288, "len": 4096}]},
+                {"path": "etc/not-there", "first_ms": 30, "ranges": [{"offset": 0, "len": 1}]}
+            ]
+        }]
+    });
+    let trace_file = tmp.path().join("trace.json");
+    std::fs::write(&trace_file, serde_json::to_vec(&trace).unwrap()).unwrap();
+    let trace_arg = trace_file.to_str().unwrap();
+    // Fine spans (64 KiB) where the start read, the knob's 4 MiB elsewhere.
+    let built = json(&[
+        "build",
+        "--startup-trace",
+        trace_arg,
+        "--hot-span-size",
+        "65536",
+        &image,
+    ]);
+    assert_eq!(built["adopted"], false, "a trace builds, never adopts");
+    let spans = |b: &serde_json::Value, i: usize| b["layers"][i]["spans"].as_u64().unwrap();
+    assert!(
+        spans(&built, 0) > spans(&predicted, 0),
+        "layer 0 got finer spans where busybox was read ({} vs {})",
+        spans(&built, 0),
+        spans(&predicted, 0)
+    );
+    assert_eq!(
+        spans(&built, 1),
+        spans(&predicted, 1),
+        "layer 1 was not read: same spans"
+    );
+
+    let after = json(&["inspect", &image]);
+    assert_eq!(
+        after["nodeWouldUse"], built["artifact"]["digest"],
+        "the recorded artifact is the one a node uses"
+    );
+    let entries = after["plan"]["entries"].as_array().unwrap();
+    let paths: Vec<&str> = entries
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/bin/busybox", "/etc/passwd"],
+        "read order, known files"
+    );
+    assert!(entries.iter().all(|e| e["reason"] == "recorded"));
+    let spans = entries[0]["spans"].as_array().unwrap();
+    assert!(
+        spans.len() == 1 || spans.len() == 2,
+        "the page read of busybox is one fine span (two at a boundary): {spans:?}"
+    );
+
+    // A trace that is not one is refused, with the file named.
+    std::fs::write(&trace_file, b"{\"version\": 7, \"layers\": []}").unwrap();
+    let out = talaria(&["build", "--startup-trace", trace_arg, &image]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("trace.json") && err.contains("version 7"),
+        "{err}"
+    );
+    check_files(&image);
+}
