@@ -263,6 +263,8 @@ pub enum TraceError {
     Version(u32),
     #[error("startup trace has {0} files, more than {MAX_TRACE_FILES}")]
     TooLarge(usize),
+    #[error("startup trace: {0} has {1} ranges, more than {MAX_RANGES_PER_FILE}")]
+    TooManyRanges(String, usize),
     #[error("startup trace is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -276,6 +278,15 @@ impl StartupTrace {
         }
         if t.files() > MAX_TRACE_FILES {
             return Err(TraceError::TooLarge(t.files()));
+        }
+        // A recorder never writes more; planning cost stays linear in the trace.
+        if let Some(f) = t
+            .layers
+            .iter()
+            .flat_map(|l| &l.files)
+            .find(|f| f.ranges.len() > MAX_RANGES_PER_FILE)
+        {
+            return Err(TraceError::TooManyRanges(f.path.clone(), f.ranges.len()));
         }
         Ok(t)
     }
@@ -423,6 +434,24 @@ mod tests {
         assert!(matches!(
             StartupTrace::from_json(b"{"),
             Err(TraceError::Json(_))
+        ));
+        let ranges: Vec<ByteRange> = (0..=MAX_RANGES_PER_FILE as u64)
+            .map(|i| r(i * 2, 1))
+            .collect();
+        let many = StartupTrace {
+            version: TRACE_VERSION,
+            layers: vec![LayerTrace {
+                digest: "sha256:a".into(),
+                files: vec![TracedFile {
+                    path: "x".into(),
+                    first_ms: 0,
+                    ranges,
+                }],
+            }],
+        };
+        assert!(matches!(
+            StartupTrace::from_json(&serde_json::to_vec(&many).unwrap()),
+            Err(TraceError::TooManyRanges(p, n)) if p == "x" && n == MAX_RANGES_PER_FILE + 1
         ));
     }
 
