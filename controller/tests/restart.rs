@@ -87,16 +87,7 @@ fn wait_exit(c: &mut Controller, limit: Duration) -> (ExitStatus, Duration) {
 
 /// An image with one layer of incompressible bytes (`seed` makes each image distinct).
 fn push_big_image(reg: &Registry, repo: &str, seed: u64) -> String {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..LAYER_BYTES)
-        .map(|_| {
-            // xorshift64: cheap bytes gzip cannot shrink.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = images::noise(seed, LAYER_BYTES);
     let layer = LayerBuilder::new()
         .dir("bin", 0o755)
         .file("bin/app", data, 0o755)

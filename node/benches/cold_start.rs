@@ -360,25 +360,11 @@ fn metric_sum(text: &str, prefix: &str) -> f64 {
 // ---------------------------------------------------------------------------------------
 // Image, registry, artifacts
 
-/// Deterministic incompressible bytes (xorshift64), distinct per seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x: u64 = (0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9)) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Big layer `i` of `n`: one file of noise; the last also holds the small READY_FILE after it.
 fn big_layer(i: usize, n: usize, mib: usize) -> Result<Layer> {
     let mut b = LayerBuilder::new().dir("data", 0o755).file(
         &format!("data/blob-{i}.bin"),
-        noise(i as u64 + 1, mib << 20),
+        images::noise(i as u64 + 1, mib << 20),
         0o644,
     );
     if i + 1 == n {

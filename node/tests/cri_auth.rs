@@ -38,20 +38,6 @@ const COLD_LEN: usize = 9 << 20;
 const TAIL_SKIP_BLOCKS: u64 = 130; // 130 * 64 KiB = 8.125 MiB into a cold file
 const BLOCK: usize = 64 << 10;
 
-/// Deterministic incompressible bytes (xorshift), distinct per seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn test_image(name: &str, seed: u64) -> Image {
     let base = images::busybox_layer_builder()
         .expect("busybox layer")
@@ -60,8 +46,8 @@ fn test_image(name: &str, seed: u64) -> Image {
         .expect("base layer");
     let data = LayerBuilder::new()
         .file("srv/hot.txt", format!("hot file of {name}\n"), 0o644)
-        .file("srv/cold1.bin", noise(seed, COLD_LEN), 0o644)
-        .file("srv/cold2.bin", noise(seed + 100, COLD_LEN), 0o644)
+        .file("srv/cold1.bin", images::noise(seed, COLD_LEN), 0o644)
+        .file("srv/cold2.bin", images::noise(seed + 100, COLD_LEN), 0o644)
         .build()
         .expect("data layer");
     ImageBuilder::new()
@@ -74,7 +60,7 @@ fn test_image(name: &str, seed: u64) -> Image {
 
 /// `sha256sum` output of the 64 KiB block read by [`tail_read`] from a cold file.
 fn tail_sum(seed: u64) -> String {
-    let data = noise(seed, COLD_LEN);
+    let data = images::noise(seed, COLD_LEN);
     let at = (TAIL_SKIP_BLOCKS as usize) * BLOCK;
     let hex = hex::encode(Sha256::digest(&data[at..at + BLOCK]));
     format!("{hex}  -")
@@ -362,7 +348,7 @@ async fn registry_tokens_refresh_before_expiry_and_reauthenticate_on_401() {
     let mut registry = Registry::start().expect("start registry");
     let host = registry.host();
     let layer = LayerBuilder::new()
-        .file("a.bin", noise(7, 1 << 20), 0o644)
+        .file("a.bin", images::noise(7, 1 << 20), 0o644)
         .build()
         .expect("layer");
     let image = ImageBuilder::new()

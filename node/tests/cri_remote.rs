@@ -199,20 +199,6 @@ fn metric(text: &str, prefix: &str) -> f64 {
 // ---------------------------------------------------------------------------------------
 // Images and artifacts
 
-/// Deterministic incompressible bytes (xorshift), distinct per seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// A tar entry with explicit owner and mode.
 fn entry(
     b: &mut tar::Builder<Vec<u8>>,
@@ -300,7 +286,7 @@ fn rich_layer(seed: u64) -> Layer {
         "srv/big.bin",
         0o644,
         0,
-        &noise(seed, BIG_LEN),
+        &images::noise(seed, BIG_LEN),
     );
     entry(&mut b, T::Directory, "cold/", 0o755, 0, b"");
     entry(
@@ -309,7 +295,7 @@ fn rich_layer(seed: u64) -> Layer {
         "cold/unread.bin",
         0o644,
         0,
-        &noise(seed + 1000, 6 << 20),
+        &images::noise(seed + 1000, 6 << 20),
     );
     let tar = b.into_inner().expect("tar");
     Layer::from_tar(&tar).expect("layer")
@@ -591,7 +577,7 @@ async fn cri_pulls_and_runs_images_with_and_without_artifacts() {
             .expect("start a long-running container (talaria)");
         // A ranged read straddling the first span boundary of the big file's layer bytes
         // (the file starts a few KiB into its layer, so 4 MiB into the file crosses it).
-        let expected = noise(*seed, BIG_LEN);
+        let expected = images::noise(*seed, BIG_LEN);
         let at = SPAN - (256 << 10);
         let got = pread(ours.pid, "srv/big.bin", at, 1 << 20).expect("ranged read across spans");
         let at_us = usize::try_from(at).expect("offset");
@@ -812,7 +798,7 @@ async fn dead_registry_gives_eio_within_the_timeout_and_other_images_keep_runnin
         t.elapsed()
     );
     assert!(
-        data == noise(12 + 1000, 6 << 20),
+        data == images::noise(12 + 1000, 6 << 20),
         "cold/unread.bin read back wrong ({} bytes)",
         data.len()
     );

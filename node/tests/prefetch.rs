@@ -32,13 +32,7 @@ const WAIT: Duration = Duration::from_secs(90);
 /// first layer) part of the plan too.
 fn big_script(len: usize, seed: u64) -> Vec<u8> {
     let mut out = b"#!/bin/sh\nexit 0\n".to_vec();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ seed;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
+    out.extend(images::noise(seed, len.saturating_sub(out.len())));
     out
 }
 

@@ -152,15 +152,7 @@ impl Drop for Paused {
 /// `srv/big.bin` of `rich_layer(seed)`: large enough for several spans of a small span
 /// size, incompressible.
 fn big_content(seed: u64) -> Vec<u8> {
-    let mut big = Vec::with_capacity(3 << 20);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed;
-    while big.len() < 3 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        big.extend_from_slice(&x.to_le_bytes());
-    }
-    big
+    images::noise(seed, 3 << 20)
 }
 
 /// Two layers: busybox plus extras, then a layer with a whiteout, an opaque dir and more.
