@@ -240,6 +240,9 @@ fn build_with_a_startup_trace_plans_what_was_read() {
     let trace_file = tmp.path().join("trace.json");
     std::fs::write(&trace_file, serde_json::to_vec(&trace).unwrap()).unwrap();
     let trace_arg = trace_file.to_str().unwrap();
+    // `created` has whole seconds and the newest wins: a recorded build in the same second
+    // as the predicted one would tie (known limitation, see the closing note).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     // Fine spans (64 KiB) where the start read, the knob's 4 MiB elsewhere.
     let built = json(&[
         "build",
