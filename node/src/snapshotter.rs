@@ -335,12 +335,7 @@ impl Snapshotter {
 
     /// Commits active `key` as `name`, recording its disk usage.
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
-        let snap = self.store.get(key)?;
-        if snap.record.kind != Kind::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key} is not active"
-            )));
-        }
+        let snap = self.active(key)?;
         let fs_dir = self.fs_path(snap.record.id);
         let usage = disk_usage(&fs_dir)?;
         // The unpacker writes without fsync; flush the layer before recording it committed so
@@ -348,17 +343,7 @@ impl Snapshotter {
         fs::File::open(&fs_dir)
             .and_then(|f| nix::unistd::syncfs(&f).map_err(std::io::Error::from))
             .map_err(Error::io(format!("syncfs {}", fs_dir.display())))?;
-        let done = self
-            .store
-            .commit(name, key, labels, usage.size, usage.inodes)?;
-        debug!(
-            name,
-            key,
-            id = done.record.id,
-            size = usage.size,
-            "committed snapshot"
-        );
-        Ok(())
+        self.record_commit(name, key, labels, usage)
     }
 
     /// Commits active `key` as `name` with a usage already known: a lazily mounted layer,
@@ -371,12 +356,28 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
         usage: Usage,
     ) -> Result<()> {
+        self.active(key)?;
+        self.record_commit(name, key, labels, usage)
+    }
+
+    /// Snapshot `key`, which must be active.
+    fn active(&self, key: &str) -> Result<crate::store::Snapshot> {
         let snap = self.store.get(key)?;
         if snap.record.kind != Kind::Active {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key} is not active"
             )));
         }
+        Ok(snap)
+    }
+
+    fn record_commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+    ) -> Result<()> {
         let done = self
             .store
             .commit(name, key, labels, usage.size, usage.inodes)?;
