@@ -24,6 +24,12 @@ pub const ANN_PROFILE_VERSION: &str = "dev.talaria.profile-version";
 pub const ANN_KEY: &str = "dev.talaria.acceleration-key";
 pub const ANN_STARTUP_PATHS: &str = "dev.talaria.startup-paths";
 /// JSON array of the image layer digests the artifact does not index (pulled normally).
+/// `recorded` when the plan was built from a node's trace of a real start rather than
+/// predicted by the analyzer; such a plan wins over a predicted one of the same key
+/// whatever their `created` stamps (which have whole seconds only).
+pub const ANN_PLAN_SOURCE: &str = "dev.talaria.plan-source";
+/// Value of [`ANN_PLAN_SOURCE`] for a recorded plan.
+pub const PLAN_SOURCE_RECORDED: &str = "recorded";
 pub const ANN_SKIPPED_LAYERS: &str = "dev.talaria.skipped-layers";
 /// On an index blob descriptor: the digest of the image layer it indexes.
 pub const ANN_LAYER_DIGEST: &str = "dev.talaria.layer.digest";
@@ -126,6 +132,10 @@ pub struct StartupPlan {
     pub paths: Vec<String>,
     /// Files to fetch, in order.
     pub entries: Vec<PlanEntry>,
+    /// The bytes a recorded start read, packed (recorded plans; nodes that know it fetch
+    /// it instead of the entries' spans it covers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<crate::startup::pack::PackTable>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +181,11 @@ pub struct ArtifactInfo {
     pub layers: Vec<IndexedLayer>,
     pub skipped: Vec<String>,
     pub plan: Option<Descriptor>,
+    /// The plan comes from a recorded start ([`ANN_PLAN_SOURCE`]).
+    pub plan_recorded: bool,
+    /// The startup pack blob ([`crate::startup::pack`]), listed so that it is copied and
+    /// kept with the artifact.
+    pub pack: Option<Descriptor>,
     pub startup_paths: Vec<String>,
 }
 
@@ -197,6 +212,10 @@ pub struct ArtifactSpec<'a> {
     pub skipped: Vec<String>,
     pub plan: Option<Descriptor>,
     pub startup_paths: Vec<String>,
+    /// The plan was recorded, not predicted (stamped as [`ANN_PLAN_SOURCE`]).
+    pub plan_recorded: bool,
+    /// The startup pack blob the plan's table describes.
+    pub pack: Option<Descriptor>,
     /// `org.opencontainers.image.created`; `None` keeps the manifest deterministic.
     pub created: Option<String>,
 }
@@ -221,6 +240,12 @@ pub fn build_manifest(spec: ArtifactSpec<'_>) -> Result<RawManifest, ArtifactErr
     if let Some(c) = &spec.created {
         ann.insert(oci::CREATED.to_string(), c.clone());
     }
+    if spec.plan_recorded && spec.plan.is_some() {
+        ann.insert(
+            ANN_PLAN_SOURCE.to_string(),
+            PLAN_SOURCE_RECORDED.to_string(),
+        );
+    }
     let mut layers: Vec<Descriptor> = spec
         .layers
         .iter()
@@ -237,6 +262,13 @@ pub fn build_manifest(spec: ArtifactSpec<'_>) -> Result<RawManifest, ArtifactErr
     if let Some(p) = &spec.plan {
         layers.push(Descriptor::new(
             STARTUP_PLAN_MEDIA_TYPE,
+            p.digest.clone(),
+            p.size,
+        ));
+    }
+    if let Some(p) = &spec.pack {
+        layers.push(Descriptor::new(
+            crate::startup::pack::PACK_MEDIA_TYPE,
             p.digest.clone(),
             p.size,
         ));
@@ -301,6 +333,7 @@ pub fn parse_artifact(raw: &RawManifest) -> Result<ArtifactInfo, ArtifactError> 
     let skipped = list(ANN_SKIPPED_LAYERS)?;
     let mut layers = Vec::new();
     let mut plan = None;
+    let mut pack = None;
     for l in &m.layers {
         oci::digest_hex(&l.digest).map_err(|e| invalid(e.to_string()))?;
         match l.media_type.as_str() {
@@ -316,6 +349,7 @@ pub fn parse_artifact(raw: &RawManifest) -> Result<ArtifactInfo, ArtifactError> 
                 });
             }
             STARTUP_PLAN_MEDIA_TYPE => plan = Some(l.clone()),
+            crate::startup::pack::PACK_MEDIA_TYPE => pack = Some(l.clone()),
             // Unknown blob kinds from newer versions are ignored.
             _ => {}
         }
@@ -327,6 +361,9 @@ pub fn parse_artifact(raw: &RawManifest) -> Result<ArtifactInfo, ArtifactError> 
         profile_version,
         key,
         created: get(oci::CREATED),
+        plan_recorded: plan.is_some()
+            && ann.get(ANN_PLAN_SOURCE).map(String::as_str) == Some(PLAN_SOURCE_RECORDED),
+        pack,
         layers,
         skipped,
         plan,
@@ -335,15 +372,15 @@ pub fn parse_artifact(raw: &RawManifest) -> Result<ArtifactInfo, ArtifactError> 
 }
 
 /// Orders candidates by preference: accelerated artifacts with a profile version this build
-/// understands, then default ones, newest first (`org.opencontainers.image.created`, RFC
+/// understands (a recorded plan before a predicted one), then default ones, newest first (`org.opencontainers.image.created`, RFC
 /// 3339 strings compare in time order), then by digest for a stable choice. Artifacts of
 /// unknown profiles or versions are dropped.
 pub fn rank(mut candidates: Vec<ArtifactInfo>) -> Vec<ArtifactInfo> {
     candidates.retain(|a| Profile::understood(&a.profile, a.profile_version).is_some());
     candidates.sort_by(|a, b| {
         let tier = |x: &ArtifactInfo| match Profile::understood(&x.profile, x.profile_version) {
-            Some(p) if p.has_plan() && x.plan.is_some() => 0,
-            _ => 1,
+            Some(p) if p.has_plan() && x.plan.is_some() => usize::from(!x.plan_recorded),
+            _ => 2,
         };
         tier(a)
             .cmp(&tier(b))
@@ -406,9 +443,12 @@ pub async fn find_by_key(
         .into_iter()
         .filter(|a| a.key == key)
         .collect();
+    // A recorded plan replaces the predicted one of its key even when both carry the same
+    // second in `created`.
     all.sort_by(|a, b| {
-        b.created
-            .cmp(&a.created)
+        b.plan_recorded
+            .cmp(&a.plan_recorded)
+            .then_with(|| b.created.cmp(&a.created))
             .then_with(|| a.descriptor.digest.cmp(&b.descriptor.digest))
     });
     Ok(all.into_iter().next())
@@ -441,6 +481,8 @@ mod tests {
             layers: vec![],
             skipped: vec![],
             plan: plan.then(Descriptor::empty),
+            plan_recorded: false,
+            pack: None,
             startup_paths: vec![],
         }
     }
@@ -482,6 +524,23 @@ mod tests {
         ]);
         let order: Vec<_> = v.iter().map(|a| a.descriptor.digest.as_str()).collect();
         assert_eq!(order, ["d3", "d2", "d1"]);
+
+        // A recorded plan wins over a predicted one stamped the same second or later.
+        let mut recorded = info(
+            Profile::StartupLocalV1,
+            true,
+            Some("2025-01-01T00:00:00Z"),
+            "d9",
+        );
+        recorded.plan_recorded = true;
+        let predicted = info(
+            Profile::StartupLocalV1,
+            true,
+            Some("2025-01-01T00:00:00Z"),
+            "d4",
+        );
+        let v = rank(vec![predicted, recorded]);
+        assert_eq!(v[0].descriptor.digest, "d9");
     }
 
     #[test]
@@ -501,6 +560,8 @@ mod tests {
             skipped: vec!["sha256:skipped".into()],
             plan: Some(plan.clone()),
             startup_paths: vec!["/bin/sh".into()],
+            plan_recorded: false,
+            pack: None,
             created: None,
         };
         let raw = build_manifest(spec()).unwrap();
@@ -511,9 +572,15 @@ mod tests {
         assert_eq!(a.profile, "startup-local-v1");
         assert_eq!(a.key, acceleration_key(Profile::StartupLocalV1, &knobs));
         assert_eq!(a.index_for(oci::EMPTY_DIGEST), Some(&idx));
-        assert_eq!(a.plan, Some(plan));
+        assert_eq!(a.plan, Some(plan.clone()));
         assert_eq!(a.skipped, vec!["sha256:skipped".to_string()]);
         assert_eq!(a.startup_paths, vec!["/bin/sh".to_string()]);
+        assert!(!a.plan_recorded);
+        let mut recorded = spec();
+        recorded.plan_recorded = true;
+        let r = parse_artifact(&build_manifest(recorded).unwrap()).unwrap();
+        assert!(r.plan_recorded, "the plan source survives the round trip");
+        assert_ne!(r.descriptor.digest, a.descriptor.digest);
         // A foreign manifest is rejected, not misread.
         let foreign = RawManifest::new(
             Bytes::from_static(br#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:0","size":0},"layers":[]}"#),

@@ -24,7 +24,8 @@ use crate::artifact::{
 use crate::index::{Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex};
 use crate::indexer::{HotRegions, IndexOptions, index_layer_hot};
 use crate::reader::{LayerReader, MemorySpanCache, SpanCache};
-use crate::startup::{self, ImageConfig, LayerFiles, PlanOptions, StartupTrace};
+use crate::startup::pack::{PACK_MEDIA_TYPE, PackTable, PackWriter, pack_ranges};
+use crate::startup::{self, Analysis, ImageConfig, LayerFiles, PlanOptions, StartupTrace};
 use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
 use crate::store::{ChunkStream, Store, StoreError};
 
@@ -79,6 +80,8 @@ pub struct Recorded {
     /// keeps spans uniform. Needs an earlier artifact's index of the layer (the default
     /// one) for the files' offsets; layers without one keep uniform spans.
     pub hot_span_size: u64,
+    /// Also write a startup pack of the bytes read ([`crate::startup::pack`]).
+    pub pack: bool,
 }
 
 /// Span size in recorded startup regions: a read there fetches about this much (plus a
@@ -266,8 +269,19 @@ pub async fn build(
         }
     }
 
+    let mut pack = None;
     let (plan, startup_paths) = if opts.profile.has_plan() {
-        let p = startup_plan(image_store.as_ref(), &manifest, &indexes, opts).await;
+        let (mut p, pack_blob) =
+            startup_plan(image_store.as_ref(), &manifest, &indexes, opts).await;
+        if let (Some(blob), Some(table)) = (pack_blob, p.pack.as_ref()) {
+            let d = target.put_blob(PACK_MEDIA_TYPE, blob).await?;
+            if d.digest == table.digest {
+                pack = Some(d);
+            } else {
+                warn!(stored = %d.digest, table = %table.digest, "the stored pack is not the one written; plan without it");
+                p.pack = None;
+            }
+        }
         let paths = p.paths.clone();
         let bytes = serde_json::to_vec(&p).map_err(|e| ArtifactError::Invalid {
             digest: "(plan)".into(),
@@ -289,6 +303,8 @@ pub async fn build(
         skipped,
         plan: plan.clone(),
         startup_paths,
+        plan_recorded: opts.recorded.is_some(),
+        pack,
         created: opts.created.clone(),
     })?;
     // The config blob (`{}`) must exist before the manifest that names it.
@@ -323,19 +339,21 @@ const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// The startup plan of an image: the analyzer predicts the files its start reads (through
 /// the fresh indexes, reading only what it needs from the image store), the plan maps them
 /// to spans within the prefetch budget. Never fails the build: an unreadable config gives
-/// an empty (but well-formed) plan.
+/// an empty (but well-formed) plan. A recorded plan may come with a pack (its table in the
+/// plan, its blob returned to be stored).
 async fn startup_plan(
     image_store: &dyn Store,
     manifest: &ImageManifest,
     indexes: &[Option<Arc<LayerIndex>>],
     opts: &BuildOptions,
-) -> StartupPlan {
+) -> (StartupPlan, Option<Bytes>) {
     let empty = || StartupPlan {
         version: opts.profile.version(),
         profile: opts.profile.name().to_string(),
         prefetch_budget: opts.knobs.prefetch_budget,
         paths: Vec::new(),
         entries: Vec::new(),
+        pack: None,
     };
     let config = match image_store
         .get_blob(&manifest.config.digest, MAX_CONFIG_BYTES)
@@ -346,7 +364,7 @@ async fn startup_plan(
         Ok(c) => c,
         Err(e) => {
             warn!(config = %manifest.config.digest, error = %e, "image config unusable; empty startup plan");
-            return empty();
+            return (empty(), None);
         }
     };
     let refs: Vec<Option<&LayerIndex>> = indexes.iter().map(|i| i.as_deref()).collect();
@@ -355,7 +373,8 @@ async fn startup_plan(
         version: opts.profile.version(),
         budget: opts.knobs.prefetch_budget,
     };
-    if let Some(trace) = opts.recorded.as_ref().map(|r| &r.trace) {
+    if let Some(rec) = &opts.recorded {
+        let trace = &rec.trace;
         let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
         let analysis = startup::analysis_from_trace(trace, &digests, &refs);
         info!(
@@ -364,7 +383,30 @@ async fn startup_plan(
             notes = analysis.notes.len(),
             "startup plan from a recorded trace"
         );
-        return startup::build_plan(&analysis, &refs, &plan_opts);
+        let mut plan = startup::build_plan(&analysis, &refs, &plan_opts);
+        if !rec.pack {
+            return (plan, None);
+        }
+        return match recorded_pack(image_store, manifest, indexes, &analysis, plan_opts.budget)
+            .await
+        {
+            Ok(Some((table, blob))) => {
+                info!(
+                    files = analysis.files.len(),
+                    bytes = table.bytes(),
+                    compressed = table.size,
+                    chunks = table.chunks.len(),
+                    "startup pack of the recorded reads"
+                );
+                plan.pack = Some(table);
+                (plan, Some(blob))
+            }
+            Ok(None) => (plan, None),
+            Err(e) => {
+                warn!(error = %e, "no startup pack; the recorded plan goes without it");
+                (plan, None)
+            }
+        };
     }
     let view = MergedView::new(&refs);
     let cache: Arc<dyn SpanCache> = Arc::new(MemorySpanCache::new(ANALYSIS_CACHE_BYTES));
@@ -390,7 +432,78 @@ async fn startup_plan(
         bytes_read = analysis.bytes_read,
         "startup analysis"
     );
-    startup::build_plan(&analysis, &refs, &plan_opts)
+    (startup::build_plan(&analysis, &refs, &plan_opts), None)
+}
+
+/// The pack of a recorded start: each traced file's ranges ([`pack_ranges`]), in first-read
+/// order, within `budget` uncompressed bytes (files that do not fit are left out). Read in
+/// layer and offset order, so each span is fetched once; held in memory until written
+/// (bounded by the budget).
+async fn recorded_pack(
+    image_store: &dyn Store,
+    manifest: &ImageManifest,
+    indexes: &[Option<Arc<LayerIndex>>],
+    analysis: &Analysis,
+    budget: u64,
+) -> Result<Option<(PackTable, Bytes)>, String> {
+    let mut used = 0u64;
+    let mut picks = Vec::new();
+    for f in &analysis.files {
+        let ranges = pack_ranges(f.size, &f.ranges);
+        let bytes: u64 = ranges.iter().map(|r| r.len).sum();
+        if used.saturating_add(bytes) > budget {
+            continue;
+        }
+        used += bytes;
+        picks.push((f, ranges));
+    }
+    if picks.is_empty() {
+        return Ok(None);
+    }
+    let cache: Arc<dyn SpanCache> = Arc::new(MemorySpanCache::new(ANALYSIS_CACHE_BYTES));
+    let mut readers: HashMap<usize, LayerReader> = HashMap::new();
+    let mut order: Vec<usize> = (0..picks.len()).collect();
+    order.sort_by_key(|&i| (picks[i].0.layer, picks[i].0.data_offset));
+    let mut data: Vec<Vec<Bytes>> = vec![Vec::new(); picks.len()];
+    for i in order {
+        let (f, ranges) = &picks[i];
+        let reader = match readers.entry(f.layer) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let (Some(Some(ix)), Some(desc)) =
+                    (indexes.get(f.layer), manifest.layers.get(f.layer))
+                else {
+                    return Err(format!("{}: layer {} has no index", f.path, f.layer));
+                };
+                let src = image_store
+                    .range_source(desc)
+                    .map_err(|e| format!("layer {}: {e}", desc.digest))?;
+                v.insert(LayerReader::new(ix.clone(), src, cache.clone()))
+            }
+        };
+        for r in ranges {
+            let start = f
+                .data_offset
+                .checked_add(r.offset)
+                .ok_or_else(|| format!("{}: offset overflows", f.path))?;
+            let b = reader
+                .read_at(start, r.len)
+                .await
+                .map_err(|e| format!("reading {} [{}, +{}): {e}", f.path, r.offset, r.len))?;
+            data[i].push(b);
+        }
+    }
+    let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+    let mut w = PackWriter::new(digests);
+    for ((f, ranges), bytes) in picks.iter().zip(&data) {
+        let layer = u32::try_from(f.layer).map_err(|_| "too many layers".to_string())?;
+        let path = f.path.trim_start_matches('/');
+        for (r, b) in ranges.iter().zip(bytes) {
+            w.add(layer, path, f.size, r.offset, b)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    w.finish().map(Some).map_err(|e| e.to_string())
 }
 
 fn unreachable_index(art: &RawManifest) -> Result<ImageManifest, BuildError> {

@@ -192,6 +192,7 @@ pub async fn build(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
             Some(Arc::new(Recorded {
                 trace: read_trace(p)?,
                 hot_span_size: args.hot_span_size,
+                pack: !args.no_pack,
             }))
         }
         None => None,

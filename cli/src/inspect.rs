@@ -52,7 +52,8 @@ pub async fn run(g: &GlobalArgs, image: &str) -> CliResult<()> {
                 "artifactStore": stores.artifacts.name(),
                 "artifacts": arts,
                 "nodeWouldUse": chosen.as_ref().map(|a| a.descriptor.digest.clone()),
-                "plan": plan.as_ref().map(|p| json!({"files": p.entries.len(), "paths": p.paths, "prefetchBudget": p.prefetch_budget, "entries": p.entries})),
+                "plan": plan.as_ref().map(|p| json!({"files": p.entries.len(), "paths": p.paths, "prefetchBudget": p.prefetch_budget, "entries": p.entries,
+                    "pack": p.pack.as_ref().map(|t| json!({"digest": t.digest, "size": t.size, "bytes": t.bytes(), "chunks": t.chunks.len(), "files": t.files()}))})),
             });
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         }
@@ -99,7 +100,11 @@ pub async fn run(g: &GlobalArgs, image: &str) -> CliResult<()> {
                     } else {
                         format!(", {} skipped", a.skipped.len())
                     },
-                    if a.plan.is_some() { ", plan" } else { "" },
+                    match (&a.plan, a.plan_recorded) {
+                        (Some(_), true) => ", recorded plan",
+                        (Some(_), false) => ", plan",
+                        (None, _) => "",
+                    },
                     a.created.as_deref().unwrap_or("-"),
                 );
             }
@@ -138,6 +143,14 @@ fn print_plan(p: &StartupPlan) {
         p.paths.len(),
         human(p.prefetch_budget)
     );
+    if let Some(t) = &p.pack {
+        println!(
+            "pack       {} of recorded reads ({} compressed) in {} chunks",
+            human(t.bytes()),
+            human(t.size),
+            t.chunks.len()
+        );
+    }
     for e in p.entries.iter().take(PLAN_LINES) {
         let why = if e.reason.is_empty() { "-" } else { &e.reason };
         println!(
@@ -174,6 +187,7 @@ fn artifact_json(a: &ArtifactInfo) -> serde_json::Value {
     json!({
         "digest": a.descriptor.digest, "size": a.descriptor.size, "profile": a.profile,
         "profileVersion": a.profile_version, "key": a.key, "created": a.created,
+        "planRecorded": a.plan_recorded, "pack": a.pack.as_ref().map(|d| d.digest.clone()),
         "indexes": a.layers.iter().map(|l| json!({"layer": l.layer_digest, "index": l.index.digest, "size": l.index.size})).collect::<Vec<_>>(),
         "skipped": a.skipped, "plan": a.plan.as_ref().map(|d| d.digest.clone()),
         "startupPaths": a.startup_paths, "accelerated": a.is_accelerated(),

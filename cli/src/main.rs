@@ -102,10 +102,14 @@ pub struct BuildArgs {
     /// `/startup-trace` (JSON). The artifact replaces an existing one of the same key.
     #[arg(long, value_name = "FILE")]
     pub startup_trace: Option<std::path::PathBuf>,
-    /// With --startup-trace: span size where the start read (finer spans there, uniform
-    /// elsewhere); 0 keeps spans uniform.
-    #[arg(long, default_value_t = talaria_artifact::build::DEFAULT_HOT_SPAN_SIZE)]
+    /// With --startup-trace: re-index the layers the start read with spans of this size
+    /// there (uniform elsewhere), for nodes that fetch spans; 0 (default) keeps the indexes,
+    /// since the startup pack carries the bytes read.
+    #[arg(long, default_value_t = 0)]
     pub hot_span_size: u64,
+    /// With --startup-trace: no startup pack (nodes fetch the plan's spans instead).
+    #[arg(long)]
+    pub no_pack: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -80,9 +80,12 @@ struct Args {
     /// Span size (bytes) of the recorded artifact's indexes.
     #[arg(long, default_value_t = 4 << 20)]
     recorded_span_size: u64,
-    /// Span size (bytes) where the recorded start read (0: uniform spans).
-    #[arg(long, default_value_t = talaria_artifact::build::DEFAULT_HOT_SPAN_SIZE)]
+    /// Span size (bytes) where the recorded start read (0: the indexes are kept).
+    #[arg(long, default_value_t = 0)]
     hot_span_size: u64,
+    /// The recorded artifact without a startup pack (its plan's spans are fetched).
+    #[arg(long)]
+    no_pack: bool,
     /// Runs per workload, link and variant.
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -340,7 +343,12 @@ async fn run(args: Args) -> Result<()> {
                 &w.repo(),
                 "recorded",
                 Profile::StartupLocalV1,
-                Some((trace, args.recorded_span_size, args.hot_span_size)),
+                Some((
+                    trace,
+                    args.recorded_span_size,
+                    args.hot_span_size,
+                    !args.no_pack,
+                )),
             )
             .await?;
             eprintln!("{}: recorded artifact built in {:?}", w.name, t.elapsed());
@@ -550,7 +558,7 @@ async fn build_artifact(
     repo: &str,
     tag: &str,
     profile: Profile,
-    recorded: Option<(StartupTrace, u64, u64)>,
+    recorded: Option<(StartupTrace, u64, u64, bool)>,
 ) -> Result<()> {
     let client = RegistryClient::new(RegistryConfig {
         insecure_hosts: vec![host.to_string()],
@@ -567,11 +575,12 @@ async fn build_artifact(
         profile,
         ..BuildOptions::default()
     };
-    if let Some((trace, span_size, hot_span_size)) = recorded {
+    if let Some((trace, span_size, hot_span_size, pack)) = recorded {
         opts.knobs.span_size = span_size;
         opts.recorded = Some(Arc::new(Recorded {
             trace,
             hot_span_size,
+            pack,
         }));
     }
     let summary = build(store, tag, None, &opts)

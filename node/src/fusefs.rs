@@ -28,7 +28,7 @@ use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
 use talaria_artifact::reader::LayerReader;
 use tracing::{debug, warn};
 
-use crate::materialize::Materializer;
+use crate::materialize::{Materializer, RangedRead};
 use crate::metrics::Metrics;
 use crate::reach::Reachability;
 use talaria_artifact::startup::TraceRecorder;
@@ -406,6 +406,15 @@ fn pread(f: &File, offset: u64, size: u32, file_size: u64) -> std::io::Result<Ve
     Ok(buf)
 }
 
+/// [`pread`] of a local copy, `None` (logged) when it fails: the span path answers then.
+fn local_read(f: &File, path: &str, offset: u64, size: u32, file_size: u64) -> Option<Vec<u8>> {
+    pread(f, offset, size, file_size)
+        .inspect_err(|e| {
+            warn!(path, offset, size, error = %e, "local copy unreadable; reading through spans")
+        })
+        .ok()
+}
+
 impl LayerFs {
     pub fn new(
         reader: Arc<LayerReader>,
@@ -543,20 +552,25 @@ impl Filesystem for LayerFs {
             let len = u64::from(size).min(entry.size.saturating_sub(offset));
             r.record(layer, &entry.path, offset, len);
         }
-        if let Some((m, layer)) = &self.materialized
-            && let Some(f) = m.get(layer, &entry.path)
-        {
+        let mut coming = None;
+        if let Some((m, layer)) = &self.materialized {
+            let want = u64::from(size).min(entry.size.saturating_sub(offset));
+            let local = match m.ranged(layer, &entry.path, entry.size, offset, want) {
+                RangedRead::Here(f) => Some(f),
+                RangedRead::Coming => {
+                    coming = Some((m.clone(), layer.clone()));
+                    None
+                }
+                RangedRead::No => m.get(layer, &entry.path),
+            };
             // A local pread: fast enough to answer on this FUSE thread.
-            match pread(&f, offset, size, entry.size) {
-                Ok(data) => {
-                    if let Some(c) = &self.read_bytes {
-                        c.inc_by(data.len() as u64);
-                    }
-                    return reply.data(&data);
+            if let Some(f) = local
+                && let Some(data) = local_read(&f, &entry.path, offset, size, entry.size)
+            {
+                if let Some(c) = &self.read_bytes {
+                    c.inc_by(data.len() as u64);
                 }
-                Err(e) => {
-                    warn!(path = %entry.path, offset, size, error = %e, "materialized copy unreadable; reading through spans");
-                }
+                return reply.data(&data);
             }
         }
         // Answered from the runtime so a slow fetch never holds up this FUSE thread.
@@ -566,6 +580,27 @@ impl Filesystem for LayerFs {
         let metrics = self.metrics.clone();
         let read_bytes = self.read_bytes.clone();
         self.rt.spawn(async move {
+            // The startup pack is bringing these bytes: wait for it rather than fetch them
+            // a second time (bounded: the pack abandons what its failed chunks held).
+            if let Some((m, layer)) = coming {
+                let want = u64::from(size).min(entry.size.saturating_sub(offset));
+                let t0 = std::time::Instant::now();
+                let here = m
+                    .wait_ranged(&layer, &entry.path, entry.size, offset, want, timeout)
+                    .await;
+                metrics.startup_read_waits.inc();
+                metrics
+                    .startup_read_wait_seconds
+                    .inc_by(t0.elapsed().as_secs_f64());
+                if let Some(data) =
+                    here.and_then(|f| local_read(&f, &entry.path, offset, size, entry.size))
+                {
+                    if let Some(c) = &read_bytes {
+                        c.inc_by(data.len() as u64);
+                    }
+                    return reply.data(&data);
+                }
+            }
             // A registry already known down fails this read at once: not worth a warning each.
             let known_down = reach.down_since().is_some();
             let read = reader.read_file(&entry, offset, u64::from(size));

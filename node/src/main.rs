@@ -64,8 +64,9 @@ struct Args {
         default_value_t = 256
     )]
     materialize_max_file_kib: u64,
-    /// Disk for materialized startup files (MiB, under --root); 0 turns it off.
-    #[arg(long, env = "TALARIA_NODE_MATERIALIZE_MIB", default_value_t = 256)]
+    /// Disk for materialized startup files and startup packs (MiB, under --root; given
+    /// back when the layer goes); 0 turns both off.
+    #[arg(long, env = "TALARIA_NODE_MATERIALIZE_MIB", default_value_t = 1024)]
     materialize_mib: u64,
     /// Most materialized startup files kept.
     #[arg(

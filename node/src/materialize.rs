@@ -10,6 +10,12 @@
 //!
 //! Bounded by total bytes, file count and per-file size; [`Materializer::remove_layer`]
 //! gives a layer's budget back. Opened handles are cached (bounded, least recently used out).
+//!
+//! Ranges of a startup pack ([`talaria_artifact::startup::pack`]) are kept here too, in a
+//! sparse file per packed file (`p-<hash>`), under the same byte and file budgets: the
+//! pack's table says which ranges will come ([`Materializer::expect`]), its chunks bring
+//! them ([`Materializer::fill`]), and a read of a range still on its way waits for it
+//! ([`Materializer::wait_ranged`]) instead of fetching the span.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -19,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
+use talaria_artifact::startup::ByteRange;
 use tracing::{debug, warn};
 
 /// Open file handles kept for reads.
@@ -48,10 +55,74 @@ struct Item {
     id: u64,
 }
 
+/// A file of a startup pack: what has come, what is still to come.
+struct Ranged {
+    file: Arc<File>,
+    /// The file's size as the pack says (a read of another size is not this file).
+    size: u64,
+    present: Vec<ByteRange>,
+    expected: Vec<ByteRange>,
+    /// Budget bytes taken.
+    reserved: u64,
+    /// Its chunk failed: what is not present will not come.
+    abandoned: bool,
+}
+
+/// Where a read of a packed file stands.
+pub enum RangedRead {
+    /// Every byte is on local disk.
+    Here(Arc<File>),
+    /// Some bytes are still on their way with the pack.
+    Coming,
+    /// Not (all) in the pack: read through spans.
+    No,
+}
+
+/// Separate ranges kept per packed file (a trace has at most 256 per file).
+const MAX_PACK_RANGES: usize = 4096;
+
+/// Adds `[offset, offset + len)` to sorted, disjoint `ranges`, merging what touches it.
+/// `false` (nothing changed) when that would pass [`MAX_PACK_RANGES`]: unlike a trace's
+/// ranges these must never grow into their hull, which would claim bytes never written.
+fn insert_range(ranges: &mut Vec<ByteRange>, offset: u64, len: u64) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let mut start = offset;
+    let mut end = offset.saturating_add(len);
+    let first = ranges.partition_point(|r| r.offset.saturating_add(r.len) < start);
+    let mut last = first;
+    while last < ranges.len() && ranges[last].offset <= end {
+        start = start.min(ranges[last].offset);
+        end = end.max(ranges[last].offset.saturating_add(ranges[last].len));
+        last += 1;
+    }
+    if first == last && ranges.len() >= MAX_PACK_RANGES {
+        return false;
+    }
+    ranges.splice(
+        first..last,
+        [ByteRange {
+            offset: start,
+            len: end - start,
+        }],
+    );
+    true
+}
+
+fn covers(ranges: &[ByteRange], offset: u64, len: u64) -> bool {
+    let end = offset.saturating_add(len);
+    ranges
+        .iter()
+        .any(|r| r.offset <= offset && end <= r.offset.saturating_add(r.len))
+}
+
 #[derive(Default)]
 struct State {
     /// layer directory name → file name → item.
     layers: HashMap<String, HashMap<String, Item>>,
+    /// (layer directory name, file name) → packed file.
+    ranged: HashMap<(String, String), Ranged>,
     bytes: u64,
     files: usize,
     /// (layer dir, file name) → handle and last use.
@@ -67,6 +138,8 @@ pub struct Materializer {
     max_file_bytes: u64,
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// Woken when packed ranges arrive or are abandoned.
+    arrived: tokio::sync::Notify,
 }
 
 /// Directory name of a layer: the hex of a `sha256:<hex>` digest, else a hash of the string
@@ -105,6 +178,7 @@ impl Materializer {
             max_file_bytes,
             state: Mutex::new(State::default()),
             next_id: AtomicU64::new(0),
+            arrived: tokio::sync::Notify::new(),
         })
     }
 
@@ -266,6 +340,167 @@ impl Materializer {
         Some(f)
     }
 
+    /// Announces `[offset, offset + len)` of a packed file of `file_size` bytes, so that
+    /// reads of it wait for the pack. `Ok(false)`: over a budget (or another size than
+    /// announced before), not taken; its bytes will be dropped when they come.
+    pub fn expect(
+        &self,
+        layer_digest: &str,
+        path: &str,
+        file_size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool, MaterializeError> {
+        let key = (layer_dir(layer_digest), file_name(path));
+        let mut st = self.state();
+        if let Some(r) = st.ranged.get(&key) {
+            if r.size != file_size || r.abandoned {
+                return Ok(false);
+            }
+        } else {
+            if st.files >= self.max_files {
+                return Ok(false);
+            }
+            let dir = self.dir.join(&key.0);
+            fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+            let p = dir.join(format!("p-{}", key.1));
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(io("creating", &p))?;
+            st.files += 1;
+            st.ranged.insert(
+                key.clone(),
+                Ranged {
+                    file: Arc::new(f),
+                    size: file_size,
+                    present: Vec::new(),
+                    expected: Vec::new(),
+                    reserved: 0,
+                    abandoned: false,
+                },
+            );
+        }
+        if st.bytes.saturating_add(len) > self.max_bytes {
+            return Ok(false);
+        }
+        let Some(r) = st.ranged.get_mut(&key) else {
+            return Ok(false);
+        };
+        if !insert_range(&mut r.expected, offset, len) {
+            return Ok(false);
+        }
+        r.reserved += len;
+        st.bytes += len;
+        Ok(true)
+    }
+
+    /// Stores bytes of a packed file that [`Materializer::expect`] announced. `Ok(false)`:
+    /// not announced (over a budget, or the layer was removed), dropped.
+    pub fn fill(
+        &self,
+        layer_digest: &str,
+        path: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<bool, MaterializeError> {
+        use std::os::unix::fs::FileExt;
+        let key = (layer_dir(layer_digest), file_name(path));
+        let file = {
+            let st = self.state();
+            match st.ranged.get(&key) {
+                Some(r) if covers(&r.expected, offset, data.len() as u64) => r.file.clone(),
+                _ => return Ok(false),
+            }
+        };
+        // Written outside the lock; the range is marked present only once it is written.
+        file.write_all_at(data, offset)
+            .map_err(io("writing", &self.dir.join(&key.0)))?;
+        let mut st = self.state();
+        let Some(r) = st.ranged.get_mut(&key) else {
+            return Ok(false);
+        };
+        let marked = insert_range(&mut r.present, offset, data.len() as u64);
+        drop(st);
+        self.arrived.notify_waiters();
+        Ok(marked)
+    }
+
+    /// The pack will not bring what it announced of this file and has not brought yet.
+    pub fn abandon(&self, layer_digest: &str, path: &str) {
+        let key = (layer_dir(layer_digest), file_name(path));
+        if let Some(r) = self.state().ranged.get_mut(&key) {
+            r.abandoned = true;
+        }
+        self.arrived.notify_waiters();
+    }
+
+    /// Where a read of `[offset, offset + len)` of the packed file `path` (of `file_size`
+    /// bytes per the layer's index) stands.
+    pub fn ranged(
+        &self,
+        layer_digest: &str,
+        path: &str,
+        file_size: u64,
+        offset: u64,
+        len: u64,
+    ) -> RangedRead {
+        let st = self.state();
+        if st.ranged.is_empty() || len == 0 {
+            return RangedRead::No;
+        }
+        let key = (layer_dir(layer_digest), file_name(path));
+        match st.ranged.get(&key) {
+            Some(r) if r.size == file_size => {
+                if covers(&r.present, offset, len) {
+                    RangedRead::Here(r.file.clone())
+                } else if !r.abandoned && covers(&r.expected, offset, len) {
+                    RangedRead::Coming
+                } else {
+                    RangedRead::No
+                }
+            }
+            _ => RangedRead::No,
+        }
+    }
+
+    /// Waits up to `timeout` for a read that is [`RangedRead::Coming`]; `None`: read it
+    /// through spans (not coming any more, or too late).
+    pub async fn wait_ranged(
+        &self,
+        layer_digest: &str,
+        path: &str,
+        file_size: u64,
+        offset: u64,
+        len: u64,
+        timeout: std::time::Duration,
+    ) -> Option<Arc<File>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so an arrival between the two is not missed.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            match self.ranged(layer_digest, path, file_size, offset, len) {
+                RangedRead::Here(f) => return Some(f),
+                RangedRead::No => return None,
+                RangedRead::Coming => {}
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Whether the pack announced any of `path`.
+    pub fn is_packed(&self, layer_digest: &str, path: &str) -> bool {
+        let key = (layer_dir(layer_digest), file_name(path));
+        self.state().ranged.contains_key(&key)
+    }
+
     /// Forgets a layer's files and deletes them, giving their budget back.
     pub fn remove_layer(&self, layer_digest: &str) {
         let ldir = layer_dir(layer_digest);
@@ -276,8 +511,22 @@ impl Materializer {
                 let bytes: u64 = files.values().map(|i| i.size).sum();
                 st.bytes = st.bytes.saturating_sub(bytes);
             }
+            let packed: Vec<(String, String)> = st
+                .ranged
+                .keys()
+                .filter(|(l, _)| *l == ldir)
+                .cloned()
+                .collect();
+            for k in packed {
+                if let Some(r) = st.ranged.remove(&k) {
+                    st.files = st.files.saturating_sub(1);
+                    st.bytes = st.bytes.saturating_sub(r.reserved);
+                }
+            }
             st.handles.retain(|(l, _), _| *l != ldir);
         }
+        // Waiters on the removed files read through spans.
+        self.arrived.notify_waiters();
         let dir = self.dir.join(&ldir);
         if let Err(e) = fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -297,6 +546,7 @@ impl Materializer {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+    use std::time::Duration;
 
     const L1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const L2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
@@ -351,6 +601,99 @@ mod tests {
             }
         }
         out
+    }
+
+    fn r(offset: u64, len: u64) -> ByteRange {
+        ByteRange { offset, len }
+    }
+
+    #[test]
+    fn insert_range_merges_and_never_grows_into_a_hull() {
+        let mut v = Vec::new();
+        assert!(insert_range(&mut v, 100, 10));
+        assert!(insert_range(&mut v, 0, 10));
+        assert!(insert_range(&mut v, 10, 5)); // touches 0..10
+        assert_eq!(v, vec![r(0, 15), r(100, 10)]);
+        assert!(insert_range(&mut v, 14, 90)); // bridges both
+        assert_eq!(v, vec![r(0, 110)]);
+        let mut many: Vec<ByteRange> = (0..MAX_PACK_RANGES as u64).map(|i| r(i * 10, 1)).collect();
+        assert!(
+            !insert_range(&mut many, 1_000_000, 1),
+            "one more separate range is refused"
+        );
+        assert_eq!(many.len(), MAX_PACK_RANGES);
+        assert!(insert_range(&mut many, 0, 5), "merging into one is fine");
+        assert!(covers(&many, 0, 5) && !covers(&many, 0, 11));
+    }
+
+    #[tokio::test]
+    async fn packed_ranges_come_wait_and_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Arc::new(Materializer::open(&tmp.path().join("m"), 100, 10, 60).unwrap());
+        let state = |off, len| match m.ranged(L1, "/usr/lib/big", 1000, off, len) {
+            RangedRead::Here(_) => "here",
+            RangedRead::Coming => "coming",
+            RangedRead::No => "no",
+        };
+        assert_eq!(state(0, 10), "no", "nothing announced");
+        // Two ranges of a 1000-byte file: 30 + 40 bytes of the 100-byte budget.
+        assert!(m.expect(L1, "usr/lib/big", 1000, 0, 30).unwrap());
+        assert!(m.expect(L1, "usr/lib/big", 1000, 500, 40).unwrap());
+        assert!(
+            !m.expect(L1, "usr/lib/big", 1000, 800, 31).unwrap(),
+            "over the budget"
+        );
+        assert!(
+            !m.expect(L1, "usr/lib/big", 999, 900, 1).unwrap(),
+            "another size"
+        );
+        assert_eq!(state(0, 10), "coming");
+        assert_eq!(state(25, 10), "no", "past the announced range");
+        assert!(
+            matches!(m.ranged(L1, "usr/lib/big", 999, 0, 10), RangedRead::No),
+            "a file of another size is another file"
+        );
+        // A waiter wakes when its bytes are written.
+        let waiter = {
+            let m = m.clone();
+            tokio::spawn(async move {
+                m.wait_ranged(L1, "usr/lib/big", 1000, 500, 40, Duration::from_secs(10))
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !m.fill(L1, "usr/lib/big", 100, b"x").unwrap(),
+            "not announced"
+        );
+        assert!(m.fill(L1, "usr/lib/big", 500, &[7u8; 40]).unwrap());
+        let f = waiter.await.unwrap().expect("the bytes came");
+        let mut buf = [0u8; 40];
+        f.read_exact_at(&mut buf, 500).unwrap();
+        assert_eq!(buf, [7u8; 40]);
+        assert_eq!(state(510, 30), "here");
+        // Abandoned: what has not come is read through spans, at once.
+        m.abandon(L1, "usr/lib/big");
+        assert_eq!(state(0, 10), "no");
+        assert!(
+            m.wait_ranged(L1, "usr/lib/big", 1000, 0, 10, Duration::from_secs(10))
+                .await
+                .is_none()
+        );
+        assert_eq!(state(500, 40), "here", "what came stays");
+        assert!(m.is_packed(L1, "/usr/lib/big"));
+        assert_eq!(m.usage(), (70, 1));
+        // A wait ends at its timeout when the bytes never come.
+        assert!(m.expect(L2, "f", 10, 0, 10).unwrap());
+        assert!(
+            m.wait_ranged(L2, "f", 10, 0, 10, Duration::from_millis(20))
+                .await
+                .is_none()
+        );
+        m.remove_layer(L1);
+        m.remove_layer(L2);
+        assert_eq!(m.usage(), (0, 0), "budget given back");
+        assert_eq!(state(500, 40), "no");
     }
 
     #[test]

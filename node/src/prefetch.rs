@@ -28,6 +28,7 @@ use talaria_artifact::reader::{LayerReader, PrefetchStats, ReadObserver, SpanCac
 use talaria_artifact::registry::{RegistryClient, Repository};
 use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
 use talaria_artifact::startup::ImageConfig;
+use talaria_artifact::startup::pack::{PackRecord, PackTable};
 use talaria_artifact::store::oci::{ImageManifest, Manifest};
 use talaria_artifact::store::{RegistryStore, Store};
 use tokio::sync::{Notify, OnceCell};
@@ -568,6 +569,8 @@ impl Fetcher {
             errors = st.errors,
             materialized = st.materialized,
             materialized_bytes = st.materialized_bytes,
+            pack_bytes = st.pack_bytes,
+            pack_chunks = st.pack_chunks,
             ms = elapsed.as_millis() as u64,
             read_waits = j.waits.load(Ordering::Relaxed),
             read_wait_ms = j.wait_micros.load(Ordering::Relaxed) / 1000,
@@ -598,18 +601,26 @@ impl Fetcher {
             }
         }));
         let plan = async {
-            match &art.plan {
-                Some(d) => {
-                    let raw = art_store
-                        .get_blob(&d.digest, artifact::MAX_INDEX_BLOB)
-                        .await
-                        .map_err(|e| format!("plan blob {}: {e}", d.digest))?;
-                    serde_json::from_slice::<StartupPlan>(&raw)
-                        .map(Some)
-                        .map_err(|e| format!("plan blob {}: {e}", d.digest))
-                }
+            let plan = match &art.plan {
+                Some(d) => art_store
+                    .get_blob(&d.digest, artifact::MAX_INDEX_BLOB)
+                    .await
+                    .map_err(|e| format!("plan blob {}: {e}", d.digest))
+                    .and_then(|raw| {
+                        serde_json::from_slice::<StartupPlan>(&raw)
+                            .map(Some)
+                            .map_err(|e| format!("plan blob {}: {e}", d.digest))
+                    }),
                 None => Ok(None),
-            }
+            };
+            // The pack starts as soon as its table is in, alongside the indexes.
+            let pack = match (&plan, &self.materializer) {
+                (Ok(Some(StartupPlan { pack: Some(t), .. })), Some(m)) => {
+                    Some(self.fetch_pack(j, t, m, art_repo).await)
+                }
+                _ => None,
+            };
+            (plan, pack)
         };
         let manifest = async {
             let raw = image_store
@@ -622,7 +633,16 @@ impl Fetcher {
                 Err(e) => Err(format!("image manifest {}: {e}", j.manifest)),
             }
         };
-        let (indexes, plan, manifest) = tokio::join!(indexes, plan, manifest);
+        let (indexes, (plan, pack), manifest) = tokio::join!(indexes, plan, manifest);
+        let packed = match pack {
+            Some(p) => {
+                st.pack_bytes = p.bytes;
+                st.pack_chunks = p.chunks;
+                st.errors += p.errors;
+                p.files
+            }
+            None => HashSet::new(),
+        };
         let mut by_layer: HashMap<String, Arc<LayerIndex>> = HashMap::new();
         for (layer, r) in indexes {
             match r {
@@ -661,7 +681,18 @@ impl Fetcher {
         let (entries, budget) = match plan {
             Ok(Some(p)) => {
                 st.plan = "accelerated";
-                (p.entries, p.prefetch_budget)
+                // What the pack brings is not fetched again as spans.
+                let entries = p
+                    .entries
+                    .into_iter()
+                    .filter(|e| {
+                        let digest = manifest.layers.get(e.layer as usize).map(|d| &d.digest);
+                        !digest.is_some_and(|d| {
+                            packed.contains(&(d.clone(), e.path.trim_start_matches('/').into()))
+                        })
+                    })
+                    .collect();
+                (entries, p.prefetch_budget)
             }
             Ok(None) => match self.generic_entries(&image_store, &manifest, &shared).await {
                 Ok(Some((e, budget))) => {
@@ -744,6 +775,144 @@ impl Fetcher {
             st.materialized_bytes = bytes;
         }
         st
+    }
+
+    /// Fetches a startup pack ([`talaria_artifact::startup::pack`]) into the materializer:
+    /// its ranges are announced first (reads of them wait for the pack from then on), then
+    /// its chunks come in order, a few requests at once at the startup class, each verified
+    /// and written. Whatever did not come is abandoned at the end, so no read waits on it.
+    async fn fetch_pack(
+        &self,
+        j: &ImageJob,
+        table: &PackTable,
+        m: &Arc<Materializer>,
+        art_repo: &Repository,
+    ) -> PackStats {
+        let mut stats = PackStats::default();
+        if let Err(e) = table.check() {
+            stats.errors += 1;
+            self.metrics.prefetch_error("pack");
+            warn!(image = %j.image, error = %e, "startup pack refused; fetching the plan's spans");
+            return stats;
+        }
+        let digest_of = |r: &PackRecord| table.layers[r.layer as usize].as_str();
+        for r in table.chunks.iter().flat_map(|c| &c.records) {
+            match m.expect(digest_of(r), &r.path, r.file_size, r.offset, r.len) {
+                Ok(true) => {
+                    stats
+                        .files
+                        .insert((digest_of(r).to_string(), r.path.clone()));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    stats.errors += 1;
+                    self.metrics.prefetch_error("pack");
+                    warn!(image = %j.image, error = %e, "startup pack: cannot keep its files");
+                    break;
+                }
+            }
+        }
+        let source = self
+            .client
+            .range_source(art_repo, &table.digest, table.size);
+        let host = art_repo.registry.clone();
+        // Futures made up front (no closure over the stream): they borrow `self` and the
+        // table, and the stream stays `Send` for the spawned job.
+        let fetches: Vec<_> = (0..table.chunks.len())
+            .map(|i| self.fetch_pack_chunk(j, table, i, m, &source, &host))
+            .collect();
+        let results = futures::stream::iter(fetches)
+            .buffer_unordered((self.sched.max_requests() / 2).max(1))
+            .collect::<Vec<_>>()
+            .await;
+        for r in results {
+            match r {
+                Ok(n) => {
+                    stats.bytes += n;
+                    stats.chunks += 1;
+                }
+                Err(_) => {
+                    stats.errors += 1;
+                    self.metrics.prefetch_error("pack");
+                }
+            }
+        }
+        if stats.errors > 0 {
+            warn!(image = %j.image, failed = stats.errors, "startup pack: some chunks failed; their reads go through spans");
+        }
+        // Nothing more is coming: reads of what did not arrive go through spans at once.
+        for (layer, path) in &stats.files {
+            m.abandon(layer, path);
+        }
+        stats
+    }
+
+    /// Fetches, verifies and writes chunk `i` of a pack; on failure its files are abandoned.
+    /// Returns the compressed bytes fetched.
+    async fn fetch_pack_chunk(
+        &self,
+        j: &ImageJob,
+        table: &PackTable,
+        i: usize,
+        m: &Arc<Materializer>,
+        source: &talaria_artifact::registry::RegistryBlobSource,
+        host: &str,
+    ) -> Result<u64, String> {
+        let c = &table.chunks[i];
+        let timeout = self.opts.read_timeout;
+        let fetched = async {
+            let _permit = self
+                .sched
+                .acquire(host, Class::Startup)
+                .await
+                .map_err(|e| e.to_string())?;
+            match tokio::time::timeout(timeout, source.read_range(c.offset, c.length)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("timed out after {timeout:?}")),
+            }
+        }
+        .await;
+        let res = match fetched {
+            Ok(member) => {
+                let n = member.len() as u64;
+                self.metrics.bytes_startup.inc_by(n);
+                self.metrics.bytes_prefetched.inc_by(n);
+                self.unpack(table, i, member, m).await.map(|()| n)
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &res {
+            debug!(image = %j.image, chunk = i, error = %e, "startup pack chunk failed");
+            for r in &c.records {
+                m.abandon(&table.layers[r.layer as usize], &r.path);
+            }
+        }
+        res
+    }
+
+    /// Verifies and inflates chunk `i` off the runtime's threads, then writes its records.
+    async fn unpack(
+        &self,
+        table: &PackTable,
+        i: usize,
+        member: Bytes,
+        m: &Arc<Materializer>,
+    ) -> Result<(), String> {
+        let c = &table.chunks[i];
+        let chunk = c.clone();
+        let data = tokio::task::spawn_blocking(move || chunk.unpack(i, &member))
+            .await
+            .map_err(|e| format!("inflate task: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let mut at = 0usize;
+        for r in &c.records {
+            let len = r.len as usize;
+            let part = data.get(at..at + len).ok_or("record past the chunk")?;
+            m.fill(&table.layers[r.layer as usize], &r.path, r.offset, part)
+                .map_err(|e| e.to_string())?;
+            at += len;
+        }
+        Ok(())
     }
 
     /// Copies the plan's small files whose spans are in to local disk (see
@@ -908,9 +1077,22 @@ async fn load_index(
     })
 }
 
+/// What a startup pack fetch did.
+#[derive(Default)]
+struct PackStats {
+    /// Compressed bytes fetched, chunks written, chunks failed.
+    bytes: u64,
+    chunks: u64,
+    errors: u64,
+    /// (layer digest, path) of the files announced.
+    files: HashSet<(String, String)>,
+}
+
 #[derive(Default)]
 struct StartupStats {
     plan: &'static str,
+    pack_bytes: u64,
+    pack_chunks: u64,
     materialized: u64,
     materialized_bytes: u64,
     bytes: u64,

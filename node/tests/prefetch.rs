@@ -86,6 +86,7 @@ async fn build_artifact_with(
             Arc::new(Recorded {
                 trace,
                 hot_span_size: 32 << 10,
+                pack: false,
             })
         }),
         ..BuildOptions::default()
@@ -530,6 +531,114 @@ async fn a_recorded_start_becomes_a_plan_of_the_pages_read_in_read_order() {
         "the recorded spans of the app layer, not its {} bytes ({startup}):\n{m}",
         image.layers[1].blob.len()
     );
+    drop(c);
+    assert!(node.signal("TERM").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
+    use std::os::unix::fs::FileExt;
+    let _serial = SERIAL.lock().await;
+    talaria_artifact::registry::install_crypto_provider();
+    let registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    let (image, script) = app_image(3 << 20, 5);
+    image.push(&host, "talaria/pack", "v1").expect("push");
+    build_artifact(&host, "talaria/pack", "v1", Profile::Default).await;
+    let image_ref = format!("{host}/talaria/pack:v1");
+    // As a node records it: one page of the 3 MiB script, then the small file.
+    let app_layer = &image.layers[1].digest;
+    let trace = StartupTrace::from_json(
+        serde_json::json!({
+            "version": 1,
+            "layers": [{
+                "digest": app_layer,
+                "files": [
+                    {"path": "app/run", "first_ms": 1, "ranges": [{"offset": 2 << 20, "len": 4096}]},
+                    {"path": "app/unused.txt", "first_ms": 2, "ranges": [{"offset": 0, "len": 4}]}
+                ]
+            }]
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("trace");
+    let store = store_of(&host, "talaria/pack");
+    let mut opts = BuildOptions {
+        profile: Profile::StartupLocalV1,
+        recorded: Some(Arc::new(Recorded {
+            trace,
+            hot_span_size: 0,
+            pack: true,
+        })),
+        ..BuildOptions::default()
+    };
+    opts.knobs.span_size = 256 << 10;
+    let s = build(store.clone(), "v1", None, &opts)
+        .await
+        .expect("build");
+    let plan_blob = store
+        .get_blob(&s.plan.expect("a plan").digest, 1 << 20)
+        .await
+        .expect("read the plan");
+    let plan: StartupPlan = serde_json::from_slice(&plan_blob).expect("plan JSON");
+    let pack = plan.pack.expect("the recorded plan has a pack");
+    let records: Vec<(&str, u64, u64)> = pack
+        .chunks
+        .iter()
+        .flat_map(|c| &c.records)
+        .map(|r| (r.path.as_str(), r.offset, r.len))
+        .collect();
+    assert_eq!(
+        records,
+        [("app/run", 2 << 20, 4096), ("app/unused.txt", 0, 16)],
+        "the page of the big file, the small file whole, in read order"
+    );
+
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-prefetch-pack-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut node, addr) = start_node(dir.path(), &[]);
+    let mut c = connect(node.socket.clone()).await;
+    prepare_layer(&mut c, &image_ref, &image, 0).await;
+    prepare_layer(&mut c, &image_ref, &image, 1).await;
+    wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
+    wait_log(&node, "pack_chunks=1");
+    let top = common::chain_ids(&image).pop().expect("top");
+    let mnt = dir.path().join("mnt");
+    mount_view(&mut c, &top, "view", &mnt).await;
+    let f = std::fs::File::open(mnt.join("app/run")).expect("open the script");
+    let mut page = [0u8; 4096];
+    f.read_exact_at(&mut page, 2 << 20)
+        .expect("read the packed page");
+    assert!(page[..] == script[2 << 20..(2 << 20) + 4096]);
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("app/unused.txt")).expect("read"),
+        "not in the plan\n"
+    );
+    let m = http_get(&addr, "/metrics");
+    for kind in ["startup", "on_demand", "cache"] {
+        assert_eq!(
+            layer_bytes(&m, &image_ref, app_layer, kind),
+            0.0,
+            "no span of the app layer was needed ({kind}):\n{m}"
+        );
+    }
+    assert!(metric(&m, "talaria_node_fuse_read_bytes_total") >= 4096.0 + 16.0);
+    // A page the start did not read goes through spans, as before.
+    f.read_exact_at(&mut page, 1 << 20)
+        .expect("read an unpacked page");
+    assert!(page[..] == script[1 << 20..(1 << 20) + 4096]);
+    let m = http_get(&addr, "/metrics");
+    assert!(
+        layer_bytes(&m, &image_ref, app_layer, "on_demand")
+            + layer_bytes(&m, &image_ref, app_layer, "cache")
+            > 0.0,
+        "the unpacked page came through spans:\n{m}"
+    );
+    drop(f);
+    nix::mount::umount(&mnt).expect("umount");
     drop(c);
     assert!(node.signal("TERM").success());
 }

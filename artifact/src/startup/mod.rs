@@ -15,6 +15,7 @@
 
 mod analyze;
 pub mod elf;
+pub mod pack;
 pub mod plan;
 pub mod resolve;
 mod rules;

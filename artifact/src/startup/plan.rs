@@ -92,6 +92,7 @@ pub fn build_plan(
         prefetch_budget: opts.budget,
         paths: path_patterns(analysis),
         entries,
+        pack: None,
     }
 }
 
