@@ -277,7 +277,7 @@ fn build_with_a_startup_trace_plans_what_was_read() {
         .find(|a| a["digest"] == built["artifact"]["digest"])
         .expect("the recorded artifact is listed");
     assert_eq!(recorded["planRecorded"], true);
-    // The pack holds what was read: busybox's page (in a file over 1 MiB: the page only)
+    // The pack holds what was read: busybox's page (in a file over 64 KiB: the page only)
     // and /etc/passwd whole; the file the image does not have is not in it.
     let pack = &after["plan"]["pack"];
     assert_eq!(pack["files"], 2, "{pack}");

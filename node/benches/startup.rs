@@ -583,7 +583,7 @@ async fn build_artifact(
             pack,
         }));
     }
-    let summary = build(store, tag, None, &opts)
+    let summary = build(store.clone(), tag, None, &opts)
         .await
         .with_context(|| format!("build the {} artifact of {repo}:{tag}", profile.name()))?;
     ensure!(
@@ -591,6 +591,35 @@ async fn build_artifact(
         "a layer of {repo} was not indexed: {:?}",
         summary.layers
     );
+    if opts.recorded.is_some()
+        && let Some(d) = &summary.plan
+    {
+        let plan: talaria_artifact::artifact::StartupPlan =
+            serde_json::from_slice(&store.get_blob(&d.digest, 64 << 20).await?)?;
+        if let Some(t) = &plan.pack {
+            // What the pack holds, biggest files first: where its bytes go.
+            let mut per_file: BTreeMap<&str, u64> = BTreeMap::new();
+            for r in t.chunks.iter().flat_map(|c| &c.records) {
+                *per_file.entry(r.path.as_str()).or_default() += r.len;
+            }
+            let mut top: Vec<(&str, u64)> = per_file.into_iter().collect();
+            top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+            let top: Vec<String> = top
+                .iter()
+                .take(5)
+                .map(|(p, n)| format!("{p} {:.1} MiB", mib(*n as f64)))
+                .collect();
+            eprintln!(
+                "{repo}: pack {:.1} MiB of {} files, {:.1} MiB compressed in {} chunks; plan blob {:.2} MiB; most: {}",
+                mib(t.bytes() as f64),
+                t.files(),
+                mib(t.size as f64),
+                t.chunks.len(),
+                mib(d.size as f64),
+                top.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 

@@ -31,8 +31,11 @@ pub const MAX_CHUNK_BYTES: u64 = 16 << 20;
 pub const MAX_CHUNKS: usize = 100_000;
 pub const MAX_RECORDS: usize = 1_000_000;
 /// A file up to this size is packed whole whatever part the start read: its other bytes
-/// cost little and a slightly different read pattern still finds them.
-pub const WHOLE_FILE_MAX: u64 = 1 << 20;
+/// cost little and a slightly different read pattern still finds them. Larger files are
+/// packed whole only when the start read most of them ([`pack_ranges`]): shared libraries
+/// and binaries are mapped, and a start touches a fraction of their pages (PostgreSQL's
+/// pack at 1 MiB here and "half read": 13.4 MiB compressed for 22.5 MiB of reads).
+pub const WHOLE_FILE_MAX: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -193,10 +196,10 @@ impl PackChunk {
 }
 
 /// The ranges of a file to pack, given the ranges a start read (sorted, merged): the whole
-/// file when it is small or mostly read, else the ranges.
+/// file when it is small or three quarters read, else the ranges.
 pub fn pack_ranges(file_size: u64, read: &[ByteRange]) -> Vec<ByteRange> {
     let read_bytes: u64 = read.iter().map(|r| r.len).sum();
-    if file_size <= WHOLE_FILE_MAX || read_bytes.saturating_mul(2) >= file_size {
+    if file_size <= WHOLE_FILE_MAX || read_bytes.saturating_mul(4) >= file_size.saturating_mul(3) {
         return vec![ByteRange {
             offset: 0,
             len: file_size,
@@ -310,8 +313,9 @@ mod tests {
     #[test]
     fn small_or_mostly_read_files_are_packed_whole() {
         assert_eq!(pack_ranges(10, &[r(2, 1)]), vec![r(0, 10)]);
-        let big = 8 * WHOLE_FILE_MAX;
-        assert_eq!(pack_ranges(big, &[r(0, big / 2)]), vec![r(0, big)]);
+        let big = 64 * WHOLE_FILE_MAX;
+        assert_eq!(pack_ranges(big, &[r(0, big / 4 * 3)]), vec![r(0, big)]);
+        assert_eq!(pack_ranges(big, &[r(0, big / 2)]), vec![r(0, big / 2)]);
         assert_eq!(
             pack_ranges(big, &[r(4096, 4096), r(big - 10, 100)]),
             vec![r(4096, 4096), r(big - 10, 10)],
