@@ -390,22 +390,36 @@ pub fn rank(mut candidates: Vec<ArtifactInfo>) -> Vec<ArtifactInfo> {
     candidates
 }
 
+/// Referrer manifests fetched at once.
+const REFERRER_FETCHES: usize = 4;
+
 /// Lists the Talaria artifacts referring to an image manifest (unparseable or foreign
 /// referrers are skipped with a debug log).
 pub async fn list_artifacts(
     store: &dyn Store,
     subject_digest: &str,
 ) -> Result<Vec<ArtifactInfo>, ArtifactError> {
-    let refs = store.referrers(subject_digest).await?;
+    use futures::StreamExt;
+    let refs: Vec<Descriptor> = store
+        .referrers(subject_digest)
+        .await?
+        .into_iter()
+        .filter(|d| {
+            d.artifact_type
+                .as_deref()
+                .is_none_or(|t| t == ARTIFACT_TYPE)
+        })
+        .collect();
+    // A few at once: an image has its default and accelerated artifacts (and a recorded
+    // one), and each manifest is a round trip on a node's startup path.
+    let fetches: Vec<_> = refs.iter().map(|d| store.get_manifest(&d.digest)).collect();
+    let fetched: Vec<_> = futures::stream::iter(fetches)
+        .buffered(REFERRER_FETCHES)
+        .collect()
+        .await;
     let mut out = Vec::new();
-    for d in refs {
-        if d.artifact_type
-            .as_deref()
-            .is_some_and(|t| t != ARTIFACT_TYPE)
-        {
-            continue;
-        }
-        let raw = match store.get_manifest(&d.digest).await {
+    for (d, got) in refs.iter().zip(fetched) {
+        let raw = match got {
             Ok(r) => r,
             Err(e) if e.is_not_found() => {
                 tracing::debug!(digest = %d.digest, "referrer listed but missing");

@@ -825,20 +825,22 @@ impl Fetcher {
             .buffer_unordered((self.sched.max_requests() / 2).max(1))
             .collect::<Vec<_>>()
             .await;
+        let mut first_error = None;
         for r in results {
             match r {
                 Ok(n) => {
                     stats.bytes += n;
                     stats.chunks += 1;
                 }
-                Err(_) => {
+                Err(e) => {
                     stats.errors += 1;
                     self.metrics.prefetch_error("pack");
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        if stats.errors > 0 {
-            warn!(image = %j.image, failed = stats.errors, "startup pack: some chunks failed; their reads go through spans");
+        if let Some(e) = first_error {
+            warn!(image = %j.image, failed = stats.errors, first_error = %e, "startup pack: some chunks failed; their reads go through spans");
         }
         // Nothing more is coming: reads of what did not arrive go through spans at once.
         for (layer, path) in &stats.files {

@@ -641,4 +641,49 @@ async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
     nix::mount::umount(&mnt).expect("umount");
     drop(c);
     assert!(node.signal("TERM").success());
+
+    // A registry that serves wrong pack bytes: the chunk fails its SHA-256, the node says
+    // so, and the reads still get the right bytes, through spans.
+    let hex = pack.digest.trim_start_matches("sha256:");
+    let data = registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut bytes = std::fs::read(&data).expect("the stored pack blob");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).expect("corrupt the pack blob");
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-prefetch-pack-bad-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut node, addr) = start_node(dir.path(), &[]);
+    let mut c = connect(node.socket.clone()).await;
+    prepare_layer(&mut c, &image_ref, &image, 0).await;
+    prepare_layer(&mut c, &image_ref, &image, 1).await;
+    wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
+    wait_log(&node, "pack_chunks=0");
+    let m = http_get(&addr, "/metrics");
+    assert!(
+        metric(&m, "talaria_node_prefetch_errors_total{stage=\"pack\"}") >= 1.0,
+        "the bad chunk is counted:\n{m}"
+    );
+    let log = node.log_text();
+    assert!(
+        log.contains("startup pack: some chunks failed") && log.contains("the table says"),
+        "the log names the failed digest check:\n{log}"
+    );
+    let mnt = dir.path().join("mnt");
+    mount_view(&mut c, &top, "view", &mnt).await;
+    let f = std::fs::File::open(mnt.join("app/run")).expect("open the script");
+    f.read_exact_at(&mut page, 2 << 20).expect("read the page");
+    assert!(page[..] == script[2 << 20..(2 << 20) + 4096]);
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("app/unused.txt")).expect("read"),
+        "not in the plan\n"
+    );
+    drop(f);
+    nix::mount::umount(&mnt).expect("umount");
+    drop(c);
+    assert!(node.signal("TERM").success());
 }
