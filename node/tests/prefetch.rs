@@ -535,6 +535,61 @@ async fn a_recorded_start_becomes_a_plan_of_the_pages_read_in_read_order() {
     assert!(node.signal("TERM").success());
 }
 
+/// A fresh node that has pulled `image` (its startup prefetch done, with `marker` in the
+/// trace line) and mounted its top snapshot.
+struct PackRun {
+    _dir: tempfile::TempDir,
+    node: Node,
+    addr: String,
+    _client: Client,
+    mnt: std::path::PathBuf,
+}
+
+impl PackRun {
+    async fn start(prefix: &str, image_ref: &str, image: &images::Image, marker: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("tempdir");
+        let (node, addr) = start_node(dir.path(), &[]);
+        let mut c = connect(node.socket.clone()).await;
+        prepare_layer(&mut c, image_ref, image, 0).await;
+        prepare_layer(&mut c, image_ref, image, 1).await;
+        wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
+        wait_log(&node, marker);
+        let top = common::chain_ids(image).pop().expect("top");
+        let mnt = dir.path().join("mnt");
+        mount_view(&mut c, &top, "view", &mnt).await;
+        PackRun {
+            _dir: dir,
+            node,
+            addr,
+            _client: c,
+            mnt,
+        }
+    }
+
+    /// Reads the recorded page of `/app/run` and `/app/unused.txt`, checking their bytes;
+    /// returns the open script.
+    fn read_both(&self, script: &[u8]) -> std::fs::File {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(self.mnt.join("app/run")).expect("open the script");
+        let mut page = [0u8; 4096];
+        f.read_exact_at(&mut page, 2 << 20).expect("read the page");
+        assert!(page[..] == script[2 << 20..(2 << 20) + 4096]);
+        assert_eq!(
+            std::fs::read_to_string(self.mnt.join("app/unused.txt")).expect("read"),
+            "not in the plan\n"
+        );
+        f
+    }
+
+    fn stop(mut self) {
+        nix::mount::umount(&self.mnt).expect("umount");
+        assert!(self.node.signal("TERM").success());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
     use std::os::unix::fs::FileExt;
@@ -595,29 +650,10 @@ async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
         "the page of the big file, the small file whole, in read order"
     );
 
-    let dir = tempfile::Builder::new()
-        .prefix("tlr-prefetch-pack-")
-        .tempdir()
-        .expect("tempdir");
-    let (mut node, addr) = start_node(dir.path(), &[]);
-    let mut c = connect(node.socket.clone()).await;
-    prepare_layer(&mut c, &image_ref, &image, 0).await;
-    prepare_layer(&mut c, &image_ref, &image, 1).await;
-    wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
-    wait_log(&node, "pack_chunks=1");
-    let top = common::chain_ids(&image).pop().expect("top");
-    let mnt = dir.path().join("mnt");
-    mount_view(&mut c, &top, "view", &mnt).await;
-    let f = std::fs::File::open(mnt.join("app/run")).expect("open the script");
-    let mut page = [0u8; 4096];
-    f.read_exact_at(&mut page, 2 << 20)
-        .expect("read the packed page");
-    assert!(page[..] == script[2 << 20..(2 << 20) + 4096]);
-    assert_eq!(
-        std::fs::read_to_string(mnt.join("app/unused.txt")).expect("read"),
-        "not in the plan\n"
-    );
-    let m = http_get(&addr, "/metrics");
+    // A fresh node: the startup prefetch brings the pack (one chunk), then the reads.
+    let run = PackRun::start("tlr-prefetch-pack-", &image_ref, &image, "pack_chunks=1").await;
+    let f = run.read_both(&script);
+    let m = http_get(&run.addr, "/metrics");
     for kind in ["startup", "on_demand", "cache"] {
         assert_eq!(
             layer_bytes(&m, &image_ref, app_layer, kind),
@@ -627,10 +663,11 @@ async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
     }
     assert!(metric(&m, "talaria_node_fuse_read_bytes_total") >= 4096.0 + 16.0);
     // A page the start did not read goes through spans, as before.
+    let mut page = [0u8; 4096];
     f.read_exact_at(&mut page, 1 << 20)
         .expect("read an unpacked page");
     assert!(page[..] == script[1 << 20..(1 << 20) + 4096]);
-    let m = http_get(&addr, "/metrics");
+    let m = http_get(&run.addr, "/metrics");
     assert!(
         layer_bytes(&m, &image_ref, app_layer, "on_demand")
             + layer_bytes(&m, &image_ref, app_layer, "cache")
@@ -638,9 +675,7 @@ async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
         "the unpacked page came through spans:\n{m}"
     );
     drop(f);
-    nix::mount::umount(&mnt).expect("umount");
-    drop(c);
-    assert!(node.signal("TERM").success());
+    run.stop();
 
     // A registry that serves wrong pack bytes: the chunk fails its SHA-256, the node says
     // so, and the reads still get the right bytes, through spans.
@@ -653,37 +688,23 @@ async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&data, bytes).expect("corrupt the pack blob");
-    let dir = tempfile::Builder::new()
-        .prefix("tlr-prefetch-pack-bad-")
-        .tempdir()
-        .expect("tempdir");
-    let (mut node, addr) = start_node(dir.path(), &[]);
-    let mut c = connect(node.socket.clone()).await;
-    prepare_layer(&mut c, &image_ref, &image, 0).await;
-    prepare_layer(&mut c, &image_ref, &image, 1).await;
-    wait_metric(&node, &addr, "talaria_node_startup_prefetches_total", 1.0);
-    wait_log(&node, "pack_chunks=0");
-    let m = http_get(&addr, "/metrics");
+    let run = PackRun::start(
+        "tlr-prefetch-pack-bad-",
+        &image_ref,
+        &image,
+        "pack_chunks=0",
+    )
+    .await;
+    let m = http_get(&run.addr, "/metrics");
     assert!(
         metric(&m, "talaria_node_prefetch_errors_total{stage=\"pack\"}") >= 1.0,
         "the bad chunk is counted:\n{m}"
     );
-    let log = node.log_text();
+    let log = run.node.log_text();
     assert!(
         log.contains("startup pack: some chunks failed") && log.contains("the table says"),
         "the log names the failed digest check:\n{log}"
     );
-    let mnt = dir.path().join("mnt");
-    mount_view(&mut c, &top, "view", &mnt).await;
-    let f = std::fs::File::open(mnt.join("app/run")).expect("open the script");
-    f.read_exact_at(&mut page, 2 << 20).expect("read the page");
-    assert!(page[..] == script[2 << 20..(2 << 20) + 4096]);
-    assert_eq!(
-        std::fs::read_to_string(mnt.join("app/unused.txt")).expect("read"),
-        "not in the plan\n"
-    );
-    drop(f);
-    nix::mount::umount(&mnt).expect("umount");
-    drop(c);
-    assert!(node.signal("TERM").success());
+    drop(run.read_both(&script));
+    run.stop();
 }
