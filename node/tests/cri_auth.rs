@@ -266,8 +266,11 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     assert_eq!(metric(&m, "talaria_node_read_errors_total"), 0.0, "{m}");
 
     // 3. The other image-service calls through the proxy answer as containerd does.
-    let ours = via.list_images().await.expect("ListImages via proxy");
-    let theirs = cri.list_images().await.expect("ListImages on containerd");
+    let mut ours = via.list_images().await.expect("ListImages via proxy");
+    let mut theirs = cri.list_images().await.expect("ListImages on containerd");
+    // containerd lists in no fixed order (a map walk): compare as sets.
+    ours.sort_by(|a, b| a.id.cmp(&b.id));
+    theirs.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(ours, theirs);
     assert!(ours.iter().any(|i| i.repo_tags.contains(&private_ref)));
     for image in [private_ref.as_str(), "127.0.0.1:1/no/such:image"] {
