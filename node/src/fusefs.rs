@@ -19,9 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+    BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
 };
 use prometheus_client::metrics::counter::Counter;
 use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
@@ -394,6 +395,22 @@ pub struct LayerFs {
     read_bytes: Option<Counter>,
     /// Startup reads are recorded here, under the layer digest.
     recorder: Option<(Arc<TraceRecorder>, String)>,
+    /// The kernel took FUSE passthrough at init (and no open has failed it since).
+    passthrough: std::sync::atomic::AtomicBool,
+    /// Open handles per inode, by mode. The kernel refuses (EIO to the application) a
+    /// passthrough open while a cached one is open, and the reverse; it wants one backing id
+    /// per inode, alive while any passthrough handle is.
+    handles: std::sync::Mutex<OpenHandles>,
+}
+
+/// Handle `fh` of a cached (non-passthrough) open: the inode with the top bit set (a
+/// passthrough handle is the bare inode number).
+const CACHED_FH: u64 = 1 << 63;
+
+#[derive(Default)]
+struct OpenHandles {
+    passthrough: std::collections::HashMap<u64, (BackingId, u32)>,
+    cached: std::collections::HashMap<u64, u32>,
 }
 
 /// Up to `size` bytes at `offset` of a local copy of a file of `file_size` bytes; an error
@@ -436,6 +453,8 @@ impl LayerFs {
             materialized: None,
             read_bytes: None,
             recorder: None,
+            passthrough: std::sync::atomic::AtomicBool::new(false),
+            handles: std::sync::Mutex::new(OpenHandles::default()),
         })
     }
 
@@ -488,7 +507,92 @@ fn xattr_reply(size: u32, data: &[u8], reply: ReplyXattr) {
     }
 }
 
+impl LayerFs {
+    /// Opens regular file `ino`: with kernel passthrough to its local copy when all of it
+    /// is on local disk (its reads then never come to this process), else cached.
+    fn open_file(&self, ino: u64, reply: ReplyOpen) {
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        // The inode keeps the mode its open handles have (a copy that was whole stays whole).
+        let reply = if handles.cached.contains_key(&ino) {
+            reply
+        } else {
+            match self.open_passthrough(&mut handles, ino, reply) {
+                Ok(()) => return,
+                Err(reply) => reply,
+            }
+        };
+        *handles.cached.entry(ino).or_default() += 1;
+        reply.opened(FileHandle(ino | CACHED_FH), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    /// The passthrough open of `ino`, if its copy is here. `Err(reply)`: not possible.
+    fn open_passthrough(
+        &self,
+        handles: &mut OpenHandles,
+        ino: u64,
+        reply: ReplyOpen,
+    ) -> Result<(), ReplyOpen> {
+        use std::sync::atomic::Ordering;
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return Err(reply);
+        }
+        let Some((m, layer)) = &self.materialized else {
+            return Err(reply);
+        };
+        let Some(entry) = self
+            .tree
+            .node(ino)
+            .and_then(|n| n.content)
+            .and_then(|i| self.index.entries.get(i))
+        else {
+            return Err(reply);
+        };
+        let (id, open) = match handles.passthrough.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let Some(f) = m.whole(layer, &entry.path, entry.size) else {
+                    return Err(reply);
+                };
+                match reply.open_backing(&*f) {
+                    Ok(id) => v.insert((id, 0)),
+                    Err(e) => {
+                        // Once is enough to know: this mount answers every later open normally.
+                        self.passthrough.store(false, Ordering::Relaxed);
+                        warn!(path = %entry.path, error = %e, "FUSE passthrough refused; reads go through this process");
+                        return Err(reply);
+                    }
+                }
+            }
+        };
+        *open += 1;
+        // Reads of a passthrough file never reach `read`: record the open as a read of what
+        // is here (all of it), so a recording made with a pack still names the file.
+        if let Some((r, l)) = &self.recorder {
+            r.record(l, &entry.path, 0, entry.size);
+        }
+        self.metrics.passthrough_opens.inc();
+        // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (the page cache is the
+        // local copy's).
+        reply.opened_passthrough(FileHandle(ino), FopenFlags::empty(), id);
+        Ok(())
+    }
+}
+
 impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Passthrough needs the kernel's consent and a stack depth of 1, which still lets
+        // overlayfs stack on this filesystem (the kernel's maximum depth is 2).
+        let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        if !ok {
+            debug!(
+                "the kernel offers no FUSE passthrough; local copies are read through this process"
+            );
+        }
+        *self.passthrough.get_mut() = ok;
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let ino = self
             .tree
@@ -520,9 +624,7 @@ impl Filesystem for LayerFs {
         }
         match self.tree.node(ino.0) {
             // Content never changes: let the page cache keep it across opens.
-            Some(n) if n.kind == FileType::RegularFile => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            Some(n) if n.kind == FileType::RegularFile => self.open_file(ino.0, reply),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
         }
@@ -666,6 +768,36 @@ impl Filesystem for LayerFs {
                 break;
             }
         }
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // The backing id goes with the inode's last passthrough handle.
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if fh.0 & CACHED_FH != 0 {
+            let ino = fh.0 & !CACHED_FH;
+            if let Some(n) = handles.cached.get_mut(&ino) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    handles.cached.remove(&ino);
+                }
+            }
+        } else if let Some((_, n)) = handles.passthrough.get_mut(&fh.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                handles.passthrough.remove(&fh.0);
+            }
+        }
+        drop(handles);
         reply.ok();
     }
 

@@ -495,6 +495,15 @@ impl Materializer {
         }
     }
 
+    /// The local copy of all of `path` (`file_size` bytes per the layer's index), if one is
+    /// here: materialized whole, or every byte of it brought by a pack.
+    pub fn whole(&self, layer_digest: &str, path: &str, file_size: u64) -> Option<Arc<File>> {
+        match self.ranged(layer_digest, path, file_size, 0, file_size) {
+            RangedRead::Here(f) => Some(f),
+            _ => self.get(layer_digest, path),
+        }
+    }
+
     /// Whether the pack announced any of `path`.
     pub fn is_packed(&self, layer_digest: &str, path: &str) -> bool {
         let key = (layer_dir(layer_digest), file_name(path));

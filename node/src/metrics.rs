@@ -79,6 +79,8 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     /// Bytes FUSE reads returned to the kernel (from spans or materialized files).
     pub fuse_read_bytes: Counter,
+    /// Opens answered with kernel passthrough to a local copy (their reads skip FUSE).
+    pub passthrough_opens: Counter,
     /// Startup files copied to local disk, and their bytes.
     pub materialized_files: Counter,
     pub materialized_bytes: Counter,
@@ -122,6 +124,7 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             read_errors: Counter::default(),
             fuse_read_bytes: Counter::default(),
+            passthrough_opens: Counter::default(),
             materialized_files: Counter::default(),
             materialized_bytes: Counter::default(),
             registry: Registry::default(),
@@ -220,6 +223,11 @@ impl Metrics {
             "fuse_read_bytes",
             "Bytes reads of remote layers returned (from spans or materialized files)",
             m.fuse_read_bytes.clone(),
+        );
+        registry.register(
+            "passthrough_opens",
+            "Opens of remote-layer files whose reads the kernel serves from a local copy",
+            m.passthrough_opens.clone(),
         );
         registry.register(
             "materialized_files",
