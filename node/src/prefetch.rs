@@ -818,15 +818,16 @@ impl Fetcher {
         let host = art_repo.registry.clone();
         // Futures made up front (no closure over the stream): they borrow `self` and the
         // table, and the stream stays `Send` for the spawned job.
-        let fetches: Vec<_> = (0..table.chunks.len())
-            .map(|i| self.fetch_pack_chunk(j, table, i, m, &source, &host))
+        let fetches: Vec<_> = pack_runs(table)
+            .into_iter()
+            .map(|(first, last)| self.fetch_pack_run(j, table, first, last, m, &source, &host))
             .collect();
         let results = futures::stream::iter(fetches)
             .buffer_unordered((self.sched.max_requests() / 2).max(1))
             .collect::<Vec<_>>()
             .await;
         let mut first_error = None;
-        for r in results {
+        for r in results.into_iter().flatten() {
             match r {
                 Ok(n) => {
                     stats.bytes += n;
@@ -849,18 +850,23 @@ impl Fetcher {
         stats
     }
 
-    /// Fetches, verifies and writes chunk `i` of a pack; on failure its files are abandoned.
-    /// Returns the compressed bytes fetched.
-    async fn fetch_pack_chunk(
+    /// Fetches chunks `first..=last` of a pack (adjacent in the blob) in one request, then
+    /// verifies and writes each; a failed chunk's files are abandoned. One result a chunk:
+    /// its compressed bytes, or why it failed.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_pack_run(
         &self,
         j: &ImageJob,
         table: &PackTable,
-        i: usize,
+        first: usize,
+        last: usize,
         m: &Arc<Materializer>,
         source: &talaria_artifact::registry::RegistryBlobSource,
         host: &str,
-    ) -> Result<u64, String> {
-        let c = &table.chunks[i];
+    ) -> Vec<Result<u64, String>> {
+        let chunks = &table.chunks[first..=last];
+        let start = chunks[0].offset;
+        let len: u64 = chunks.iter().map(|c| c.length).sum();
         let timeout = self.opts.read_timeout;
         let fetched = async {
             let _permit = self
@@ -868,28 +874,37 @@ impl Fetcher {
                 .acquire(host, Class::Startup)
                 .await
                 .map_err(|e| e.to_string())?;
-            match tokio::time::timeout(timeout, source.read_range(c.offset, c.length)).await {
+            match tokio::time::timeout(timeout, source.read_range(start, len)).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err(format!("timed out after {timeout:?}")),
             }
         }
         .await;
-        let res = match fetched {
-            Ok(member) => {
-                let n = member.len() as u64;
-                self.metrics.bytes_startup.inc_by(n);
-                self.metrics.bytes_prefetched.inc_by(n);
-                self.unpack(table, i, member, m).await.map(|()| n)
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = &res {
-            debug!(image = %j.image, chunk = i, error = %e, "startup pack chunk failed");
-            for r in &c.records {
-                m.abandon(&table.layers[r.layer as usize], &r.path);
-            }
+        if let Ok(b) = &fetched {
+            self.metrics.bytes_startup.inc_by(b.len() as u64);
+            self.metrics.bytes_prefetched.inc_by(b.len() as u64);
         }
-        res
+        let mut out = Vec::with_capacity(chunks.len());
+        for (k, c) in chunks.iter().enumerate() {
+            let i = first + k;
+            let res = match &fetched {
+                Ok(b) => {
+                    // Chunks are laid end to end, so each is a slice of the run.
+                    let at = (c.offset - start) as usize;
+                    let member = b.slice(at..at + c.length as usize);
+                    self.unpack(table, i, member, m).await.map(|()| c.length)
+                }
+                Err(e) => Err(e.clone()),
+            };
+            if let Err(e) = &res {
+                debug!(image = %j.image, chunk = i, error = %e, "startup pack chunk failed");
+                for r in &c.records {
+                    m.abandon(&table.layers[r.layer as usize], &r.path);
+                }
+            }
+            out.push(res);
+        }
+        out
     }
 
     /// Verifies and inflates chunk `i` off the runtime's threads, then writes its records.
@@ -1077,6 +1092,35 @@ async fn load_index(
         raw,
         index: Arc::new(index),
     })
+}
+
+/// Compressed bytes one pack request asks for at most: a few large requests fill a fast
+/// link where one per ~1 MiB chunk spent its time on round trips.
+const PACK_REQUEST_BYTES: u64 = 4 << 20;
+
+/// Runs of adjacent pack chunks, each fetched with one request: the first chunk alone (the
+/// first reads wait for it), then runs of up to [`PACK_REQUEST_BYTES`].
+fn pack_runs(table: &PackTable) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut bytes = 0u64;
+    for (i, c) in table.chunks.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, last))
+                if i > 1
+                    && *last + 1 == i
+                    && table.chunks[*last].offset + table.chunks[*last].length == c.offset
+                    && bytes + c.length <= PACK_REQUEST_BYTES =>
+            {
+                *last = i;
+                bytes += c.length;
+            }
+            _ => {
+                runs.push((i, i));
+                bytes = c.length;
+            }
+        }
+    }
+    runs
 }
 
 /// What a startup pack fetch did.
@@ -1297,6 +1341,31 @@ fn merge_runs(
 mod tests {
     use super::*;
     use talaria_artifact::index::{Compression, Span};
+
+    #[test]
+    fn pack_runs_start_small_then_fill_requests() {
+        let chunk = |offset: u64, length: u64| talaria_artifact::startup::pack::PackChunk {
+            offset,
+            length,
+            sha256: String::new(),
+            uncompressed: 0,
+            records: Vec::new(),
+        };
+        let mb = 1 << 20;
+        // Ten 1 MiB chunks end to end, then one after a gap.
+        let mut chunks: Vec<_> = (0..10).map(|i| chunk(i * mb, mb)).collect();
+        chunks.push(chunk(20 * mb, mb));
+        let table = PackTable {
+            chunks,
+            ..PackTable::default()
+        };
+        assert_eq!(
+            pack_runs(&table),
+            [(0, 0), (1, 4), (5, 8), (9, 9), (10, 10)],
+            "the first alone; runs of at most 4 MiB; nothing across a gap"
+        );
+        assert!(pack_runs(&PackTable::default()).is_empty());
+    }
 
     /// An index of `n` spans of 100 compressed bytes each (a real index of a tiny layer
     /// with its spans replaced).
