@@ -610,8 +610,19 @@ impl RegistryClient {
             if let Some(a) = &authorization {
                 req = req.header(header::AUTHORIZATION, a);
             }
+            let sent = std::time::Instant::now();
             let resp = match req.send().await {
-                Ok(r) => r,
+                Ok(r) => {
+                    // The request timeline of a start (`--log talaria_artifact=debug`).
+                    tracing::debug!(
+                        op,
+                        url,
+                        status = r.status().as_u16(),
+                        ms = sent.elapsed().as_millis() as u64,
+                        "registry answered"
+                    );
+                    r
+                }
                 Err(e) => {
                     return Err(Failure::Retry {
                         reason: transport_reason(&e),
@@ -1190,10 +1201,25 @@ impl RegistryClient {
         repo: &Repository,
         subject_digest: &str,
     ) -> Result<Vec<Descriptor>, RegistryError> {
-        if let Some(list) = self.referrers_api(repo, subject_digest).await? {
-            return Ok(list);
+        Ok(self.referrers_probing(repo, subject_digest).await?.0)
+    }
+
+    /// [`Self::referrers`], also saying whether the registry has the API.
+    pub async fn referrers_probing(
+        &self,
+        repo: &Repository,
+        subject_digest: &str,
+    ) -> Result<(Vec<Descriptor>, bool), RegistryError> {
+        // Both at once: on a registry without the API the tag is the answer, and asking in
+        // turn would put one more round trip on a node's startup path.
+        let (api, tag) = futures::join!(
+            self.referrers_api(repo, subject_digest),
+            self.referrers_tag(repo, subject_digest)
+        );
+        if let Some(list) = api? {
+            return Ok((list, true));
         }
-        Ok(self.referrers_tag(repo, subject_digest).await?.0)
+        Ok((tag?.0, false))
     }
 
     /// Adds a referrer to the subject's tag-schema index (read-modify-write). Two writers

@@ -216,17 +216,27 @@ impl Store for RegistryStore {
         subject_digest: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Descriptor>, StoreError>> {
         Box::pin(async move {
-            if self.referrers_api.load(Ordering::Relaxed) != 2 {
-                match self
-                    .client
-                    .referrers_api(&self.repo, subject_digest)
-                    .await?
-                {
-                    Some(list) => {
-                        self.referrers_api.store(1, Ordering::Relaxed);
+            match self.referrers_api.load(Ordering::Relaxed) {
+                1 => {
+                    if let Some(list) = self
+                        .client
+                        .referrers_api(&self.repo, subject_digest)
+                        .await?
+                    {
                         return Ok(list);
                     }
-                    None => self.referrers_api.store(2, Ordering::Relaxed),
+                    self.referrers_api.store(2, Ordering::Relaxed);
+                }
+                2 => {}
+                _ => {
+                    // Unknown: the API and the tag at once (one round trip, not two).
+                    let (list, api) = self
+                        .client
+                        .referrers_probing(&self.repo, subject_digest)
+                        .await?;
+                    self.referrers_api
+                        .store(if api { 1 } else { 2 }, Ordering::Relaxed);
+                    return Ok(list);
                 }
             }
             Ok(self

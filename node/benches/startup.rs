@@ -36,6 +36,7 @@ use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, Recorded, build};
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::startup::StartupTrace;
+use talaria_artifact::startup::trace::TracedFile;
 use talaria_artifact::store::{RegistryStore, Store};
 use talaria_testenv::cri::{self, Cri, CriContainerd, CriOptions, CriSnapshotter, PodSandbox};
 use talaria_testenv::images::{self, Image, Layer};
@@ -70,7 +71,7 @@ struct Args {
     )]
     links: Vec<Link>,
     /// Comma-separated: overlayfs, talaria-none, talaria-default, talaria-accelerated,
-    /// talaria-recorded.
+    /// talaria-recorded, talaria-recorded-proxy.
     #[arg(
         long,
         value_delimiter = ',',
@@ -157,6 +158,10 @@ enum Variant {
     /// The accelerated profile with a plan recorded from one real start (a talaria-node's
     /// /startup-trace, as `talaria build --startup-trace` takes it).
     TalariaRecorded,
+    /// The recorded artifact, pulled through talaria-node's CRI image-service proxy (as
+    /// kubelet does with `imageService.enabled`): the node starts on the artifact when the
+    /// pull begins, not at containerd's first Prepare.
+    TalariaRecordedProxy,
 }
 
 impl Variant {
@@ -167,6 +172,7 @@ impl Variant {
             Variant::TalariaDefault => "talaria-default",
             Variant::TalariaAccelerated => "talaria-accelerated",
             Variant::TalariaRecorded => "talaria-recorded",
+            Variant::TalariaRecordedProxy => "talaria-recorded-proxy",
         }
     }
 
@@ -176,12 +182,19 @@ impl Variant {
             Variant::Overlayfs | Variant::TalariaNone => "none",
             Variant::TalariaDefault => "default",
             Variant::TalariaAccelerated => "accelerated",
-            Variant::TalariaRecorded => "recorded",
+            Variant::TalariaRecorded | Variant::TalariaRecordedProxy => "recorded",
         }
     }
 
     fn uses_talaria(self) -> bool {
         self != Variant::Overlayfs
+    }
+
+    fn recorded(self) -> bool {
+        matches!(
+            self,
+            Variant::TalariaRecorded | Variant::TalariaRecordedProxy
+        )
     }
 }
 
@@ -312,7 +325,8 @@ async fn run(args: Args) -> Result<()> {
 
     // The recorded plan: one start against the unshaped registry with recording on (the
     // default), its /startup-trace turned into the "recorded" tag's artifact.
-    if args.variants.contains(&Variant::TalariaRecorded) {
+    let mut gzipped: BTreeMap<String, f64> = BTreeMap::new();
+    if args.variants.iter().any(|v| v.recorded()) {
         let unshaped = Link {
             rate_mbit: 10_000,
             delay_ms: 0,
@@ -330,13 +344,17 @@ async fn run(args: Args) -> Result<()> {
             .await
             .with_context(|| format!("{}: recording run", w.name))?;
             let trace = s.trace.context("the recording run gave no trace")?;
+            let gz = gzipped_reads(w, &trace)
+                .with_context(|| format!("{}: gzip the recorded reads", w.name))?;
             eprintln!(
-                "{}: recorded {} files, {:.1} MiB read ranges (ready {:.2} s unshaped)",
+                "{}: recorded {} files, {:.1} MiB read ranges, {:.1} MiB gzipped (ready {:.2} s unshaped)",
                 w.name,
                 trace.files(),
                 mib(trace.bytes() as f64),
+                mib(gz as f64),
                 s.ready.as_secs_f64()
             );
+            gzipped.insert(w.name.clone(), gz as f64);
             let t = Instant::now();
             build_artifact(
                 &local.host(),
@@ -416,6 +434,7 @@ async fn run(args: Args) -> Result<()> {
         workloads: &workloads,
         samples: &samples,
         probes: &probes,
+        gzipped: &gzipped,
         local_start: &local_start,
     };
     println!(
@@ -591,6 +610,17 @@ async fn build_artifact(
         "a layer of {repo} was not indexed: {:?}",
         summary.layers
     );
+    // The indexes are on every start's path (each mount waits for its layer's).
+    let index_bytes: u64 = summary
+        .layers
+        .iter()
+        .filter_map(|l| l.index.as_ref().map(|d| d.size))
+        .sum();
+    eprintln!(
+        "{repo}:{tag}: {} artifact, indexes {:.2} MiB",
+        profile.name(),
+        mib(index_bytes as f64)
+    );
     if opts.recorded.is_some()
         && let Some(d) = &summary.plan
     {
@@ -742,6 +772,11 @@ async fn cold_start(
         .tempdir()
         .context("tempdir")?;
     let metrics_addr = format!("127.0.0.1:{}", talaria_testenv::free_port()?);
+    // The node's image-service proxy forwards to containerd through this link, made once
+    // containerd (started after the node, as its snapshotter) is up.
+    let containerd_link = dir.path().join("containerd.sock");
+    let proxy_socket = dir.path().join("images.sock");
+    let via_proxy = variant == Variant::TalariaRecordedProxy;
     let node = if variant.uses_talaria() {
         let mut a = vec![
             "--insecure-registry".to_string(),
@@ -749,6 +784,14 @@ async fn cold_start(
             "--metrics-addr".to_string(),
             metrics_addr.clone(),
         ];
+        if via_proxy {
+            a.extend([
+                "--image-service-socket".to_string(),
+                proxy_socket.display().to_string(),
+                "--containerd-socket".to_string(),
+                containerd_link.display().to_string(),
+            ]);
+        }
         a.extend_from_slice(node_args);
         let bin = args
             .node_bin
@@ -782,9 +825,34 @@ async fn cold_start(
     // The sandbox exists before the pull, as kubelet creates it first.
     let pod = cri.run_pod("startup").await.context("RunPodSandbox")?;
     let image = format!("{host}/{}:{}", w.repo(), variant.tag());
+    let images = if via_proxy {
+        std::os::unix::fs::symlink(env.socket(), &containerd_link)
+            .context("link containerd's socket for the proxy")?;
+        let t = Instant::now();
+        while !proxy_socket.exists() {
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "no image-service proxy socket"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Some(
+            Cri::connect(&proxy_socket, &env.pod_log_root())
+                .await
+                .context("CRI client of the image-service proxy")?
+                .with_timeouts(Duration::from_secs(120), timeout),
+        )
+    } else {
+        None
+    };
 
     let t0 = Instant::now();
-    cri.pull_image(&image).await.context("PullImage")?;
+    images
+        .as_ref()
+        .unwrap_or(&cri)
+        .pull_image(&image)
+        .await
+        .context("PullImage")?;
     let pull = t0.elapsed();
     let id = cri
         .create_container(&pod, Cri::container_config("app", &image, &[]))
@@ -909,6 +977,56 @@ fn counters(text: &str, w: &Workload) -> NodeCounters {
     }
 }
 
+/// The recorded read ranges gzip-compressed (default level, one stream per layer, in archive
+/// order): what those bytes weigh on the wire in a gzip image, independent of talaria's pack.
+fn gzipped_reads(w: &Workload, trace: &StartupTrace) -> Result<u64> {
+    struct Count(u64);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut total = 0;
+    for l in &w.layers {
+        let Some(lt) = trace.layers.iter().find(|t| t.digest == l.digest) else {
+            continue;
+        };
+        let wanted: BTreeMap<&str, &TracedFile> =
+            lt.files.iter().map(|f| (f.path.as_str(), f)).collect();
+        let mut gz = flate2::write::GzEncoder::new(Count(0), flate2::Compression::default());
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&l.blob[..]));
+        for e in tar.entries().context("layer tar")? {
+            let mut e = e.context("layer tar entry")?;
+            let raw = e
+                .path()
+                .context("entry path")?
+                .to_string_lossy()
+                .into_owned();
+            let path = raw.trim_start_matches("./").trim_start_matches('/');
+            let Some(f) = wanted.get(path) else {
+                continue;
+            };
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).context("entry data")?;
+            for r in &f.ranges {
+                let start = usize::try_from(r.offset)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                let end = usize::try_from(r.offset.saturating_add(r.len))
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                gz.write_all(&data[start..end]).context("gzip")?;
+            }
+        }
+        total += gz.finish().context("gzip")?.0;
+    }
+    Ok(total)
+}
+
 // ---------------------------------------------------------------------------------------
 // Statistics and report
 
@@ -941,14 +1059,18 @@ struct Report<'a> {
     workloads: &'a [Workload],
     samples: &'a BTreeMap<Key, Vec<Sample>>,
     probes: &'a BTreeMap<String, NodeCounters>,
+    /// The recorded reads gzip-compressed, per workload (runs with a recorded variant).
+    gzipped: &'a BTreeMap<String, f64>,
     local_start: &'a BTreeMap<String, Vec<f64>>,
 }
 
 /// The physical limit of one workload on one link.
 struct Limit {
-    /// Startup bytes, compressed-equivalent, and which measure gave them.
+    /// Startup bytes as they weigh on the wire, and which measure gave them.
     bytes: f64,
     source: &'static str,
+    /// FUSE-read bytes times each layer's average compression ratio (the earlier measure).
+    layer_ratio: Option<f64>,
     uncompressed: Option<f64>,
     local_start: f64,
     seconds: f64,
@@ -968,10 +1090,17 @@ impl Report<'_> {
         let probe = self.probes.get(&w.name)?;
         // FUSE-read bytes are what the app read; without that metric, the compressed bytes
         // fetched on demand (whole spans: an upper bound) stand in.
-        let (bytes, source) = match (probe.fuse_read_compressed, probe.on_demand) {
-            (Some(b), _) => (b, "FUSE read x layer ratio"),
-            (None, Some(b)) => (b, "on-demand spans (upper bound)"),
-            (None, None) => return None,
+        // The recorded reads gzipped weigh what those bytes cost in a gzip image; the layer's
+        // average ratio understates binaries and shared libraries, which compress worse.
+        let (bytes, source) = match (
+            self.gzipped.get(&w.name),
+            probe.fuse_read_compressed,
+            probe.on_demand,
+        ) {
+            (Some(b), _, _) => (*b, "recorded reads, gzipped"),
+            (None, Some(b), _) => (b, "FUSE read x layer ratio"),
+            (None, None, Some(b)) => (b, "on-demand spans (upper bound)"),
+            (None, None, None) => return None,
         };
         let local_start = median(self.local_start.get(&w.name)?);
         let seconds = bytes * 8.0 / (f64::from(link.rate_mbit) * 1e6)
@@ -980,6 +1109,7 @@ impl Report<'_> {
         Some(Limit {
             bytes,
             source,
+            layer_ratio: probe.fuse_read_compressed,
             uncompressed: probe.fuse_read,
             local_start,
             seconds,
@@ -1027,23 +1157,23 @@ impl Report<'_> {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "physical limit = startup bytes (compressed-equivalent) / link rate + {LIMIT_RTTS} RTTs \
+            "physical limit = startup bytes (as gzip) / link rate + {LIMIT_RTTS} RTTs \
              (connect, manifest, config, one round of parallel ranged reads) + the app's own start \
              time with a local image\n"
         );
         let _ = writeln!(
             out,
-            "| workload | link | startup bytes MiB (compressed-eq.) | measured as | uncompressed MiB | \
+            "| workload | link | startup bytes MiB (as gzip) | measured as | uncompressed MiB | layer-ratio estimate MiB | \
              image MiB (compressed / unpacked) | local start (s) | limit (s) | accelerated median (s) | \
              accelerated / limit | recorded median (s) | recorded / limit |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for w in self.workloads {
             for link in &self.args.links {
                 let Some(l) = self.limit(w, *link) else {
                     let _ = writeln!(
                         out,
-                        "| {} | {link} | n/a | no probe | n/a | {:.0} / {:.0} | n/a | n/a | n/a | n/a | n/a | n/a |",
+                        "| {} | {link} | n/a | no probe | n/a | n/a | {:.0} / {:.0} | n/a | n/a | n/a | n/a | n/a | n/a |",
                         w.name,
                         mib(w.compressed_bytes() as f64),
                         mib(w.unpacked_bytes() as f64)
@@ -1054,11 +1184,13 @@ impl Report<'_> {
                 let rec = self.ready_median(&w.name, *link, Variant::TalariaRecorded);
                 let _ = writeln!(
                     out,
-                    "| {} | {link} | {:.1} | {} | {} | {:.0} / {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
+                    "| {} | {link} | {:.1} | {} | {} | {} | {:.0} / {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
                     w.name,
                     mib(l.bytes),
                     l.source,
                     l.uncompressed
+                        .map_or("n/a".into(), |u| format!("{:.1}", mib(u))),
+                    l.layer_ratio
                         .map_or("n/a".into(), |u| format!("{:.1}", mib(u))),
                     mib(w.compressed_bytes() as f64),
                     mib(w.unpacked_bytes() as f64),
@@ -1182,6 +1314,7 @@ impl Report<'_> {
                         "link": link.to_string(),
                         "startup_bytes_compressed": l.bytes,
                         "measured_as": l.source,
+                        "startup_bytes_layer_ratio_estimate": l.layer_ratio,
                         "startup_bytes_uncompressed": l.uncompressed,
                         "rtts": LIMIT_RTTS,
                         "local_start_seconds": l.local_start,

@@ -36,6 +36,10 @@ mod pb {
 /// The gRPC service proxied.
 pub const IMAGE_SERVICE: &str = "runtime.v1.ImageService";
 const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
+const IMAGE_STATUS: &str = "/runtime.v1.ImageService/ImageStatus";
+
+/// Called with the image reference of a `PullImage` whose image is not present yet.
+pub type PullHook = Arc<dyn Fn(&str) + Send + Sync>;
 /// Largest message either way: kubelet's own CRI client limit (image lists of big nodes).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
@@ -56,16 +60,66 @@ pub enum CriProxyError {
     },
 }
 
-/// The proxy: forwards to containerd, learns pull credentials.
+/// The proxy: forwards to containerd, learns pull credentials, and tells the node a pull
+/// of a new image began.
 #[derive(Clone)]
 pub struct ImageServiceProxy {
     upstream: Channel,
     learned: Arc<LearnedCredentials>,
+    on_pull: Option<PullHook>,
 }
 
 impl ImageServiceProxy {
     pub fn new(upstream: Channel, learned: Arc<LearnedCredentials>) -> Self {
-        ImageServiceProxy { upstream, learned }
+        ImageServiceProxy {
+            upstream,
+            learned,
+            on_pull: None,
+        }
+    }
+
+    /// `hook` runs when a `PullImage` of an image containerd does not have arrives, while
+    /// the call is forwarded: the node starts on the image's artifact before containerd's
+    /// own resolution reaches the snapshotter.
+    pub fn with_pull_hook(mut self, hook: PullHook) -> Self {
+        self.on_pull = Some(hook);
+        self
+    }
+
+    /// Whether containerd already has `image` (`None`: it could not say).
+    async fn present(&self, image: &str) -> Option<bool> {
+        let req = pb::ImageStatusRequest {
+            image: Some(pb::ImageSpec {
+                image: image.to_string(),
+            }),
+        };
+        let mut grpc = tonic::client::Grpc::new(self.upstream.clone());
+        grpc.ready().await.ok()?;
+        let out = grpc
+            .unary(
+                Request::new(Bytes::from(req.encode_to_vec())),
+                http::uri::PathAndQuery::from_static(IMAGE_STATUS),
+                RawCodec,
+            )
+            .await
+            .ok()?;
+        let resp = pb::ImageStatusResponse::decode(out.into_inner()).ok()?;
+        Some(resp.image.is_some_and(|i| !i.id.is_empty()))
+    }
+
+    /// Runs the pull hook for `image` unless containerd has it already.
+    fn warm(&self, image: String) {
+        let Some(hook) = self.on_pull.clone() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.present(&image).await {
+                Some(true) => debug!(image, "pulled image already present; nothing to warm"),
+                // Unknown counts as absent: warming costs one resolution at worst.
+                _ => hook(&image),
+            }
+        });
     }
 
     /// A proxy to containerd's CRI socket, connected on first use (containerd may start
@@ -81,33 +135,34 @@ impl ImageServiceProxy {
         Self::new(upstream, learned)
     }
 
-    /// Remembers the credential of a `PullImageRequest` (given as its wire bytes). A
-    /// request that does not decode is still forwarded: containerd gives the answer.
-    fn learn(&self, body: &[u8]) {
+    /// Remembers the credential of a `PullImageRequest` (given as its wire bytes), and
+    /// returns its image reference. A request that does not decode is still forwarded:
+    /// containerd gives the answer.
+    fn learn(&self, body: &[u8]) -> Option<String> {
         let req = match pb::PullImageRequest::decode(body) {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "PullImage request does not decode; forwarded as is");
-                return;
+                return None;
             }
         };
-        let Some(auth) = req.auth else { return };
         let image = req.image.map(|i| i.image).unwrap_or_default();
-        let Some(credential) = credential_of(&auth) else {
-            return;
-        };
         let r = match ImageRef::parse(&image) {
             Ok(r) => r,
             Err(e) => {
-                debug!(image, error = %e, "PullImage of an unparsable reference; credential not kept");
-                return;
+                debug!(image, error = %e, "PullImage of an unparsable reference; not looked at further");
+                return None;
             }
+        };
+        let Some(credential) = req.auth.as_ref().and_then(credential_of) else {
+            return Some(image);
         };
         let changed = self
             .learned
             .remember(&r.repository.registry, &r.repository.name, credential);
         // Never the secret: only where it applies and whether it is new.
         info!(registry = %r.repository.registry, repository = %r.repository.name, changed, "pull credential learned from CRI");
+        Some(image)
     }
 
     async fn forward(
@@ -116,8 +171,11 @@ impl ImageServiceProxy {
         req: Request<Bytes>,
     ) -> Result<Response<Bytes>, Status> {
         let (mut metadata, _, body) = req.into_parts();
-        if path.path() == PULL_IMAGE {
-            self.learn(&body);
+        if path.path() == PULL_IMAGE
+            && let Some(image) = self.learn(&body)
+        {
+            // After the credential is kept: the warm-up may need it.
+            self.warm(image);
         }
         // Compression is negotiated per hop: ours has none, so the caller's encodings
         // must not reach containerd (it would answer in an encoding we cannot read).

@@ -110,6 +110,10 @@ struct Args {
         default_value = "/run/containerd/containerd.sock"
     )]
     containerd_socket: PathBuf,
+    /// Do not start on an image's artifact when the image-service proxy sees its pull begin
+    /// (the Prepares then resolve it, after containerd's own resolution).
+    #[arg(long, env = "TALARIA_NODE_NO_PULL_WARMUP")]
+    no_pull_warmup: bool,
     /// How long a credential learned from a pull is kept without a newer pull refreshing it.
     #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "720m", value_parser = parse_duration)]
     pull_credential_ttl: Duration,
@@ -246,10 +250,13 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     if let Some(socket) = args.image_service_socket.clone() {
-        let proxy = talaria_node::criproxy::ImageServiceProxy::to_unix_socket(
+        let mut proxy = talaria_node::criproxy::ImageServiceProxy::to_unix_socket(
             &args.containerd_socket,
             learned.clone(),
         );
+        if let Some(r) = remote.clone().filter(|_| !args.no_pull_warmup) {
+            proxy = proxy.with_pull_hook(Arc::new(move |image: &str| r.warm(image)));
+        }
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
             let stop = async move {

@@ -39,6 +39,12 @@ pub struct StageLabels {
     pub stage: String,
 }
 
+/// What came of one step.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// The `kind` values of [`LayerLabels`].
 pub const LAYER_KINDS: [&str; 4] = ["on_demand", "startup", "background", "cache"];
 
@@ -62,6 +68,9 @@ pub struct Metrics {
     pub startup_spans: Counter,
     /// Failures of prefetch steps (never fatal: reads still fetch on demand).
     pub prefetch_errors: Family<StageLabels, Counter>,
+    /// Pulls the CRI proxy saw start, by what the node did ahead of containerd: `artifact`
+    /// (its job started), `none` (no artifact), `present`, `error`.
+    pub pull_warmups: Family<OutcomeLabels, Counter>,
     /// Seconds reads of remote layers waited for spans not in the cache.
     pub read_wait_seconds: Histogram,
     /// Reads that waited for the network while a startup prefetch of their image ran, and
@@ -110,6 +119,7 @@ impl Metrics {
             startup_requests: Counter::default(),
             startup_spans: Counter::default(),
             prefetch_errors: Family::default(),
+            pull_warmups: Family::default(),
             read_wait_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
@@ -178,6 +188,11 @@ impl Metrics {
             "prefetch_errors",
             "Failed steps of startup or background prefetch, by stage",
             m.prefetch_errors.clone(),
+        );
+        registry.register(
+            "pull_warmups",
+            "Pulls seen by the CRI proxy, by what the node started ahead of containerd",
+            m.pull_warmups.clone(),
         );
         registry.register(
             "startup_read_waits",
@@ -251,6 +266,14 @@ impl Metrics {
         self.fallbacks
             .get_or_create(&FallbackLabels {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn pull_warmup(&self, outcome: &str) {
+        self.pull_warmups
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
             })
             .inc();
     }

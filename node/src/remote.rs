@@ -22,9 +22,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use talaria_artifact::artifact::{self, ArtifactError, ArtifactInfo};
+use talaria_artifact::build::resolve_image;
 use talaria_artifact::index::{EntryKind, LayerIndex};
 use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::startup::TraceRecorder;
+use talaria_artifact::store::oci::Platform;
 use talaria_artifact::store::{RegistryStore, Store};
 use tracing::{debug, error, info, warn};
 
@@ -205,6 +207,9 @@ pub struct RemoteLayers {
     opts: RemoteOptions,
     mounts: Mutex<HashMap<u64, Mounted>>,
     resolved: Mutex<HashMap<String, (Instant, Option<Resolved>)>>,
+    /// One resolution per manifest at a time: a pull's warm-up and its first Prepare may
+    /// overlap, and the second then takes the first's answer.
+    resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// `os/arch` of this node, to pick the AcceleratedImage of its platform.
     platform: String,
     /// Shared layer readers, image jobs (startup prefetch), background fetch.
@@ -269,9 +274,76 @@ impl RemoteLayers {
             opts,
             mounts: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
+            resolving: Mutex::new(HashMap::new()),
             platform: node_platform(),
             fetcher,
         })
+    }
+
+    /// A pull of `image_ref` is starting (the CRI proxy saw it, and containerd does not have
+    /// the image): resolve the image's manifest and artifact and start the image's job now.
+    /// containerd spends several round trips and ~0.1 s of its own before its first
+    /// Prepare; by then the indexes and the startup pack are on their way, and the Prepares
+    /// find the artifact resolved and the job running. Failures only lose the head start.
+    pub fn warm(self: &Arc<Self>, image_ref: &str) {
+        let me = self.clone();
+        let image = image_ref.to_string();
+        self.rt.spawn(async move {
+            let t0 = Instant::now();
+            let outcome = match me.warm_up(&image).await {
+                Ok(Some(manifest)) => {
+                    info!(
+                        image,
+                        manifest,
+                        ms = t0.elapsed().as_millis() as u64,
+                        "pull warmed: artifact resolved, job started"
+                    );
+                    "artifact"
+                }
+                Ok(None) => {
+                    debug!(image, "pull warm-up: no artifact");
+                    "none"
+                }
+                Err(e) => {
+                    debug!(image, error = %e, "pull warm-up failed; the Prepares resolve as usual");
+                    "error"
+                }
+            };
+            me.metrics.pull_warmup(outcome);
+        });
+    }
+
+    async fn warm_up(&self, image: &str) -> Result<Option<String>, String> {
+        let parsed = ImageRef::parse(image).map_err(|e| e.to_string())?;
+        let store = RegistryStore::new(self.client.clone(), parsed.repository.clone());
+        let reference = parsed
+            .digest
+            .clone()
+            .or(parsed.tag.clone())
+            .unwrap_or_else(|| "latest".into());
+        let platform = Platform::parse(&self.platform).unwrap_or_else(Platform::host);
+        // The manifest containerd will unpack: the tag's, or this platform's of an index.
+        let (raw, _) = resolve_image(&store, &reference, &platform)
+            .await
+            .map_err(|e| e.to_string())?;
+        let manifest = raw.digest;
+        let Some(found) = self
+            .resolve(&parsed.repository, &manifest, image)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        if self.opts.prefetch {
+            self.fetcher.job(
+                &manifest,
+                image,
+                &parsed.repository,
+                &found.info,
+                &found.repo,
+            );
+        }
+        Ok(Some(manifest))
     }
 
     /// The link scheduler (concurrent requests per registry, by priority).
@@ -410,12 +482,37 @@ impl RemoteLayers {
         manifest: &str,
         image: &str,
     ) -> Result<Option<Resolved>, RemoteError> {
-        if let Ok(m) = self.resolved.lock()
-            && let Some((at, a)) = m.get(manifest)
-            && at.elapsed() < RESOLVE_TTL
-        {
-            return Ok(a.clone());
+        let cached = || {
+            self.resolved.lock().ok().and_then(|m| {
+                m.get(manifest)
+                    .filter(|(at, _)| at.elapsed() < RESOLVE_TTL)
+                    .map(|(_, a)| a.clone())
+            })
+        };
+        if let Some(a) = cached() {
+            return Ok(a);
         }
+        let lock = match self.resolving.lock() {
+            Ok(mut m) => m.entry(manifest.to_string()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let _turn = lock.lock().await;
+        if let Some(a) = cached() {
+            return Ok(a);
+        }
+        let res = self.resolve_now(image_repo, manifest, image).await;
+        if let Ok(mut m) = self.resolving.lock() {
+            m.remove(manifest);
+        }
+        res
+    }
+
+    async fn resolve_now(
+        &self,
+        image_repo: &Repository,
+        manifest: &str,
+        image: &str,
+    ) -> Result<Option<Resolved>, RemoteError> {
         let mut found = None;
         if let Some(cluster) = &self.opts.cluster
             && let Some(r) = cluster.lookup(manifest, &self.platform).await

@@ -227,6 +227,22 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
         .await
         .expect("PullImage through the proxy");
     assert_eq!(id, private.config_digest, "the image id containerd gives");
+    // The proxy told the node of the pull: it resolved the artifact ahead of containerd
+    // (with the credential just learned). Counted when that ends, which may follow the pull.
+    let warmed = "talaria_node_pull_warmups_total{outcome=\"artifact\"} 1";
+    let t = Instant::now();
+    while !http_get(&metrics_addr, "/metrics")
+        .lines()
+        .any(|l| l == warmed)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no warm-up counted:\n{}\n{}",
+            http_get(&metrics_addr, "/metrics"),
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let m = http_get(&metrics_addr, "/metrics");
     assert_eq!(
         sum_metric(&m, "talaria_node_mounted_layers_total"),
@@ -305,6 +321,13 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     via.pull_image_with(pull_request(&private_ref, "pw-2"))
         .await
         .expect("PullImage with the new password through the proxy");
+    // containerd has the image: nothing to warm (only the first pull was counted).
+    let m = http_get(&metrics_addr, "/metrics");
+    assert_eq!(
+        sum_metric(&m, "talaria_node_pull_warmups_total"),
+        1.0,
+        "{m}"
+    );
     let run = cri
         .run_to_exit(
             &pod,
