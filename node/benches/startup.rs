@@ -90,6 +90,10 @@ struct Args {
     /// Runs per workload, link and variant.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Pulls per link of a 4-layer image of a few bytes (containerd's own pull time: the
+    /// floor no snapshotter gets under).
+    #[arg(long, default_value_t = 3)]
+    floor_runs: usize,
     /// Starts per workload with the image already pulled (the app's own start time).
     #[arg(long, default_value_t = 3)]
     local_runs: usize,
@@ -312,6 +316,14 @@ async fn run(args: Args) -> Result<()> {
         push_workload(&local.host(), w).await?;
         eprintln!("{}: pushed, artifacts built in {:?}", w.name, t.elapsed());
     }
+    {
+        let (h, img) = (local.host(), floor_image()?);
+        tokio::task::spawn_blocking(move || img.push(&h, FLOOR_REPO, "v1"))
+            .await
+            .context("push task")?
+            .context("push the pull-floor image")?;
+    }
+    let mut floor: BTreeMap<String, Vec<f64>> = BTreeMap::new();
 
     // The app's own start time: image already pulled (overlayfs), container start to ready.
     let mut local_start: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -382,6 +394,13 @@ async fn run(args: Args) -> Result<()> {
         link_storage(&local.storage_dir(), &shaped.storage_dir())?;
         let host = shaped.host();
         eprintln!("registry {host} behind {link}");
+        if args.floor_runs > 0 {
+            let secs = pull_floor(&host, args.floor_runs)
+                .await
+                .with_context(|| format!("containerd's pull floor ({link})"))?;
+            eprintln!("{link}: containerd pull floor (4 layers of a few bytes) {secs:.2?} s");
+            floor.insert(link.to_string(), secs);
+        }
         for w in &workloads {
             if probes.contains_key(&w.name) {
                 continue;
@@ -436,6 +455,7 @@ async fn run(args: Args) -> Result<()> {
         probes: &probes,
         gzipped: &gzipped,
         local_start: &local_start,
+        floor: &floor,
     };
     println!(
         "\nstartup benchmark, {} runs per cell, wall time {:.1} min\n",
@@ -734,6 +754,39 @@ fn http_ok(port: u16) -> bool {
 
 /// The app's own start time: one containerd (overlayfs), the image pulled from the unshaped
 /// registry once, then `runs` container starts, each timed from CreateContainer to ready.
+const FLOOR_REPO: &str = "talaria/bench-floor";
+
+/// Four layers of one small file each: what containerd's pull costs when the bytes do not.
+fn floor_image() -> Result<Image> {
+    let mut b = images::ImageBuilder::new();
+    for i in 0..4 {
+        b = b.layer(
+            images::LayerBuilder::new()
+                .file(&format!("floor/{i}"), format!("layer {i}\n"), 0o644)
+                .build()?,
+        );
+    }
+    Ok(b.cmd(&["/floor/0"]).build()?)
+}
+
+/// containerd's PullImage time of the floor image over the link, fresh containerd each run.
+async fn pull_floor(host: &str, runs: usize) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let env = CriContainerd::start(CriOptions::default()).context("start containerd")?;
+        env.allow_plain_http(host)?;
+        let cri = env
+            .client()
+            .await?
+            .with_timeouts(Duration::from_secs(120), Duration::from_secs(120));
+        let image = format!("{host}/{FLOOR_REPO}:v1");
+        let t0 = Instant::now();
+        cri.pull_image(&image).await.context("PullImage")?;
+        out.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
 async fn local_start_times(host: &str, w: &Workload, runs: usize) -> Result<Vec<f64>> {
     let env = CriContainerd::start(CriOptions::default()).context("start containerd")?;
     env.allow_plain_http(host)?;
@@ -1061,6 +1114,8 @@ struct Report<'a> {
     probes: &'a BTreeMap<String, NodeCounters>,
     /// The recorded reads gzip-compressed, per workload (runs with a recorded variant).
     gzipped: &'a BTreeMap<String, f64>,
+    /// PullImage times of the floor image, per link.
+    floor: &'a BTreeMap<String, Vec<f64>>,
     local_start: &'a BTreeMap<String, Vec<f64>>,
 }
 
@@ -1074,6 +1129,10 @@ struct Limit {
     uncompressed: Option<f64>,
     local_start: f64,
     seconds: f64,
+    /// Median PullImage time of the floor image on this link, and the limit with it in
+    /// place of the 4 RTTs (when it is longer).
+    floor: Option<f64>,
+    with_floor: Option<f64>,
 }
 
 impl Report<'_> {
@@ -1103,9 +1162,15 @@ impl Report<'_> {
             (None, None, None) => return None,
         };
         let local_start = median(self.local_start.get(&w.name)?);
-        let seconds = bytes * 8.0 / (f64::from(link.rate_mbit) * 1e6)
-            + f64::from(LIMIT_RTTS) * f64::from(link.delay_ms) / 1000.0
-            + local_start;
+        let transfer = bytes * 8.0 / (f64::from(link.rate_mbit) * 1e6);
+        let rtts = f64::from(LIMIT_RTTS) * f64::from(link.delay_ms) / 1000.0;
+        let seconds = transfer + rtts + local_start;
+        let floor = self
+            .floor
+            .get(&link.to_string())
+            .filter(|v| !v.is_empty())
+            .map(|v| median(v));
+        let with_floor = floor.map(|f| transfer + f.max(rtts) + local_start);
         Some(Limit {
             bytes,
             source,
@@ -1113,6 +1178,8 @@ impl Report<'_> {
             uncompressed: probe.fuse_read,
             local_start,
             seconds,
+            floor,
+            with_floor,
         })
     }
 
@@ -1159,32 +1226,31 @@ impl Report<'_> {
             out,
             "physical limit = startup bytes (as gzip) / link rate + {LIMIT_RTTS} RTTs \
              (connect, manifest, config, one round of parallel ranged reads) + the app's own start \
-             time with a local image\n"
+             time with a local image; \"with floor\": containerd's own PullImage time of a \
+             4-layer image of a few bytes in place of the RTTs\n"
         );
         let _ = writeln!(
             out,
-            "| workload | link | startup bytes MiB (as gzip) | measured as | uncompressed MiB | layer-ratio estimate MiB | \
-             image MiB (compressed / unpacked) | local start (s) | limit (s) | accelerated median (s) | \
-             accelerated / limit | recorded median (s) | recorded / limit |"
+            "| workload | link | startup bytes MiB (as gzip) | measured as | uncompressed MiB | \
+             layer-ratio estimate MiB | image MiB (compressed / unpacked) | local start (s) | \
+             limit (s) | containerd pull floor (s) | limit with floor (s) |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
         for w in self.workloads {
             for link in &self.args.links {
                 let Some(l) = self.limit(w, *link) else {
                     let _ = writeln!(
                         out,
-                        "| {} | {link} | n/a | no probe | n/a | n/a | {:.0} / {:.0} | n/a | n/a | n/a | n/a | n/a | n/a |",
+                        "| {} | {link} | n/a | no probe | n/a | n/a | {:.0} / {:.0} | n/a | n/a | n/a | n/a |",
                         w.name,
                         mib(w.compressed_bytes() as f64),
                         mib(w.unpacked_bytes() as f64)
                     );
                     continue;
                 };
-                let acc = self.ready_median(&w.name, *link, Variant::TalariaAccelerated);
-                let rec = self.ready_median(&w.name, *link, Variant::TalariaRecorded);
                 let _ = writeln!(
                     out,
-                    "| {} | {link} | {:.1} | {} | {} | {} | {:.0} / {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
+                    "| {} | {link} | {:.1} | {} | {} | {} | {:.0} / {:.0} | {:.2} | {:.2} | {} | {} |",
                     w.name,
                     mib(l.bytes),
                     l.source,
@@ -1196,11 +1262,44 @@ impl Report<'_> {
                     mib(w.unpacked_bytes() as f64),
                     l.local_start,
                     l.seconds,
-                    fmt_opt(acc, 2),
-                    acc.map_or("n/a".into(), |a| format!("{:.2}x", a / l.seconds)),
-                    fmt_opt(rec, 2),
-                    rec.map_or("n/a".into(), |a| format!("{:.2}x", a / l.seconds)),
+                    fmt_opt(l.floor, 2),
+                    fmt_opt(l.with_floor, 2),
                 );
+            }
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| workload | link | variant | ready median (s) | variant / limit | variant / limit with floor |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        for w in self.workloads {
+            for link in &self.args.links {
+                let Some(l) = self.limit(w, *link) else {
+                    continue;
+                };
+                for v in &self.args.variants {
+                    if !matches!(
+                        v,
+                        Variant::TalariaAccelerated
+                            | Variant::TalariaRecorded
+                            | Variant::TalariaRecordedProxy
+                    ) {
+                        continue;
+                    }
+                    let Some(m) = self.ready_median(&w.name, *link, *v) else {
+                        continue;
+                    };
+                    let _ = writeln!(
+                        out,
+                        "| {} | {link} | {} | {m:.2} | {:.2}x | {} |",
+                        w.name,
+                        v.name(),
+                        m / l.seconds,
+                        l.with_floor
+                            .map_or("n/a".into(), |f| format!("{:.2}x", m / f)),
+                    );
+                }
             }
         }
         out
@@ -1319,6 +1418,8 @@ impl Report<'_> {
                         "rtts": LIMIT_RTTS,
                         "local_start_seconds": l.local_start,
                         "limit_seconds": l.seconds,
+                        "containerd_pull_floor_seconds": l.floor,
+                        "limit_with_floor_seconds": l.with_floor,
                     }));
                 }
             }
@@ -1342,6 +1443,7 @@ impl Report<'_> {
             })).collect::<Vec<_>>(),
             "cells": cells,
             "limits": limits,
+            "pull_floor_seconds": self.floor,
         });
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
