@@ -114,6 +114,10 @@ struct Args {
     /// (the Prepares then resolve it, after containerd's own resolution).
     #[arg(long, env = "TALARIA_NODE_NO_PULL_WARMUP")]
     no_pull_warmup: bool,
+    /// How long a pull warm-up's job runs with no layer of its image mounted before it is
+    /// stopped.
+    #[arg(long, env = "TALARIA_NODE_PULL_WARMUP_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pull_warmup_wait: Duration,
     /// How long a credential learned from a pull is kept without a newer pull refreshing it.
     #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "720m", value_parser = parse_duration)]
     pull_credential_ttl: Duration,
@@ -214,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
             }),
             cluster,
             referrers: !args.no_referrers,
+            warmup_wait: args.pull_warmup_wait,
         };
         Some(Arc::new(
             RemoteLayers::new(opts, metrics.clone()).context("setting up remote layers")?,

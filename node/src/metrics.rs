@@ -69,7 +69,8 @@ pub struct Metrics {
     /// Failures of prefetch steps (never fatal: reads still fetch on demand).
     pub prefetch_errors: Family<StageLabels, Counter>,
     /// Pulls the CRI proxy saw start, by what the node did ahead of containerd: `artifact`
-    /// (its job started), `none` (no artifact), `present`, `error`.
+    /// (its job started), `none` (no artifact), `error`; `abandoned` counts the jobs stopped
+    /// after no layer of their image was mounted in time.
     pub pull_warmups: Family<OutcomeLabels, Counter>,
     /// Seconds reads of remote layers waited for spans not in the cache.
     pub read_wait_seconds: Histogram,

@@ -1040,6 +1040,26 @@ impl Fetcher {
     }
 
     /// The job of image `manifest`, if one is kept.
+    /// Stops `job` and lets its layers go if it is still the job of its image and no layer
+    /// of the image was mounted. Returns whether it did.
+    pub fn abandon_unmounted(&self, job: &Arc<ImageJob>) -> bool {
+        let Ok(mut jobs) = self.jobs.lock() else {
+            return false;
+        };
+        let current = jobs.get(&job.manifest).is_some_and(|j| Arc::ptr_eq(j, job));
+        let unmounted = job.mounts.lock().map(|m| m.is_empty()).unwrap_or(false);
+        if !current || !unmounted {
+            return false;
+        }
+        jobs.remove(&job.manifest);
+        drop(jobs);
+        job.cancel();
+        // Outside the jobs lock, as in `unmounted`.
+        let held = job.held.lock().map(|mut h| std::mem::take(&mut *h));
+        drop(held);
+        true
+    }
+
     pub fn existing_job(&self, manifest: &str) -> Option<Arc<ImageJob>> {
         self.jobs.lock().ok()?.get(manifest).cloned()
     }

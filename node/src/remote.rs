@@ -75,6 +75,9 @@ pub struct RemoteOptions {
     pub referrers: bool,
     /// Records the file reads of container starts (served at `/startup-trace`).
     pub recorder: Option<Arc<TraceRecorder>>,
+    /// How long a job started by a pull warm-up runs without any layer of its image
+    /// mounted before it is stopped (the pull went to another snapshotter, or failed).
+    pub warmup_wait: Duration,
 }
 
 /// Bounds of startup-local materialization.
@@ -334,14 +337,34 @@ impl RemoteLayers {
         else {
             return Ok(None);
         };
-        if self.opts.prefetch {
-            self.fetcher.job(
+        if self.opts.prefetch
+            && let Some(job) = self.fetcher.job(
                 &manifest,
                 image,
                 &parsed.repository,
                 &found.info,
                 &found.repo,
+            )
+        {
+            // Bounded: without a Prepare the job would fetch the whole startup set and the
+            // layers' background for an image this node never mounts.
+            let (fetcher, metrics, wait) = (
+                self.fetcher.clone(),
+                self.metrics.clone(),
+                self.opts.warmup_wait,
             );
+            let image = image.to_string();
+            self.rt.spawn(async move {
+                tokio::time::sleep(wait).await;
+                if fetcher.abandon_unmounted(&job) {
+                    metrics.pull_warmup("abandoned");
+                    info!(
+                        image,
+                        ?wait,
+                        "pull warm-up: no layer of the image was mounted; its job is stopped"
+                    );
+                }
+            });
         }
         Ok(Some(manifest))
     }

@@ -436,3 +436,82 @@ async fn registry_tokens_refresh_before_expiry_and_reauthenticate_on_401() {
     );
     assert_eq!(tokens.issued(), 4, "one new token after the 401");
 }
+
+/// A pull that never reaches talaria (containerd unpacks with overlayfs, as for a pod of a
+/// runtime class on another snapshotter): the node's warm-up started the image's job, and
+/// stops it once no layer was mounted within `--pull-warmup-wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_warmup_without_a_mount_is_stopped() {
+    talaria_artifact::registry::install_crypto_provider();
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-cri-warmup-")
+        .tempdir()
+        .expect("tempdir");
+    let registry = Registry::start().expect("start registry");
+    let host = registry.host();
+    test_image("elsewhere", 3)
+        .push(&host, "talaria/elsewhere", "v1")
+        .expect("push image");
+    build_default_artifact(&host, "talaria/elsewhere").await;
+    let metrics_addr = format!(
+        "127.0.0.1:{}",
+        talaria_testenv::free_port().expect("free port")
+    );
+    let containerd_link = dir.path().join("containerd.sock");
+    let proxy_socket = dir.path().join("images.sock");
+    let node = Node::start(
+        &dir.path().join("root"),
+        &dir.path().join("talaria.sock"),
+        &dir.path().join("node.log"),
+        &[
+            "--insecure-registry".into(),
+            host.clone(),
+            "--metrics-addr".into(),
+            metrics_addr.clone(),
+            "--image-service-socket".into(),
+            proxy_socket.display().to_string(),
+            "--containerd-socket".into(),
+            containerd_link.display().to_string(),
+            "--pull-warmup-wait".into(),
+            "1s".into(),
+        ],
+    );
+    let env = CriContainerd::start(CriOptions::default()).expect("start containerd (overlayfs)");
+    env.allow_plain_http(&host).expect("plain-HTTP registry");
+    std::os::unix::fs::symlink(env.socket(), &containerd_link).expect("link containerd socket");
+    wait_for_socket(&proxy_socket);
+    let via = Cri::connect(&proxy_socket, &env.pod_log_root())
+        .await
+        .expect("CRI image client (proxy)");
+    via.pull_image(&format!("{host}/talaria/elsewhere:v1"))
+        .await
+        .expect("PullImage through the proxy");
+
+    let line =
+        |outcome: &str| format!("talaria_node_pull_warmups_total{{outcome=\"{outcome}\"}} 1");
+    let t = Instant::now();
+    loop {
+        let m = http_get(&metrics_addr, "/metrics");
+        if m.lines().any(|l| l == line("abandoned")) {
+            assert!(m.lines().any(|l| l == line("artifact")), "{m}");
+            assert_eq!(
+                sum_metric(&m, "talaria_node_mounted_layers_total"),
+                0.0,
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the warm-up's job was not stopped:\n{m}\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        node.log_text()
+            .contains("no layer of the image was mounted"),
+        "{}",
+        node.log_text()
+    );
+}
