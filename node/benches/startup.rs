@@ -769,16 +769,22 @@ fn floor_image() -> Result<Image> {
     Ok(b.cmd(&["/floor/0"]).build()?)
 }
 
+/// A fresh containerd with overlayfs that pulls from `host`, and its CRI client.
+async fn overlayfs_cri(host: &str, pull_timeout: Duration) -> Result<(CriContainerd, Cri)> {
+    let env = CriContainerd::start(CriOptions::default()).context("start containerd")?;
+    env.allow_plain_http(host)?;
+    let cri = env
+        .client()
+        .await?
+        .with_timeouts(Duration::from_secs(120), pull_timeout);
+    Ok((env, cri))
+}
+
 /// containerd's PullImage time of the floor image over the link, fresh containerd each run.
 async fn pull_floor(host: &str, runs: usize) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for _ in 0..runs {
-        let env = CriContainerd::start(CriOptions::default()).context("start containerd")?;
-        env.allow_plain_http(host)?;
-        let cri = env
-            .client()
-            .await?
-            .with_timeouts(Duration::from_secs(120), Duration::from_secs(120));
+        let (_env, cri) = overlayfs_cri(host, Duration::from_secs(120)).await?;
         let image = format!("{host}/{FLOOR_REPO}:v1");
         let t0 = Instant::now();
         cri.pull_image(&image).await.context("PullImage")?;
@@ -788,12 +794,7 @@ async fn pull_floor(host: &str, runs: usize) -> Result<Vec<f64>> {
 }
 
 async fn local_start_times(host: &str, w: &Workload, runs: usize) -> Result<Vec<f64>> {
-    let env = CriContainerd::start(CriOptions::default()).context("start containerd")?;
-    env.allow_plain_http(host)?;
-    let cri = env
-        .client()
-        .await?
-        .with_timeouts(Duration::from_secs(120), Duration::from_secs(600));
+    let (_env, cri) = overlayfs_cri(host, Duration::from_secs(600)).await?;
     let image = format!("{host}/{}:none", w.repo());
     cri.pull_image(&image).await.context("PullImage")?;
     let mut out = Vec::new();

@@ -507,6 +507,22 @@ fn xattr_reply(size: u32, data: &[u8], reply: ReplyXattr) {
     }
 }
 
+/// One handle of `ino` closed: its count goes down, and the entry (with a backing id it
+/// holds) goes with the last one.
+fn release_one<V>(
+    map: &mut std::collections::HashMap<u64, V>,
+    ino: u64,
+    count: impl Fn(&mut V) -> &mut u32,
+) {
+    if let Some(v) = map.get_mut(&ino) {
+        let n = count(v);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(&ino);
+        }
+    }
+}
+
 impl LayerFs {
     /// Opens regular file `ino`: with kernel passthrough to its local copy when all of it
     /// is on local disk (its reads then never come to this process), else cached.
@@ -784,18 +800,9 @@ impl Filesystem for LayerFs {
         // The backing id goes with the inode's last passthrough handle.
         let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         if fh.0 & CACHED_FH != 0 {
-            let ino = fh.0 & !CACHED_FH;
-            if let Some(n) = handles.cached.get_mut(&ino) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    handles.cached.remove(&ino);
-                }
-            }
-        } else if let Some((_, n)) = handles.passthrough.get_mut(&fh.0) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                handles.passthrough.remove(&fh.0);
-            }
+            release_one(&mut handles.cached, fh.0 & !CACHED_FH, |n| n);
+        } else {
+            release_one(&mut handles.passthrough, fh.0, |(_, n)| n);
         }
         drop(handles);
         reply.ok();

@@ -1039,7 +1039,6 @@ impl Fetcher {
         Ok(Some((entries, GENERIC_MAX_BYTES)))
     }
 
-    /// The job of image `manifest`, if one is kept.
     /// Stops `job` and lets its layers go if it is still the job of its image and no layer
     /// of the image was mounted. Returns whether it did.
     pub fn abandon_unmounted(&self, job: &Arc<ImageJob>) -> bool {
@@ -1053,13 +1052,11 @@ impl Fetcher {
         }
         jobs.remove(&job.manifest);
         drop(jobs);
-        job.cancel();
-        // Outside the jobs lock, as in `unmounted`.
-        let held = job.held.lock().map(|mut h| std::mem::take(&mut *h));
-        drop(held);
+        job.release();
         true
     }
 
+    /// The job of image `manifest`, if one is kept.
     pub fn existing_job(&self, manifest: &str) -> Option<Arc<ImageJob>> {
         self.jobs.lock().ok()?.get(manifest).cloned()
     }
@@ -1082,10 +1079,7 @@ impl Fetcher {
         if empty {
             jobs.remove(manifest);
             drop(jobs);
-            j.cancel();
-            // Dropped outside the jobs lock: the last reader of a layer ends its series.
-            let held = j.held.lock().map(|mut h| std::mem::take(&mut *h));
-            drop(held);
+            j.release();
         }
     }
 }
@@ -1239,6 +1233,14 @@ impl ImageJob {
     fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
         self.cancel.notify_waiters();
+    }
+
+    /// Cancels the job and drops the readers it held. Called outside the jobs lock: the
+    /// last reader of a layer ends its series.
+    fn release(&self) {
+        self.cancel();
+        let held = self.held.lock().map(|mut h| std::mem::take(&mut *h));
+        drop(held);
     }
 
     async fn cancelled(&self) {

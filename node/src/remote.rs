@@ -319,11 +319,7 @@ impl RemoteLayers {
     async fn warm_up(&self, image: &str) -> Result<Option<String>, String> {
         let parsed = ImageRef::parse(image).map_err(|e| e.to_string())?;
         let store = RegistryStore::new(self.client.clone(), parsed.repository.clone());
-        let reference = parsed
-            .digest
-            .clone()
-            .or(parsed.tag.clone())
-            .unwrap_or_else(|| "latest".into());
+        let reference = parsed.reference();
         let platform = Platform::parse(&self.platform).unwrap_or_else(Platform::host);
         // The manifest containerd will unpack: the tag's, or this platform's of an index.
         let (raw, _) = resolve_image(&store, &reference, &platform)

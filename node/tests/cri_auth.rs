@@ -127,6 +127,87 @@ fn wait_for_socket(path: &Path) {
     }
 }
 
+/// A node serving CRI's image service in `dir`, and a containerd it forwards to.
+struct Proxied {
+    node: Node,
+    metrics_addr: String,
+    env: CriContainerd,
+    /// CRI image client of the node's proxy.
+    via: Cri,
+}
+
+/// Starts a node with its image-service proxy (plus `args`) and a containerd whose CRI
+/// snapshotter is talaria (`on_talaria`) or overlayfs.
+async fn start_proxied(dir: &Path, host: &str, args: &[&str], on_talaria: bool) -> Proxied {
+    let metrics_addr = format!(
+        "127.0.0.1:{}",
+        talaria_testenv::free_port().expect("free port")
+    );
+    // containerd starts after the node (it needs the snapshotter socket); the proxy reaches
+    // it through a link made once its socket is known.
+    let containerd_link = dir.join("containerd.sock");
+    let proxy_socket = dir.join("images.sock");
+    let mut all: Vec<String> = vec![
+        "--insecure-registry".into(),
+        host.to_string(),
+        "--metrics-addr".into(),
+        metrics_addr.clone(),
+        "--image-service-socket".into(),
+        proxy_socket.display().to_string(),
+        "--containerd-socket".into(),
+        containerd_link.display().to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let node = Node::start(
+        &dir.join("root"),
+        &dir.join("talaria.sock"),
+        &dir.join("node.log"),
+        &all,
+    );
+    let snapshotter = if on_talaria {
+        CriSnapshotter::Proxy {
+            name: "talaria".into(),
+            socket: node.socket.clone(),
+        }
+    } else {
+        CriSnapshotter::Overlayfs
+    };
+    let env = CriContainerd::start(CriOptions {
+        snapshotter,
+        ..CriOptions::default()
+    })
+    .expect("start containerd with CRI");
+    env.allow_plain_http(host).expect("plain-HTTP registry");
+    std::os::unix::fs::symlink(env.socket(), &containerd_link).expect("link containerd socket");
+    wait_for_socket(&proxy_socket);
+    let via = Cri::connect(&proxy_socket, &env.pod_log_root())
+        .await
+        .expect("CRI image client (proxy)");
+    Proxied {
+        node,
+        metrics_addr,
+        env,
+        via,
+    }
+}
+
+/// Waits (up to `secs`) for `line` among the node's metrics; returns the metrics then.
+async fn wait_metric_line(p: &Proxied, line: &str, secs: u64) -> String {
+    let t = Instant::now();
+    loop {
+        let m = http_get(&p.metrics_addr, "/metrics");
+        if m.lines().any(|l| l == line) {
+            return m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "no `{line}`:\n{m}\n{}",
+            p.node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     let t0 = Instant::now();
@@ -149,48 +230,26 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
         .set_auth(Some((USER, "pw-1")))
         .expect("make the registry private");
 
-    let metrics_addr = format!(
-        "127.0.0.1:{}",
-        talaria_testenv::free_port().expect("free port")
-    );
-    // containerd starts after the node (it needs the snapshotter socket); the proxy reaches
-    // it through a link made once its socket is known.
-    let containerd_link = dir.path().join("containerd.sock");
-    let proxy_socket = dir.path().join("images.sock");
-    let node = Node::start(
-        &dir.path().join("root"),
-        &dir.path().join("talaria.sock"),
-        &dir.path().join("node.log"),
+    let read_timeout = format!("{READ_TIMEOUT_SECS}s");
+    let proxied = start_proxied(
+        dir.path(),
+        &host,
         &[
-            "--insecure-registry".into(),
-            host.clone(),
-            "--metrics-addr".into(),
-            metrics_addr.clone(),
-            "--read-timeout".into(),
-            format!("{READ_TIMEOUT_SECS}s"),
+            "--read-timeout",
+            &read_timeout,
             // Only what containers read is fetched: the cold files stay cold.
-            "--no-prefetch".into(),
-            "--image-service-socket".into(),
-            proxy_socket.display().to_string(),
-            "--containerd-socket".into(),
-            containerd_link.display().to_string(),
+            "--no-prefetch",
         ],
+        true,
+    )
+    .await;
+    let (node, metrics_addr, env, via) = (
+        &proxied.node,
+        &proxied.metrics_addr,
+        &proxied.env,
+        &proxied.via,
     );
-    let env = CriContainerd::start(CriOptions {
-        snapshotter: CriSnapshotter::Proxy {
-            name: "talaria".into(),
-            socket: node.socket.clone(),
-        },
-        ..CriOptions::default()
-    })
-    .expect("start containerd with CRI on talaria");
-    env.allow_plain_http(&host).expect("plain-HTTP registry");
-    std::os::unix::fs::symlink(env.socket(), &containerd_link).expect("link containerd socket");
-    wait_for_socket(&proxy_socket);
     let cri = env.client().await.expect("CRI client (containerd)");
-    let via = Cri::connect(&proxy_socket, &env.pod_log_root())
-        .await
-        .expect("CRI image client (proxy)");
     eprintln!("registry, node and containerd up at {:?}", t0.elapsed());
 
     // 1. Proxy bypassed: containerd has the credential, the node does not.
@@ -198,7 +257,7 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     cri.pull_image_with(pull_request(&direct_ref, "pw-1"))
         .await
         .expect("PullImage on containerd directly");
-    let m = http_get(&metrics_addr, "/metrics");
+    let m = http_get(metrics_addr, "/metrics");
     assert_eq!(
         sum_metric(&m, "talaria_node_mounted_layers_total"),
         0.0,
@@ -229,21 +288,13 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     assert_eq!(id, private.config_digest, "the image id containerd gives");
     // The proxy told the node of the pull: it resolved the artifact ahead of containerd
     // (with the credential just learned). Counted when that ends, which may follow the pull.
-    let warmed = "talaria_node_pull_warmups_total{outcome=\"artifact\"} 1";
-    let t = Instant::now();
-    while !http_get(&metrics_addr, "/metrics")
-        .lines()
-        .any(|l| l == warmed)
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "no warm-up counted:\n{}\n{}",
-            http_get(&metrics_addr, "/metrics"),
-            node.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let m = http_get(&metrics_addr, "/metrics");
+    wait_metric_line(
+        &proxied,
+        "talaria_node_pull_warmups_total{outcome=\"artifact\"} 1",
+        10,
+    )
+    .await;
+    let m = http_get(metrics_addr, "/metrics");
     assert_eq!(
         sum_metric(&m, "talaria_node_mounted_layers_total"),
         2.0,
@@ -274,7 +325,7 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
         "stderr: {}",
         run.stderr
     );
-    let m = http_get(&metrics_addr, "/metrics");
+    let m = http_get(metrics_addr, "/metrics");
     assert!(
         metric(&m, "talaria_node_fetched_on_demand_bytes_total") >= BLOCK as f64,
         "{m}"
@@ -321,13 +372,6 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     via.pull_image_with(pull_request(&private_ref, "pw-2"))
         .await
         .expect("PullImage with the new password through the proxy");
-    // containerd has the image: nothing to warm (only the first pull was counted).
-    let m = http_get(&metrics_addr, "/metrics");
-    assert_eq!(
-        sum_metric(&m, "talaria_node_pull_warmups_total"),
-        1.0,
-        "{m}"
-    );
     let run = cri
         .run_to_exit(
             &pod,
@@ -343,6 +387,15 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
         (0, format!("{}\n", tail_sum(101)).as_str()),
         "stderr: {}",
         run.stderr
+    );
+
+    // containerd had the image at the second pull: nothing was warmed (checked after the
+    // container run, so a wrong warm-up would have been counted by now).
+    let m = http_get(metrics_addr, "/metrics");
+    assert_eq!(
+        sum_metric(&m, "talaria_node_pull_warmups_total"),
+        1.0,
+        "{m}"
     );
 
     // 5. RemoveImage through the proxy.
@@ -453,61 +506,30 @@ async fn a_pull_warmup_without_a_mount_is_stopped() {
         .push(&host, "talaria/elsewhere", "v1")
         .expect("push image");
     build_default_artifact(&host, "talaria/elsewhere").await;
-    let metrics_addr = format!(
-        "127.0.0.1:{}",
-        talaria_testenv::free_port().expect("free port")
-    );
-    let containerd_link = dir.path().join("containerd.sock");
-    let proxy_socket = dir.path().join("images.sock");
-    let node = Node::start(
-        &dir.path().join("root"),
-        &dir.path().join("talaria.sock"),
-        &dir.path().join("node.log"),
-        &[
-            "--insecure-registry".into(),
-            host.clone(),
-            "--metrics-addr".into(),
-            metrics_addr.clone(),
-            "--image-service-socket".into(),
-            proxy_socket.display().to_string(),
-            "--containerd-socket".into(),
-            containerd_link.display().to_string(),
-            "--pull-warmup-wait".into(),
-            "1s".into(),
-        ],
-    );
-    let env = CriContainerd::start(CriOptions::default()).expect("start containerd (overlayfs)");
-    env.allow_plain_http(&host).expect("plain-HTTP registry");
-    std::os::unix::fs::symlink(env.socket(), &containerd_link).expect("link containerd socket");
-    wait_for_socket(&proxy_socket);
-    let via = Cri::connect(&proxy_socket, &env.pod_log_root())
-        .await
-        .expect("CRI image client (proxy)");
-    via.pull_image(&format!("{host}/talaria/elsewhere:v1"))
+    let proxied = start_proxied(dir.path(), &host, &["--pull-warmup-wait", "1s"], false).await;
+    proxied
+        .via
+        .pull_image(&format!("{host}/talaria/elsewhere:v1"))
         .await
         .expect("PullImage through the proxy");
 
-    let line =
-        |outcome: &str| format!("talaria_node_pull_warmups_total{{outcome=\"{outcome}\"}} 1");
-    let t = Instant::now();
-    loop {
-        let m = http_get(&metrics_addr, "/metrics");
-        if m.lines().any(|l| l == line("abandoned")) {
-            assert!(m.lines().any(|l| l == line("artifact")), "{m}");
-            assert_eq!(
-                sum_metric(&m, "talaria_node_mounted_layers_total"),
-                0.0,
-                "{m}"
-            );
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the warm-up's job was not stopped:\n{m}\n{}",
-            node.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let m = wait_metric_line(
+        &proxied,
+        "talaria_node_pull_warmups_total{outcome=\"abandoned\"} 1",
+        20,
+    )
+    .await;
+    assert!(
+        m.lines()
+            .any(|l| l == "talaria_node_pull_warmups_total{outcome=\"artifact\"} 1"),
+        "{m}"
+    );
+    assert_eq!(
+        sum_metric(&m, "talaria_node_mounted_layers_total"),
+        0.0,
+        "{m}"
+    );
+    let node = &proxied.node;
     assert!(
         node.log_text()
             .contains("no layer of the image was mounted"),
