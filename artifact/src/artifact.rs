@@ -7,12 +7,13 @@
 //! builds converge on one artifact.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::index::INDEX_MEDIA_TYPE;
+use crate::index::{INDEX_MEDIA_TYPE, WINDOWS_MEDIA_TYPE};
 use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, RawManifest};
 use crate::store::{Store, StoreError};
 
@@ -166,6 +167,8 @@ pub struct IndexedLayer {
     pub layer_digest: String,
     /// The index blob.
     pub index: Descriptor,
+    /// The index's windows blob (version 2 indexes keep their windows there).
+    pub windows: Option<Descriptor>,
 }
 
 /// A parsed artifact manifest.
@@ -250,13 +253,20 @@ pub fn build_manifest(spec: ArtifactSpec<'_>) -> Result<RawManifest, ArtifactErr
         .layers
         .iter()
         .enumerate()
-        .map(|(i, l)| {
-            let mut d = Descriptor::new(INDEX_MEDIA_TYPE, l.index.digest.clone(), l.index.size);
+        .flat_map(|(i, l)| {
             let mut a = BTreeMap::new();
             a.insert(ANN_LAYER_DIGEST.to_string(), l.layer_digest.clone());
             a.insert(ANN_LAYER_INDEX.to_string(), i.to_string());
-            d.annotations = Some(a);
-            d
+            let mut d = Descriptor::new(INDEX_MEDIA_TYPE, l.index.digest.clone(), l.index.size);
+            d.annotations = Some(a.clone());
+            // Listed so registries keep it and copies carry it; nodes find it by the
+            // digest the index records.
+            let w = l.windows.as_ref().map(|w| {
+                let mut w = Descriptor::new(WINDOWS_MEDIA_TYPE, w.digest.clone(), w.size);
+                w.annotations = Some(a);
+                w
+            });
+            std::iter::once(d).chain(w)
         })
         .collect();
     if let Some(p) = &spec.plan {
@@ -334,6 +344,7 @@ pub fn parse_artifact(raw: &RawManifest) -> Result<ArtifactInfo, ArtifactError> 
     let mut layers = Vec::new();
     let mut plan = None;
     let mut pack = None;
+    let mut windows = Vec::new();
     for l in &m.layers {
         oci::digest_hex(&l.digest).map_err(|e| invalid(e.to_string()))?;
         match l.media_type.as_str() {
@@ -346,12 +357,25 @@ pub fn parse_artifact(raw: &RawManifest) -> Result<ArtifactInfo, ArtifactError> 
                 layers.push(IndexedLayer {
                     layer_digest: ld.to_string(),
                     index: d,
+                    windows: None,
                 });
             }
+            WINDOWS_MEDIA_TYPE => windows.push(l.clone()),
             STARTUP_PLAN_MEDIA_TYPE => plan = Some(l.clone()),
             crate::startup::pack::PACK_MEDIA_TYPE => pack = Some(l.clone()),
             // Unknown blob kinds from newer versions are ignored.
             _ => {}
+        }
+    }
+    for w in windows {
+        let ld = w.annotation(ANN_LAYER_DIGEST).map(str::to_string);
+        if let Some(l) = layers
+            .iter_mut()
+            .find(|l| Some(&l.layer_digest) == ld.as_ref() && l.windows.is_none())
+        {
+            let mut w = w;
+            w.annotations = None;
+            l.windows = Some(w);
         }
     }
     Ok(ArtifactInfo {
@@ -480,6 +504,43 @@ pub async fn load_index(
     })
 }
 
+/// A reader of one layer through its index: compressed bytes from `layer`, and a version 2
+/// index's windows (read as spans need them) from `artifacts`, where the artifact's blobs are.
+pub fn layer_reader(
+    index: Arc<crate::index::LayerIndex>,
+    layer: Arc<dyn crate::source::RangeSource>,
+    artifacts: &dyn Store,
+    cache: Arc<dyn crate::reader::SpanCache>,
+) -> Result<crate::reader::LayerReader, StoreError> {
+    let windows = index.windows;
+    let reader = crate::reader::LayerReader::new(index, layer, cache);
+    Ok(match windows {
+        None => reader,
+        Some(w) => reader.with_windows(artifacts.range_source(&Descriptor::new(
+            WINDOWS_MEDIA_TYPE,
+            w.digest_string(),
+            w.size,
+        ))?),
+    })
+}
+
+/// Loads one layer index with its windows inline (for a version 2 index, its windows blob
+/// is fetched too and checked against the digest the index records).
+pub async fn load_index_inline(
+    store: &dyn Store,
+    index: &Descriptor,
+) -> Result<crate::index::LayerIndex, ArtifactError> {
+    let ix = load_index(store, index).await?;
+    let Some(w) = ix.windows else {
+        return Ok(ix);
+    };
+    let blob = store.get_blob(&w.digest_string(), MAX_INDEX_BLOB).await?;
+    ix.with_windows(&blob).map_err(|e| ArtifactError::Invalid {
+        digest: w.digest_string(),
+        message: format!("windows blob of index {}: {e}", index.digest),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,16 +622,25 @@ mod tests {
     fn manifest_round_trip() {
         let subject = Descriptor::of(oci::OCI_MANIFEST, b"image");
         let idx = Descriptor::of(INDEX_MEDIA_TYPE, b"index");
+        let win = Descriptor::of(WINDOWS_MEDIA_TYPE, b"windows");
         let plan = Descriptor::of(STARTUP_PLAN_MEDIA_TYPE, b"{}");
         let knobs = Knobs::default();
         let spec = || ArtifactSpec {
             subject: subject.clone(),
             profile: Profile::StartupLocalV1,
             knobs: &knobs,
-            layers: vec![IndexedLayer {
-                layer_digest: oci::EMPTY_DIGEST.into(),
-                index: idx.clone(),
-            }],
+            layers: vec![
+                IndexedLayer {
+                    layer_digest: oci::EMPTY_DIGEST.into(),
+                    index: idx.clone(),
+                    windows: Some(win.clone()),
+                },
+                IndexedLayer {
+                    layer_digest: "sha256:inline".into(),
+                    index: idx.clone(),
+                    windows: None,
+                },
+            ],
             skipped: vec!["sha256:skipped".into()],
             plan: Some(plan.clone()),
             startup_paths: vec!["/bin/sh".into()],
@@ -586,6 +656,9 @@ mod tests {
         assert_eq!(a.profile, "startup-local-v1");
         assert_eq!(a.key, acceleration_key(Profile::StartupLocalV1, &knobs));
         assert_eq!(a.index_for(oci::EMPTY_DIGEST), Some(&idx));
+        // Each windows blob goes back to its own layer's index.
+        assert_eq!(a.layers[0].windows, Some(win.clone()));
+        assert_eq!(a.layers[1].windows, None);
         assert_eq!(a.plan, Some(plan.clone()));
         assert_eq!(a.skipped, vec!["sha256:skipped".to_string()]);
         assert_eq!(a.startup_paths, vec!["/bin/sh".to_string()]);

@@ -21,7 +21,9 @@ use crate::artifact::{
     self, ArtifactError, ArtifactInfo, ArtifactSpec, IndexedLayer, Knobs, Profile,
     STARTUP_PLAN_MEDIA_TYPE, StartupPlan,
 };
-use crate::index::{Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex};
+use crate::index::{
+    Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex, WINDOWS_MEDIA_TYPE,
+};
 use crate::indexer::{HotRegions, IndexOptions, index_layer_hot};
 use crate::reader::{LayerReader, MemorySpanCache, SpanCache};
 use crate::startup::pack::{PACK_MEDIA_TYPE, PackTable, PackWriter, pack_ranges};
@@ -112,6 +114,8 @@ pub struct LayerSummary {
     pub uncompressed_size: u64,
     /// The index blob (`None` when skipped).
     pub index: Option<Descriptor>,
+    /// The index's windows blob (`None` when skipped, or when its windows are inline).
+    pub windows: Option<Descriptor>,
     pub entries: usize,
     pub spans: usize,
     /// Why the layer was not indexed (it is pulled normally).
@@ -264,6 +268,7 @@ pub async fn build(
             Some(d) => indexed.push(IndexedLayer {
                 layer_digest: s.digest.clone(),
                 index: d.clone(),
+                windows: s.windows.clone(),
             }),
             None => skipped.push(s.digest.clone()),
         }
@@ -524,6 +529,7 @@ fn adopted(subject: Descriptor, a: ArtifactInfo, key: String, t0: Instant) -> Bu
                 compressed_size: 0,
                 uncompressed_size: 0,
                 index: Some(l.index.clone()),
+                windows: l.windows.clone(),
                 entries: 0,
                 spans: 0,
                 skipped: None,
@@ -589,12 +595,36 @@ async fn reuse_index(
     if idx.span_size != knobs.span_size || idx.compressed_digest_string() != layer.digest {
         return None;
     }
+    // The plan and pack are read through the index here: with its windows inline.
+    let windows = idx
+        .windows
+        .map(|w| Descriptor::new(WINDOWS_MEDIA_TYPE, w.digest_string(), w.size));
+    let idx = match &windows {
+        None => idx,
+        Some(w) => {
+            let blob = match target.get_blob(&w.digest, artifact::MAX_INDEX_BLOB).await {
+                Ok(b) => b,
+                Err(e) => {
+                    debug!(layer = %layer.digest, windows = %w.digest, error = %e, "existing index's windows not reusable");
+                    return None;
+                }
+            };
+            match idx.with_windows(&blob) {
+                Ok(i) => i,
+                Err(e) => {
+                    debug!(layer = %layer.digest, windows = %w.digest, error = %e, "existing index's windows not reusable");
+                    return None;
+                }
+            }
+        }
+    };
     info!(layer = %layer.digest, index = %d.digest, "layer index reused from an existing artifact");
     let summary = LayerSummary {
         digest: layer.digest.clone(),
         compressed_size: layer.size,
         uncompressed_size: idx.uncompressed_size,
         index: Some(d.clone()),
+        windows,
         entries: idx.entries.len(),
         spans: idx.spans.len(),
         skipped: None,
@@ -664,6 +694,7 @@ async fn index_one(
             compressed_size: layer.size,
             uncompressed_size: 0,
             index: None,
+            windows: None,
             entries: 0,
             spans: 0,
             skipped: Some(why),
@@ -745,8 +776,16 @@ async fn index_one(
             size: out.compressed_size,
         });
     }
-    let encoded = Bytes::from(out.index.encode());
-    let index = target.put_blob(INDEX_MEDIA_TYPE, encoded).await?;
+    // Nodes mount from the index alone and fetch windows only for spans they inflate.
+    let (split, windows_blob) = out.index.split();
+    let windows = if split.windows.is_some() {
+        Some(target.put_blob(WINDOWS_MEDIA_TYPE, windows_blob).await?)
+    } else {
+        None
+    };
+    let index = target
+        .put_blob(INDEX_MEDIA_TYPE, Bytes::from(split.encode()))
+        .await?;
     let summary = LayerSummary {
         digest: layer.digest.clone(),
         compressed_size: layer.size,
@@ -754,6 +793,7 @@ async fn index_one(
         entries: out.index.entries.len(),
         spans: out.index.spans.len(),
         index: Some(index),
+        windows,
         skipped: None,
         duration: t0.elapsed(),
     };

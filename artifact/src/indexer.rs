@@ -597,6 +597,7 @@ fn consume(
             bits: o.bits,
             window_len: o.window_len,
             window: o.window.into(),
+            window_at: None,
             digest,
         });
         Ok(())

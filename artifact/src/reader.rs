@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::index::{Entry, EntryKind, LayerIndex, SpanError, inflate_span};
+use crate::index::{Entry, EntryKind, LayerIndex, SpanError, inflate_span_with_windows};
 use crate::source::{RangeSource, SourceError};
 
 /// A store of verified, uncompressed spans keyed by their SHA-256.
@@ -152,6 +152,19 @@ pub enum ReadError {
     },
     #[error("source returned {got} bytes for compressed range {start}..{end}")]
     ShortRead { start: u64, end: u64, got: u64 },
+    #[error(
+        "fetching windows {start}..{end} (spans {first}..={last}) from the windows blob: {source}"
+    )]
+    Windows {
+        start: u64,
+        end: u64,
+        first: usize,
+        last: usize,
+        #[source]
+        source: SourceError,
+    },
+    #[error("the index keeps its windows in blob {0}, and this reader has no source for it")]
+    NoWindows(String),
     #[error("span {span} (uncompressed offset {offset}) failed verification: {source}")]
     Span {
         span: usize,
@@ -169,6 +182,8 @@ pub enum ReadError {
 pub struct LayerReader {
     index: Arc<LayerIndex>,
     source: Arc<dyn RangeSource>,
+    /// The windows blob of an index whose windows are separate (version 2).
+    windows: Option<Arc<dyn RangeSource>>,
     cache: Arc<dyn SpanCache>,
     fetched_bytes: AtomicU64,
     fetched_spans: AtomicU64,
@@ -191,6 +206,7 @@ impl LayerReader {
         Self {
             index,
             source,
+            windows: None,
             cache,
             fetched_bytes: AtomicU64::new(0),
             fetched_spans: AtomicU64::new(0),
@@ -198,6 +214,13 @@ impl LayerReader {
             in_flight,
             observer: None,
         }
+    }
+
+    /// Reads the windows of a version 2 index from `windows` (its windows blob), a range at
+    /// a time, next to the compressed bytes of the spans they serve.
+    pub fn with_windows(mut self, windows: Arc<dyn RangeSource>) -> Self {
+        self.windows = Some(windows);
+        self
     }
 
     /// Reports waits and cache use of reads to `observer`.
@@ -420,7 +443,7 @@ impl LayerReader {
         let start = self.index.compressed_range(first).0;
         let end = self.index.compressed_range(last).1;
         let len = end.saturating_sub(start);
-        let data =
+        let data = async {
             self.source
                 .read_range(start, len)
                 .await
@@ -430,9 +453,45 @@ impl LayerReader {
                     first,
                     last,
                     source,
+                })
+        };
+        // The spans' windows, when separate, come in one ranged read alongside.
+        let wrange = self.index.windows_range(first, last);
+        let windows = async {
+            let Some((ws, we)) = wrange else {
+                return Ok(None);
+            };
+            let src = self.windows.as_ref().ok_or_else(|| {
+                ReadError::NoWindows(
+                    self.index
+                        .windows
+                        .map(|w| w.digest_string())
+                        .unwrap_or_default(),
+                )
+            })?;
+            let w = src
+                .read_range(ws, we - ws)
+                .await
+                .map_err(|source| ReadError::Windows {
+                    start: ws,
+                    end: we,
+                    first,
+                    last,
+                    source,
                 })?;
+            if w.len() as u64 != we - ws {
+                return Err(ReadError::ShortRead {
+                    start: ws,
+                    end: we,
+                    got: w.len() as u64,
+                });
+            }
+            Ok(Some((ws, w)))
+        };
+        let (data, windows) = futures::try_join!(data, windows)?;
+        let fetched = data.len() + windows.as_ref().map_or(0, |(_, w)| w.len());
         self.fetched_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+            .fetch_add(fetched as u64, Ordering::Relaxed);
         if data.len() as u64 != len {
             return Err(ReadError::ShortRead {
                 start,
@@ -460,10 +519,13 @@ impl LayerReader {
                     end,
                     got: data.len() as u64,
                 })?;
-                let span = inflate_span(&index, i, bytes).map_err(|source| ReadError::Span {
-                    span: i,
-                    offset: span_off,
-                    source,
+                let w = windows.as_ref().map(|(ws, w)| (*ws, &w[..]));
+                let span = inflate_span_with_windows(&index, i, bytes, w).map_err(|source| {
+                    ReadError::Span {
+                        span: i,
+                        offset: span_off,
+                        source,
+                    }
                 })?;
                 out.push((i, Bytes::from(span)));
             }

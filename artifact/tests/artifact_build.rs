@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use talaria_artifact::artifact::{self, Knobs, Profile};
 use talaria_artifact::build::{self, BuildOptions};
-use talaria_artifact::index::INDEX_MEDIA_TYPE;
+use talaria_artifact::index::{INDEX_MEDIA_TYPE, WINDOWS_MEDIA_TYPE};
 use talaria_artifact::layout::OciLayout;
 use talaria_artifact::registry::ImageRef;
 use talaria_artifact::store::oci::{self, Manifest, Platform};
@@ -133,16 +133,21 @@ async fn registry_build_resolve_read_every_file() {
     };
     assert_eq!(m.config.digest, oci::EMPTY_DIGEST);
     assert_eq!(m.subject.as_ref().unwrap().digest, image.manifest_digest);
-    assert_eq!(m.layers.len(), 4);
+    // Three indexes (each followed by its windows blob when it has windows), then the plan.
+    let (plan_desc, blobs) = m.layers.split_last().unwrap();
+    let n_index = blobs
+        .iter()
+        .filter(|l| l.media_type == INDEX_MEDIA_TYPE)
+        .count();
+    assert_eq!(n_index, 3);
     assert!(
-        m.layers[..3]
+        blobs
             .iter()
-            .all(|l| l.media_type == INDEX_MEDIA_TYPE)
+            .all(|l| l.media_type == INDEX_MEDIA_TYPE || l.media_type == WINDOWS_MEDIA_TYPE)
     );
-    assert_eq!(m.layers[3].media_type, artifact::STARTUP_PLAN_MEDIA_TYPE);
+    assert_eq!(plan_desc.media_type, artifact::STARTUP_PLAN_MEDIA_TYPE);
     let plan: artifact::StartupPlan =
-        serde_json::from_slice(&store.get_blob(&m.layers[3].digest, 1 << 20).await.unwrap())
-            .unwrap();
+        serde_json::from_slice(&store.get_blob(&plan_desc.digest, 1 << 20).await.unwrap()).unwrap();
     assert_eq!(plan.version, 1);
     // The entrypoint (/bin/sh -> tool) is in the plan, in the layer that wins (layer 2
     // overwrote bin/tool), and the annotation lists the startup paths.

@@ -363,3 +363,70 @@ fn corrupted_encoded_index_is_rejected_without_panic() {
     assert!(LayerIndex::decode(b"").is_err());
     assert!(LayerIndex::decode(b"TLIX\x09").is_err());
 }
+
+#[test]
+fn a_version_2_index_and_its_windows_blob_are_checked() {
+    let t = small_tar();
+    let blob = gzip_cmd(&t);
+    let ix = index(&blob, Compression::Gzip, 4096).index;
+    let (split, windows) = ix.split();
+    assert!(split.windows.is_some() && !windows.is_empty());
+    let enc = split.encode();
+    assert_eq!(enc[4], 2, "written as version 2");
+    for len in 0..enc.len() {
+        assert!(
+            LayerIndex::decode(&enc[..len]).is_err(),
+            "truncated to {len}"
+        );
+    }
+    let mut longer = enc.clone();
+    longer.push(0);
+    assert!(LayerIndex::decode(&longer).is_err());
+    // Flips either fail to decode or give an index whose reads fail or are right.
+    for pos in 0..enc.len() {
+        let mut b = enc.clone();
+        b[pos] ^= 0x01;
+        if let Ok(bad) = LayerIndex::decode(&b) {
+            let r =
+                reader(bad.clone(), &blob).with_windows(Arc::new(MemorySource(windows.clone())));
+            if let Ok(data) = block_on(r.read_at(0, bad.uncompressed_size)) {
+                assert_eq!(
+                    &data[..],
+                    &t[..bad.uncompressed_size as usize],
+                    "flip at {pos}"
+                );
+            }
+        }
+    }
+    // A windows blob other than the one the index names is refused whole.
+    let mut wrong = windows.to_vec();
+    wrong[windows.len() / 2] ^= 0x01;
+    assert!(split.with_windows(&wrong).is_err());
+    assert!(split.with_windows(&windows[..windows.len() - 1]).is_err());
+
+    // Without a windows source, reads that need a window fail clearly.
+    let r = reader(split.clone(), &blob);
+    let err = block_on(r.read_at(0, t.len() as u64)).unwrap_err();
+    assert!(matches!(err, ReadError::NoWindows(_)), "{err}");
+    // A lying or short windows source never gets a wrong span served or cached.
+    let cache = Arc::new(MemorySpanCache::new(1 << 20));
+    for w in [
+        Arc::new(LyingSource(windows.clone())) as Arc<dyn RangeSource>,
+        Arc::new(ShortSource(windows.clone())),
+    ] {
+        let r = LayerReader::new(
+            Arc::new(split.clone()),
+            Arc::new(MemorySource(Bytes::from(blob.clone()))),
+            cache.clone(),
+        )
+        .with_windows(w);
+        let err = block_on(r.read_at(0, t.len() as u64)).unwrap_err();
+        assert!(
+            matches!(err, ReadError::Span { .. } | ReadError::ShortRead { .. }),
+            "{err}"
+        );
+    }
+    assert_eq!(cache.size(), 0);
+    let r = reader(split, &blob).with_windows(Arc::new(MemorySource(windows)));
+    assert_eq!(&block_on(r.read_at(0, t.len() as u64)).unwrap()[..], &t[..]);
+}

@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow};
 use talaria_artifact::artifact;
 use talaria_artifact::build::{MergedView, resolve_image};
 use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
+use talaria_artifact::reader::MemorySpanCache;
 
 use crate::GlobalArgs;
 use crate::common::{
@@ -79,7 +79,13 @@ pub async fn run(g: &GlobalArgs, image: &str, path: &str) -> CliResult<()> {
         .store
         .range_source(layer)
         .with_context(|| format!("opening layer {}", layer.digest))?;
-    let reader = LayerReader::new(index, source, Arc::new(MemorySpanCache::new(64 << 20)));
+    let reader = artifact::layer_reader(
+        index,
+        source,
+        stores.artifacts.as_ref(),
+        Arc::new(MemorySpanCache::new(64 << 20)),
+    )
+    .context("opening the index's windows blob")?;
     let mut out = std::io::stdout().lock();
     let mut off = 0;
     while off < entry.size {

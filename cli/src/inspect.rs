@@ -188,7 +188,8 @@ fn artifact_json(a: &ArtifactInfo) -> serde_json::Value {
         "digest": a.descriptor.digest, "size": a.descriptor.size, "profile": a.profile,
         "profileVersion": a.profile_version, "key": a.key, "created": a.created,
         "planRecorded": a.plan_recorded, "pack": a.pack.as_ref().map(|d| d.digest.clone()),
-        "indexes": a.layers.iter().map(|l| json!({"layer": l.layer_digest, "index": l.index.digest, "size": l.index.size})).collect::<Vec<_>>(),
+        "indexes": a.layers.iter().map(|l| json!({"layer": l.layer_digest, "index": l.index.digest, "size": l.index.size,
+            "windows": l.windows.as_ref().map(|w| json!({"digest": w.digest, "size": w.size}))})).collect::<Vec<_>>(),
         "skipped": a.skipped, "plan": a.plan.as_ref().map(|d| d.digest.clone()),
         "startupPaths": a.startup_paths, "accelerated": a.is_accelerated(),
     })

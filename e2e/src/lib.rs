@@ -47,6 +47,7 @@ pub mod tokenauth;
 pub mod tree;
 
 pub use error::EnvError;
+pub use process::unmount_under;
 
 use std::path::PathBuf;
 

@@ -264,7 +264,7 @@ pub(crate) fn describe(cmd: &Command) -> String {
 
 /// Lazily unmounts every mount point at or below `dir`, deepest first, so that a temp dir
 /// holding leftover overlay/FUSE mounts can be removed.
-pub(crate) fn unmount_under(dir: &Path) {
+pub fn unmount_under(dir: &Path) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };

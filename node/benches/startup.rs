@@ -630,16 +630,23 @@ async fn build_artifact(
         "a layer of {repo} was not indexed: {:?}",
         summary.layers
     );
-    // The indexes are on every start's path (each mount waits for its layer's).
+    // The indexes are on every start's path (each mount waits for its layer's); their
+    // windows only where a span is inflated.
     let index_bytes: u64 = summary
         .layers
         .iter()
         .filter_map(|l| l.index.as_ref().map(|d| d.size))
         .sum();
+    let windows_bytes: u64 = summary
+        .layers
+        .iter()
+        .filter_map(|l| l.windows.as_ref().map(|d| d.size))
+        .sum();
     eprintln!(
-        "{repo}:{tag}: {} artifact, indexes {:.2} MiB",
+        "{repo}:{tag}: {} artifact, indexes {:.2} MiB (+ windows {:.2} MiB, fetched as spans need them)",
         profile.name(),
-        mib(index_bytes as f64)
+        mib(index_bytes as f64),
+        mib(windows_bytes as f64)
     );
     if opts.recorded.is_some()
         && let Some(d) = &summary.plan

@@ -301,6 +301,7 @@ impl Fetcher {
         &self,
         layer: &str,
         repo: &Repository,
+        art_repo: &Repository,
         index: Arc<LayerIndex>,
         image: &str,
     ) -> Arc<SharedLayer> {
@@ -315,7 +316,7 @@ impl Fetcher {
             return l;
         }
         layers.retain(|_, w| w.strong_count() > 0);
-        let shared = Arc::new(self.new_layer(layer, repo, index, image));
+        let shared = Arc::new(self.new_layer(layer, repo, art_repo, index, image));
         layers.insert(key, Arc::downgrade(&shared));
         drop(layers);
         if self.opts.background {
@@ -328,6 +329,7 @@ impl Fetcher {
         &self,
         layer: &str,
         repo: &Repository,
+        art_repo: &Repository,
         index: Arc<LayerIndex>,
         image: &str,
     ) -> SharedLayer {
@@ -340,24 +342,41 @@ impl Fetcher {
         // Shared by reads and prefetchers: either finding the registry gone makes the
         // others' uncached reads fail at once.
         let reach = Arc::new(Reachability::new(layer, self.opts.read_timeout));
-        let blob: Arc<dyn RangeSource> =
-            Arc::new(self.client.range_source(repo, layer, index.compressed_size));
-        let source = Arc::new(MeteredSource {
-            inner: blob,
-            timeout: self.opts.read_timeout,
-            reach: reach.clone(),
-            sched: self.sched.clone(),
-            host: repo.registry.clone(),
-            metrics: self.metrics.clone(),
-            series: series.clone(),
+        let metered = |inner: Arc<dyn RangeSource>, host: &str| -> Arc<dyn RangeSource> {
+            Arc::new(MeteredSource {
+                inner,
+                timeout: self.opts.read_timeout,
+                reach: reach.clone(),
+                sched: self.sched.clone(),
+                host: host.to_string(),
+                metrics: self.metrics.clone(),
+                series: series.clone(),
+            })
+        };
+        let source = metered(
+            Arc::new(self.client.range_source(repo, layer, index.compressed_size)),
+            &repo.registry,
+        );
+        // A version 2 index's windows: read from the artifact's blob as spans need them.
+        let windows = index.windows.map(|w| {
+            metered(
+                Arc::new(
+                    self.client
+                        .range_source(art_repo, &w.digest_string(), w.size),
+                ),
+                &art_repo.registry,
+            )
         });
         let cache: Arc<dyn SpanCache> = self.cache.clone();
-        let reader =
+        let mut reader =
             LayerReader::new(index, source, cache).with_observer(Arc::new(LayerObserver {
                 layer: layer.to_string(),
                 series: series.clone(),
                 fetcher: self.me.clone(),
             }));
+        if let Some(w) = windows {
+            reader = reader.with_windows(w);
+        }
         SharedLayer {
             reader: Arc::new(reader),
             reach,
@@ -672,7 +691,7 @@ impl Fetcher {
             .map(|d| {
                 by_layer
                     .get(&d.digest)
-                    .map(|ix| self.layer(&d.digest, image_repo, ix.clone(), &j.image))
+                    .map(|ix| self.layer(&d.digest, image_repo, art_repo, ix.clone(), &j.image))
             })
             .collect();
         if let Ok(mut h) = j.held.lock() {
@@ -1416,6 +1435,7 @@ mod tests {
                 bits: 0,
                 window_len: 0,
                 window: Bytes::new(),
+                window_at: None,
                 digest: [0; 32],
             })
             .collect();

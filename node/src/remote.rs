@@ -188,6 +188,28 @@ struct RemoteRecord {
     manifest_digest: String,
     layer_digest: String,
     artifact: String,
+    /// Where the artifact's blobs are (a version 2 index's windows are read from there);
+    /// records written before this field hold version 1 indexes, which need nothing.
+    #[serde(default)]
+    artifact_registry: Option<String>,
+    #[serde(default)]
+    artifact_repository: Option<String>,
+}
+
+impl RemoteRecord {
+    /// The artifact's repository (the image's when not recorded).
+    fn artifact_repo(&self) -> Repository {
+        Repository {
+            registry: self
+                .artifact_registry
+                .clone()
+                .unwrap_or_else(|| self.registry.clone()),
+            name: self
+                .artifact_repository
+                .clone()
+                .unwrap_or_else(|| self.repository.clone()),
+        }
+    }
 }
 
 struct Mounted {
@@ -443,9 +465,13 @@ impl RemoteLayers {
             registry: rec.registry.clone(),
             name: rec.repository.clone(),
         };
-        let layer = self
-            .fetcher
-            .layer(&rec.layer_digest, &repo, index, &rec.image_ref);
+        let layer = self.fetcher.layer(
+            &rec.layer_digest,
+            &repo,
+            &rec.artifact_repo(),
+            index,
+            &rec.image_ref,
+        );
         let mut fs = LayerFs::new(
             layer.reader.clone(),
             layer.reach.clone(),
@@ -650,6 +676,8 @@ impl RemoteLayers {
                         manifest_digest: manifest.to_string(),
                         layer_digest: layer.to_string(),
                         artifact: art.descriptor.digest.clone(),
+                        artifact_registry: Some(found.repo.registry.clone()),
+                        artifact_repository: Some(found.repo.name.clone()),
                     };
                     return Ok((rec, l.raw, l.index, found.source));
                 }
@@ -683,6 +711,8 @@ impl RemoteLayers {
             manifest_digest: manifest.to_string(),
             layer_digest: layer.to_string(),
             artifact: art.descriptor.digest.clone(),
+            artifact_registry: Some(found.repo.registry.clone()),
+            artifact_repository: Some(found.repo.name.clone()),
         };
         Ok((rec, raw, Arc::new(index), found.source))
     }

@@ -12,8 +12,8 @@ use super::span::decompress_window;
 use super::tar::normalize_path;
 use super::zlib::WINDOW_SIZE;
 use super::{
-    Compression, Entry, EntryKind, INDEX_VERSION, LayerIndex, MAX_SPAN_OVERSHOOT, MAX_SPAN_SIZE,
-    MIN_SPAN_SIZE, Span,
+    Compression, Entry, EntryKind, INDEX_VERSION, INDEX_VERSION_INLINE, LayerIndex,
+    MAX_SPAN_OVERSHOOT, MAX_SPAN_SIZE, MAX_WINDOW_COMPRESSED, MIN_SPAN_SIZE, Span, WindowsBlob,
 };
 
 const MAGIC: &[u8; 4] = b"TLIX";
@@ -31,7 +31,9 @@ const MAX_TOC_BYTES: u64 = 1 << 32;
 pub enum DecodeError {
     #[error("not a Talaria layer index (bad magic)")]
     BadMagic,
-    #[error("unsupported layer index version {0} (this build reads version {INDEX_VERSION})")]
+    #[error(
+        "unsupported layer index version {0} (this build reads versions {INDEX_VERSION_INLINE} and {INDEX_VERSION})"
+    )]
     UnsupportedVersion(u8),
     #[error("layer index truncated while reading {0}")]
     Truncated(&'static str),
@@ -149,8 +151,13 @@ pub(super) fn encode(ix: &LayerIndex) -> Vec<u8> {
         .unwrap_or_default();
 
     let mut out = Vec::with_capacity(64 + toc_z.len() + ix.spans.len() * 64);
+    let separate = ix.windows.is_some();
     out.extend_from_slice(MAGIC);
-    out.push(INDEX_VERSION as u8);
+    out.push(if separate {
+        INDEX_VERSION as u8
+    } else {
+        INDEX_VERSION_INLINE as u8
+    });
     out.push(match ix.compression {
         Compression::None => 0,
         Compression::Gzip => 1,
@@ -172,9 +179,18 @@ pub(super) fn encode(ix: &LayerIndex) -> Vec<u8> {
         out.push(s.bits);
         put_varint(&mut out, s.uncompressed_size);
         put_varint(&mut out, u64::from(s.window_len));
-        put_bytes(&mut out, &s.window);
+        if separate {
+            // Only the length: the windows follow one another in the windows blob.
+            put_varint(&mut out, s.window_at.map_or(0, |(_, len)| len));
+        } else {
+            put_bytes(&mut out, &s.window);
+        }
         out.extend_from_slice(&s.digest);
         prev_off = s.compressed_offset;
+    }
+    if let Some(w) = &ix.windows {
+        put_varint(&mut out, w.size);
+        out.extend_from_slice(&w.digest);
     }
     out
 }
@@ -258,9 +274,11 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
         return Err(DecodeError::BadMagic);
     }
     let version = c.u8("version")?;
-    if u32::from(version) != INDEX_VERSION {
-        return Err(DecodeError::UnsupportedVersion(version));
-    }
+    let separate = match u32::from(version) {
+        INDEX_VERSION_INLINE => false,
+        INDEX_VERSION => true,
+        _ => return Err(DecodeError::UnsupportedVersion(version)),
+    };
     let compression = match c.u8("compression")? {
         0 => Compression::None,
         1 => Compression::Gzip,
@@ -323,6 +341,8 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
     let mut prev_off = 0u64;
     let mut uoff = 0u64;
     let max_span = span_size + MAX_SPAN_OVERSHOOT;
+    // Offset of the next window in the windows blob (version 2).
+    let mut window_off = 0u64;
     for i in 0..span_count {
         let delta = c.varint("span offset")?;
         let compressed_offset = prev_off
@@ -336,7 +356,19 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
         let bits = c.u8("span bits")?;
         let ulen = c.varint("span length")?;
         let window_len = c.varint("window length")?;
-        let window = c.bytes("window")?;
+        let (window, window_at) = if separate {
+            let zlen = c.varint("window blob length")?;
+            if (zlen == 0) != (window_len == 0) || zlen > MAX_WINDOW_COMPRESSED {
+                return Err(invalid(format!(
+                    "span {i}: {zlen} compressed bytes for a window of {window_len}"
+                )));
+            }
+            let at = (zlen > 0).then_some((window_off, zlen));
+            window_off = window_off.saturating_add(zlen);
+            (&[][..], at)
+        } else {
+            (c.bytes("window")?, None)
+        };
         let digest = c.digest("span digest")?;
         if bits > 7 {
             return Err(invalid(format!("span {i}: bit offset {bits}")));
@@ -371,8 +403,10 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
                 }
             }
         }
-        decompress_window(window, window_len as u32)
-            .map_err(|e| invalid(format!("span {i}: {e}")))?;
+        if !separate {
+            decompress_window(window, window_len as u32)
+                .map_err(|e| invalid(format!("span {i}: {e}")))?;
+        }
         spans.push(Span {
             uncompressed_offset: uoff,
             uncompressed_size: ulen,
@@ -381,6 +415,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
             bits,
             window_len: window_len as u32,
             window: Bytes::copy_from_slice(window),
+            window_at,
             digest,
         });
         uoff = uoff
@@ -394,13 +429,25 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
             "spans cover {uoff} bytes, the layer has {uncompressed_size}"
         )));
     }
+    let windows = if separate {
+        let size = c.varint("windows blob size")?;
+        let digest = c.digest("windows blob digest")?;
+        if size != window_off {
+            return Err(invalid(format!(
+                "windows blob of {size} bytes, the spans' windows take {window_off}"
+            )));
+        }
+        Some(WindowsBlob { digest, size })
+    } else {
+        None
+    };
     if c.remaining() != 0 {
         return Err(invalid(format!(
             "{} unexpected trailing bytes",
             c.remaining()
         )));
     }
-    Ok(LayerIndex::new(
+    let mut ix = LayerIndex::new(
         compression,
         compressed_size,
         uncompressed_size,
@@ -409,7 +456,12 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
         diff_id,
         entries,
         spans,
-    ))
+    );
+    if windows.is_some() {
+        ix.version = INDEX_VERSION;
+        ix.windows = windows;
+    }
+    Ok(ix)
 }
 
 fn decode_entries(

@@ -13,16 +13,28 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
+use sha2::Digest;
 
 pub use codec::DecodeError;
-pub use span::{SpanError, inflate_span};
+pub use span::{SpanError, inflate_span, inflate_span_with_windows};
 pub use tar::TarError;
 
 /// Media type of an encoded layer index blob.
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.talaria.layer.index.v1";
 
-/// Current encoding version written by [`LayerIndex::encode`].
-pub const INDEX_VERSION: u32 = 1;
+/// Media type of a layer's checkpoint windows blob (the windows of a version 2 index).
+pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.talaria.layer.windows.v1";
+
+/// Encoding with every checkpoint window inline.
+pub const INDEX_VERSION_INLINE: u32 = 1;
+
+/// Encoding written by builds: the windows live in a separate blob ([`LayerIndex::split`]),
+/// so a node mounts a layer from a small index and fetches a window only to inflate a span
+/// no pack or cache holds (windows were ~90% of an index's bytes).
+pub const INDEX_VERSION: u32 = 2;
+
+/// Largest zlib stream of one window (32 KiB stored raw, plus block and stream headers).
+pub const MAX_WINDOW_COMPRESSED: u64 = 32 * 1024 + 1024;
 
 /// Largest span the indexer produces and the decoder accepts beyond `span_size`: a checkpoint
 /// can only be taken between deflate blocks, so a span overshoots by up to one block.
@@ -117,10 +129,29 @@ pub struct Span {
     /// Length of the uncompressed history window (≤ 32 KiB; 0 at a gzip member start or for
     /// uncompressed layers).
     pub window_len: u32,
-    /// The history window, zlib-compressed (empty when `window_len` is 0).
+    /// The history window, zlib-compressed (empty when `window_len` is 0, or when the
+    /// window lives in the windows blob: see `window_at`).
     pub window: Bytes,
+    /// Where the zlib-compressed window lies in the windows blob (offset, length), for an
+    /// index whose windows are separate and a span that has one.
+    pub window_at: Option<(u64, u64)>,
     /// SHA-256 of the span's uncompressed bytes.
     pub digest: [u8; 32],
+}
+
+/// The separate blob of a version 2 index's windows: every span's zlib-compressed window,
+/// concatenated in span order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowsBlob {
+    pub digest: [u8; 32],
+    pub size: u64,
+}
+
+impl WindowsBlob {
+    /// `"sha256:<hex>"` of the blob.
+    pub fn digest_string(&self) -> String {
+        format!("sha256:{}", hex::encode(self.digest))
+    }
 }
 
 /// The index of one layer.
@@ -136,6 +167,8 @@ pub struct LayerIndex {
     pub diff_id: [u8; 32],
     pub entries: Vec<Entry>,
     pub spans: Vec<Span>,
+    /// The windows blob, when the windows are not inline (version 2).
+    pub windows: Option<WindowsBlob>,
     /// path → index of the last entry with that path (later entries win, as in tar extraction).
     lookup: OnceLock<HashMap<String, usize>>,
 }
@@ -151,6 +184,7 @@ impl PartialEq for LayerIndex {
             && self.diff_id == other.diff_id
             && self.entries == other.entries
             && self.spans == other.spans
+            && self.windows == other.windows
     }
 }
 
@@ -169,7 +203,7 @@ impl LayerIndex {
         spans: Vec<Span>,
     ) -> Self {
         Self {
-            version: INDEX_VERSION,
+            version: INDEX_VERSION_INLINE,
             compression,
             compressed_size,
             uncompressed_size,
@@ -178,13 +212,88 @@ impl LayerIndex {
             diff_id,
             entries,
             spans,
+            windows: None,
             lookup: OnceLock::new(),
         }
     }
 
-    /// Encodes the index (see `docs/index-format.md`).
+    /// Encodes the index (see `docs/index-format.md`): version 1 with its windows inline,
+    /// version 2 (without them) when they are in a windows blob.
     pub fn encode(&self) -> Vec<u8> {
         codec::encode(self)
+    }
+
+    /// The index with its windows moved out (version 2), and the windows blob. An index
+    /// whose windows are already separate, or that has none (uncompressed layers), is
+    /// returned as is, with an empty blob.
+    pub fn split(&self) -> (LayerIndex, Bytes) {
+        let mut out = self.clone();
+        if self.windows.is_some() || self.spans.iter().all(|s| s.window.is_empty()) {
+            return (out, Bytes::new());
+        }
+        let mut blob = Vec::with_capacity(self.spans.iter().map(|s| s.window.len()).sum());
+        for s in &mut out.spans {
+            s.window_at = (!s.window.is_empty()).then(|| {
+                let at = blob.len() as u64;
+                blob.extend_from_slice(&s.window);
+                (at, s.window.len() as u64)
+            });
+            s.window = Bytes::new();
+        }
+        out.version = INDEX_VERSION;
+        out.windows = Some(WindowsBlob {
+            digest: sha2::Sha256::digest(&blob).into(),
+            size: blob.len() as u64,
+        });
+        (out, Bytes::from(blob))
+    }
+
+    /// The index with every window inline again, from its windows blob (checked against the
+    /// digest and size the index records). An index with inline windows ignores `blob`.
+    pub fn with_windows(&self, blob: &[u8]) -> Result<LayerIndex, DecodeError> {
+        let Some(w) = self.windows else {
+            return Ok(self.clone());
+        };
+        let actual: [u8; 32] = sha2::Sha256::digest(blob).into();
+        if blob.len() as u64 != w.size || actual != w.digest {
+            return Err(DecodeError::Invalid(format!(
+                "windows blob of {} bytes hashes to sha256:{}, the index wants {} bytes, {}",
+                blob.len(),
+                hex::encode(actual),
+                w.size,
+                w.digest_string()
+            )));
+        }
+        let mut out = self.clone();
+        for (i, s) in out.spans.iter_mut().enumerate() {
+            if let Some((at, len)) = s.window_at.take() {
+                let (a, e) = (at as usize, at.saturating_add(len) as usize);
+                let z = blob.get(a..e).ok_or_else(|| {
+                    DecodeError::Invalid(format!("span {i}: window past the windows blob"))
+                })?;
+                s.window = Bytes::copy_from_slice(z);
+            }
+        }
+        out.version = INDEX_VERSION_INLINE;
+        out.windows = None;
+        Ok(out)
+    }
+
+    /// Range `[start, end)` of the windows blob holding the windows of spans
+    /// `first..=last`; `None` when none of them has a separate window.
+    pub fn windows_range(&self, first: usize, last: usize) -> Option<(u64, u64)> {
+        let spans = self
+            .spans
+            .get(first..=last.min(self.spans.len().checked_sub(1)?))?;
+        let mut r: Option<(u64, u64)> = None;
+        for (at, len) in spans.iter().filter_map(|s| s.window_at) {
+            let end = at.saturating_add(len);
+            r = Some(match r {
+                None => (at, end),
+                Some((s, e)) => (s.min(at), e.max(end)),
+            });
+        }
+        r
     }
 
     /// Decodes and validates an encoded index. Never panics on arbitrary input.

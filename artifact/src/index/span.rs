@@ -78,8 +78,20 @@ pub(crate) fn decompress_window(data: &[u8], len: u32) -> Result<Vec<u8>, SpanEr
 }
 
 /// Reconstructs span `i` from `compressed` = the blob bytes `compressed_range(i)`, and verifies
-/// its SHA-256. Returns the uncompressed bytes only if they match the index.
+/// its SHA-256. Returns the uncompressed bytes only if they match the index. An index whose
+/// windows are separate needs [`inflate_span_with_windows`] for spans that have one.
 pub fn inflate_span(index: &LayerIndex, i: usize, compressed: &[u8]) -> Result<Vec<u8>, SpanError> {
+    inflate_span_with_windows(index, i, compressed, None)
+}
+
+/// [`inflate_span`] with `windows` = the windows blob bytes `[start, ..)`, for an index whose
+/// windows are separate. A wrong window cannot pass: the span's digest is checked.
+pub fn inflate_span_with_windows(
+    index: &LayerIndex,
+    i: usize,
+    compressed: &[u8],
+    windows: Option<(u64, &[u8])>,
+) -> Result<Vec<u8>, SpanError> {
     let span = index
         .spans
         .get(i)
@@ -93,7 +105,30 @@ pub fn inflate_span(index: &LayerIndex, i: usize, compressed: &[u8]) -> Result<V
     }
     let data = match index.compression {
         Compression::None => compressed.to_vec(),
-        Compression::Gzip => inflate_gzip_span(span, compressed)?,
+        Compression::Gzip => {
+            let window: &[u8] = match span.window_at {
+                None => &span.window,
+                Some((at, len)) => {
+                    let (start, w) = windows.ok_or_else(|| {
+                        SpanError::Window(
+                            "the span's window is in the windows blob, not given".into(),
+                        )
+                    })?;
+                    at.checked_sub(start)
+                        .and_then(|a| {
+                            let a = usize::try_from(a).ok()?;
+                            w.get(a..a.checked_add(usize::try_from(len).ok()?)?)
+                        })
+                        .ok_or_else(|| {
+                            SpanError::Window(format!(
+                                "window [{at}, +{len}) not within the {} bytes given from {start}",
+                                w.len()
+                            ))
+                        })?
+                }
+            };
+            inflate_gzip_span(span, compressed, window)?
+        }
         Compression::Zstd => return Err(SpanError::Unsupported("zstd")),
     };
     verify(span, &data)?;
@@ -111,7 +146,7 @@ fn verify(span: &Span, data: &[u8]) -> Result<(), SpanError> {
     Ok(())
 }
 
-fn inflate_gzip_span(span: &Span, compressed: &[u8]) -> Result<Vec<u8>, SpanError> {
+fn inflate_gzip_span(span: &Span, compressed: &[u8], window: &[u8]) -> Result<Vec<u8>, SpanError> {
     let corrupt = |e: super::zlib::ZError| SpanError::Corrupt(e.to_string());
     let want = span.uncompressed_size;
     let mut inf = Inflater::new(Wrap::Raw).map_err(corrupt)?;
@@ -126,7 +161,7 @@ fn inflate_gzip_span(span: &Span, compressed: &[u8]) -> Result<Vec<u8>, SpanErro
         input = rest;
     }
     if span.window_len > 0 {
-        let window = decompress_window(&span.window, span.window_len)?;
+        let window = decompress_window(window, span.window_len)?;
         inf.set_dictionary(&window).map_err(corrupt)?;
     }
     let len = usize::try_from(want).map_err(|_| SpanError::Short { got: 0, want })?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use talaria_artifact::build::MergedView;
 use talaria_artifact::index::{EntryKind, LayerIndex};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
+use talaria_artifact::reader::MemorySpanCache;
 use talaria_artifact::registry::{RegistryClient, RegistryConfig, RetryPolicy};
 use talaria_artifact::store::Store;
 use talaria_artifact::store::oci::{Descriptor, ImageManifest, Manifest};
@@ -226,7 +226,13 @@ pub async fn check_read_through(
                 let desc: &Descriptor = &image.layers[layer];
                 let src = image_store.range_source(desc).unwrap();
                 let idx = indexes[layer].clone().unwrap();
-                let reader = LayerReader::new(idx, src, cache.clone());
+                let reader = talaria_artifact::artifact::layer_reader(
+                    idx,
+                    src,
+                    artifact_store,
+                    cache.clone(),
+                )
+                .unwrap();
                 let data = reader.read_file(entry, 0, entry.size).await.unwrap();
                 assert_eq!(data.len(), bytes.len(), "{path}: size");
                 assert!(data.as_ref() == bytes.as_slice(), "{path}: content differs");

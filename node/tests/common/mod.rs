@@ -114,6 +114,10 @@ impl Drop for Node {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            // Killed, the node leaves its FUSE layers mounted (dead); without this every run
+            // would leave them on the machine. Only here: a node stopped by `signal` may be
+            // restarted on the same root, whose new mounts must stay.
+            talaria_testenv::unmount_under(&self.root);
         }
         // For looking at a passing run's log too: the test's temporary root is gone after it.
         if let Some(dir) = std::env::var_os("TALARIA_KEEP_NODE_LOGS") {
