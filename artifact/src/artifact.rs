@@ -524,20 +524,19 @@ pub fn layer_reader(
     })
 }
 
-/// Loads one layer index with its windows inline (for a version 2 index, its windows blob
-/// is fetched too and checked against the digest the index records).
-pub async fn load_index_inline(
+/// `ix` with its windows inline: a version 2 index's windows blob is fetched from `store`
+/// and checked against the digest the index records.
+pub async fn inline_windows(
     store: &dyn Store,
-    index: &Descriptor,
+    ix: crate::index::LayerIndex,
 ) -> Result<crate::index::LayerIndex, ArtifactError> {
-    let ix = load_index(store, index).await?;
     let Some(w) = ix.windows else {
         return Ok(ix);
     };
     let blob = store.get_blob(&w.digest_string(), MAX_INDEX_BLOB).await?;
     ix.with_windows(&blob).map_err(|e| ArtifactError::Invalid {
         digest: w.digest_string(),
-        message: format!("windows blob of index {}: {e}", index.digest),
+        message: format!("windows blob: {e}"),
     })
 }
 

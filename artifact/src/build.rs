@@ -599,23 +599,11 @@ async fn reuse_index(
     let windows = idx
         .windows
         .map(|w| Descriptor::new(WINDOWS_MEDIA_TYPE, w.digest_string(), w.size));
-    let idx = match &windows {
-        None => idx,
-        Some(w) => {
-            let blob = match target.get_blob(&w.digest, artifact::MAX_INDEX_BLOB).await {
-                Ok(b) => b,
-                Err(e) => {
-                    debug!(layer = %layer.digest, windows = %w.digest, error = %e, "existing index's windows not reusable");
-                    return None;
-                }
-            };
-            match idx.with_windows(&blob) {
-                Ok(i) => i,
-                Err(e) => {
-                    debug!(layer = %layer.digest, windows = %w.digest, error = %e, "existing index's windows not reusable");
-                    return None;
-                }
-            }
+    let idx = match artifact::inline_windows(target, idx).await {
+        Ok(i) => i,
+        Err(e) => {
+            debug!(layer = %layer.digest, index = %d.digest, error = %e, "existing index's windows not reusable");
+            return None;
         }
     };
     info!(layer = %layer.digest, index = %d.digest, "layer index reused from an existing artifact");
