@@ -492,6 +492,18 @@ async fn accelerated_build_reuses_the_indexes_of_the_default_artifact() {
             .collect()
     };
     assert_eq!(idx(&accel), idx(&default));
+    // The windows blobs are reused with their indexes (and read back for the plan).
+    let win = |s: &build::BuildSummary| -> Vec<_> {
+        s.layers
+            .iter()
+            .map(|l| l.windows.clone().map(|d| d.digest))
+            .collect()
+    };
+    assert!(
+        win(&default).iter().any(Option::is_some),
+        "some layer has windows"
+    );
+    assert_eq!(win(&accel), win(&default));
 
     // Other span sizes make other indexes: nothing to reuse, so the missing layers fail it.
     let mut other = opts(Profile::StartupLocalV1);
