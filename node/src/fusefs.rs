@@ -30,7 +30,7 @@ use talaria_artifact::reader::LayerReader;
 use tracing::{debug, warn};
 
 use crate::materialize::{Materializer, RangedRead};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OpLabels};
 use crate::reach::Reachability;
 use talaria_artifact::startup::TraceRecorder;
 
@@ -397,6 +397,8 @@ pub struct LayerFs {
     recorder: Option<(Arc<TraceRecorder>, String)>,
     /// The kernel took FUSE passthrough at init (and no open has failed it since).
     passthrough: std::sync::atomic::AtomicBool,
+    /// Requests answered, by op.
+    ops: FuseOps,
     /// Open handles per inode, by mode. The kernel refuses (EIO to the application) a
     /// passthrough open while a cached one is open, and the reverse; it wants one backing id
     /// per inode, alive while any passthrough handle is.
@@ -432,6 +434,47 @@ fn local_read(f: &File, path: &str, offset: u64, size: u32, file_size: u64) -> O
         .ok()
 }
 
+/// Per-op request counters, made once per mount (no label lookup per request).
+struct FuseOps {
+    lookup: Counter,
+    /// Lookups of names the layer does not have (overlayfs asks every layer above the one
+    /// holding a file).
+    lookup_miss: Counter,
+    getattr: Counter,
+    open: Counter,
+    read: Counter,
+    readdir: Counter,
+    getxattr: Counter,
+    /// getxattr of a name the file does not have.
+    getxattr_miss: Counter,
+    listxattr: Counter,
+    readlink: Counter,
+    release: Counter,
+}
+
+impl FuseOps {
+    fn new(m: &Metrics) -> FuseOps {
+        let c = |op: &str| {
+            m.fuse_requests
+                .get_or_create(&OpLabels { op: op.to_string() })
+                .clone()
+        };
+        FuseOps {
+            lookup: c("lookup"),
+            lookup_miss: c("lookup_miss"),
+            getattr: c("getattr"),
+            open: c("open"),
+            read: c("read"),
+            readdir: c("readdir"),
+            getxattr: c("getxattr"),
+            getxattr_miss: c("getxattr_miss"),
+            listxattr: c("listxattr"),
+            readlink: c("readlink"),
+            release: c("release"),
+        }
+    }
+}
+
 impl LayerFs {
     pub fn new(
         reader: Arc<LayerReader>,
@@ -442,6 +485,7 @@ impl LayerFs {
     ) -> Result<LayerFs, FsError> {
         let index = reader.index().clone();
         let tree = Tree::build(&index)?;
+        let ops = FuseOps::new(&metrics);
         Ok(LayerFs {
             tree,
             index,
@@ -454,6 +498,7 @@ impl LayerFs {
             read_bytes: None,
             recorder: None,
             passthrough: std::sync::atomic::AtomicBool::new(false),
+            ops,
             handles: std::sync::Mutex::new(OpenHandles::default()),
         })
     }
@@ -610,17 +655,22 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.ops.lookup.inc();
         let ino = self
             .tree
             .node(parent.0)
             .and_then(|p| p.children.get(name.as_bytes()).copied());
         match ino.and_then(|i| self.tree.attr(i)) {
             Some(a) => reply.entry(&TTL, &a, Generation(0)),
-            None => reply.error(Errno::ENOENT),
+            None => {
+                self.ops.lookup_miss.inc();
+                reply.error(Errno::ENOENT)
+            }
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.ops.getattr.inc();
         match self.tree.attr(ino.0) {
             Some(a) => reply.attr(&TTL, &a),
             None => reply.error(Errno::ENOENT),
@@ -628,6 +678,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.ops.readlink.inc();
         match self.tree.node(ino.0).and_then(|n| n.link.as_deref()) {
             Some(l) => reply.data(l),
             None => reply.error(Errno::EINVAL),
@@ -635,6 +686,7 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.ops.open.inc();
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -657,6 +709,7 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        self.ops.read.inc();
         let Some(entry) = self
             .tree
             .node(ino.0)
@@ -760,6 +813,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.ops.readdir.inc();
         let Some(n) = self.tree.node(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -797,6 +851,7 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.ops.release.inc();
         // The backing id goes with the inode's last passthrough handle.
         let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         if fh.0 & CACHED_FH != 0 {
@@ -814,16 +869,21 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.ops.getxattr.inc();
         let Some(x) = self.tree.xattrs(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
         match x.iter().find(|(k, _)| k.as_bytes() == name.as_bytes()) {
             Some((_, v)) => xattr_reply(size, v, reply),
-            None => reply.error(Errno::ENODATA),
+            None => {
+                self.ops.getxattr_miss.inc();
+                reply.error(Errno::ENODATA)
+            }
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.ops.listxattr.inc();
         let Some(x) = self.tree.xattrs(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -870,6 +930,21 @@ impl Filesystem for LayerFs {
         reply: fuser::ReplyIoctl,
     ) {
         reply.error(Errno::ENOTTY);
+    }
+
+    // No holes (sparse tar entries are refused): ENOSYS has the kernel answer SEEK_DATA and
+    // SEEK_HOLE itself from the size for the rest of the mount (overlayfs asks on copy-up),
+    // without the warning fuser logs for an op left unimplemented.
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn destroy(&mut self) {

@@ -224,6 +224,9 @@ async fn main() -> anyhow::Result<()> {
             RemoteLayers::new(opts, metrics.clone()).context("setting up remote layers")?,
         ))
     };
+    // The image-reference grammar is a regex compiled on first use (~50 ms in a release
+    // build): here, not on the path of the first Prepare or proxied pull.
+    let _ = talaria_artifact::registry::ImageRef::parse("warm.invalid/up:1");
     let root = args.root.clone();
     let hook = remote.clone();
     // Opening and remounting touch the disk and the kernel: a blocking thread.

@@ -45,6 +45,12 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Which FUSE request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
 /// The `kind` values of [`LayerLabels`].
 pub const LAYER_KINDS: [&str; 4] = ["on_demand", "startup", "background", "cache"];
 
@@ -91,6 +97,9 @@ pub struct Metrics {
     pub fuse_read_bytes: Counter,
     /// Opens answered with kernel passthrough to a local copy (their reads skip FUSE).
     pub passthrough_opens: Counter,
+    /// FUSE requests remote layers answered, by op (each one a round trip through this
+    /// process: where a start's file-system time goes).
+    pub fuse_requests: Family<OpLabels, Counter>,
     /// Startup files copied to local disk, and their bytes.
     pub materialized_files: Counter,
     pub materialized_bytes: Counter,
@@ -136,6 +145,7 @@ impl Metrics {
             read_errors: Counter::default(),
             fuse_read_bytes: Counter::default(),
             passthrough_opens: Counter::default(),
+            fuse_requests: Family::default(),
             materialized_files: Counter::default(),
             materialized_bytes: Counter::default(),
             registry: Registry::default(),
@@ -244,6 +254,11 @@ impl Metrics {
             "passthrough_opens",
             "Opens of remote-layer files whose reads the kernel serves from a local copy",
             m.passthrough_opens.clone(),
+        );
+        registry.register(
+            "fuse_requests",
+            "FUSE requests answered for remote layers, by op",
+            m.fuse_requests.clone(),
         );
         registry.register(
             "materialized_files",

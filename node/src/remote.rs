@@ -558,6 +558,7 @@ impl RemoteLayers {
         manifest: &str,
         image: &str,
     ) -> Result<Option<Resolved>, RemoteError> {
+        debug!(image, manifest, "resolving the artifact");
         let mut found = None;
         if let Some(cluster) = &self.opts.cluster
             && let Some(r) = cluster.lookup(manifest, &self.platform).await
@@ -726,11 +727,17 @@ impl RemoteLayers {
         labels: &BTreeMap<String, String>,
     ) -> Result<(), RemoteError> {
         let t0 = Instant::now();
+        debug!(target, "remote layer: locating its artifact and index");
         let timeout = self.opts.resolve_timeout;
         let (rec, raw, index, source) = self
             .rt
             .block_on(tokio::time::timeout(timeout, self.locate(labels)))
             .map_err(|_| RemoteError::Timeout("resolving the artifact", timeout))??;
+        debug!(
+            target,
+            ms = t0.elapsed().as_millis() as u64,
+            "remote layer: index in"
+        );
         let snap_err = |source| RemoteError::Snapshot {
             key: key.to_string(),
             source: Box::new(source),

@@ -562,6 +562,11 @@ async fn remote_layers_mount_lazily_and_fall_back_safely() {
     );
     assert!(metric(&m, "talaria_node_span_cache_bytes") > 0.0, "{m}");
     assert!(metric(&m, "talaria_node_mount_seconds_count") >= 5.0, "{m}");
+    // The trees above were walked through FUSE: lookups and reads were counted by op.
+    for op in ["lookup", "getattr", "open", "read", "readdir", "readlink"] {
+        let line = format!("talaria_node_fuse_requests_total{{op=\"{op}\"}}");
+        assert!(metric(&m, &line) >= 1.0, "no {op} counted:\n{m}");
+    }
 
     // Restart (registry still down): every snapshot is back and the cached layers read.
     let before: Vec<String> = list(&mut c).await;
