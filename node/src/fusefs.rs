@@ -951,3 +951,73 @@ impl Filesystem for LayerFs {
         debug!(layer = %self.index.compressed_digest_string(), "FUSE session ended");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use talaria_artifact::index::Compression;
+    use talaria_artifact::indexer::{IndexOptions, index_layer};
+
+    /// The tree of an uncompressed layer made of `entries` (path, dir or file), in order.
+    fn tree_of(entries: &[(&str, bool)]) -> Result<Tree, FsError> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, dir) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_entry_type(if *dir {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            });
+            b.append_data(&mut h, path, &[][..]).expect("tar entry");
+        }
+        let tar = b.into_inner().expect("tar");
+        let ix = index_layer(
+            &tar[..],
+            Compression::None,
+            &IndexOptions { span_size: 4096 },
+        )
+        .expect("index")
+        .index;
+        Tree::build(&ix)
+    }
+
+    #[test]
+    fn entries_of_one_directory_land_in_it() {
+        let t = tree_of(&[
+            ("a/", true),
+            ("a/x", false),
+            ("a/y", false),
+            ("b/c/z", false),
+        ])
+        .expect("tree");
+        for p in ["a/x", "a/y", "b/c/z"] {
+            let ino = t.lookup(p).unwrap_or_else(|| panic!("{p} missing"));
+            assert_eq!(t.node(ino).map(|n| n.kind), Some(FileType::RegularFile));
+        }
+        assert_eq!(t.node(t.lookup("a").unwrap()).map(|n| n.nlink), Some(2));
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_takes_no_more_children() {
+        // Extraction refuses a/y once a is a file: so must the tree.
+        let r = tree_of(&[("a/", true), ("a/x", false), ("a", false), ("a/y", false)]);
+        assert!(
+            matches!(&r, Err(FsError::Tree { path, message }) if path == "a" && message.contains("not one")),
+            "{:?}",
+            r.err()
+        );
+        // Replaced by a new directory instead: the new one is empty, then takes a/y.
+        let t = tree_of(&[
+            ("a/", true),
+            ("a/x", false),
+            ("a", false),
+            ("a/", true),
+            ("a/y", false),
+        ])
+        .expect("tree");
+        assert!(t.lookup("a/x").is_none());
+        assert!(t.lookup("a/y").is_some());
+    }
+}
