@@ -439,22 +439,42 @@ impl LayerReader {
             .collect()
     }
 
+    /// Bytes `[start, end)` of `src`, all of them (counted as fetched either way).
+    async fn read_exact(
+        &self,
+        src: &dyn RangeSource,
+        start: u64,
+        end: u64,
+        failed: impl FnOnce(SourceError) -> ReadError,
+    ) -> Result<Bytes, ReadError> {
+        let b = src
+            .read_range(start, end.saturating_sub(start))
+            .await
+            .map_err(failed)?;
+        self.fetched_bytes
+            .fetch_add(b.len() as u64, Ordering::Relaxed);
+        if b.len() as u64 != end.saturating_sub(start) {
+            return Err(ReadError::ShortRead {
+                start,
+                end,
+                got: b.len() as u64,
+            });
+        }
+        Ok(b)
+    }
+
     async fn fetch_run(&self, first: usize, last: usize) -> Result<Vec<(usize, Bytes)>, ReadError> {
         let start = self.index.compressed_range(first).0;
         let end = self.index.compressed_range(last).1;
-        let len = end.saturating_sub(start);
-        let data = async {
-            self.source
-                .read_range(start, len)
-                .await
-                .map_err(|source| ReadError::Source {
-                    start,
-                    end,
-                    first,
-                    last,
-                    source,
-                })
-        };
+        let data = self.read_exact(self.source.as_ref(), start, end, |source| {
+            ReadError::Source {
+                start,
+                end,
+                first,
+                last,
+                source,
+            }
+        });
         // The spans' windows, when separate, come in one ranged read alongside.
         let wrange = self.index.windows_range(first, last);
         let windows = async {
@@ -469,36 +489,18 @@ impl LayerReader {
                         .unwrap_or_default(),
                 )
             })?;
-            let w = src
-                .read_range(ws, we - ws)
-                .await
-                .map_err(|source| ReadError::Windows {
+            let w = self
+                .read_exact(src.as_ref(), ws, we, |source| ReadError::Windows {
                     start: ws,
                     end: we,
                     first,
                     last,
                     source,
-                })?;
-            if w.len() as u64 != we - ws {
-                return Err(ReadError::ShortRead {
-                    start: ws,
-                    end: we,
-                    got: w.len() as u64,
-                });
-            }
+                })
+                .await?;
             Ok(Some((ws, w)))
         };
         let (data, windows) = futures::try_join!(data, windows)?;
-        let fetched = data.len() + windows.as_ref().map_or(0, |(_, w)| w.len());
-        self.fetched_bytes
-            .fetch_add(fetched as u64, Ordering::Relaxed);
-        if data.len() as u64 != len {
-            return Err(ReadError::ShortRead {
-                start,
-                end,
-                got: data.len() as u64,
-            });
-        }
         let index = self.index.clone();
         // Inflating and hashing megabytes is CPU work: keep it off the async workers.
         let work = move || -> Result<Vec<(usize, Bytes)>, ReadError> {
