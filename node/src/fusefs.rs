@@ -92,6 +92,8 @@ impl Node {
 /// The inode table of a layer (ino = position + 1; 1 is the root).
 pub struct Tree {
     nodes: Vec<Node>,
+    /// Some inode has an extended attribute (the opaque marker counts).
+    any_xattrs: bool,
 }
 
 fn mtime_of(secs: i64) -> SystemTime {
@@ -122,6 +124,7 @@ impl Tree {
     pub fn build(index: &LayerIndex) -> Result<Tree, FsError> {
         let mut t = Tree {
             nodes: vec![Node::dir(1)],
+            any_xattrs: false,
         };
         for (i, e) in index.entries.iter().enumerate() {
             t.add(i, e)?;
@@ -149,6 +152,7 @@ impl Tree {
                 node.nlink = n;
             }
         }
+        t.any_xattrs = t.nodes.iter().any(|n| n.opaque || !n.xattrs.is_empty());
         Ok(t)
     }
 
@@ -370,6 +374,11 @@ impl Tree {
         Some(x)
     }
 
+    /// Whether any inode has an extended attribute (the overlay opaque marker included).
+    pub fn has_xattrs(&self) -> bool {
+        self.any_xattrs
+    }
+
     /// Number of inodes.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -404,6 +413,25 @@ pub struct LayerFs {
     /// per inode, alive while any passthrough handle is.
     handles: std::sync::Mutex<OpenHandles>,
 }
+
+/// The answer to a lookup of a name a layer lacks: node id 0 (see `lookup`).
+const NEGATIVE_ENTRY: FileAttr = FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: UNIX_EPOCH,
+    mtime: UNIX_EPOCH,
+    ctime: UNIX_EPOCH,
+    crtime: UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
 
 /// Handle `fh` of a cached (non-passthrough) open: the inode with the top bit set (a
 /// passthrough handle is the bare inode number).
@@ -444,6 +472,7 @@ struct FuseOps {
     open: Counter,
     read: Counter,
     readdir: Counter,
+    opendir: Counter,
     getxattr: Counter,
     /// getxattr of a name the file does not have.
     getxattr_miss: Counter,
@@ -466,6 +495,7 @@ impl FuseOps {
             open: c("open"),
             read: c("read"),
             readdir: c("readdir"),
+            opendir: c("opendir"),
             getxattr: c("getxattr"),
             getxattr_miss: c("getxattr_miss"),
             listxattr: c("listxattr"),
@@ -651,6 +681,14 @@ impl Filesystem for LayerFs {
             );
         }
         *self.passthrough.get_mut() = ok;
+        // A symlink's target is kept in the kernel's page cache after its first readlink
+        // (the content never changes); an older kernel just keeps asking.
+        if config
+            .add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS)
+            .is_err()
+        {
+            debug!("the kernel does not cache FUSE symlinks");
+        }
         Ok(())
     }
 
@@ -664,7 +702,9 @@ impl Filesystem for LayerFs {
             Some(a) => reply.entry(&TTL, &a, Generation(0)),
             None => {
                 self.ops.lookup_miss.inc();
-                reply.error(Errno::ENOENT)
+                // Node id 0 with a timeout: the kernel keeps the name as a negative entry
+                // (ENOENT would not be kept), so it is not asked again.
+                reply.entry(&TTL, &NEGATIVE_ENTRY, Generation(0))
             }
         }
     }
@@ -870,6 +910,13 @@ impl Filesystem for LayerFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         self.ops.getxattr.inc();
+        if !self.tree.has_xattrs() {
+            // Nothing to find in this layer: ENOSYS has the kernel answer every later
+            // getxattr of this mount itself (EOPNOTSUPP, which overlayfs and exec read as
+            // "none"), where overlayfs would ask about every directory and executable.
+            self.ops.getxattr_miss.inc();
+            return reply.error(Errno::ENOSYS);
+        }
         let Some(x) = self.tree.xattrs(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -893,6 +940,13 @@ impl Filesystem for LayerFs {
             list.push(0);
         }
         xattr_reply(size, &list, reply);
+    }
+
+    // No state per open directory: ENOSYS has the kernel open directories itself for the
+    // rest of the mount (no opendir and releasedir round trips) and cache their entries.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.ops.opendir.inc();
+        reply.error(Errno::ENOSYS);
     }
 
     // Read-only content: nothing to flush or sync, and no ioctls (quietly, not ENOSYS).

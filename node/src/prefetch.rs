@@ -608,17 +608,25 @@ impl Fetcher {
         let mut st = StartupStats::default();
         let art_store = RegistryStore::new(self.client.clone(), art_repo.clone());
         let image_store = RegistryStore::new(self.client.clone(), image_repo.clone());
-        let indexes = futures::future::join_all(art.layers.iter().map(|l| {
-            let store = &art_store;
-            async move {
-                let r = j
-                    .index(&l.layer_digest, || {
-                        load_index(store, &l.index, &l.layer_digest)
-                    })
-                    .await;
-                (l.layer_digest.clone(), r)
-            }
-        }));
+        // Mounts wait for the indexes, the start only for the pack: past its first chunk, the
+        // pack waits for the indexes rather than queue ahead of them on the link.
+        let (indexes_done, indexes_in) = tokio::sync::watch::channel(false);
+        let indexes = async {
+            let r = futures::future::join_all(art.layers.iter().map(|l| {
+                let store = &art_store;
+                async move {
+                    let r = j
+                        .index(&l.layer_digest, || {
+                            load_index(store, &l.index, &l.layer_digest)
+                        })
+                        .await;
+                    (l.layer_digest.clone(), r)
+                }
+            }))
+            .await;
+            let _ = indexes_done.send(true);
+            r
+        };
         let plan = async {
             let plan = match &art.plan {
                 Some(d) => art_store
@@ -635,7 +643,7 @@ impl Fetcher {
             // The pack starts as soon as its table is in, alongside the indexes.
             let pack = match (&plan, &self.materializer) {
                 (Ok(Some(StartupPlan { pack: Some(t), .. })), Some(m)) => {
-                    Some(self.fetch_pack(j, t, m, art_repo).await)
+                    Some(self.fetch_pack(j, t, m, art_repo, indexes_in).await)
                 }
                 _ => None,
             };
@@ -806,6 +814,7 @@ impl Fetcher {
         table: &PackTable,
         m: &Arc<Materializer>,
         art_repo: &Repository,
+        indexes_in: tokio::sync::watch::Receiver<bool>,
     ) -> PackStats {
         let mut stats = PackStats::default();
         if let Err(e) = table.check() {
@@ -839,7 +848,19 @@ impl Fetcher {
         // table, and the stream stays `Send` for the spawned job.
         let fetches: Vec<_> = pack_runs(table)
             .into_iter()
-            .map(|(first, last)| self.fetch_pack_run(j, table, first, last, m, &source, &host))
+            .enumerate()
+            .map(|(k, (first, last))| {
+                let mut gate = (k > 0).then(|| indexes_in.clone());
+                let run = self.fetch_pack_run(j, table, first, last, m, &source, &host);
+                async move {
+                    // The first chunk keeps the link busy meanwhile. A dropped sender (the
+                    // index loads are over either way) opens the gate too.
+                    if let Some(g) = &mut gate {
+                        let _ = g.wait_for(|done| *done).await;
+                    }
+                    run.await
+                }
+            })
             .collect();
         let results = futures::stream::iter(fetches)
             .buffer_unordered((self.sched.max_requests() / 2).max(1))
