@@ -391,7 +391,7 @@ impl Tree {
 
 /// The FUSE filesystem of one layer.
 pub struct LayerFs {
-    tree: Tree,
+    tree: Arc<Tree>,
     index: Arc<LayerIndex>,
     reader: Arc<LayerReader>,
     reach: Arc<Reachability>,
@@ -513,10 +513,29 @@ impl LayerFs {
         read_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<LayerFs, FsError> {
+        let tree = Arc::new(Tree::build(reader.index())?);
+        Ok(Self::with_tree(
+            reader,
+            tree,
+            reach,
+            rt,
+            read_timeout,
+            metrics,
+        ))
+    }
+
+    /// As [`LayerFs::new`], with the tree of the reader's index already built.
+    pub fn with_tree(
+        reader: Arc<LayerReader>,
+        tree: Arc<Tree>,
+        reach: Arc<Reachability>,
+        rt: tokio::runtime::Handle,
+        read_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> LayerFs {
         let index = reader.index().clone();
-        let tree = Tree::build(&index)?;
         let ops = FuseOps::new(&metrics);
-        Ok(LayerFs {
+        LayerFs {
             tree,
             index,
             reader,
@@ -530,7 +549,7 @@ impl LayerFs {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             ops,
             handles: std::sync::Mutex::new(OpenHandles::default()),
-        })
+        }
     }
 
     /// Serves the files `m` holds under `layer_digest` from local disk.

@@ -35,6 +35,7 @@ use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, info, warn};
 
 use crate::cache::TieredSpanCache;
+use crate::fusefs::Tree;
 use crate::generic::{GenericBudget, generic_plan};
 use crate::materialize::Materializer;
 use crate::metrics::Metrics;
@@ -505,6 +506,12 @@ impl Fetcher {
             image: Arc::from(image),
             artifact: art.descriptor.digest.clone(),
             layers: art
+                .layers
+                .iter()
+                .map(|l| (l.layer_digest.clone(), OnceCell::new()))
+                .collect(),
+            order: art.layers.iter().map(|l| l.layer_digest.clone()).collect(),
+            trees: art
                 .layers
                 .iter()
                 .map(|l| (l.layer_digest.clone(), OnceCell::new()))
@@ -1211,6 +1218,9 @@ impl StartupStats {
     }
 }
 
+/// An inode tree and the index it was built from.
+type BuiltTree = (Arc<LayerIndex>, Arc<Tree>);
+
 /// The image-level work started at an image's first layer Prepare.
 pub struct ImageJob {
     manifest: String,
@@ -1218,6 +1228,11 @@ pub struct ImageJob {
     artifact: String,
     /// Index blobs of the artifact's layers, loaded once (by the job or a Prepare).
     layers: HashMap<String, OnceCell<Result<LoadedIndex, String>>>,
+    /// The artifact's layers, bottom first: the order containerd prepares them in.
+    order: Vec<String>,
+    /// Inode trees of the layers' loaded indexes (with the index each was built from), built
+    /// once; `None` when the index does not make one.
+    trees: HashMap<String, OnceCell<Option<BuiltTree>>>,
     created: Instant,
     running: AtomicBool,
     /// When the startup prefetch ended.
@@ -1261,6 +1276,59 @@ impl ImageJob {
             .ok_or_else(|| format!("artifact {} does not index {layer}", art.descriptor.digest))?;
         let store = RegistryStore::new(client.clone(), art_repo.clone());
         self.index(layer, || load_index(&store, desc, layer)).await
+    }
+
+    /// The inode tree of `layer` built from `index` (the job's loaded one): built here on a
+    /// blocking thread unless [`ImageJob::build_next_tree`] has built or is building it.
+    /// `None` for another index, or one that makes no tree (the mount then says why).
+    pub async fn tree(&self, layer: &str, index: &Arc<LayerIndex>) -> Option<Arc<Tree>> {
+        let cell = self.trees.get(layer)?;
+        let ix = index.clone();
+        let built = cell
+            .get_or_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    Tree::build(&ix).ok().map(|t| (ix, Arc::new(t)))
+                })
+                .await
+                .ok()
+                .flatten()
+            })
+            .await;
+        built
+            .as_ref()
+            .filter(|(ix, _)| Arc::ptr_eq(ix, index))
+            .map(|(_, t)| t.clone())
+    }
+
+    /// Starts building the tree of the layer above `layer` once its index is in: containerd
+    /// prepares layers one after another, so it is ready when that Prepare comes, where
+    /// building it then would hold up the pull (~1-2 µs an entry).
+    pub fn build_next_tree(
+        self: &Arc<Self>,
+        client: &RegistryClient,
+        art: &ArtifactInfo,
+        art_repo: &Repository,
+        layer: &str,
+    ) {
+        let Some(next) = self
+            .order
+            .iter()
+            .position(|l| l == layer)
+            .and_then(|i| self.order.get(i + 1))
+            .cloned()
+        else {
+            return;
+        };
+        if self.trees.get(&next).is_none_or(|c| c.initialized()) {
+            return;
+        }
+        let (job, client, art, art_repo) =
+            (self.clone(), client.clone(), art.clone(), art_repo.clone());
+        tokio::spawn(async move {
+            if let Ok(l) = job.load(&client, &art, &art_repo, &next).await {
+                job.tree(&next, &l.index).await;
+            }
+        });
     }
 
     /// Records snapshot `id` as mounted for this image.

@@ -32,7 +32,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
 use crate::cluster::{ClusterSource, node_platform};
-use crate::fusefs::{FsError, LayerFs};
+use crate::fusefs::{FsError, LayerFs, Tree};
 use crate::materialize::Materializer;
 use crate::metrics::Metrics;
 use crate::prefetch::{FetchOptions, Fetcher, SharedLayer};
@@ -50,6 +50,16 @@ const RESOLVE_TTL: Duration = Duration::from_secs(30);
 const RESOLVE_CACHE_MAX: usize = 256;
 /// Recently read spans kept in memory in front of the disk cache.
 const MEMORY_CACHE_BYTES: u64 = 64 << 20;
+
+/// What `locate` found for a layer: its record, index (raw and decoded), the index's inode
+/// tree when the image's job built it, and where the artifact came from.
+struct Located {
+    rec: RemoteRecord,
+    raw: Bytes,
+    index: Arc<LayerIndex>,
+    tree: Option<Arc<Tree>>,
+    source: ArtifactSource,
+}
 
 /// Settings of remote layers.
 #[derive(Clone, Debug)]
@@ -449,16 +459,18 @@ impl RemoteLayers {
             index: dir.join(INDEX_FILE).display().to_string(),
             message: e.to_string(),
         })?;
-        self.mount(id, fs_dir, Arc::new(index), &rec)
+        self.mount(id, fs_dir, Arc::new(index), None, &rec)
     }
 
     /// Mounts `index` at `fs_dir` as snapshot `id`, reading through the node's shared
-    /// reader of the layer (which starts its background fetch when new).
+    /// reader of the layer (which starts its background fetch when new). `tree`, built from
+    /// `index`, is used if that reader reads `index` (else the reader's index makes one).
     fn mount(
         &self,
         id: u64,
         fs_dir: &Path,
         index: Arc<LayerIndex>,
+        tree: Option<Arc<Tree>>,
         rec: &RemoteRecord,
     ) -> Result<(), RemoteError> {
         let repo = Repository {
@@ -469,16 +481,22 @@ impl RemoteLayers {
             &rec.layer_digest,
             &repo,
             &rec.artifact_repo(),
-            index,
+            index.clone(),
             &rec.image_ref,
         );
-        let mut fs = LayerFs::new(
+        let (reader, reach, rt, timeout, metrics) = (
             layer.reader.clone(),
             layer.reach.clone(),
             self.rt.clone(),
             self.opts.read_timeout,
             self.metrics.clone(),
-        )?
+        );
+        let tree = tree.filter(|_| Arc::ptr_eq(reader.index(), &index));
+        let tree_ahead = tree.is_some();
+        let mut fs = match tree {
+            Some(t) => LayerFs::with_tree(reader, t, reach, rt, timeout, metrics),
+            None => LayerFs::new(reader, reach, rt, timeout, metrics)?,
+        }
         .with_read_bytes_counter(self.metrics.fuse_read_bytes.clone());
         if let Some(m) = self.fetcher.materializer() {
             fs = fs.with_materialized(m.clone(), rec.layer_digest.clone());
@@ -503,7 +521,7 @@ impl RemoteLayers {
         } else {
             self.metrics.remote_mounts.inc();
         }
-        debug!(id, fs = %fs_dir.display(), layer = rec.layer_digest, "remote layer mounted");
+        debug!(id, fs = %fs_dir.display(), layer = rec.layer_digest, tree_ahead, "remote layer mounted");
         Ok(())
     }
 
@@ -635,10 +653,7 @@ impl RemoteLayers {
     }
 
     /// Resolves and loads the index of the layer a Prepare is about.
-    async fn locate(
-        &self,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(RemoteRecord, Bytes, Arc<LayerIndex>, ArtifactSource), RemoteError> {
+    async fn locate(&self, labels: &BTreeMap<String, String>) -> Result<Located, RemoteError> {
         let image_ref = label(labels, CRI_IMAGE_REF_LABEL)?;
         let manifest = label(labels, CRI_MANIFEST_DIGEST_LABEL)?;
         let layer = label(labels, CRI_LAYER_DIGEST_LABEL)?;
@@ -670,6 +685,8 @@ impl RemoteLayers {
         if let Some(Some(job)) = job {
             match job.load(&self.client, art, &found.repo, layer).await {
                 Ok(l) => {
+                    job.build_next_tree(&self.client, art, &found.repo, layer);
+                    let tree = job.tree(layer, &l.index).await;
                     let rec = RemoteRecord {
                         image_ref: image_ref.to_string(),
                         registry: parsed.repository.registry,
@@ -680,7 +697,13 @@ impl RemoteLayers {
                         artifact_registry: Some(found.repo.registry.clone()),
                         artifact_repository: Some(found.repo.name.clone()),
                     };
-                    return Ok((rec, l.raw, l.index, found.source));
+                    return Ok(Located {
+                        rec,
+                        raw: l.raw,
+                        index: l.index,
+                        tree,
+                        source: found.source,
+                    });
                 }
                 Err(e) => debug!(layer, error = %e, "index not loaded by the image's job"),
             }
@@ -715,7 +738,13 @@ impl RemoteLayers {
             artifact_registry: Some(found.repo.registry.clone()),
             artifact_repository: Some(found.repo.name.clone()),
         };
-        Ok((rec, raw, Arc::new(index), found.source))
+        Ok(Located {
+            rec,
+            raw,
+            index: Arc::new(index),
+            tree: None,
+            source: found.source,
+        })
     }
 
     fn provide(
@@ -729,7 +758,13 @@ impl RemoteLayers {
         let t0 = Instant::now();
         debug!(target, "remote layer: locating its artifact and index");
         let timeout = self.opts.resolve_timeout;
-        let (rec, raw, index, source) = self
+        let Located {
+            rec,
+            raw,
+            index,
+            tree,
+            source,
+        } = self
             .rt
             .block_on(tokio::time::timeout(timeout, self.locate(labels)))
             .map_err(|_| RemoteError::Timeout("resolving the artifact", timeout))??;
@@ -776,7 +811,7 @@ impl RemoteLayers {
             .unwrap_or(i64::MAX),
             inodes: i64::try_from(index.entries.len()).unwrap_or(i64::MAX),
         };
-        self.mount(id, &fs_dir, index, &rec).map_err(undo)?;
+        self.mount(id, &fs_dir, index, tree, &rec).map_err(undo)?;
         if let Some(job) = self.fetcher.existing_job(&rec.manifest_digest) {
             job.mounted(id);
         }
