@@ -572,6 +572,7 @@ impl LayerFs {
 
     /// Mounts read-only at `mountpoint`; dropping the session unmounts.
     pub fn mount(self, mountpoint: &Path) -> Result<fuser::BackgroundSession, FsError> {
+        map_large_allocations();
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("talaria".into()),
@@ -589,6 +590,28 @@ impl LayerFs {
             source,
         })
     }
+}
+
+/// Has glibc serve every allocation of 1 MiB or more with its own mmap, for good.
+///
+/// fuser gives each mount three 16 MiB request buffers (the handshake's, freed at once, and
+/// one per session thread), zero-filled. By default glibc raises its mmap threshold to the
+/// size of a freed mapped block, so from the first freed buffer on, each new one came from
+/// the heap and was zeroed by hand: 2-23 ms more per mount (measured), and all 32 MiB of a
+/// mount's buffers resident (a 12-mount test: 88 MB resident against 5 MB). Mapped, the
+/// buffers cost only the pages requests touch. A fixed threshold stops the raising.
+pub fn map_large_allocations() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only sets an allocator parameter; no pointer is involved.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) } == 1;
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        let ok = true;
+        if !ok {
+            warn!("mallopt(M_MMAP_THRESHOLD) refused; each FUSE mount keeps 32 MiB resident");
+        }
+    });
 }
 
 fn xattr_reply(size: u32, data: &[u8], reply: ReplyXattr) {
