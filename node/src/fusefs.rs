@@ -854,6 +854,8 @@ impl Filesystem for LayerFs {
                     return reply.data(&data);
                 }
             }
+            // Which files a start reads that no pack or local copy holds (a plan to redo).
+            debug!(path = %entry.path, offset, size, "read through spans");
             // A registry already known down fails this read at once: not worth a warning each.
             let known_down = reach.down_since().is_some();
             let read = reader.read_file(&entry, offset, u64::from(size));

@@ -647,7 +647,8 @@ impl Fetcher {
                     }),
                 None => Ok(None),
             };
-            // The pack starts as soon as its table is in, alongside the indexes.
+            // The pack starts as soon as its table is in: its first chunk alongside the
+            // indexes, the rest once they are in (see `indexes_in`).
             let pack = match (&plan, &self.materializer) {
                 (Ok(Some(StartupPlan { pack: Some(t), .. })), Some(m)) => {
                     Some(self.fetch_pack(j, t, m, art_repo, indexes_in).await)

@@ -682,21 +682,21 @@ impl RemoteLayers {
             self.fetcher
                 .job(manifest, image_ref, &parsed.repository, art, &found.repo)
         });
+        let rec = RemoteRecord {
+            image_ref: image_ref.to_string(),
+            registry: parsed.repository.registry,
+            repository: parsed.repository.name,
+            manifest_digest: manifest.to_string(),
+            layer_digest: layer.to_string(),
+            artifact: art.descriptor.digest.clone(),
+            artifact_registry: Some(found.repo.registry.clone()),
+            artifact_repository: Some(found.repo.name.clone()),
+        };
         if let Some(Some(job)) = job {
             match job.load(&self.client, art, &found.repo, layer).await {
                 Ok(l) => {
                     job.build_next_tree(&self.client, art, &found.repo, layer);
                     let tree = job.tree(layer, &l.index).await;
-                    let rec = RemoteRecord {
-                        image_ref: image_ref.to_string(),
-                        registry: parsed.repository.registry,
-                        repository: parsed.repository.name,
-                        manifest_digest: manifest.to_string(),
-                        layer_digest: layer.to_string(),
-                        artifact: art.descriptor.digest.clone(),
-                        artifact_registry: Some(found.repo.registry.clone()),
-                        artifact_repository: Some(found.repo.name.clone()),
-                    };
                     return Ok(Located {
                         rec,
                         raw: l.raw,
@@ -728,16 +728,6 @@ impl RemoteLayers {
                 ),
             });
         }
-        let rec = RemoteRecord {
-            image_ref: image_ref.to_string(),
-            registry: parsed.repository.registry,
-            repository: parsed.repository.name,
-            manifest_digest: manifest.to_string(),
-            layer_digest: layer.to_string(),
-            artifact: art.descriptor.digest.clone(),
-            artifact_registry: Some(found.repo.registry.clone()),
-            artifact_repository: Some(found.repo.name.clone()),
-        };
         Ok(Located {
             rec,
             raw,
