@@ -3,18 +3,13 @@
 //! (no opendir round trips), and, on a layer without extended attributes, the answer that
 //! it has none. Counted with the node's own per-op request counters.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use talaria_artifact::index::Compression;
-use talaria_artifact::indexer::{IndexOptions, index_layer};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
-use talaria_artifact::source::FileSource;
-use talaria_node::fusefs::LayerFs;
 use talaria_node::metrics::{Metrics, OpLabels};
-use talaria_node::reach::Reachability;
 
 /// A layer: `etc/app.conf`, `etc/link -> app.conf`, `bin/tool` (with xattr `user.k=v` when
 /// `xattr`).
@@ -55,37 +50,14 @@ struct Mounted {
 impl Mounted {
     fn new(xattr: bool) -> Mounted {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let tar = layer_tar(xattr);
-        let blob = tmp.path().join("layer.tar");
-        fs::write(&blob, &tar).expect("write blob");
-        let index = index_layer(
-            tar.as_slice(),
-            Compression::None,
-            &IndexOptions {
-                span_size: 64 * 1024,
-            },
-        )
-        .expect("index")
-        .index;
-        let reader = Arc::new(LayerReader::new(
-            Arc::new(index),
-            Arc::new(FileSource::open(&blob).expect("open blob")),
-            Arc::new(MemorySpanCache::new(1 << 20)),
-        ));
+        let (reader, _) = common::tar_layer_reader(tmp.path(), &layer_tar(xattr));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
         let metrics = Arc::new(Metrics::new());
-        let fs_ = LayerFs::new(
-            reader,
-            Arc::new(Reachability::new("test blob", Duration::from_secs(1))),
-            rt.handle().clone(),
-            Duration::from_secs(5),
-            metrics.clone(),
-        )
-        .expect("layer fs");
+        let fs_ = common::layer_fs(reader, &rt, metrics.clone());
         let mnt = tmp.path().join("mnt");
         fs::create_dir_all(&mnt).expect("mountpoint");
         let session = fs_.mount(&mnt).expect("mount FUSE");

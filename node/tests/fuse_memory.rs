@@ -2,16 +2,13 @@
 //! process small: fuser's 16 MiB request buffers (three a mount) must stay mapped and
 //! untouched, not come zero-filled from the heap (~30 MiB resident a mount).
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use talaria_artifact::index::Compression;
-use talaria_artifact::indexer::{IndexOptions, index_layer};
+use std::sync::Arc;
+
 use talaria_artifact::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::source::FileSource;
-use talaria_node::fusefs::LayerFs;
 use talaria_node::metrics::Metrics;
-use talaria_node::reach::Reachability;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -32,17 +29,9 @@ fn mounting_many_layers_keeps_the_buffers_out_of_memory() {
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, "a", &b"abc"[..]).expect("tar entry");
     let tar = b.into_inner().expect("tar");
+    let (reader, _) = common::tar_layer_reader(tmp.path(), &tar);
+    let index = reader.index().clone();
     let blob = tmp.path().join("layer.tar");
-    std::fs::write(&blob, &tar).expect("write blob");
-    let index = Arc::new(
-        index_layer(
-            tar.as_slice(),
-            Compression::None,
-            &IndexOptions { span_size: 65536 },
-        )
-        .expect("index")
-        .index,
-    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -57,14 +46,7 @@ fn mounting_many_layers_keeps_the_buffers_out_of_memory() {
             Arc::new(FileSource::open(&blob).expect("open blob")),
             Arc::new(MemorySpanCache::new(1 << 20)),
         ));
-        let fs_ = LayerFs::new(
-            reader,
-            Arc::new(Reachability::new("test blob", Duration::from_secs(1))),
-            rt.handle().clone(),
-            Duration::from_secs(5),
-            metrics.clone(),
-        )
-        .expect("layer fs");
+        let fs_ = common::layer_fs(reader, &rt, metrics.clone());
         let mnt = tmp.path().join(format!("mnt{i}"));
         std::fs::create_dir_all(&mnt).expect("mountpoint");
         live.push(fs_.mount(&mnt).expect("mount FUSE"));

@@ -2,20 +2,15 @@
 //! needs no byte of the layer blob, so it still reads when the blob cannot be read at all,
 //! while a file that is not materialized fails with EIO.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use talaria_artifact::index::Compression;
-use talaria_artifact::indexer::{IndexOptions, index_layer};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
-use talaria_artifact::source::FileSource;
-use talaria_node::fusefs::LayerFs;
 use talaria_node::materialize::Materializer;
 use talaria_node::metrics::Metrics;
-use talaria_node::reach::Reachability;
 
 fn content(seed: u8, n: usize) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
@@ -44,24 +39,8 @@ fn materialized_file_reads_without_the_blob() {
     let hot = content(1, 3000);
     let cold = content(2, 200_000);
     let tar = layer_tar(&[("app/hot.conf", &hot), ("app/cold.bin", &cold)]);
-    let blob = tmp.path().join("layer.tar");
-    fs::write(&blob, &tar).expect("write blob");
-    let index = index_layer(
-        tar.as_slice(),
-        Compression::None,
-        &IndexOptions {
-            span_size: 64 * 1024,
-        },
-    )
-    .expect("index")
-    .index;
-    let digest = index.compressed_digest_string();
-    let source = Arc::new(FileSource::open(&blob).expect("open blob"));
-    let reader = Arc::new(LayerReader::new(
-        Arc::new(index),
-        source,
-        Arc::new(MemorySpanCache::new(1 << 20)),
-    ));
+    let (reader, blob) = common::tar_layer_reader(tmp.path(), &tar);
+    let digest = reader.index().compressed_digest_string();
 
     let m = Arc::new(
         Materializer::open(&tmp.path().join("materialized"), 1 << 20, 16, 64 * 1024)
@@ -76,16 +55,9 @@ fn materialized_file_reads_without_the_blob() {
         .expect("runtime");
     let metrics = Arc::new(Metrics::new());
     let read_bytes = Counter::default();
-    let fs_ = LayerFs::new(
-        reader.clone(),
-        Arc::new(Reachability::new("test blob", Duration::from_secs(1))),
-        rt.handle().clone(),
-        Duration::from_secs(5),
-        metrics.clone(),
-    )
-    .expect("layer fs")
-    .with_materialized(m.clone(), digest.clone())
-    .with_read_bytes_counter(read_bytes.clone());
+    let fs_ = common::layer_fs(reader.clone(), &rt, metrics.clone())
+        .with_materialized(m.clone(), digest.clone())
+        .with_read_bytes_counter(read_bytes.clone());
     let mnt = tmp.path().join("mnt");
     fs::create_dir_all(&mnt).expect("mountpoint");
     let session = fs_.mount(&mnt).expect("mount FUSE");
@@ -120,15 +92,7 @@ fn materialized_file_reads_without_the_blob() {
     // Without the local copy the same file goes through the span path, and fails too.
     m.remove_layer(&digest);
     session.umount_and_join().expect("unmount");
-    let fs2 = LayerFs::new(
-        reader,
-        Arc::new(Reachability::new("test blob", Duration::from_secs(1))),
-        rt.handle().clone(),
-        Duration::from_secs(5),
-        metrics,
-    )
-    .expect("layer fs")
-    .with_materialized(m, digest);
+    let fs2 = common::layer_fs(reader, &rt, metrics).with_materialized(m, digest);
     let session = fs2.mount(&mnt).expect("mount FUSE again");
     assert_eq!(read_err(&mnt.join("app/hot.conf")), Some(libc::EIO));
     session.umount_and_join().expect("unmount");

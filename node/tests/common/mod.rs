@@ -333,3 +333,51 @@ pub fn chain_ids(image: &talaria_testenv::images::Image) -> Vec<String> {
     }
     out
 }
+
+/// A reader of the uncompressed layer `tar`, written to `dir/layer.tar` (returned: a test
+/// may damage it) and indexed with 64 KiB spans, spans cached in memory.
+pub fn tar_layer_reader(
+    dir: &Path,
+    tar: &[u8],
+) -> (
+    std::sync::Arc<talaria_artifact::reader::LayerReader>,
+    PathBuf,
+) {
+    use std::sync::Arc;
+    let blob = dir.join("layer.tar");
+    fs::write(&blob, tar).expect("write blob");
+    let index = talaria_artifact::indexer::index_layer(
+        tar,
+        talaria_artifact::index::Compression::None,
+        &talaria_artifact::indexer::IndexOptions {
+            span_size: 64 * 1024,
+        },
+    )
+    .expect("index")
+    .index;
+    let reader = Arc::new(talaria_artifact::reader::LayerReader::new(
+        Arc::new(index),
+        Arc::new(talaria_artifact::source::FileSource::open(&blob).expect("open blob")),
+        Arc::new(talaria_artifact::reader::MemorySpanCache::new(1 << 20)),
+    ));
+    (reader, blob)
+}
+
+/// The FUSE file system of `reader`'s layer, reads answered on `rt` (5 s read timeout).
+pub fn layer_fs(
+    reader: std::sync::Arc<talaria_artifact::reader::LayerReader>,
+    rt: &tokio::runtime::Runtime,
+    metrics: std::sync::Arc<talaria_node::metrics::Metrics>,
+) -> talaria_node::fusefs::LayerFs {
+    talaria_node::fusefs::LayerFs::new(
+        reader,
+        std::sync::Arc::new(talaria_node::reach::Reachability::new(
+            "test blob",
+            Duration::from_secs(1),
+        )),
+        rt.handle().clone(),
+        Duration::from_secs(5),
+        metrics,
+    )
+    .expect("layer fs")
+}
