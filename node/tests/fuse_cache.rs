@@ -51,11 +51,7 @@ impl Mounted {
     fn new(xattr: bool) -> Mounted {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (reader, _) = common::tar_layer_reader(tmp.path(), &layer_tar(xattr));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = common::runtime(1);
         let metrics = Arc::new(Metrics::new());
         let fs_ = common::layer_fs(reader, &rt, metrics.clone());
         let mnt = tmp.path().join("mnt");

@@ -32,11 +32,7 @@ fn mounting_many_layers_keeps_the_buffers_out_of_memory() {
     let (reader, _) = common::tar_layer_reader(tmp.path(), &tar);
     let index = reader.index().clone();
     let blob = tmp.path().join("layer.tar");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime(1);
     let metrics = Arc::new(Metrics::new());
     let before = rss_kib();
     let mut live = Vec::new();

@@ -48,11 +48,7 @@ fn materialized_file_reads_without_the_blob() {
     );
     assert!(m.put(&digest, "/app/hot.conf", &hot).expect("put"));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime(2);
     let metrics = Arc::new(Metrics::new());
     let read_bytes = Counter::default();
     let fs_ = common::layer_fs(reader.clone(), &rt, metrics.clone())

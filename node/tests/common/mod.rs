@@ -381,3 +381,13 @@ pub fn layer_fs(
     )
     .expect("layer fs")
 }
+
+/// A multi-thread tokio runtime of `threads` workers, for FUSE reads answered off the
+/// kernel's request threads.
+pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
