@@ -132,14 +132,7 @@ fn same_platform(spec: &str, node: &str) -> bool {
 
 /// This node's platform in OCI terms (`linux/amd64`).
 pub fn node_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    };
-    format!("{}/{arch}", std::env::consts::OS)
+    talaria_artifact::store::oci::Platform::host().to_string()
 }
 
 #[cfg(test)]

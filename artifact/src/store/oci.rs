@@ -69,6 +69,7 @@ impl Platform {
             "x86_64" => "amd64",
             "aarch64" => "arm64",
             "x86" => "386",
+            "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
             other => other,
         };
         Platform {
