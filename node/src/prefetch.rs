@@ -61,11 +61,39 @@ const MAX_CONFIG_BYTES: u64 = 4 << 20;
 const GENERIC_MAX_BYTES: u64 = 128 << 20;
 const GENERIC_MAX_FILES: usize = 4096;
 
-/// A layer's index blob as fetched and its decoded index.
+/// A layer's index blob as fetched, its decoded index, and that index's inode tree once
+/// asked for.
 #[derive(Clone)]
 pub struct LoadedIndex {
     pub raw: Bytes,
     pub index: Arc<LayerIndex>,
+    /// Built once, on a blocking thread, by the first [`LoadedIndex::tree`]; `None` when the
+    /// index makes no tree (the mount then builds it again and says why).
+    tree: Arc<OnceCell<Option<Arc<Tree>>>>,
+}
+
+impl LoadedIndex {
+    fn new(raw: Bytes, index: LayerIndex) -> LoadedIndex {
+        LoadedIndex {
+            raw,
+            index: Arc::new(index),
+            tree: Arc::default(),
+        }
+    }
+
+    /// The inode tree of the index, built by the first caller (others wait for it).
+    pub async fn tree(&self) -> Option<Arc<Tree>> {
+        let ix = self.index.clone();
+        self.tree
+            .get_or_init(|| async move {
+                tokio::task::spawn_blocking(move || Tree::build(&ix).ok().map(Arc::new))
+                    .await
+                    .ok()
+                    .flatten()
+            })
+            .await
+            .clone()
+    }
 }
 
 /// Series of the per-image, per-layer byte metrics one shared layer created; removed when
@@ -506,12 +534,6 @@ impl Fetcher {
             image: Arc::from(image),
             artifact: art.descriptor.digest.clone(),
             layers: art
-                .layers
-                .iter()
-                .map(|l| (l.layer_digest.clone(), OnceCell::new()))
-                .collect(),
-            order: art.layers.iter().map(|l| l.layer_digest.clone()).collect(),
-            trees: art
                 .layers
                 .iter()
                 .map(|l| (l.layer_digest.clone(), OnceCell::new()))
@@ -1150,10 +1172,7 @@ async fn load_index(
             index.compressed_digest_string()
         ));
     }
-    Ok(LoadedIndex {
-        raw,
-        index: Arc::new(index),
-    })
+    Ok(LoadedIndex::new(raw, index))
 }
 
 /// Compressed bytes one pack request asks for at most: a few large requests fill a fast
@@ -1219,9 +1238,6 @@ impl StartupStats {
     }
 }
 
-/// An inode tree and the index it was built from.
-type BuiltTree = (Arc<LayerIndex>, Arc<Tree>);
-
 /// The image-level work started at an image's first layer Prepare.
 pub struct ImageJob {
     manifest: String,
@@ -1229,11 +1245,6 @@ pub struct ImageJob {
     artifact: String,
     /// Index blobs of the artifact's layers, loaded once (by the job or a Prepare).
     layers: HashMap<String, OnceCell<Result<LoadedIndex, String>>>,
-    /// The artifact's layers, bottom first: the order containerd prepares them in.
-    order: Vec<String>,
-    /// Inode trees of the layers' loaded indexes (with the index each was built from), built
-    /// once; `None` when the index does not make one.
-    trees: HashMap<String, OnceCell<Option<BuiltTree>>>,
     created: Instant,
     running: AtomicBool,
     /// When the startup prefetch ended.
@@ -1279,31 +1290,10 @@ impl ImageJob {
         self.index(layer, || load_index(&store, desc, layer)).await
     }
 
-    /// The inode tree of `layer` built from `index` (the job's loaded one): built here on a
-    /// blocking thread unless [`ImageJob::build_next_tree`] has built or is building it.
-    /// `None` for another index, or one that makes no tree (the mount then says why).
-    pub async fn tree(&self, layer: &str, index: &Arc<LayerIndex>) -> Option<Arc<Tree>> {
-        let cell = self.trees.get(layer)?;
-        let ix = index.clone();
-        let built = cell
-            .get_or_init(|| async move {
-                tokio::task::spawn_blocking(move || {
-                    Tree::build(&ix).ok().map(|t| (ix, Arc::new(t)))
-                })
-                .await
-                .ok()
-                .flatten()
-            })
-            .await;
-        built
-            .as_ref()
-            .filter(|(ix, _)| Arc::ptr_eq(ix, index))
-            .map(|(_, t)| t.clone())
-    }
-
-    /// Starts building the tree of the layer above `layer` once its index is in: containerd
-    /// prepares layers one after another, so it is ready when that Prepare comes, where
-    /// building it then would hold up the pull (~1-2 µs an entry).
+    /// Starts building the tree of the layer above `layer` (`art` lists them bottom first)
+    /// once its index is in: containerd prepares layers one after another, so it is ready
+    /// when that Prepare comes, where building it then would hold up the pull (~1-2 µs an
+    /// entry).
     pub fn build_next_tree(
         self: &Arc<Self>,
         client: &RegistryClient,
@@ -1311,23 +1301,20 @@ impl ImageJob {
         art_repo: &Repository,
         layer: &str,
     ) {
-        let Some(next) = self
-            .order
+        let Some(next) = art
+            .layers
             .iter()
-            .position(|l| l == layer)
-            .and_then(|i| self.order.get(i + 1))
-            .cloned()
+            .position(|l| l.layer_digest == layer)
+            .and_then(|i| art.layers.get(i + 1))
+            .map(|l| l.layer_digest.clone())
         else {
             return;
         };
-        if self.trees.get(&next).is_none_or(|c| c.initialized()) {
-            return;
-        }
         let (job, client, art, art_repo) =
             (self.clone(), client.clone(), art.clone(), art_repo.clone());
         tokio::spawn(async move {
             if let Ok(l) = job.load(&client, &art, &art_repo, &next).await {
-                job.tree(&next, &l.index).await;
+                l.tree().await;
             }
         });
     }

@@ -484,19 +484,21 @@ impl RemoteLayers {
             index.clone(),
             &rec.image_ref,
         );
-        let (reader, reach, rt, timeout, metrics) = (
+        // A tree built ahead fits only if the shared reader reads that same index.
+        let ahead = tree.filter(|_| Arc::ptr_eq(layer.reader.index(), &index));
+        let tree_ahead = ahead.is_some();
+        let tree = match ahead {
+            Some(t) => t,
+            None => Arc::new(Tree::build(layer.reader.index())?),
+        };
+        let mut fs = LayerFs::with_tree(
             layer.reader.clone(),
+            tree,
             layer.reach.clone(),
             self.rt.clone(),
             self.opts.read_timeout,
             self.metrics.clone(),
-        );
-        let tree = tree.filter(|_| Arc::ptr_eq(reader.index(), &index));
-        let tree_ahead = tree.is_some();
-        let mut fs = match tree {
-            Some(t) => LayerFs::with_tree(reader, t, reach, rt, timeout, metrics),
-            None => LayerFs::new(reader, reach, rt, timeout, metrics)?,
-        }
+        )
         .with_read_bytes_counter(self.metrics.fuse_read_bytes.clone());
         if let Some(m) = self.fetcher.materializer() {
             fs = fs.with_materialized(m.clone(), rec.layer_digest.clone());
@@ -696,7 +698,7 @@ impl RemoteLayers {
             match job.load(&self.client, art, &found.repo, layer).await {
                 Ok(l) => {
                     job.build_next_tree(&self.client, art, &found.repo, layer);
-                    let tree = job.tree(layer, &l.index).await;
+                    let tree = l.tree().await;
                     return Ok(Located {
                         rec,
                         raw: l.raw,
