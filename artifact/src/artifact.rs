@@ -277,11 +277,7 @@ pub fn build_manifest(spec: ArtifactSpec<'_>) -> Result<RawManifest, ArtifactErr
         ));
     }
     if let Some(p) = &spec.pack {
-        layers.push(Descriptor::new(
-            crate::startup::pack::PACK_MEDIA_TYPE,
-            p.digest.clone(),
-            p.size,
-        ));
+        layers.push(Descriptor::new(&p.media_type, p.digest.clone(), p.size));
     }
     let mut subject = spec.subject.clone();
     subject.annotations = None;
@@ -362,7 +358,9 @@ pub fn parse_artifact(raw: &RawManifest) -> Result<ArtifactInfo, ArtifactError> 
             }
             WINDOWS_MEDIA_TYPE => windows.push(l.clone()),
             STARTUP_PLAN_MEDIA_TYPE => plan = Some(l.clone()),
-            crate::startup::pack::PACK_MEDIA_TYPE => pack = Some(l.clone()),
+            crate::startup::pack::PACK_MEDIA_TYPE | crate::startup::pack::PACK_ZSTD_MEDIA_TYPE => {
+                pack = Some(l.clone())
+            }
             // Unknown blob kinds from newer versions are ignored.
             _ => {}
         }

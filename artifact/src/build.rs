@@ -26,7 +26,7 @@ use crate::index::{
 };
 use crate::indexer::{HotRegions, IndexOptions, index_layer_hot};
 use crate::reader::{LayerReader, MemorySpanCache, SpanCache};
-use crate::startup::pack::{PACK_MEDIA_TYPE, PackTable, PackWriter, pack_ranges};
+use crate::startup::pack::{PackTable, PackWriter, pack_ranges};
 use crate::startup::{self, Analysis, ImageConfig, LayerFiles, PlanOptions, StartupTrace};
 use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
 use crate::store::{ChunkStream, Store, StoreError};
@@ -279,7 +279,9 @@ pub async fn build(
         let (mut p, pack_blob) =
             startup_plan(image_store.as_ref(), &manifest, &indexes, opts).await;
         if let (Some(blob), Some(table)) = (pack_blob, p.pack.as_ref()) {
-            let d = target.put_blob(PACK_MEDIA_TYPE, blob).await?;
+            let d = target
+                .put_blob(table.compression.media_type(), blob)
+                .await?;
             if d.digest == table.digest {
                 pack = Some(d);
             } else {

@@ -187,6 +187,73 @@ async fn connection_reset_mid_blob_resumes_with_a_range_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_range_hands_out_its_bytes_and_reports_a_cut_body() {
+    let s = setup(17).await;
+    let big = s
+        .image
+        .layers
+        .iter()
+        .max_by_key(|l| l.blob.len())
+        .unwrap()
+        .clone();
+    let client = common::client();
+    let (off, len) = (100usize, big.blob.len() / 2);
+    let want = &big.blob[off..off + len];
+    let read_all = |mut body: talaria_artifact::registry::RangeStream| async move {
+        let mut got = Vec::new();
+        loop {
+            match body.next_piece().await {
+                Ok(Some(p)) => got.extend_from_slice(&p),
+                Ok(None) => return (got, None),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    };
+    let open = || client.get_blob_range_stream(&s.repo, &big.digest, off as u64, len as u64);
+    let (got, err) = read_all(open().await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(got == want, "the range, whole");
+
+    // A body cut partway is an error, never a short range; what came is right, and the
+    // rest reads with a ranged GET.
+    s.proxy.add(Fault::ResetRangeAfter {
+        path_part: big.digest.clone(),
+        after: len / 3,
+        count: 1,
+    });
+    let (got, err) = read_all(open().await.unwrap()).await;
+    let err = err.expect("a cut body is an error");
+    assert!(
+        matches!(
+            err,
+            RegistryError::Transport { .. } | RegistryError::SizeMismatch { .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        got.len() < len && got[..] == want[..got.len()],
+        "a right prefix"
+    );
+    let rest = client
+        .get_blob_range(
+            &s.repo,
+            &big.digest,
+            (off + got.len()) as u64,
+            (len - got.len()) as u64,
+        )
+        .await
+        .unwrap();
+    assert!(rest[..] == want[got.len()..]);
+    // A range past the blob's end is refused by the registry, not read short.
+    assert!(
+        client
+            .get_blob_range_stream(&s.repo, &big.digest, big.blob.len() as u64, 10)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_blob_fails_clearly_and_leaves_no_artifact() {
     let s = setup(14).await;
     let victim = s.image.layers[1].digest.clone();

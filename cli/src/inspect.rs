@@ -53,7 +53,7 @@ pub async fn run(g: &GlobalArgs, image: &str) -> CliResult<()> {
                 "artifacts": arts,
                 "nodeWouldUse": chosen.as_ref().map(|a| a.descriptor.digest.clone()),
                 "plan": plan.as_ref().map(|p| json!({"files": p.entries.len(), "paths": p.paths, "prefetchBudget": p.prefetch_budget, "entries": p.entries,
-                    "pack": p.pack.as_ref().map(|t| json!({"digest": t.digest, "size": t.size, "bytes": t.bytes(), "chunks": t.chunks.len(), "files": t.files()}))})),
+                    "pack": p.pack.as_ref().map(|t| json!({"digest": t.digest, "size": t.size, "compression": t.compression, "bytes": t.bytes(), "chunks": t.chunks.len(), "files": t.files()}))})),
             });
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         }

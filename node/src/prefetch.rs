@@ -920,9 +920,11 @@ impl Fetcher {
         stats
     }
 
-    /// Fetches chunks `first..=last` of a pack (adjacent in the blob) in one request, then
-    /// verifies and writes each; a failed chunk's files are abandoned. One result a chunk:
-    /// its compressed bytes, or why it failed.
+    /// Fetches chunks `first..=last` of a pack (adjacent in the blob) in one request and
+    /// verifies and writes each as soon as its bytes are in, so that decompressing overlaps
+    /// the transfer. If the body breaks, what is left comes in one more request (retried).
+    /// A failed chunk's files are abandoned. One result a chunk: its compressed bytes, or
+    /// why it failed.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_pack_run(
         &self,
@@ -936,35 +938,78 @@ impl Fetcher {
     ) -> Vec<Result<u64, String>> {
         let chunks = &table.chunks[first..=last];
         let start = chunks[0].offset;
-        let len: u64 = chunks.iter().map(|c| c.length).sum();
-        let timeout = self.opts.read_timeout;
-        let fetched = async {
-            let _permit = self
-                .sched
-                .acquire(host, Class::Startup)
-                .await
-                .map_err(|e| e.to_string())?;
-            match tokio::time::timeout(timeout, source.read_range(start, len)).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("timed out after {timeout:?}")),
+        let end = start + chunks.iter().map(|c| c.length).sum::<u64>();
+        let deadline = tokio::time::Instant::now() + self.opts.read_timeout;
+        let timed_out = || format!("timed out after {:?}", self.opts.read_timeout);
+        let mut unpacking = Vec::with_capacity(chunks.len());
+        let mut failure = None;
+        // Chunks are laid end to end: each is cut off the front of what has arrived.
+        let take = |buf: &mut bytes::BytesMut, unpacking: &mut Vec<_>| {
+            while let Some(c) = chunks.get(unpacking.len())
+                && buf.len() as u64 >= c.length
+            {
+                let member = buf.split_to(c.length as usize).freeze();
+                unpacking.push(spawn_unpack(table, first + unpacking.len(), member, m));
+            }
+        };
+        match self.sched.acquire(host, Class::Startup).await {
+            Err(e) => failure = Some(e.to_string()),
+            Ok(_permit) => {
+                let mut buf = bytes::BytesMut::new();
+                let opened =
+                    tokio::time::timeout_at(deadline, source.stream_range(start, end - start));
+                match opened.await {
+                    Ok(Ok(mut body)) => loop {
+                        match tokio::time::timeout_at(deadline, body.next_piece()).await {
+                            Ok(Ok(Some(piece))) => {
+                                self.metrics.bytes_startup.inc_by(piece.len() as u64);
+                                self.metrics.bytes_prefetched.inc_by(piece.len() as u64);
+                                buf.extend_from_slice(&piece);
+                                take(&mut buf, &mut unpacking);
+                            }
+                            Ok(Ok(None)) => break,
+                            Ok(Err(e)) => {
+                                failure = Some(e.to_string());
+                                break;
+                            }
+                            Err(_) => {
+                                failure = Some(timed_out());
+                                break;
+                            }
+                        }
+                    },
+                    Ok(Err(e)) => failure = Some(e.to_string()),
+                    Err(_) => failure = Some(timed_out()),
+                }
+                if unpacking.len() < chunks.len() && tokio::time::Instant::now() < deadline {
+                    if let Some(e) = &failure {
+                        debug!(image = %j.image, error = %e, "startup pack: reading the rest again");
+                    }
+                    let from = chunks[unpacking.len()].offset;
+                    let rest =
+                        tokio::time::timeout_at(deadline, source.read_range(from, end - from));
+                    match rest.await {
+                        Ok(Ok(rest)) => {
+                            self.metrics.bytes_startup.inc_by(rest.len() as u64);
+                            self.metrics.bytes_prefetched.inc_by(rest.len() as u64);
+                            take(&mut bytes::BytesMut::from(rest), &mut unpacking);
+                        }
+                        Ok(Err(e)) => failure = Some(e.to_string()),
+                        Err(_) => failure = Some(timed_out()),
+                    }
+                }
             }
         }
-        .await;
-        if let Ok(b) = &fetched {
-            self.metrics.bytes_startup.inc_by(b.len() as u64);
-            self.metrics.bytes_prefetched.inc_by(b.len() as u64);
-        }
         let mut out = Vec::with_capacity(chunks.len());
+        let mut unpacking = unpacking.into_iter();
         for (k, c) in chunks.iter().enumerate() {
             let i = first + k;
-            let res = match &fetched {
-                Ok(b) => {
-                    // Chunks are laid end to end, so each is a slice of the run.
-                    let at = (c.offset - start) as usize;
-                    let member = b.slice(at..at + c.length as usize);
-                    self.unpack(table, i, member, m).await.map(|()| c.length)
-                }
-                Err(e) => Err(e.clone()),
+            let res = match unpacking.next() {
+                Some(task) => match task.await {
+                    Ok(r) => r.map(|()| c.length),
+                    Err(e) => Err(format!("unpack task: {e}")),
+                },
+                None => Err(failure.clone().unwrap_or_else(|| "not fetched".into())),
             };
             if let Err(e) = &res {
                 debug!(image = %j.image, chunk = i, error = %e, "startup pack chunk failed");
@@ -975,31 +1020,6 @@ impl Fetcher {
             out.push(res);
         }
         out
-    }
-
-    /// Verifies and inflates chunk `i` off the runtime's threads, then writes its records.
-    async fn unpack(
-        &self,
-        table: &PackTable,
-        i: usize,
-        member: Bytes,
-        m: &Arc<Materializer>,
-    ) -> Result<(), String> {
-        let c = &table.chunks[i];
-        let chunk = c.clone();
-        let data = tokio::task::spawn_blocking(move || chunk.unpack(i, &member))
-            .await
-            .map_err(|e| format!("inflate task: {e}"))?
-            .map_err(|e| e.to_string())?;
-        let mut at = 0usize;
-        for r in &c.records {
-            let len = r.len as usize;
-            let part = data.get(at..at + len).ok_or("record past the chunk")?;
-            m.fill(&table.layers[r.layer as usize], &r.path, r.offset, part)
-                .map_err(|e| e.to_string())?;
-            at += len;
-        }
-        Ok(())
     }
 
     /// Copies the plan's small files whose spans are in to local disk (see
@@ -1178,6 +1198,44 @@ async fn load_index(
 /// Compressed bytes one pack request asks for at most: a few large requests fill a fast
 /// link where one per ~1 MiB chunk spent its time on round trips.
 const PACK_REQUEST_BYTES: u64 = 4 << 20;
+
+/// Verifies and decompresses chunk `i` of a pack, then writes its records: all on a blocking
+/// thread (disk writes), into a buffer each blocking thread keeps. Starts at once.
+fn spawn_unpack(
+    table: &PackTable,
+    i: usize,
+    member: Bytes,
+    m: &Arc<Materializer>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    thread_local! {
+        // A fresh megabyte a chunk is a fresh mapping, faulted in page by page: that cost
+        // as much CPU as the decompression of a zstd pack.
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let c = table.chunks[i].clone();
+    let compression = table.compression;
+    let layers: Vec<String> = c
+        .records
+        .iter()
+        .map(|r| table.layers[r.layer as usize].clone())
+        .collect();
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || {
+        BUF.with_borrow_mut(|data| {
+            c.unpack_into(compression, i, &member, data)
+                .map_err(|e| e.to_string())?;
+            let mut at = 0usize;
+            for (r, layer) in c.records.iter().zip(&layers) {
+                let len = r.len as usize;
+                let part = data.get(at..at + len).ok_or("record past the chunk")?;
+                m.fill(layer, &r.path, r.offset, part)
+                    .map_err(|e| e.to_string())?;
+                at += len;
+            }
+            Ok(())
+        })
+    })
+}
 
 /// Runs of adjacent pack chunks, each fetched with one request: the first chunk alone (the
 /// first reads wait for it), then runs of up to [`PACK_REQUEST_BYTES`].

@@ -659,6 +659,11 @@ async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
         .expect("read the plan");
     let plan: StartupPlan = serde_json::from_slice(&plan_blob).expect("plan JSON");
     let pack = plan.pack.expect("the recorded plan has a pack");
+    assert_eq!(
+        pack.compression,
+        talaria_artifact::startup::pack::PackCompression::Zstd,
+        "new packs are zstd"
+    );
     let records: Vec<(&str, u64, u64)> = pack
         .chunks
         .iter()

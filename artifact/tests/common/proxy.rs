@@ -29,6 +29,12 @@ pub enum Fault {
         after: usize,
         count: u32,
     },
+    /// As `ResetAfter`, for ranged GETs.
+    ResetRangeAfter {
+        path_part: String,
+        after: usize,
+        count: u32,
+    },
     /// Flip a byte in every GET of a matching blob.
     Corrupt { path_part: String },
     /// Require `Authorization: Bearer <token>` on /v2/ requests; the token is handed out
@@ -174,6 +180,14 @@ fn decide(
                 after,
                 count,
             } if *count > 0 && method == "GET" && !range && path.contains(path_part.as_str()) => {
+                *count -= 1;
+                return Action::Reset(*after);
+            }
+            Fault::ResetRangeAfter {
+                path_part,
+                after,
+                count,
+            } if *count > 0 && method == "GET" && range && path.contains(path_part.as_str()) => {
                 *count -= 1;
                 return Action::Reset(*after);
             }
