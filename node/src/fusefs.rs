@@ -126,8 +126,11 @@ impl Tree {
             nodes: vec![Node::dir(1)],
             any_xattrs: false,
         };
+        // Entries come in archive order, a directory's mostly together: the last parent
+        // found is tried first, instead of walking down from the root for every entry.
+        let mut last_dir = (String::new(), 1u64);
         for (i, e) in index.entries.iter().enumerate() {
-            t.add(i, e)?;
+            t.add(i, e, &mut last_dir)?;
         }
         // Directory link counts as on disk: 2 + subdirectories.
         let subdirs: Vec<(u64, u32)> = t
@@ -212,17 +215,22 @@ impl Tree {
         Ok(ino)
     }
 
-    /// Unlinks `name` from `pino` (as extraction replaces an existing path).
-    fn unlink(&mut self, pino: u64, name: &str) {
+    /// Unlinks `name` from `pino` (as extraction replaces an existing path). Returns
+    /// whether there was something to unlink.
+    fn unlink(&mut self, pino: u64, name: &str) -> bool {
         let old = self
             .node_mut(pino)
             .and_then(|p| p.children.remove(name.as_bytes()));
+        let removed = old.is_some();
         if let Some(n) = old.and_then(|old| self.node_mut(old)) {
             n.nlink = n.nlink.saturating_sub(1);
         }
+        removed
     }
 
-    fn add(&mut self, i: usize, e: &Entry) -> Result<(), FsError> {
+    /// Adds entry `i`. `last_dir` is the last parent directory (path, inode); a path that
+    /// replaces another forgets it, as it may lie below the replaced one.
+    fn add(&mut self, i: usize, e: &Entry, last_dir: &mut (String, u64)) -> Result<(), FsError> {
         let err = |message: &str| FsError::Tree {
             path: e.path.clone(),
             message: message.to_string(),
@@ -248,10 +256,22 @@ impl Tree {
             return Ok(());
         }
         let (parent, name) = split(&e.path);
-        let pino = self.ensure_dir(parent)?;
+        let pino = if last_dir.1 != 0 && last_dir.0 == parent {
+            last_dir.1
+        } else {
+            let pino = self.ensure_dir(parent)?;
+            last_dir.0.clear();
+            last_dir.0.push_str(parent);
+            last_dir.1 = pino;
+            pino
+        };
+        let child = |t: &Tree| {
+            t.node(pino)
+                .and_then(|p| p.children.get(name.as_bytes()).copied())
+        };
         if e.kind == EntryKind::Dir {
             // An existing directory keeps its children; only attributes change.
-            if let Some(ino) = self.lookup(&e.path)
+            if let Some(ino) = child(self)
                 && self
                     .node(ino)
                     .is_some_and(|n| n.kind == FileType::Directory)
@@ -285,8 +305,10 @@ impl Tree {
                     n.xattrs.push((k.clone(), v.clone()));
                 }
             }
-            if self.lookup(&e.path) != Some(tino) {
-                self.unlink(pino, name);
+            if child(self) != Some(tino) {
+                if self.unlink(pino, name) {
+                    last_dir.1 = 0;
+                }
                 if let Some(n) = self.node_mut(tino) {
                     n.nlink = n.nlink.saturating_add(1);
                 }
@@ -296,7 +318,9 @@ impl Tree {
             }
             return Ok(());
         }
-        self.unlink(pino, name);
+        if self.unlink(pino, name) {
+            last_dir.1 = 0;
+        }
         let mut n = Node::dir(pino);
         (n.perm, n.uid, n.gid, n.mtime) = (perm, uid, gid, mtime_of(e.mtime));
         n.xattrs = e.xattrs.clone();
