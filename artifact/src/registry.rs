@@ -1037,6 +1037,27 @@ impl RegistryClient {
         })
     }
 
+    /// What a ranged read of `[offset, offset+len)` is called in errors, its URL and its
+    /// Range header.
+    fn range_request(
+        &self,
+        repo: &Repository,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(String, String, String), RegistryError> {
+        oci::digest_hex(digest)?;
+        let what = format!("blob {repo}@{digest} range {offset}+{len}");
+        let end = offset
+            .checked_add(len.max(1) - 1)
+            .ok_or_else(|| RegistryError::TooLarge {
+                what: what.clone(),
+                limit: u64::MAX,
+            })?;
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        Ok((what, url, format!("bytes={offset}-{end}")))
+    }
+
     /// Reads `[offset, offset+len)` of a blob. Not digest-checked (callers check spans).
     pub async fn get_blob_range(
         &self,
@@ -1045,19 +1066,10 @@ impl RegistryClient {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, RegistryError> {
-        oci::digest_hex(digest)?;
-        let what = format!("blob {repo}@{digest} range {offset}+{len}");
+        let (what, url, range) = self.range_request(repo, digest, offset, len)?;
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let end = offset
-            .checked_add(len - 1)
-            .ok_or_else(|| RegistryError::TooLarge {
-                what: what.clone(),
-                limit: u64::MAX,
-            })?;
-        let url = self.url(repo, &format!("blobs/{digest}"));
-        let range = format!("bytes={offset}-{end}");
         let build = |c: &reqwest::Client| c.get(&url).header(header::RANGE, &range);
         let (url, build, what) = (&url, &build, &what);
         self.with_retries("GET blob range", url, move || async move {
@@ -1094,16 +1106,7 @@ impl RegistryClient {
         offset: u64,
         len: u64,
     ) -> Result<RangeStream, RegistryError> {
-        oci::digest_hex(digest)?;
-        let what = format!("blob {repo}@{digest} range {offset}+{len}");
-        let end = offset
-            .checked_add(len.max(1) - 1)
-            .ok_or_else(|| RegistryError::TooLarge {
-                what: what.clone(),
-                limit: u64::MAX,
-            })?;
-        let url = self.url(repo, &format!("blobs/{digest}"));
-        let range = format!("bytes={offset}-{end}");
+        let (what, url, range) = self.range_request(repo, digest, offset, len)?;
         let build = |c: &reqwest::Client| c.get(&url).header(header::RANGE, &range);
         let (url_ref, build) = (&url, &build);
         let resp = self

@@ -58,6 +58,15 @@ async fn setup(seed: u64) -> Setup {
     }
 }
 
+fn biggest_layer(s: &Setup) -> talaria_testenv::images::Layer {
+    s.image
+        .layers
+        .iter()
+        .max_by_key(|l| l.blob.len())
+        .unwrap()
+        .clone()
+}
+
 fn store(client: &RegistryClient, repo: &Repository) -> Arc<dyn Store> {
     Arc::new(RegistryStore::new(client.clone(), repo.clone()))
 }
@@ -137,13 +146,7 @@ async fn unavailable_bursts_are_retried_and_bounded() {
 async fn connection_reset_mid_blob_resumes_with_a_range_request() {
     let s = setup(13).await;
     // Cut the biggest layer's download once, well inside the blob.
-    let big = s
-        .image
-        .layers
-        .iter()
-        .max_by_key(|l| l.blob.len())
-        .unwrap()
-        .clone();
+    let big = biggest_layer(&s);
     let cut = big.blob.len() / 3;
     s.proxy.add(Fault::ResetAfter {
         path_part: big.digest.clone(),
@@ -189,13 +192,7 @@ async fn connection_reset_mid_blob_resumes_with_a_range_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_range_hands_out_its_bytes_and_reports_a_cut_body() {
     let s = setup(17).await;
-    let big = s
-        .image
-        .layers
-        .iter()
-        .max_by_key(|l| l.blob.len())
-        .unwrap()
-        .clone();
+    let big = biggest_layer(&s);
     let client = common::client();
     let (off, len) = (100usize, big.blob.len() / 2);
     let want = &big.blob[off..off + len];
