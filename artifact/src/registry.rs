@@ -380,10 +380,10 @@ fn transport_reason(e: &reqwest::Error) -> String {
     s
 }
 
-/// Reads a whole body, at most `limit` bytes.
 /// Most a body's buffer is sized to up front from its Content-Length.
 const PREALLOCATE_MAX: u64 = 64 << 20;
 
+/// Reads a whole body, at most `limit` bytes.
 async fn read_limited(
     mut resp: reqwest::Response,
     limit: u64,
@@ -1127,6 +1127,7 @@ impl RegistryClient {
             left: len,
             len,
             what,
+            url,
         })
     }
 
@@ -1382,6 +1383,7 @@ pub struct RangeStream {
     left: u64,
     len: u64,
     what: String,
+    url: String,
 }
 
 impl RangeStream {
@@ -1407,8 +1409,12 @@ impl RangeStream {
             Ok(None) => Err(size_error(self.len - self.left)),
             Err(e) => Err(RegistryError::Transport {
                 op: "GET blob range".into(),
-                url: self.what.clone(),
-                message: format!("reading the body: {}", transport_reason(&e)),
+                url: self.url.clone(),
+                message: format!(
+                    "reading the body of {}: {}",
+                    self.what,
+                    transport_reason(&e)
+                ),
             }),
         }
     }

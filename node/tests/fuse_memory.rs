@@ -29,9 +29,8 @@ fn mounting_many_layers_keeps_the_buffers_out_of_memory() {
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, "a", &b"abc"[..]).expect("tar entry");
     let tar = b.into_inner().expect("tar");
-    let (reader, _) = common::tar_layer_reader(tmp.path(), &tar);
+    let (reader, blob) = common::tar_layer_reader(tmp.path(), &tar);
     let index = reader.index().clone();
-    let blob = tmp.path().join("layer.tar");
     let rt = common::runtime(1);
     let metrics = Arc::new(Metrics::new());
     let before = rss_kib();
