@@ -10,9 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
+use talaria_artifact::index::indexer::{IndexOptions, index_layer};
+use talaria_artifact::index::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::index::{Compression, EntryKind, LayerIndex};
-use talaria_artifact::indexer::{IndexOptions, index_layer};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::source::FileSource;
 
 fn peak_rss_kib() -> u64 {

@@ -5,11 +5,8 @@
 //! stream reaches the synchronous indexer through a bounded channel, so memory stays a few
 //! chunks per layer), pushes the index blobs, then the artifact manifest LAST (no partial
 //! artifact is ever visible), then makes it a referrer of the image.
-//!
-//! [`MergedView`] applies the layers' indexes in order (whiteouts, opaque directories,
-//! later layers win, hard links resolved) to find the layer and entry of any path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,19 +14,20 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tracing::{debug, info, warn};
 
-use crate::artifact::{
+use crate::discover;
+use crate::format::{
     self, ArtifactError, ArtifactInfo, ArtifactSpec, IndexedLayer, Knobs, Profile,
-    STARTUP_PLAN_MEDIA_TYPE, StartupPlan,
+    STARTUP_PLAN_MEDIA_TYPE,
 };
-use crate::index::{
-    Compression, Entry, EntryKind, INDEX_MEDIA_TYPE, LayerIndex, WINDOWS_MEDIA_TYPE,
-};
-use crate::indexer::{HotRegions, IndexOptions, index_layer_hot};
-use crate::reader::{LayerReader, MemorySpanCache, SpanCache};
+use crate::index::indexer::{HotRegions, IndexOptions, index_layer_hot};
+use crate::index::reader::{LayerReader, MemorySpanCache, SpanCache};
+use crate::index::{Compression, EntryKind, INDEX_MEDIA_TYPE, LayerIndex, WINDOWS_MEDIA_TYPE};
+use crate::oci::store::{ChunkStream, Store, StoreError};
+use crate::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
 use crate::startup::pack::{PackTable, PackWriter, pack_ranges};
+use crate::startup::plan::StartupPlan;
 use crate::startup::{self, Analysis, ImageConfig, LayerFiles, PlanOptions, StartupTrace};
-use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, Platform, RawManifest};
-use crate::store::{ChunkStream, Store, StoreError};
+use crate::view::MergedView;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -192,12 +190,12 @@ pub async fn build(
     let target = artifact_store.unwrap_or_else(|| image_store.clone());
     let (raw, manifest) = resolve_image(image_store.as_ref(), reference, &opts.platform).await?;
     let subject = raw.descriptor();
-    let key = artifact::acceleration_key(opts.profile, &opts.knobs);
+    let key = format::acceleration_key(opts.profile, &opts.knobs);
 
     let replacing = opts.recorded.is_some() && opts.profile.has_plan();
     if !replacing
         && let Some(existing) =
-            artifact::find_by_key(target.as_ref(), &subject.digest, &key).await?
+            discover::find_by_key(target.as_ref(), &subject.digest, &key).await?
     {
         info!(image = %subject.digest, artifact = %existing.descriptor.digest, %key, "artifact exists; adopted");
         return Ok(adopted(subject, existing, key, t0));
@@ -207,7 +205,7 @@ pub async fn build(
     // default one, built first by the controller) lends its index blobs, so the layers are
     // not streamed again.
     let reusable: Arc<HashMap<String, Descriptor>> = Arc::new(
-        match artifact::list_artifacts(target.as_ref(), &subject.digest).await {
+        match discover::list_artifacts(target.as_ref(), &subject.digest).await {
             Ok(arts) => arts
                 .into_iter()
                 .flat_map(|a| a.layers)
@@ -302,7 +300,7 @@ pub async fn build(
         (None, Vec::new())
     };
 
-    let art = artifact::build_manifest(ArtifactSpec {
+    let art = format::build_manifest(ArtifactSpec {
         subject: subject.clone(),
         profile: opts.profile,
         knobs: &opts.knobs,
@@ -587,7 +585,7 @@ async fn reuse_index(
         return None;
     }
     let d = reusable.get(&layer.digest)?;
-    let idx = match artifact::load_index(target, d).await {
+    let idx = match discover::load_index(target, d).await {
         Ok(i) => i,
         Err(e) => {
             debug!(layer = %layer.digest, index = %d.digest, error = %e, "existing index not reusable");
@@ -601,7 +599,7 @@ async fn reuse_index(
     let windows = idx
         .windows
         .map(|w| Descriptor::new(WINDOWS_MEDIA_TYPE, w.digest_string(), w.size));
-    let idx = match artifact::inline_windows(target, idx).await {
+    let idx = match discover::inline_windows(target, idx).await {
         Ok(i) => i,
         Err(e) => {
             debug!(layer = %layer.digest, index = %d.digest, error = %e, "existing index's windows not reusable");
@@ -644,7 +642,7 @@ async fn hot_regions(
             info!(layer = %lt.digest, "no earlier index of the layer: its spans stay uniform");
             continue;
         };
-        let ix = match artifact::load_index(target, d).await {
+        let ix = match discover::load_index(target, d).await {
             Ok(ix) if ix.compressed_digest_string() == lt.digest => ix,
             Ok(_) => continue,
             Err(e) => {
@@ -788,222 +786,4 @@ async fn index_one(
         duration: t0.elapsed(),
     };
     Ok((summary, Some(Arc::new(out.index))))
-}
-
-/// The merged file system view of an image's layers, through their indexes.
-pub struct MergedView {
-    /// path → (layer number, entry); hard links already point at their target's entry.
-    entries: BTreeMap<String, (usize, Entry)>,
-}
-
-/// Bound on hard-link chains followed (tar links point at earlier entries; a cycle cannot
-/// come from a valid archive, but the bound keeps hostile input harmless).
-const MAX_LINK_HOPS: usize = 16;
-
-fn under(path: &str) -> (String, String) {
-    if path.is_empty() {
-        (String::new(), String::from("\u{10FFFF}"))
-    } else {
-        // '0' is the character after '/', so [p/, p0) is exactly "everything under p".
-        (format!("{path}/"), format!("{path}0"))
-    }
-}
-
-impl MergedView {
-    /// Applies the layers (bottom first). `layers[i]` is the index of image layer `i`;
-    /// `None` for a layer that has no index (skipped): its files are not in the view.
-    pub fn new(layers: &[Option<&LayerIndex>]) -> MergedView {
-        let mut map: BTreeMap<String, (usize, Entry)> = BTreeMap::new();
-        let remove_under = |map: &mut BTreeMap<String, (usize, Entry)>, p: &str| {
-            let (lo, hi) = under(p);
-            let doomed: Vec<String> = map.range(lo..hi).map(|(k, _)| k.clone()).collect();
-            for k in doomed {
-                map.remove(&k);
-            }
-        };
-        for (i, layer) in layers.iter().enumerate() {
-            let Some(layer) = layer else { continue };
-            // Whiteouts and opaque markers hide lower layers only, so apply them first.
-            for e in &layer.entries {
-                match e.kind {
-                    EntryKind::Whiteout => {
-                        map.remove(&e.path);
-                        remove_under(&mut map, &e.path);
-                    }
-                    EntryKind::OpaqueDir => remove_under(&mut map, &e.path),
-                    _ => {}
-                }
-            }
-            for e in &layer.entries {
-                if matches!(e.kind, EntryKind::Whiteout | EntryKind::OpaqueDir) {
-                    continue;
-                }
-                if e.kind != EntryKind::Dir {
-                    // A non-directory replacing a lower directory hides its contents.
-                    if map
-                        .get(&e.path)
-                        .is_some_and(|(l, x)| *l < i && x.kind == EntryKind::Dir)
-                    {
-                        remove_under(&mut map, &e.path);
-                    }
-                }
-                let resolved = if e.kind == EntryKind::Hardlink {
-                    resolve_link(layer, e, &map)
-                } else {
-                    Some((i, e.clone()))
-                };
-                if let Some((l, entry)) = resolved {
-                    let l = if l == usize::MAX { i } else { l };
-                    map.insert(e.path.clone(), (l, entry));
-                }
-            }
-        }
-        MergedView { entries: map }
-    }
-
-    /// The layer number and entry at a path (normalized like index paths; a leading `/`
-    /// or `./` is accepted). A hard link yields its target's entry.
-    pub fn lookup(&self, path: &str) -> Option<(usize, &Entry)> {
-        let p = path.trim_start_matches("./").trim_start_matches('/');
-        let p = p.trim_end_matches('/');
-        self.entries.get(p).map(|(l, e)| (*l, e))
-    }
-
-    /// Every path of the merged view, sorted, with its layer and entry.
-    pub fn list(&self) -> impl Iterator<Item = (&str, usize, &Entry)> {
-        self.entries.iter().map(|(p, (l, e))| (p.as_str(), *l, e))
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
-
-/// Finds what a hard link points at: the target in the same layer (tar semantics), else in
-/// the lower merged view; follows chains, bounded.
-fn resolve_link(
-    layer: &LayerIndex,
-    link: &Entry,
-    lower: &BTreeMap<String, (usize, Entry)>,
-) -> Option<(usize, Entry)> {
-    let mut cur = link.clone();
-    for _ in 0..MAX_LINK_HOPS {
-        let target = cur.link_target.as_deref()?;
-        let next = match layer.find(target) {
-            // The layer number is fixed up by the caller for same-layer targets.
-            Some(t) => (usize::MAX, t.clone()),
-            None => {
-                let (l, e) = lower.get(target)?;
-                (*l, e.clone())
-            }
-        };
-        if next.1.kind != EntryKind::Hardlink {
-            return Some(next);
-        }
-        cur = next.1;
-    }
-    warn!(path = %link.path, "hard link chain too long; left out of the merged view");
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::indexer::IndexOptions;
-    use crate::indexer::index_layer;
-
-    enum T<'a> {
-        Dir(&'a str),
-        File(&'a str, &'a [u8]),
-        Link(&'a str, &'a str),
-    }
-
-    fn layer(items: &[T<'_>]) -> LayerIndex {
-        let mut b = tar::Builder::new(Vec::new());
-        for it in items {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o644);
-            h.set_mtime(1);
-            match it {
-                T::Dir(p) => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_size(0);
-                    b.append_data(&mut h, format!("{p}/"), std::io::empty())
-                        .unwrap();
-                }
-                T::File(p, d) => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_size(d.len() as u64);
-                    b.append_data(&mut h, p, *d).unwrap();
-                }
-                T::Link(p, t) => {
-                    h.set_entry_type(tar::EntryType::Link);
-                    h.set_size(0);
-                    b.append_link(&mut h, p, t).unwrap();
-                }
-            }
-        }
-        let tar = b.into_inner().unwrap();
-        index_layer(tar.as_slice(), Compression::None, &IndexOptions::default())
-            .unwrap()
-            .index
-    }
-
-    fn paths(v: &MergedView) -> Vec<&str> {
-        v.list().map(|(p, _, _)| p).collect()
-    }
-
-    #[test]
-    fn file_over_dir_whiteouts_and_opaque() {
-        let l0 = layer(&[
-            T::Dir("a"),
-            T::File("a/x", b"x"),
-            T::Dir("b"),
-            T::File("b/y", b"y"),
-            T::Dir("c"),
-            T::File("c/z", b"z"),
-            T::File("keep", b"k0"),
-        ]);
-        let l1 = layer(&[
-            T::File("a", b"now a file"),
-            T::File(".wh.b", b""),
-            T::Dir("c"),
-            T::File("c/.wh..wh..opq", b""),
-            T::File("c/new", b"n"),
-            T::File("keep", b"k1"),
-        ]);
-        let v = MergedView::new(&[Some(&l0), Some(&l1)]);
-        assert_eq!(paths(&v), ["a", "c", "c/new", "keep"]);
-        let (layer_no, e) = v.lookup("/keep").unwrap();
-        assert_eq!((layer_no, e.size), (1, 2));
-        assert_eq!(v.lookup("a").unwrap().1.kind, EntryKind::File);
-        assert!(v.lookup("b/y").is_none());
-        // A skipped (unindexed) layer contributes nothing.
-        let v = MergedView::new(&[None, Some(&l1)]);
-        assert!(v.lookup("c/new").is_some());
-    }
-
-    #[test]
-    fn hard_links_resolve_to_content_in_this_or_a_lower_layer() {
-        let l0 = layer(&[T::File("base", b"lower content")]);
-        let l1 = layer(&[
-            T::File("f", b"upper"),
-            T::Link("g", "f"),
-            T::Link("h", "g"),
-            T::Link("to-lower", "base"),
-        ]);
-        let v = MergedView::new(&[Some(&l0), Some(&l1)]);
-        let (ln, e) = v.lookup("h").unwrap();
-        assert_eq!((ln, e.kind, e.size), (1, EntryKind::File, 5));
-        let (ln, e) = v.lookup("to-lower").unwrap();
-        assert_eq!((ln, e.kind, e.size), (0, EntryKind::File, 13));
-        // A link whose target does not exist is left out, not a panic.
-        let l2 = layer(&[T::Link("dangling", "nowhere")]);
-        let v = MergedView::new(&[Some(&l2)]);
-        assert!(v.lookup("dangling").is_none());
-    }
 }

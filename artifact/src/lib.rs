@@ -1,21 +1,31 @@
 //! Talaria artifact library: layer index, startup plan, artifact format, registry I/O.
 //!
-//! - [`source`]: ranged reads of blobs from anywhere.
-//! - [`index`], [`indexer`], [`reader`]: the layer index, building it in one pass, and
-//!   verified random access to any file of a layer through it.
-//! - [`registry`], [`layout`], [`store`]: OCI registries and OCI image layout directories
-//!   behind one store interface; [`artifact`]: the accelerated/default artifact and its resolution.
+//! Read top-down, each layer uses only those listed above it (`hack/check-layers.py`
+//! checks it):
+//!
+//! 1. [`source`]: ranged reads of blobs from anywhere.
+//! 2. [`oci`]: OCI data types; the registry client ([`oci::registry`]), OCI image layout
+//!    directories ([`oci::layout`]) and one store interface over both ([`oci::store`]).
+//! 3. [`index`]: the layer index format, building it in one pass ([`index::indexer`]) and
+//!    verified random access to any file of a layer through it ([`index::reader`]).
+//! 4. [`view`]: the merged file system of an image's layers, and path resolution in it.
+//! 5. [`startup`]: startup analysis: the image analyzer and the generic planner side by side,
+//!    recorded traces, the plan and the pack.
+//! 6. [`format`]: the artifact format (manifest, annotations, ranking); [`discover`]: finding
+//!    an image's artifacts in a store and loading their blobs.
+//! 7. [`build`]: the build pipeline, on top of everything.
 
 pub mod source;
 
-pub mod index;
-pub mod indexer;
-pub mod reader;
+pub mod oci;
 
-pub mod artifact;
-pub mod auth;
-pub mod build;
-pub mod layout;
-pub mod registry;
+pub mod index;
+
+pub mod view;
+
 pub mod startup;
-pub mod store;
+
+pub mod discover;
+pub mod format;
+
+pub mod build;

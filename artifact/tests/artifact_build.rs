@@ -5,13 +5,15 @@ mod common;
 
 use std::sync::Arc;
 
-use talaria_artifact::artifact::{self, Knobs, Profile};
 use talaria_artifact::build::{self, BuildOptions};
+use talaria_artifact::discover;
+use talaria_artifact::format::{self, Knobs, Profile};
 use talaria_artifact::index::{INDEX_MEDIA_TYPE, WINDOWS_MEDIA_TYPE};
-use talaria_artifact::layout::OciLayout;
-use talaria_artifact::registry::ImageRef;
-use talaria_artifact::store::oci::{self, Manifest, Platform};
-use talaria_artifact::store::{LayoutStore, RegistryStore, Store, open_reference};
+use talaria_artifact::oci::layout::OciLayout;
+use talaria_artifact::oci::registry::ImageRef;
+use talaria_artifact::oci::store::{LayoutStore, RegistryStore, Store, open_reference};
+use talaria_artifact::oci::{self, Manifest, Platform};
+use talaria_artifact::startup::plan::StartupPlan;
 use talaria_testenv::registry::Registry;
 
 fn opts(profile: Profile) -> BuildOptions {
@@ -42,7 +44,7 @@ async fn registry_build_resolve_read_every_file() {
 
     // Nothing yet.
     assert!(
-        artifact::resolve(store.as_ref(), &image.manifest_digest)
+        discover::resolve(store.as_ref(), &image.manifest_digest)
             .await
             .unwrap()
             .is_none()
@@ -68,7 +70,7 @@ async fn registry_build_resolve_read_every_file() {
     assert!(default.plan.is_none());
 
     // The default artifact resolves while it is the only one.
-    let got = artifact::resolve(store.as_ref(), &image.manifest_digest)
+    let got = discover::resolve(store.as_ref(), &image.manifest_digest)
         .await
         .unwrap()
         .unwrap();
@@ -107,7 +109,7 @@ async fn registry_build_resolve_read_every_file() {
     assert_eq!(idx(&default), idx(&accel));
 
     // Resolution prefers the accelerated artifact.
-    let best = artifact::resolve(store.as_ref(), &image.manifest_digest)
+    let best = discover::resolve(store.as_ref(), &image.manifest_digest)
         .await
         .unwrap()
         .unwrap();
@@ -122,9 +124,10 @@ async fn registry_build_resolve_read_every_file() {
         panic!("tag schema entry is not an index")
     };
     assert_eq!(ti.manifests.len(), 2);
-    assert!(ti.manifests.iter().all(|d| d.artifact_type.as_deref()
-        == Some(artifact::ARTIFACT_TYPE)
-        && d.annotation(artifact::ANN_KEY).is_some()));
+    assert!(ti.manifests.iter().all(
+        |d| d.artifact_type.as_deref() == Some(format::ARTIFACT_TYPE)
+            && d.annotation(format::ANN_KEY).is_some()
+    ));
 
     // The artifact manifest is what DESIGN §2 says.
     let raw = store.get_manifest(&accel.artifact.digest).await.unwrap();
@@ -145,8 +148,8 @@ async fn registry_build_resolve_read_every_file() {
             .iter()
             .all(|l| l.media_type == INDEX_MEDIA_TYPE || l.media_type == WINDOWS_MEDIA_TYPE)
     );
-    assert_eq!(plan_desc.media_type, artifact::STARTUP_PLAN_MEDIA_TYPE);
-    let plan: artifact::StartupPlan =
+    assert_eq!(plan_desc.media_type, format::STARTUP_PLAN_MEDIA_TYPE);
+    let plan: StartupPlan =
         serde_json::from_slice(&store.get_blob(&plan_desc.digest, 1 << 20).await.unwrap()).unwrap();
     assert_eq!(plan.version, 1);
     // The entrypoint (/bin/sh -> tool) is in the plan, in the layer that wins (layer 2
@@ -220,7 +223,7 @@ async fn concurrent_builds_make_one_artifact_and_a_consistent_index() {
     assert_ne!(a.artifact.digest, c.artifact.digest);
 
     let store = mk();
-    let list = artifact::list_artifacts(store.as_ref(), &image.manifest_digest)
+    let list = discover::list_artifacts(store.as_ref(), &image.manifest_digest)
         .await
         .unwrap();
     let mut digests: Vec<_> = list.iter().map(|x| x.descriptor.digest.clone()).collect();
@@ -332,7 +335,7 @@ async fn layout_store_build_resolve_read() {
     )
     .await
     .unwrap();
-    let best = artifact::resolve(opened.store.as_ref(), &image.manifest_digest)
+    let best = discover::resolve(opened.store.as_ref(), &image.manifest_digest)
         .await
         .unwrap()
         .unwrap();
@@ -341,7 +344,7 @@ async fn layout_store_build_resolve_read() {
     let layout = OciLayout::open(dir.path()).unwrap();
     let idx = layout.read_index().unwrap();
     assert!(idx.manifests.iter().any(|d| d.digest == s.artifact.digest
-        && d.artifact_type.as_deref() == Some(artifact::ARTIFACT_TYPE)));
+        && d.artifact_type.as_deref() == Some(format::ARTIFACT_TYPE)));
     let fresh = LayoutStore::new(layout);
     let im = common::image_manifest(&fresh, "v1").await;
     let n = common::check_read_through(
@@ -368,7 +371,7 @@ async fn layout_store_build_resolve_read() {
     .await
     .unwrap();
     assert!(
-        artifact::find_by_key(art_store.as_ref(), &image.manifest_digest, &s2.key)
+        discover::find_by_key(art_store.as_ref(), &image.manifest_digest, &s2.key)
             .await
             .unwrap()
             .is_some()
@@ -393,7 +396,7 @@ async fn skip_threshold_records_skipped_layers() {
     let s = build::build(store.clone(), "v1", None, &o).await.unwrap();
     let skipped: Vec<_> = s.layers.iter().filter(|l| l.skipped.is_some()).collect();
     assert_eq!(skipped.len(), 1);
-    let info = artifact::find_by_key(store.as_ref(), &image.manifest_digest, &s.key)
+    let info = discover::find_by_key(store.as_ref(), &image.manifest_digest, &s.key)
         .await
         .unwrap()
         .unwrap();

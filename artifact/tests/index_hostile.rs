@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use index_common::*;
+use talaria_artifact::index::indexer::{IndexError, IndexOptions, index_layer};
+use talaria_artifact::index::reader::{LayerReader, MemorySpanCache, ReadError};
 use talaria_artifact::index::{Compression, LayerIndex};
-use talaria_artifact::indexer::{IndexError, IndexOptions, index_layer};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache, ReadError};
 use talaria_artifact::source::{BoxFuture, MemorySource, RangeSource, SourceError};
 
 fn try_index(blob: &[u8], c: Compression) -> Result<(), IndexError> {

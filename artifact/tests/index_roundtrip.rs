@@ -243,7 +243,7 @@ fn concurrent_reads_fetch_each_span_once() {
 /// the index still tiles the stream and reads back, gzip and plain alike.
 #[test]
 fn hot_regions_get_fine_spans_and_the_rest_stays_coarse() {
-    use talaria_artifact::indexer::{HotRegions, IndexOptions, index_layer_hot};
+    use talaria_artifact::index::indexer::{HotRegions, IndexOptions, index_layer_hot};
     const COARSE: u64 = 1 << 20;
     const FINE: u64 = 64 << 10;
     let tar_bytes = real_tar();

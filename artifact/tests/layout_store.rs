@@ -3,9 +3,9 @@
 mod common;
 
 use bytes::Bytes;
-use talaria_artifact::layout::{LayoutError, OciLayout};
-use talaria_artifact::store::oci::{self, RawManifest};
-use talaria_artifact::store::{LayoutStore, Store};
+use talaria_artifact::oci::layout::{LayoutError, OciLayout};
+use talaria_artifact::oci::store::{LayoutStore, Store};
+use talaria_artifact::oci::{self, RawManifest};
 
 #[test]
 fn concurrent_writers_lose_no_index_entries() {

@@ -6,10 +6,10 @@ mod common;
 
 use std::process::Command;
 
-use talaria_artifact::artifact::{self, Knobs, Profile};
 use talaria_artifact::build::{self, BuildOptions};
-use talaria_artifact::store::oci::{self, Platform};
-use talaria_artifact::store::open_reference;
+use talaria_artifact::format::{self, Knobs, Profile};
+use talaria_artifact::oci::store::open_reference;
+use talaria_artifact::oci::{self, Platform};
 use talaria_testenv::registry::Registry;
 
 fn crane(args: &[&str]) -> String {
@@ -57,7 +57,7 @@ async fn crane_pushed_image_and_crane_readable_artifact() {
         &format!("{}/interop/app@{}", reg.host(), s.artifact.digest),
     ]))
     .unwrap();
-    assert_eq!(art["artifactType"], artifact::ARTIFACT_TYPE);
+    assert_eq!(art["artifactType"], format::ARTIFACT_TYPE);
     assert_eq!(art["subject"]["digest"], image.manifest_digest.as_str());
     assert_eq!(
         art["annotations"][oci::CREATED],
@@ -71,7 +71,7 @@ async fn crane_pushed_image_and_crane_readable_artifact() {
     ]))
     .unwrap();
     assert_eq!(idx["manifests"][0]["digest"], s.artifact.digest.as_str());
-    assert_eq!(idx["manifests"][0]["artifactType"], artifact::ARTIFACT_TYPE);
+    assert_eq!(idx["manifests"][0]["artifactType"], format::ARTIFACT_TYPE);
 
     // Every file reads back through the artifact.
     let im = common::image_manifest(opened.store.as_ref(), "v1").await;

@@ -8,14 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::proxy::{Fault, Proxy};
-use talaria_artifact::artifact::{self, Knobs, Profile};
-use talaria_artifact::auth::{Credential, Credentials};
 use talaria_artifact::build::{self, BuildOptions};
-use talaria_artifact::registry::{
+use talaria_artifact::discover;
+use talaria_artifact::format::{Knobs, Profile};
+use talaria_artifact::oci::registry::credentials::{Credential, Credentials};
+use talaria_artifact::oci::registry::{
     RegistryClient, RegistryConfig, RegistryError, Repository, RetryPolicy,
 };
-use talaria_artifact::store::oci::{self, Platform};
-use talaria_artifact::store::{RegistryStore, Store, StoreError};
+use talaria_artifact::oci::store::{RegistryStore, Store, StoreError};
+use talaria_artifact::oci::{self, Platform};
 use talaria_testenv::registry::Registry;
 
 fn opts() -> BuildOptions {
@@ -196,7 +197,7 @@ async fn a_streamed_range_hands_out_its_bytes_and_reports_a_cut_body() {
     let client = common::client();
     let (off, len) = (100usize, big.blob.len() / 2);
     let want = &big.blob[off..off + len];
-    let read_all = |mut body: talaria_artifact::registry::RangeStream| async move {
+    let read_all = |mut body: talaria_artifact::oci::registry::RangeStream| async move {
         let mut got = Vec::new();
         loop {
             match body.next_piece().await {
@@ -269,7 +270,7 @@ async fn corrupt_blob_fails_clearly_and_leaves_no_artifact() {
     // No partial artifact: nothing resolves, no referrers tag exists.
     s.proxy.clear();
     assert!(
-        artifact::resolve(st.as_ref(), &s.image.manifest_digest)
+        discover::resolve(st.as_ref(), &s.image.manifest_digest)
             .await
             .unwrap()
             .is_none()
@@ -350,7 +351,7 @@ async fn bearer_token_challenge_with_basic_credentials() {
     .unwrap();
     let st = store(&client, &s.repo);
     let b = build::build(st.clone(), "v1", None, &opts()).await.unwrap();
-    let found = artifact::resolve(st.as_ref(), &s.image.manifest_digest)
+    let found = discover::resolve(st.as_ref(), &s.image.manifest_digest)
         .await
         .unwrap()
         .unwrap();

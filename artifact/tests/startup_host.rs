@@ -178,14 +178,14 @@ async fn plan_maps_files_to_spans_within_budget() {
     );
     // Plans written before `bytes` and `reason` existed still parse; the new fields
     // round-trip.
-    let old: talaria_artifact::artifact::StartupPlan = serde_json::from_str(
+    let old: talaria_artifact::startup::plan::StartupPlan = serde_json::from_str(
         r#"{"version":1,"profile":"startup-local-v1","prefetch_budget":1,"paths":[],
             "entries":[{"layer":0,"path":"/bin/sh","spans":[0],"priority":0}]}"#,
     )
     .expect("an old plan parses");
     assert_eq!(old.entries[0].bytes, 0);
     assert_eq!(old.entries[0].reason, "");
-    let again: talaria_artifact::artifact::StartupPlan =
+    let again: talaria_artifact::startup::plan::StartupPlan =
         serde_json::from_slice(&serde_json::to_vec(&plan).unwrap()).unwrap();
     assert_eq!(again, plan);
     assert!(

@@ -5,7 +5,7 @@ mod startup_common;
 
 use startup_common::{TestImage, config, paths};
 use talaria_artifact::index::EntryKind;
-use talaria_artifact::startup::resolve::{MAX_SYMLINKS, ResolveError, resolve};
+use talaria_artifact::view::resolve::{MAX_SYMLINKS, ResolveError, resolve};
 use talaria_testenv::images::LayerBuilder;
 
 fn tree() -> TestImage {

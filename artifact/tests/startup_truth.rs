@@ -17,15 +17,14 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use talaria_artifact::artifact::Knobs;
-use talaria_artifact::build::MergedView;
+use talaria_artifact::format::Knobs;
+use talaria_artifact::index::indexer::{IndexOptions, index_layer};
+use talaria_artifact::index::reader::{LayerReader, MemorySpanCache, SpanCache};
 use talaria_artifact::index::{Compression, EntryKind, LayerIndex};
-use talaria_artifact::indexer::{IndexOptions, index_layer};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache, SpanCache};
 use talaria_artifact::source::FileSource;
-use talaria_artifact::startup::{
-    self, ImageConfig, LayerFiles, PlanOptions, build_plan, resolve::resolve,
-};
+use talaria_artifact::startup::{self, ImageConfig, LayerFiles, PlanOptions, build_plan};
+use talaria_artifact::view::MergedView;
+use talaria_artifact::view::resolve::resolve;
 
 /// Byte recall every image must reach (the acceptance bar).
 const MIN_BYTE_RECALL: f64 = 0.95;

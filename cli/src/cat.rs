@@ -4,10 +4,11 @@ use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use talaria_artifact::artifact;
-use talaria_artifact::build::{MergedView, resolve_image};
+use talaria_artifact::build::resolve_image;
+use talaria_artifact::discover;
+use talaria_artifact::index::reader::MemorySpanCache;
 use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
-use talaria_artifact::reader::MemorySpanCache;
+use talaria_artifact::view::MergedView;
 
 use crate::GlobalArgs;
 use crate::common::{
@@ -27,7 +28,7 @@ pub async fn run(g: &GlobalArgs, image: &str, path: &str) -> CliResult<()> {
             .await
             .with_context(|| format!("resolving {image} for {plat}"))?;
     let subject = raw.descriptor();
-    let Some(art) = artifact::resolve(stores.artifacts.as_ref(), &subject.digest)
+    let Some(art) = discover::resolve(stores.artifacts.as_ref(), &subject.digest)
         .await
         .with_context(|| format!("finding the artifact of {}", subject.digest))?
     else {
@@ -45,7 +46,7 @@ pub async fn run(g: &GlobalArgs, image: &str, path: &str) -> CliResult<()> {
     for l in &manifest.layers {
         indexes.push(match art.index_for(&l.digest) {
             Some(d) => Some(Arc::new(
-                artifact::load_index(stores.artifacts.as_ref(), d)
+                discover::load_index(stores.artifacts.as_ref(), d)
                     .await
                     .with_context(|| format!("loading the index of layer {}", l.digest))?,
             )),
@@ -79,7 +80,7 @@ pub async fn run(g: &GlobalArgs, image: &str, path: &str) -> CliResult<()> {
         .store
         .range_source(layer)
         .with_context(|| format!("opening layer {}", layer.digest))?;
-    let reader = artifact::layer_reader(
+    let reader = discover::layer_reader(
         index,
         source,
         stores.artifacts.as_ref(),

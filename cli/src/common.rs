@@ -7,13 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::ValueEnum;
 use serde_json::json;
-use talaria_artifact::artifact::{Knobs, Profile};
-use talaria_artifact::auth::Credentials;
 use talaria_artifact::build::{self, BuildError, BuildOptions, Recorded};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig};
+use talaria_artifact::format::{Knobs, Profile};
+use talaria_artifact::oci::Platform;
+use talaria_artifact::oci::registry::credentials::Credentials;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig};
+use talaria_artifact::oci::store::{OpenedRef, Store, open_reference};
 use talaria_artifact::startup::StartupTrace;
-use talaria_artifact::store::oci::Platform;
-use talaria_artifact::store::{OpenedRef, Store, open_reference};
 
 use crate::{BuildArgs, GlobalArgs, ProfileArg};
 
@@ -48,7 +48,7 @@ impl From<anyhow::Error> for CliError {
     fn from(error: anyhow::Error) -> Self {
         // A missing manifest or blob anywhere in the chain means "not found".
         let not_found = error.chain().any(|c| {
-            c.downcast_ref::<talaria_artifact::store::StoreError>()
+            c.downcast_ref::<talaria_artifact::oci::store::StoreError>()
                 .is_some_and(|e| e.is_not_found())
                 || c.downcast_ref::<BuildError>()
                     .is_some_and(|e| matches!(e, BuildError::Store(s) if s.is_not_found()))

@@ -2,10 +2,12 @@
 
 use anyhow::Context;
 use serde_json::json;
-use talaria_artifact::artifact::{self, ArtifactInfo, StartupPlan};
 use talaria_artifact::build::resolve_image;
-use talaria_artifact::store::Store;
-use talaria_artifact::store::oci::Manifest;
+use talaria_artifact::discover;
+use talaria_artifact::format::{self, ArtifactInfo};
+use talaria_artifact::oci::Manifest;
+use talaria_artifact::oci::store::Store;
+use talaria_artifact::startup::plan::StartupPlan;
 
 use crate::GlobalArgs;
 use crate::common::{CliResult, Output, human, open_stores, platform, short};
@@ -33,10 +35,10 @@ pub async fn run(g: &GlobalArgs, image: &str) -> CliResult<()> {
         .await
         .with_context(|| format!("resolving {image} for {plat}"))?;
     let subject = raw.descriptor();
-    let artifacts = artifact::list_artifacts(stores.artifacts.as_ref(), &subject.digest)
+    let artifacts = discover::list_artifacts(stores.artifacts.as_ref(), &subject.digest)
         .await
         .with_context(|| format!("listing the artifacts of {}", subject.digest))?;
-    let chosen = artifact::rank(artifacts.clone()).into_iter().next();
+    let chosen = format::rank(artifacts.clone()).into_iter().next();
     let plan = match chosen.as_ref().and_then(|a| a.plan.as_ref()) {
         Some(d) => load_plan(stores.artifacts.as_ref(), &d.digest).await,
         None => None,

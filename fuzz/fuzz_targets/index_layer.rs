@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use talaria_artifact::index::{Compression, LayerIndex, inflate_span};
-use talaria_artifact::indexer::{IndexOptions, index_layer};
+use talaria_artifact::index::indexer::{IndexOptions, index_layer};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, blob)) = data.split_first() else {

@@ -2,7 +2,7 @@
 //! Usage: make_seeds <tar file> <output dir>
 
 use talaria_artifact::index::Compression;
-use talaria_artifact::indexer::{IndexOptions, index_layer};
+use talaria_artifact::index::indexer::{IndexOptions, index_layer};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use common::{NodeProc, http_get, link_storage, median, percentile};
-use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_testenv::cri::{self, Cri, CriContainerd, CriOptions, CriSnapshotter};
 use talaria_testenv::images::{self, Image, ImageBuilder, Layer, LayerBuilder};
 use talaria_testenv::registry::Registry;
@@ -154,7 +154,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let t_setup = Instant::now();
     let layers = cached_layers(args.layers, args.layer_mib)?;
     let image_bytes: usize = layers.iter().map(|l| l.blob.len()).sum();

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{Node, connect, mount_at};
-use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
 use talaria_testenv::images::{ImageBuilder, LayerBuilder};
 use talaria_testenv::registry::Registry;
@@ -40,7 +40,7 @@ fn main() {
 }
 
 async fn run(mib: usize) {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-bench-")
         .tempdir()

@@ -32,12 +32,12 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use common::{NodeProc, http_get, link_storage, median, percentile};
 use serde_json::json;
-use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, Recorded, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_artifact::startup::StartupTrace;
 use talaria_artifact::startup::trace::TracedFile;
-use talaria_artifact::store::{RegistryStore, Store};
 use talaria_testenv::cri::{self, Cri, CriContainerd, CriOptions, CriSnapshotter, PodSandbox};
 use talaria_testenv::images::{self, Image, Layer};
 use talaria_testenv::registry::Registry;
@@ -289,7 +289,7 @@ fn main() -> Result<()> {
 type Key = (String, String, Variant);
 
 async fn run(args: Args) -> Result<()> {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let t_total = Instant::now();
     let mut workloads = Vec::new();
     for name in &args.workloads {
@@ -651,7 +651,7 @@ async fn build_artifact(
     if opts.recorded.is_some()
         && let Some(d) = &summary.plan
     {
-        let plan: talaria_artifact::artifact::StartupPlan =
+        let plan: talaria_artifact::startup::plan::StartupPlan =
             serde_json::from_slice(&store.get_blob(&d.digest, 64 << 20).await?)?;
         if let Some(t) = &plan.pack {
             // What the pack holds, biggest files first: where its bytes go.

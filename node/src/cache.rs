@@ -17,7 +17,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
-use talaria_artifact::reader::{MemorySpanCache, SpanCache};
+use talaria_artifact::index::reader::{MemorySpanCache, SpanCache};
 use tracing::{debug, warn};
 
 #[derive(Debug, thiserror::Error)]

@@ -132,7 +132,7 @@ fn same_platform(spec: &str, node: &str) -> bool {
 
 /// This node's platform in OCI terms (`linux/amd64`).
 pub fn node_platform() -> String {
-    talaria_artifact::store::oci::Platform::host().to_string()
+    talaria_artifact::oci::Platform::host().to_string()
 }
 
 #[cfg(test)]

@@ -19,8 +19,8 @@ use base64::Engine;
 use bytes::{Buf, BufMut, Bytes};
 use hyper_util::rt::TokioIo;
 use prost::Message;
-use talaria_artifact::auth::{Credential, LearnedCredentials};
-use talaria_artifact::registry::ImageRef;
+use talaria_artifact::oci::registry::ImageRef;
+use talaria_artifact::oci::registry::credentials::{Credential, LearnedCredentials};
 use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
@@ -426,7 +426,7 @@ mod tests {
         // A field this code does not model (sandbox_config = 3) must not stop decoding.
         req.extend_from_slice(&[0x1a, 0x02, 0x08, 0x01]);
         proxy.learn(&req);
-        use talaria_artifact::auth::CredentialSource;
+        use talaria_artifact::oci::registry::credentials::CredentialSource;
         assert!(matches!(
             learned.lookup("reg.example:5000", "team/app"),
             Some(Credential::Basic { .. })

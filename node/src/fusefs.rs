@@ -25,8 +25,8 @@ use fuser::{
     SessionACL,
 };
 use prometheus_client::metrics::counter::Counter;
+use talaria_artifact::index::reader::LayerReader;
 use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
-use talaria_artifact::reader::LayerReader;
 use tracing::{debug, warn};
 
 use crate::materialize::{Materializer, RangedRead};
@@ -1078,7 +1078,7 @@ impl Filesystem for LayerFs {
 mod tests {
     use super::*;
     use talaria_artifact::index::Compression;
-    use talaria_artifact::indexer::{IndexOptions, index_layer};
+    use talaria_artifact::index::indexer::{IndexOptions, index_layer};
 
     /// The tree of an uncompressed layer made of `entries` (path, dir or file), in order.
     fn tree_of(entries: &[(&str, bool)]) -> Result<Tree, FsError> {

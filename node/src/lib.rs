@@ -11,7 +11,6 @@ pub mod cluster;
 pub mod criproxy;
 pub mod error;
 pub mod fusefs;
-pub mod generic;
 pub mod materialize;
 pub mod metrics;
 pub mod prefetch;

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use talaria_artifact::auth::{Credentials, DockerConfigFile, LearnedCredentials};
-use talaria_artifact::registry::{RegistryConfig, RetryPolicy};
+use talaria_artifact::oci::registry::credentials::{
+    Credentials, DockerConfigFile, LearnedCredentials,
+};
+use talaria_artifact::oci::registry::{RegistryConfig, RetryPolicy};
 use talaria_node::cluster::{self, ClusterSource};
 use talaria_node::metrics::Metrics;
 use talaria_node::remote::{MaterializeOptions, RemoteLayers, RemoteOptions, detach_stale_mounts};
@@ -149,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
 
     // FUSE mounts of a previous process are dead; detach them before the snapshotter's
@@ -226,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // The image-reference grammar is a regex compiled on first use (~50 ms in a release
     // build): here, not on the path of the first Prepare or proxied pull.
-    let _ = talaria_artifact::registry::ImageRef::parse("warm.invalid/up:1");
+    let _ = talaria_artifact::oci::registry::ImageRef::parse("warm.invalid/up:1");
     let root = args.root.clone();
     let hook = remote.clone();
     // Opening and remounting touch the disk and the kernel: a blocking thread.

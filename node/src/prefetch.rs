@@ -22,25 +22,26 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use talaria_artifact::artifact::{self, ArtifactInfo, PlanEntry, StartupPlan};
+use talaria_artifact::format::{self, ArtifactInfo};
+use talaria_artifact::index::reader::{LayerReader, PrefetchStats, ReadObserver, SpanCache};
 use talaria_artifact::index::{EntryKind, LayerIndex};
-use talaria_artifact::reader::{LayerReader, PrefetchStats, ReadObserver, SpanCache};
-use talaria_artifact::registry::{RegistryClient, Repository};
+use talaria_artifact::oci::registry::{RegistryClient, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
+use talaria_artifact::oci::{ImageManifest, Manifest};
 use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
 use talaria_artifact::startup::ImageConfig;
 use talaria_artifact::startup::pack::{PackRecord, PackTable};
-use talaria_artifact::store::oci::{ImageManifest, Manifest};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::startup::plan::{PlanEntry, StartupPlan};
 use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, info, warn};
 
 use crate::cache::TieredSpanCache;
 use crate::fusefs::Tree;
-use crate::generic::{GenericBudget, generic_plan};
 use crate::materialize::Materializer;
 use crate::metrics::Metrics;
 use crate::reach::Reachability;
 use crate::sched::{self, Class, FETCH, FetchContext, LinkScheduler};
+use talaria_artifact::startup::generic::{GenericBudget, generic_plan};
 
 /// Largest compressed size of one merged startup request.
 pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
@@ -659,7 +660,7 @@ impl Fetcher {
         let plan = async {
             let plan = match &art.plan {
                 Some(d) => art_store
-                    .get_blob(&d.digest, artifact::MAX_INDEX_BLOB)
+                    .get_blob(&d.digest, format::MAX_INDEX_BLOB)
                     .await
                     .map_err(|e| format!("plan blob {}: {e}", d.digest))
                     .and_then(|raw| {
@@ -933,7 +934,7 @@ impl Fetcher {
         first: usize,
         last: usize,
         m: &Arc<Materializer>,
-        source: &talaria_artifact::registry::RegistryBlobSource,
+        source: &talaria_artifact::oci::registry::RegistryBlobSource,
         host: &str,
     ) -> Vec<Result<u64, String>> {
         let chunks = &table.chunks[first..=last];
@@ -1179,11 +1180,11 @@ impl Fetcher {
 /// Loads, decodes and checks a layer's index blob.
 async fn load_index(
     store: &RegistryStore,
-    desc: &talaria_artifact::store::oci::Descriptor,
+    desc: &talaria_artifact::oci::Descriptor,
     layer: &str,
 ) -> Result<LoadedIndex, String> {
     let raw = store
-        .get_blob(&desc.digest, artifact::MAX_INDEX_BLOB)
+        .get_blob(&desc.digest, format::MAX_INDEX_BLOB)
         .await
         .map_err(|e| format!("index blob {}: {e}", desc.digest))?;
     let index = LayerIndex::decode(&raw).map_err(|e| format!("index {}: {e}", desc.digest))?;
@@ -1554,10 +1555,10 @@ mod tests {
         h.set_mode(0o644);
         b.append_data(&mut h, "f", &b"abc"[..]).expect("tar");
         let blob = b.into_inner().expect("tar");
-        let mut ix = talaria_artifact::indexer::index_layer(
+        let mut ix = talaria_artifact::index::indexer::index_layer(
             blob.as_slice(),
             Compression::None,
-            &talaria_artifact::indexer::IndexOptions { span_size: 1024 },
+            &talaria_artifact::index::indexer::IndexOptions { span_size: 1024 },
         )
         .expect("index")
         .index;

@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use talaria_artifact::artifact::{self, ArtifactError, ArtifactInfo};
 use talaria_artifact::build::resolve_image;
+use talaria_artifact::discover;
+use talaria_artifact::format::{self, ArtifactError, ArtifactInfo};
 use talaria_artifact::index::{EntryKind, LayerIndex};
-use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::Platform;
+use talaria_artifact::oci::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_artifact::startup::TraceRecorder;
-use talaria_artifact::store::oci::Platform;
-use talaria_artifact::store::{RegistryStore, Store};
 use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
@@ -591,7 +592,7 @@ impl RemoteLayers {
         }
         if found.is_none() && self.opts.referrers {
             let store = RegistryStore::new(self.client.clone(), image_repo.clone());
-            found = artifact::resolve(&store, manifest)
+            found = discover::resolve(&store, manifest)
                 .await
                 .map_err(|source| RemoteError::Resolve {
                     image: image.to_string(),
@@ -640,7 +641,7 @@ impl RemoteLayers {
             .get_manifest(&r.digest)
             .await
             .map_err(|e| err(format!("fetching the manifest: {e}")))?;
-        let info = artifact::parse_artifact(&raw).map_err(|e| err(e.to_string()))?;
+        let info = format::parse_artifact(&raw).map_err(|e| err(e.to_string()))?;
         if info.subject.digest != manifest {
             return Err(err(format!(
                 "its subject is {}, not the image {manifest}",
@@ -711,7 +712,7 @@ impl RemoteLayers {
             }
         }
         let raw = store
-            .get_blob(&desc.digest, artifact::MAX_INDEX_BLOB)
+            .get_blob(&desc.digest, format::MAX_INDEX_BLOB)
             .await
             .map_err(|e| RemoteError::Resolve {
                 image: image_ref.to_string(),

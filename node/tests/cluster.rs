@@ -15,10 +15,11 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{CustomResourceExt, Resource};
 use serde_json::json;
 use talaria_api::{AcceleratedImage, AccelerationPolicy};
-use talaria_artifact::artifact::{self, Profile};
 use talaria_artifact::build::{BuildOptions, BuildSummary, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::discover;
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
 use talaria_testenv::apiserver::KubeApi;
 use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
@@ -70,7 +71,7 @@ async fn image_with_artifact(
     .await
     .unwrap_or_else(|e| panic!("build the artifact of {repo}: {e}"));
     // The precondition of the test: the image's own referrers know no artifact.
-    let own = artifact::resolve(store(host, repo).as_ref(), &img.manifest_digest)
+    let own = discover::resolve(store(host, repo).as_ref(), &img.manifest_digest)
         .await
         .expect("referrers of the image");
     assert!(own.is_none(), "{repo} has a referrer artifact: {own:?}");
@@ -167,7 +168,7 @@ async fn prepare(c: &mut Client, image_ref: &str, img: &images::Image) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_mount_from_artifacts_a_policy_approved() {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let t0 = Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("tlr-cluster-")

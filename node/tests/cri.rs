@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use common::{Node, http_get, metric};
 use sha2::{Digest, Sha256};
-use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_testenv::cri::{CriContainerd, CriOptions, CriSnapshotter};
 use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
 use talaria_testenv::registry::Registry;
@@ -21,7 +21,7 @@ const T: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pulls_lazily_and_runs_containers() {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-node-cri-")
         .tempdir()

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use common::{Node, http_get, metric};
 use sha2::{Digest, Sha256};
-use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_testenv::cri::{Cri, CriContainerd, CriOptions, CriSnapshotter, proto};
 use talaria_testenv::images::{self, Image, ImageBuilder, LayerBuilder};
 use talaria_testenv::registry::Registry;
@@ -211,7 +211,7 @@ async fn wait_metric_line(p: &Proxied, line: &str, secs: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     let t0 = Instant::now();
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-cri-auth-")
         .tempdir()
@@ -419,11 +419,13 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
 /// registry stops trusting (signing key rotated) is dropped and replaced once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_tokens_refresh_before_expiry_and_reauthenticate_on_401() {
-    use talaria_artifact::auth::{Credential, Credentials, LearnedCredentials};
-    use talaria_artifact::registry::RegistryError;
+    use talaria_artifact::oci::registry::RegistryError;
+    use talaria_artifact::oci::registry::credentials::{
+        Credential, Credentials, LearnedCredentials,
+    };
     use talaria_testenv::tokenauth::TokenServer;
 
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let mut registry = Registry::start().expect("start registry");
     let host = registry.host();
     let layer = LayerBuilder::new()
@@ -495,7 +497,7 @@ async fn registry_tokens_refresh_before_expiry_and_reauthenticate_on_401() {
 /// stops it once no layer was mounted within `--pull-warmup-wait`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_warmup_without_a_mount_is_stopped() {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-cri-warmup-")
         .tempdir()

@@ -23,10 +23,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_testenv::cri::{Cri, CriContainerd, CriOptions, CriSnapshotter, PodSandbox};
 use talaria_testenv::images::{self, Image, ImageBuilder, Layer, LayerBuilder};
 use talaria_testenv::registry::Registry;
@@ -498,7 +498,7 @@ fn assert_image_specifics(t: &Tree, name: &str) {
 async fn cri_pulls_and_runs_images_with_and_without_artifacts() {
     let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-cri-remote-")
         .tempdir()
@@ -658,7 +658,7 @@ async fn cri_pulls_and_runs_images_with_and_without_artifacts() {
 async fn dead_registry_gives_eio_within_the_timeout_and_other_images_keep_running() {
     let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-cri-dead-")
         .tempdir()
@@ -823,7 +823,7 @@ async fn dead_registry_gives_eio_within_the_timeout_and_other_images_keep_runnin
 async fn committed_snapshots_survive_a_snapshotter_restart() {
     let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-cri-restart-")
         .tempdir()

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
+use talaria_artifact::index::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::source::FileSource;
 use talaria_node::metrics::Metrics;
 

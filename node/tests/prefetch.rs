@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Node, connect, http_get, metric, mount_at};
-use talaria_artifact::artifact::{Profile, StartupPlan};
 use talaria_artifact::build::{BuildOptions, Recorded, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_artifact::startup::StartupTrace;
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::startup::plan::StartupPlan;
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
 use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
 use talaria_testenv::registry::Registry;
@@ -108,11 +109,11 @@ async fn build_artifact_with(
 /// fetches for that layer besides the layer's own (one window per span it inflates).
 async fn windows_bytes(registry: &str, repo: &str, tag: &str, layer: &str) -> u64 {
     let store = store_of(registry, repo);
-    let platform = talaria_artifact::store::oci::Platform::host();
+    let platform = talaria_artifact::oci::Platform::host();
     let (raw, _) = talaria_artifact::build::resolve_image(store.as_ref(), tag, &platform)
         .await
         .expect("resolve the image");
-    let art = talaria_artifact::artifact::resolve(store.as_ref(), &raw.digest)
+    let art = talaria_artifact::discover::resolve(store.as_ref(), &raw.digest)
         .await
         .expect("resolve the artifact")
         .expect("an artifact");
@@ -241,7 +242,7 @@ fn start_node(dir: &Path, extra: &[&str]) -> (Node, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_prepare_prefetches_the_plan_of_all_layers_and_plan_reads_need_no_network() {
     let _serial = SERIAL.lock().await;
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-prefetch-")
         .tempdir()
@@ -325,7 +326,7 @@ async fn first_prepare_prefetches_the_plan_of_all_layers_and_plan_reads_need_no_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_racing_the_prefetch_waits_for_it_instead_of_fetching_again() {
     let _serial = SERIAL.lock().await;
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-prefetch-race-")
         .tempdir()
@@ -395,7 +396,7 @@ async fn a_read_racing_the_prefetch_waits_for_it_instead_of_fetching_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_with_only_a_default_artifact_gets_a_generic_plan() {
     let _serial = SERIAL.lock().await;
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-prefetch-generic-")
         .tempdir()
@@ -448,7 +449,7 @@ async fn an_image_with_only_a_default_artifact_gets_a_generic_plan() {
 async fn a_recorded_start_becomes_a_plan_of_the_pages_read_in_read_order() {
     use std::os::unix::fs::FileExt;
     let _serial = SERIAL.lock().await;
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-prefetch-record-")
         .tempdir()
@@ -615,7 +616,7 @@ impl PackRun {
 async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
     use std::os::unix::fs::FileExt;
     let _serial = SERIAL.lock().await;
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let registry = Registry::start().expect("start registry");
     let host = registry.host();
     let (image, script) = app_image(3 << 20, 5);

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Node, connect, http_get, metric, mount_at, tree, tree_diff};
-use talaria_artifact::artifact::Profile;
 use talaria_artifact::build::{BuildOptions, build};
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::store::{RegistryStore, Store};
+use talaria_artifact::format::Profile;
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
 use talaria_testenv::containerd::Containerd;
 use talaria_testenv::images::{self, ImageBuilder, Layer, LayerBuilder};
@@ -366,7 +366,7 @@ fn overlayfs_tree(ctd: &Containerd, top_chain: &str, dir: &Path) -> BTreeMap<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_layers_mount_lazily_and_fall_back_safely() {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("tlr-remote-")
         .tempdir()

@@ -5,6 +5,8 @@
 //! The binary encoding is documented field by field in `docs/index-format.md`.
 
 mod codec;
+pub mod indexer;
+pub mod reader;
 pub(crate) mod span;
 pub(crate) mod tar;
 pub(crate) mod zlib;

@@ -7,13 +7,13 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::elf::{self, Header};
-use super::resolve::{self, ResolveError, lexical_join, parent};
 use super::shell;
 use super::{
     Analysis, ByteRange, DEFAULT_PATH, FileClass, FileReader, FoundFile, ImageConfig, Note,
 };
-use crate::build::MergedView;
 use crate::index::{Entry, EntryKind};
+use crate::view::MergedView;
+use crate::view::resolve::{self, ResolveError, lexical_join, parent};
 
 /// Programs (exec chain steps) followed in one analysis.
 const MAX_EXECS: usize = 64;

@@ -15,9 +15,10 @@
 
 mod analyze;
 pub mod elf;
+pub mod generic;
 pub mod pack;
 pub mod plan;
-pub mod resolve;
+
 mod rules;
 pub mod shell;
 pub mod trace;
@@ -28,7 +29,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::index::Entry;
-use crate::reader::{LayerReader, ReadError};
+use crate::index::reader::{LayerReader, ReadError};
 use crate::source::BoxFuture;
 
 pub use analyze::analyze;

@@ -5,8 +5,46 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::Analysis;
-use crate::artifact::{PlanEntry, StartupPlan};
 use crate::index::LayerIndex;
+use serde::{Deserialize, Serialize};
+
+/// The startup plan blob (`startup-local-v1`). Until startup-path discovery lands the
+/// entries are empty, but the document is complete and versioned.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupPlan {
+    pub version: u32,
+    pub profile: String,
+    pub prefetch_budget: u64,
+    /// Normalized startup path patterns.
+    pub paths: Vec<String>,
+    /// Files to fetch, in order.
+    pub entries: Vec<PlanEntry>,
+    /// The bytes a recorded start read, packed (recorded plans; nodes that know it fetch
+    /// it instead of the entries' spans it covers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<super::pack::PackTable>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanEntry {
+    /// Position of the layer in the image manifest.
+    pub layer: u32,
+    pub path: String,
+    /// Span numbers of the layer index holding the file's bytes.
+    pub spans: Vec<u32>,
+    pub priority: u32,
+    /// Bytes of the file the plan fetches (0 in plans written before this field).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+    /// Why the file is in the plan, briefly ("entrypoint", "interp", "needed by libc.so.6",
+    /// "jvm rule", "nss", ...); empty in plans written before this field.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
 
 /// Patterns kept in the artifact annotation (annotations should stay small).
 const MAX_PATTERNS: usize = 256;

@@ -4,9 +4,9 @@
 use std::collections::{HashSet, VecDeque};
 
 use super::analyze::{Ctx, Exec, Hit, MAX_SCRIPT};
-use super::resolve::{lexical_join, list_dir, parent};
 use super::shell;
 use super::{FileClass, FileReader};
+use crate::view::resolve::{lexical_join, list_dir, parent};
 
 /// Modules followed through imports/requires in one runtime rule.
 const MAX_MODULES: usize = 256;

@@ -465,10 +465,10 @@ mod tests {
             b.append_data(&mut h, p, vec![7u8; *n].as_slice()).unwrap();
         }
         let tar = b.into_inner().unwrap();
-        crate::indexer::index_layer(
+        crate::index::indexer::index_layer(
             tar.as_slice(),
             crate::index::Compression::None,
-            &crate::indexer::IndexOptions { span_size: 4096 },
+            &crate::index::indexer::IndexOptions { span_size: 4096 },
         )
         .unwrap()
         .index

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
-use talaria_artifact::build::MergedView;
+use talaria_artifact::index::reader::MemorySpanCache;
 use talaria_artifact::index::{EntryKind, LayerIndex};
-use talaria_artifact::reader::MemorySpanCache;
-use talaria_artifact::registry::{RegistryClient, RegistryConfig, RetryPolicy};
-use talaria_artifact::store::Store;
-use talaria_artifact::store::oci::{Descriptor, ImageManifest, Manifest};
+use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, RetryPolicy};
+use talaria_artifact::oci::store::Store;
+use talaria_artifact::oci::{Descriptor, ImageManifest, Manifest};
+use talaria_artifact::view::MergedView;
 use talaria_testenv::images::{Image, ImageBuilder, LayerBuilder};
 
 /// Deterministic pseudo-random bytes (incompressible enough to make several gzip spans).
@@ -199,12 +199,12 @@ pub async fn check_read_through(
     expected: &BTreeMap<String, Node>,
 ) -> usize {
     let raw = artifact_store.get_manifest(artifact_digest).await.unwrap();
-    let info = talaria_artifact::artifact::parse_artifact(&raw).unwrap();
+    let info = talaria_artifact::format::parse_artifact(&raw).unwrap();
     let mut indexes: Vec<Option<Arc<LayerIndex>>> = Vec::new();
     for l in &image.layers {
         match info.index_for(&l.digest) {
             Some(d) => indexes.push(Some(Arc::new(
-                talaria_artifact::artifact::load_index(artifact_store, d)
+                talaria_artifact::discover::load_index(artifact_store, d)
                     .await
                     .unwrap(),
             ))),
@@ -226,7 +226,7 @@ pub async fn check_read_through(
                 let desc: &Descriptor = &image.layers[layer];
                 let src = image_store.range_source(desc).unwrap();
                 let idx = indexes[layer].clone().unwrap();
-                let reader = talaria_artifact::artifact::layer_reader(
+                let reader = talaria_artifact::discover::layer_reader(
                     idx,
                     src,
                     artifact_store,

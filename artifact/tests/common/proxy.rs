@@ -83,7 +83,7 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared::default()));
         // reqwest has no bundled TLS back end; the process default must exist first.
-        talaria_artifact::registry::install_crypto_provider();
+        talaria_artifact::oci::registry::install_crypto_provider();
         let ctx = Ctx {
             upstream: upstream.to_string(),
             http: reqwest::Client::builder()

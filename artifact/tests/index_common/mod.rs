@@ -7,9 +7,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use talaria_artifact::index::indexer::{IndexOptions, IndexOutput, index_layer};
+use talaria_artifact::index::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::index::{Compression, LayerIndex};
-use talaria_artifact::indexer::{IndexOptions, IndexOutput, index_layer};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::source::MemorySource;
 
 /// Runs `tar` with `args` (from `/`) and returns the archive.

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use talaria_artifact::build::MergedView;
+use talaria_artifact::index::indexer::{IndexOptions, index_layer};
+use talaria_artifact::index::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::index::{Compression, LayerIndex};
-use talaria_artifact::indexer::{IndexOptions, index_layer};
-use talaria_artifact::reader::{LayerReader, MemorySpanCache};
 use talaria_artifact::source::MemorySource;
 use talaria_artifact::startup::{self, Analysis, ImageConfig, LayerFiles};
+use talaria_artifact::view::MergedView;
 use talaria_testenv::images::LayerBuilder;
 
 /// An image ready for analysis.

@@ -340,32 +340,34 @@ pub fn tar_layer_reader(
     dir: &Path,
     tar: &[u8],
 ) -> (
-    std::sync::Arc<talaria_artifact::reader::LayerReader>,
+    std::sync::Arc<talaria_artifact::index::reader::LayerReader>,
     PathBuf,
 ) {
     use std::sync::Arc;
     let blob = dir.join("layer.tar");
     fs::write(&blob, tar).expect("write blob");
-    let index = talaria_artifact::indexer::index_layer(
+    let index = talaria_artifact::index::indexer::index_layer(
         tar,
         talaria_artifact::index::Compression::None,
-        &talaria_artifact::indexer::IndexOptions {
+        &talaria_artifact::index::indexer::IndexOptions {
             span_size: 64 * 1024,
         },
     )
     .expect("index")
     .index;
-    let reader = Arc::new(talaria_artifact::reader::LayerReader::new(
+    let reader = Arc::new(talaria_artifact::index::reader::LayerReader::new(
         Arc::new(index),
         Arc::new(talaria_artifact::source::FileSource::open(&blob).expect("open blob")),
-        Arc::new(talaria_artifact::reader::MemorySpanCache::new(1 << 20)),
+        Arc::new(talaria_artifact::index::reader::MemorySpanCache::new(
+            1 << 20,
+        )),
     ));
     (reader, blob)
 }
 
 /// The FUSE file system of `reader`'s layer, reads answered on `rt` (5 s read timeout).
 pub fn layer_fs(
-    reader: std::sync::Arc<talaria_artifact::reader::LayerReader>,
+    reader: std::sync::Arc<talaria_artifact::index::reader::LayerReader>,
     rt: &tokio::runtime::Runtime,
     metrics: std::sync::Arc<talaria_node::metrics::Metrics>,
 ) -> talaria_node::fusefs::LayerFs {

@@ -24,12 +24,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use talaria_artifact::artifact::PlanEntry;
-use talaria_artifact::build::MergedView;
-use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
-use talaria_artifact::startup::resolve::{lexical_join, resolve};
-use talaria_artifact::startup::shell::{parse_env_args, parse_script};
-use talaria_artifact::startup::{DEFAULT_PATH, ImageConfig};
+use crate::index::{Entry, EntryKind, LayerIndex};
+use crate::startup::plan::PlanEntry;
+use crate::startup::shell::{parse_env_args, parse_script};
+use crate::startup::{DEFAULT_PATH, ImageConfig};
+use crate::view::MergedView;
+use crate::view::resolve::{lexical_join, resolve};
 
 /// Limits of a generic plan.
 #[derive(Clone, Debug)]
@@ -597,8 +597,8 @@ fn span_range(ix: &LayerIndex, e: &Entry) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use talaria_artifact::index::Compression;
-    use talaria_artifact::indexer::{IndexOptions, index_layer};
+    use crate::index::Compression;
+    use crate::index::indexer::{IndexOptions, index_layer};
 
     enum T<'a> {
         Dir(&'a str),

@@ -4,8 +4,8 @@
 
 use std::collections::VecDeque;
 
-use crate::build::MergedView;
 use crate::index::{Entry, EntryKind};
+use crate::view::MergedView;
 
 /// Symlinks followed while resolving one path (Linux's limit).
 pub const MAX_SYMLINKS: usize = 40;

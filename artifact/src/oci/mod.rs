@@ -4,6 +4,10 @@
 //! and fields harmless, use `u64` sizes and plain strings for platforms, and let us hash the
 //! exact bytes we serialize.
 
+pub mod layout;
+pub mod registry;
+pub mod store;
+
 use std::collections::BTreeMap;
 
 use bytes::Bytes;

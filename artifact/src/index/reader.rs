@@ -554,8 +554,8 @@ impl LayerReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::indexer::{IndexOptions, index_layer};
     use crate::index::{Compression, MIN_SPAN_SIZE};
-    use crate::indexer::{IndexOptions, index_layer};
     use crate::source::MemorySource;
 
     /// An uncompressed one-file layer of 8 spans and a reader on it.

@@ -5,17 +5,15 @@
 //! (methods return [`BoxFuture`]) so the CLI, controller and node can hold `Arc<dyn Store>`.
 //! Image references: `registry/repo:tag`, `registry/repo@sha256:...`, or `oci:DIR[:TAG]`.
 
-pub mod oci;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::Bytes;
 
-use crate::layout::{LayoutError, OciLayout};
-use crate::registry::{BlobStream, ImageRef, RegistryClient, RegistryError, Repository};
+use crate::oci::layout::{LayoutError, OciLayout};
+use crate::oci::registry::{BlobStream, ImageRef, RegistryClient, RegistryError, Repository};
+use crate::oci::{self, Descriptor, FormatError, RawManifest};
 use crate::source::{BoxFuture, FileSource, RangeSource};
-use oci::{Descriptor, FormatError, RawManifest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

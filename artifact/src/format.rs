@@ -7,15 +7,14 @@
 //! builds converge on one artifact.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::index::{INDEX_MEDIA_TYPE, WINDOWS_MEDIA_TYPE};
-use crate::store::oci::{self, Descriptor, ImageManifest, Manifest, RawManifest};
-use crate::store::{Store, StoreError};
+use crate::oci::store::StoreError;
+use crate::oci::{self, Descriptor, ImageManifest, Manifest, RawManifest};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.talaria.artifact.v1";
 pub const STARTUP_PLAN_MEDIA_TYPE: &str = "application/vnd.talaria.startup-plan.v1+json";
@@ -120,44 +119,6 @@ pub fn acceleration_key(profile: Profile, knobs: &Knobs) -> String {
     );
     let h = hex::encode(Sha256::digest(canonical.as_bytes()));
     format!("{}-v{}-{}", profile.name(), profile.version(), &h[..12])
-}
-
-/// The startup plan blob (`startup-local-v1`). Until startup-path discovery lands the
-/// entries are empty, but the document is complete and versioned.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StartupPlan {
-    pub version: u32,
-    pub profile: String,
-    pub prefetch_budget: u64,
-    /// Normalized startup path patterns.
-    pub paths: Vec<String>,
-    /// Files to fetch, in order.
-    pub entries: Vec<PlanEntry>,
-    /// The bytes a recorded start read, packed (recorded plans; nodes that know it fetch
-    /// it instead of the entries' spans it covers).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pack: Option<crate::startup::pack::PackTable>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlanEntry {
-    /// Position of the layer in the image manifest.
-    pub layer: u32,
-    pub path: String,
-    /// Span numbers of the layer index holding the file's bytes.
-    pub spans: Vec<u32>,
-    pub priority: u32,
-    /// Bytes of the file the plan fetches (0 in plans written before this field).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub bytes: u64,
-    /// Why the file is in the plan, briefly ("entrypoint", "interp", "needed by libc.so.6",
-    /// "jvm rule", "nss", ...); empty in plans written before this field.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
 }
 
 /// One index blob of an artifact.
@@ -410,132 +371,6 @@ pub fn rank(mut candidates: Vec<ArtifactInfo>) -> Vec<ArtifactInfo> {
             .then_with(|| a.descriptor.digest.cmp(&b.descriptor.digest))
     });
     candidates
-}
-
-/// Referrer manifests fetched at once.
-const REFERRER_FETCHES: usize = 4;
-
-/// Lists the Talaria artifacts referring to an image manifest (unparseable or foreign
-/// referrers are skipped with a debug log).
-pub async fn list_artifacts(
-    store: &dyn Store,
-    subject_digest: &str,
-) -> Result<Vec<ArtifactInfo>, ArtifactError> {
-    use futures::StreamExt;
-    let refs: Vec<Descriptor> = store
-        .referrers(subject_digest)
-        .await?
-        .into_iter()
-        .filter(|d| {
-            d.artifact_type
-                .as_deref()
-                .is_none_or(|t| t == ARTIFACT_TYPE)
-        })
-        .collect();
-    // A few at once: an image has its default and accelerated artifacts (and a recorded
-    // one), and each manifest is a round trip on a node's startup path.
-    let fetches: Vec<_> = refs.iter().map(|d| store.get_manifest(&d.digest)).collect();
-    let fetched: Vec<_> = futures::stream::iter(fetches)
-        .buffered(REFERRER_FETCHES)
-        .collect()
-        .await;
-    let mut out = Vec::new();
-    for (d, got) in refs.iter().zip(fetched) {
-        let raw = match got {
-            Ok(r) => r,
-            Err(e) if e.is_not_found() => {
-                tracing::debug!(digest = %d.digest, "referrer listed but missing");
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match parse_artifact(&raw) {
-            Ok(a) if a.subject.digest == subject_digest => out.push(a),
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "skipping referrer"),
-        }
-    }
-    Ok(out)
-}
-
-/// Resolves the best artifact for an image manifest: accelerated → default → none.
-pub async fn resolve(
-    store: &dyn Store,
-    subject_digest: &str,
-) -> Result<Option<ArtifactInfo>, ArtifactError> {
-    Ok(rank(list_artifacts(store, subject_digest).await?)
-        .into_iter()
-        .next())
-}
-
-/// The artifact of one acceleration key, if one exists (newest first).
-pub async fn find_by_key(
-    store: &dyn Store,
-    subject_digest: &str,
-    key: &str,
-) -> Result<Option<ArtifactInfo>, ArtifactError> {
-    let mut all: Vec<ArtifactInfo> = list_artifacts(store, subject_digest)
-        .await?
-        .into_iter()
-        .filter(|a| a.key == key)
-        .collect();
-    // A recorded plan replaces the predicted one of its key even when both carry the same
-    // second in `created`.
-    all.sort_by(|a, b| {
-        b.plan_recorded
-            .cmp(&a.plan_recorded)
-            .then_with(|| b.created.cmp(&a.created))
-            .then_with(|| a.descriptor.digest.cmp(&b.descriptor.digest))
-    });
-    Ok(all.into_iter().next())
-}
-
-/// Loads and decodes one layer index blob of an artifact.
-pub async fn load_index(
-    store: &dyn Store,
-    index: &Descriptor,
-) -> Result<crate::index::LayerIndex, ArtifactError> {
-    let bytes = store.get_blob(&index.digest, MAX_INDEX_BLOB).await?;
-    crate::index::LayerIndex::decode(&bytes).map_err(|e| ArtifactError::Invalid {
-        digest: index.digest.clone(),
-        message: format!("layer index does not decode: {e}"),
-    })
-}
-
-/// A reader of one layer through its index: compressed bytes from `layer`, and a version 2
-/// index's windows (read as spans need them) from `artifacts`, where the artifact's blobs are.
-pub fn layer_reader(
-    index: Arc<crate::index::LayerIndex>,
-    layer: Arc<dyn crate::source::RangeSource>,
-    artifacts: &dyn Store,
-    cache: Arc<dyn crate::reader::SpanCache>,
-) -> Result<crate::reader::LayerReader, StoreError> {
-    let windows = index.windows;
-    let reader = crate::reader::LayerReader::new(index, layer, cache);
-    Ok(match windows {
-        None => reader,
-        Some(w) => reader.with_windows(artifacts.range_source(&Descriptor::new(
-            WINDOWS_MEDIA_TYPE,
-            w.digest_string(),
-            w.size,
-        ))?),
-    })
-}
-
-/// `ix` with its windows inline: a version 2 index's windows blob is fetched from `store`
-/// and checked against the digest the index records.
-pub async fn inline_windows(
-    store: &dyn Store,
-    ix: crate::index::LayerIndex,
-) -> Result<crate::index::LayerIndex, ArtifactError> {
-    let Some(w) = ix.windows else {
-        return Ok(ix);
-    };
-    let blob = store.get_blob(&w.digest_string(), MAX_INDEX_BLOB).await?;
-    ix.with_windows(&blob).map_err(|e| ArtifactError::Invalid {
-        digest: w.digest_string(),
-        message: format!("windows blob: {e}"),
-    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use crate::store::oci::{
+use crate::oci::{
     self, Descriptor, FormatError, ImageIndex, MAX_MANIFEST_BYTES, Manifest, RawManifest,
 };
 
