@@ -6,20 +6,17 @@
 //! `[proxy_plugins.talaria] type = "snapshot" address = "<socket>"`.
 //! [`snapshotter::PrepareHook`] is where remote (lazy) layers plug in.
 
-pub mod cache;
-pub mod cluster;
-pub mod criproxy;
 pub mod error;
-pub mod fusefs;
-pub mod materialize;
 pub mod metrics;
-pub mod prefetch;
-pub mod reach;
+
+pub mod snapshot;
+
+pub mod content;
+pub mod layerfs;
+
 pub mod remote;
-pub mod sched;
-pub mod service;
-pub mod snapshotter;
-pub mod store;
+
+pub mod cri;
 
 pub use error::{Error, Result};
 

@@ -12,11 +12,11 @@ use talaria_artifact::oci::registry::credentials::{
     Credentials, DockerConfigFile, LearnedCredentials,
 };
 use talaria_artifact::oci::registry::{RegistryConfig, RetryPolicy};
-use talaria_node::cluster::{self, ClusterSource};
 use talaria_node::metrics::Metrics;
+use talaria_node::remote::cluster::{self, ClusterSource};
 use talaria_node::remote::{MaterializeOptions, RemoteLayers, RemoteOptions, detach_stale_mounts};
-use talaria_node::service::serve_unix;
-use talaria_node::snapshotter::Snapshotter;
+use talaria_node::snapshot::Snapshotter;
+use talaria_node::snapshot::service::serve_unix;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
@@ -206,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
             resolve_timeout: args.resolve_timeout,
             registry,
             prefetch: !args.no_prefetch,
-            sched: talaria_node::sched::SchedOptions {
+            sched: talaria_node::content::sched::SchedOptions {
                 max_requests: args.registry_max_requests,
                 ..Default::default()
             },
@@ -260,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     if let Some(socket) = args.image_service_socket.clone() {
-        let mut proxy = talaria_node::criproxy::ImageServiceProxy::to_unix_socket(
+        let mut proxy = talaria_node::cri::proxy::ImageServiceProxy::to_unix_socket(
             &args.containerd_socket,
             learned.clone(),
         );
@@ -272,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = talaria_node::criproxy::serve_unix(proxy, &socket, stop).await {
+            if let Err(e) = talaria_node::cri::proxy::serve_unix(proxy, &socket, stop).await {
                 tracing::error!(error = %e, "CRI image service proxy failed");
             }
         });

@@ -96,7 +96,7 @@ async fn accelerated_image(
         "spec": {
             "image": format!("{host}/{repo}"),
             "digest": img.manifest_digest,
-            "platform": talaria_node::cluster::node_platform(),
+            "platform": talaria_node::remote::cluster::node_platform(),
             "profile": "default",
             "accelerationKey": summary.key,
             "artifactRepository": format!("{host}/{ARTIFACT_REPO}"),

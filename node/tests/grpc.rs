@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::connect;
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
-use talaria_node::service::serve_unix;
-use talaria_node::snapshotter::Snapshotter;
+use talaria_node::snapshot::Snapshotter;
+use talaria_node::snapshot::service::serve_unix;
 use tonic::Code;
 
 fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {

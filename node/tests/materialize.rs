@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
-use talaria_node::materialize::Materializer;
+use talaria_node::content::materialize::Materializer;
 use talaria_node::metrics::Metrics;
 
 fn content(seed: u8, n: usize) -> Vec<u8> {

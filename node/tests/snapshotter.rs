@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use talaria_node::Error;
-use talaria_node::snapshotter::{
+use talaria_node::snapshot::metadata::Kind;
+use talaria_node::snapshot::{
     HookOutcome, Mount, PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL,
 };
-use talaria_node::store::Kind;
 
 fn no_labels() -> BTreeMap<String, String> {
     BTreeMap::new()

@@ -370,10 +370,10 @@ pub fn layer_fs(
     reader: std::sync::Arc<talaria_artifact::index::reader::LayerReader>,
     rt: &tokio::runtime::Runtime,
     metrics: std::sync::Arc<talaria_node::metrics::Metrics>,
-) -> talaria_node::fusefs::LayerFs {
-    talaria_node::fusefs::LayerFs::new(
+) -> talaria_node::layerfs::LayerFs {
+    talaria_node::layerfs::LayerFs::new(
         reader,
-        std::sync::Arc::new(talaria_node::reach::Reachability::new(
+        std::sync::Arc::new(talaria_node::content::reach::Reachability::new(
             "test blob",
             Duration::from_secs(1),
         )),

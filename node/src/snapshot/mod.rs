@@ -11,6 +11,9 @@
 //! `.../extract-<n>-<rand> <chainID>` and Commit it as `.../<chainID>`; a removed container's
 //! snapshot is removed here only later, by containerd's garbage collector, followed by Cleanup.
 
+pub mod metadata;
+pub mod service;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use crate::store::{Kind, LabelUpdate, Record, Snapshot, Store};
+use metadata::{Kind, LabelUpdate, Record, Snapshot, Store};
 
 /// Label containerd's unpacker puts on layer Prepares: the chain id it will commit to.
 /// A remote snapshotter that can provide the layer commits it under this name itself and
@@ -48,8 +51,8 @@ pub struct Info {
     pub name: String,
     pub parent: String,
     pub kind: Kind,
-    pub created: crate::store::Time,
-    pub updated: crate::store::Time,
+    pub created: crate::snapshot::metadata::Time,
+    pub updated: crate::snapshot::metadata::Time,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -361,7 +364,7 @@ impl Snapshotter {
     }
 
     /// Snapshot `key`, which must be active.
-    fn active(&self, key: &str) -> Result<crate::store::Snapshot> {
+    fn active(&self, key: &str) -> Result<crate::snapshot::metadata::Snapshot> {
         let snap = self.store.get(key)?;
         if snap.record.kind != Kind::Active {
             return Err(Error::FailedPrecondition(format!(

@@ -10,8 +10,8 @@ use tracing::{debug, warn};
 
 use crate::proto::containerd::services::snapshots::v1 as pb;
 use crate::proto::containerd::types::Mount as PbMount;
-use crate::snapshotter::{Info, Mount, Snapshotter};
-use crate::store::{Kind, Time};
+use crate::snapshot::metadata::{Kind, Time};
+use crate::snapshot::{Info, Mount, Snapshotter};
 
 /// How many infos one List response carries (containerd streams them in batches too).
 const LIST_BATCH: usize = 100;

@@ -35,12 +35,12 @@ use talaria_artifact::startup::plan::{PlanEntry, StartupPlan};
 use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, info, warn};
 
-use crate::cache::TieredSpanCache;
-use crate::fusefs::Tree;
-use crate::materialize::Materializer;
+use crate::content::cache::TieredSpanCache;
+use crate::content::materialize::Materializer;
+use crate::content::reach::Reachability;
+use crate::content::sched::{self, Class, FETCH, FetchContext, LinkScheduler};
+use crate::layerfs::tree::Tree;
 use crate::metrics::Metrics;
-use crate::reach::Reachability;
-use crate::sched::{self, Class, FETCH, FetchContext, LinkScheduler};
 use talaria_artifact::startup::generic::{GenericBudget, generic_plan};
 
 /// Largest compressed size of one merged startup request.
@@ -1026,7 +1026,7 @@ impl Fetcher {
     }
 
     /// Copies the plan's small files whose spans are in to local disk (see
-    /// [`crate::materialize`]), in plan order until a budget is reached. Returns the files
+    /// [`crate::content::materialize`]), in plan order until a budget is reached. Returns the files
     /// and bytes copied.
     async fn materialize(
         &self,

@@ -3,7 +3,7 @@
 //!
 //! On a layer Prepare carrying containerd's remote-snapshot labels (target chain id, CRI
 //! image ref, manifest digest, layer digest) the hook resolves the image's artifact from the
-//! AcceleratedImages a policy approved (when watching a cluster, see [`crate::cluster`]), else
+//! AcceleratedImages a policy approved (when watching a cluster, see [`crate::remote::cluster`]), else
 //! through the registry's referrers (accelerated → default → none), loads the layer's index, creates
 //! the active snapshot `key`, mounts the layer read-only at its `fs` dir, commits it under
 //! the target name (labelled with it, as containerd's metadata layer looks it up) and answers
@@ -12,6 +12,8 @@
 //!
 //! The index and where the blob lives are kept next to the snapshot (`remote.json`,
 //! `layer.index`), so a restarted node remounts every remote snapshot without the registry.
+
+pub mod cluster;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -31,18 +33,18 @@ use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_artifact::startup::TraceRecorder;
 use tracing::{debug, error, info, warn};
 
-use crate::cache::{CacheError, DiskSpanCache, TieredSpanCache};
-use crate::cluster::{ClusterSource, node_platform};
-use crate::fusefs::{FsError, LayerFs, Tree};
-use crate::materialize::Materializer;
+use crate::content::cache::{CacheError, DiskSpanCache, TieredSpanCache};
+use crate::content::materialize::Materializer;
+use crate::content::prefetch::{FetchOptions, Fetcher, SharedLayer};
+use crate::content::sched::{LinkScheduler, SchedOptions};
+use crate::layerfs::{FsError, LayerFs, Tree};
 use crate::metrics::Metrics;
-use crate::prefetch::{FetchOptions, Fetcher, SharedLayer};
-use crate::sched::{LinkScheduler, SchedOptions};
-use crate::snapshotter::{
+use crate::remote::cluster::{ClusterSource, node_platform};
+use crate::snapshot::metadata::Kind;
+use crate::snapshot::{
     CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, CRI_MANIFEST_DIGEST_LABEL, HookOutcome,
     PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL, Usage,
 };
-use crate::store::Kind;
 
 const RECORD_FILE: &str = "remote.json";
 const INDEX_FILE: &str = "layer.index";
