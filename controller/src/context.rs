@@ -1,4 +1,5 @@
-//! State shared by the reconcilers: clients, caches of watched objects, limits, metrics.
+//! State shared by the reconcilers: clients, caches of watched objects, limits, metrics; their
+//! error type; helpers for events and conditions.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -9,13 +10,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::WriterDropped;
 use kube::{Client, Resource};
 use talaria_api::{AcceleratedImage, AccelerationPolicy};
-use talaria_artifact::auth::Credentials;
+use talaria_artifact::oci::registry::credentials::Credentials;
 use tokio::sync::Semaphore;
 
+use crate::builder::ArtifactBuilder;
+use crate::clients::ClientError;
 use crate::metrics::Metrics;
-use crate::registry::{ArtifactBuilder, Resolver};
+use crate::resolve::Resolver;
 
 pub const FIELD_MANAGER: &str = "talaria-controller";
 /// Annotation on an AcceleratedImage: the reference it was first resolved from (for humans).
@@ -26,7 +30,8 @@ pub const ANN_PULL_SECRETS: &str = "talaria.dev/pull-secrets";
 /// Label on an AcceleratedImage: its acceleration key.
 pub const LABEL_KEY: &str = "talaria.dev/acceleration-key";
 
-/// Errors of one reconcile; the controller retries with backoff.
+/// Errors of one reconcile; the controller retries with backoff and counts them by
+/// [`Error::reason`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("kubernetes API: {context}: {source}")]
@@ -35,14 +40,54 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    #[error("{0}")]
-    Other(String),
+    #[error("{0} cache not synced yet")]
+    CacheNotSynced(&'static str),
+    #[error("{cache} cache stopped: {source}")]
+    CacheStopped {
+        cache: &'static str,
+        #[source]
+        source: WriterDropped,
+    },
+    #[error("policy {0} has no uid yet")]
+    NoUid(String),
+    #[error("AcceleratedImage {0} vanished; retrying")]
+    Vanished(String),
+    #[error("AcceleratedImage {0}: owners kept changing; retrying later")]
+    OwnersChanging(String),
+    #[error("build queue closed")]
+    QueueClosed,
+    #[error(transparent)]
+    Client(#[from] ClientError),
 }
 
 impl Error {
     pub fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
         let context = context.into();
         move |source| Error::Kube { context, source }
+    }
+
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            // A status code says more than "kube"; the few that matter get their own label.
+            Error::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } => match s.code {
+                404 => "kube_not_found",
+                409 => "kube_conflict",
+                403 => "kube_forbidden",
+                _ => "kube_api",
+            },
+            Error::Kube { .. } => "kube",
+            Error::CacheNotSynced(_) => "cache_not_synced",
+            Error::CacheStopped { .. } => "cache_stopped",
+            Error::NoUid(_) => "no_uid",
+            Error::Vanished(_) => "vanished",
+            Error::OwnersChanging(_) => "conflict",
+            Error::QueueClosed => "queue_closed",
+            Error::Client(e) => e.reason(),
+        }
     }
 }
 
@@ -99,7 +144,35 @@ impl Limits {
     }
 }
 
-pub struct Ctx {
+/// An event a decision step wants published (the reconcile publishes it), so that what is
+/// announced is decided, and tested, with the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+impl Notice {
+    pub fn normal(reason: &'static str, note: String) -> Notice {
+        Notice {
+            warning: false,
+            reason,
+            note,
+        }
+    }
+
+    pub fn warning(reason: &'static str, note: String) -> Notice {
+        Notice {
+            warning: true,
+            reason,
+            note,
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
     pub client: Client,
     pub policies: Store<AccelerationPolicy>,
     pub pods: Store<Pod>,
@@ -117,29 +190,23 @@ pub struct Ctx {
     pub problem_retry: Duration,
 }
 
-impl Ctx {
+impl Context {
     /// Publishes an event about an object; failures are logged, never fatal.
-    pub async fn event<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        warning: bool,
-        reason: &str,
-        note: String,
-    ) {
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, notice: Notice) {
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         let ev = Event {
-            type_: if warning {
+            type_: if notice.warning {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: reason.to_string(),
-            note: Some(truncate(&note, 1000)),
-            action: reason.to_string(),
+            reason: notice.reason.to_string(),
+            note: Some(truncate(&notice.note, 1000)),
+            action: notice.reason.to_string(),
             secondary: None,
         };
         if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "publishing an event failed");
+            tracing::warn!(error = %e, reason = notice.reason, "publishing an event failed");
         }
     }
 
@@ -238,5 +305,17 @@ mod tests {
         assert_eq!(c1.last_transition_time, c2.last_transition_time);
         let c3 = condition(std::slice::from_ref(&c1), "Ready", false, "R", "m", Some(2));
         assert_eq!(c3.status, "False");
+    }
+
+    #[test]
+    fn error_reasons_name_the_failure() {
+        assert_eq!(Error::CacheNotSynced("policy").reason(), "cache_not_synced");
+        assert_eq!(Error::QueueClosed.reason(), "queue_closed");
+        let conflict = kube::Error::Api(
+            kube::core::Status::failure("changed", "Conflict")
+                .with_code(409)
+                .boxed(),
+        );
+        assert_eq!(Error::kube("patching")(conflict).reason(), "kube_conflict");
     }
 }

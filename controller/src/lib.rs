@@ -5,12 +5,14 @@
 //!   AcceleratedImage changes; a pod change reconciles only the policies that select it;
 //! - images ([`image`]): the build queue, one reconcile per AcceleratedImage.
 
+pub mod builder;
+pub mod clients;
 pub mod context;
 pub mod crdgen;
 pub mod image;
 pub mod metrics;
 pub mod policy;
-pub mod registry;
+pub mod resolve;
 pub mod selector;
 pub mod server;
 
@@ -26,13 +28,15 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use talaria_api::{AcceleratedImage, AccelerationPolicy};
-use talaria_artifact::registry::RegistryConfig;
+use talaria_artifact::oci::registry::RegistryConfig;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-pub use context::{BuildSettings, Ctx, Error};
+use builder::{ArtifactBuilder, RegistryBuilder};
+use clients::Clients;
+pub use context::{BuildSettings, Context, Error};
 use metrics::Metrics;
-use registry::{ArtifactBuilder, Clients, RegistryBuilder, RegistryResolver, Resolver};
+use resolve::{RegistryResolver, Resolver};
 
 /// Quiet time before a triggered policy reconcile runs (merges bursts of triggers).
 pub const POLICY_DEBOUNCE: Duration = Duration::from_millis(500);
@@ -69,9 +73,9 @@ impl Default for Settings {
 }
 
 /// Selects rustls' ring back end for the process before any client exists (the one back end
-/// linked; see `talaria_artifact::registry::install_crypto_provider`). Later calls are no-ops.
+/// linked; see `talaria_artifact::oci::registry::install_crypto_provider`). Later calls are no-ops.
 pub fn install_crypto_provider() {
-    talaria_artifact::registry::install_crypto_provider();
+    talaria_artifact::oci::registry::install_crypto_provider();
 }
 
 fn strip_namespace(ns: &mut Namespace) {
@@ -92,7 +96,7 @@ pub async fn run(
     resolver: Option<Arc<dyn Resolver>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let clients = Clients::new(settings.registry.clone(), metrics.clone()).map_err(Error::Other)?;
+    let clients = Clients::new(settings.registry.clone(), metrics.clone())?;
     let builder = builder.unwrap_or_else(|| {
         Arc::new(RegistryBuilder::new(
             clients.clone(),
@@ -133,7 +137,7 @@ pub async fn run(
     .reflect(ns_writer)
     .applied_objects();
 
-    let ctx = Arc::new(Ctx {
+    let ctx = Arc::new(Context {
         client: client.clone(),
         policies: policies.clone(),
         pods: pods.clone(),
@@ -183,9 +187,10 @@ pub async fn run(
         .graceful_shutdown_on(shutdown_signal(shutdown.clone()))
         .run(
             policy::reconcile,
-            |p: Arc<AccelerationPolicy>, e: &Error, ctx: Arc<Ctx>| {
-                ctx.metrics.reconcile_error("AccelerationPolicy");
-                warn!(policy = %p.name_any(), error = %e, "policy reconcile failed");
+            |p: Arc<AccelerationPolicy>, e: &Error, ctx: Arc<Context>| {
+                ctx.metrics
+                    .reconcile_error("AccelerationPolicy", e.reason());
+                warn!(policy = %p.name_any(), error = %e, reason = e.reason(), "policy reconcile failed");
                 Action::requeue(Duration::from_secs(5))
             },
             ctx.clone(),
@@ -217,9 +222,9 @@ pub async fn run(
         .graceful_shutdown_on(shutdown_signal(shutdown.clone()))
         .run(
             move |img, ctx| image::reconcile(img, ctx, sd.clone()),
-            |img: Arc<AcceleratedImage>, e: &Error, ctx: Arc<Ctx>| {
-                ctx.metrics.reconcile_error("AcceleratedImage");
-                warn!(image = %img.name_any(), error = %e, "image reconcile failed");
+            |img: Arc<AcceleratedImage>, e: &Error, ctx: Arc<Context>| {
+                ctx.metrics.reconcile_error("AcceleratedImage", e.reason());
+                warn!(image = %img.name_any(), error = %e, reason = e.reason(), "image reconcile failed");
                 Action::requeue(Duration::from_secs(5))
             },
             ctx,

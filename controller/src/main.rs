@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use talaria_artifact::registry::RegistryConfig;
+use talaria_artifact::oci::registry::RegistryConfig;
 use talaria_controller::metrics::Metrics;
 use talaria_controller::{BuildSettings, Settings};
 use tokio::sync::watch;

@@ -14,6 +14,7 @@ pub struct Metrics {
     reconciles: Family<Labels, Counter>,
     reconcile_errors: Family<Labels, Counter>,
     builds: Family<Labels, Counter>,
+    build_failures: Family<Labels, Counter>,
     build_duration: Histogram,
     bytes_indexed: Counter,
     queue_depth: Gauge,
@@ -33,6 +34,7 @@ impl Metrics {
         let reconciles = Family::<Labels, Counter>::default();
         let reconcile_errors = Family::<Labels, Counter>::default();
         let builds = Family::<Labels, Counter>::default();
+        let build_failures = Family::<Labels, Counter>::default();
         let build_duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
         let bytes_indexed = Counter::default();
         let queue_depth = Gauge::default();
@@ -41,13 +43,18 @@ impl Metrics {
         registry.register("reconciles", "Reconciles by kind", reconciles.clone());
         registry.register(
             "reconcile_errors",
-            "Failed reconciles by kind",
+            "Failed reconciles by kind and reason",
             reconcile_errors.clone(),
         );
         registry.register(
             "builds",
             "Artifact builds by result (built, adopted, failed)",
             builds.clone(),
+        );
+        registry.register(
+            "build_failures",
+            "Failed artifact builds by reason (also counted in builds, result failed)",
+            build_failures.clone(),
         );
         registry.register(
             "build_duration_seconds",
@@ -79,6 +86,7 @@ impl Metrics {
             reconciles,
             reconcile_errors,
             builds,
+            build_failures,
             build_duration,
             bytes_indexed,
             queue_depth,
@@ -93,9 +101,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn reconcile_error(&self, kind: &str) {
+    /// A failed reconcile; `reason` is the error's `reason()`.
+    pub fn reconcile_error(&self, kind: &str, reason: &str) {
         self.reconcile_errors
-            .get_or_create(&vec![("kind", kind.to_string())])
+            .get_or_create(&vec![
+                ("kind", kind.to_string()),
+                ("reason", reason.to_string()),
+            ])
             .inc();
     }
 
@@ -105,6 +117,13 @@ impl Metrics {
             .inc();
         self.build_duration.observe(seconds);
         self.bytes_indexed.inc_by(bytes);
+    }
+
+    /// Why a build failed (the builder error's `reason()`); `build_finished` counts it too.
+    pub fn build_failed(&self, reason: &str) {
+        self.build_failures
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
     }
 
     pub fn registry_request(&self, op: &str, status: &str) {
@@ -143,6 +162,8 @@ mod tests {
         m.reconcile("policy");
         m.build_finished("built", 1.5, 1000);
         m.registry_request("manifest", "ok");
+        m.reconcile_error("AcceleratedImage", "queue_closed");
+        m.build_failed("timeout");
         let text = m.render();
         assert!(
             text.contains("talaria_controller_reconciles_total{kind=\"policy\"} 1"),
@@ -154,6 +175,14 @@ mod tests {
         );
         assert!(
             text.contains("talaria_controller_build_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("talaria_controller_reconcile_errors_total{kind=\"AcceleratedImage\",reason=\"queue_closed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("talaria_controller_build_failures_total{reason=\"timeout\"} 1"),
             "{text}"
         );
     }

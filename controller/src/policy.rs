@@ -1,6 +1,10 @@
 //! The policy reconciler: selects image references (pods' and explicit ones), resolves them to
 //! per-platform digests, creates or adopts one AcceleratedImage per (digest, platform, key)
 //! owned by every selecting policy, and writes the policy's status.
+//!
+//! A reconcile is a pipeline: `select` → `resolve_selected` → `desired` → apply
+//! (`ensure_owned`, `remove_stale`) → `compute_status` → one status write. The desired images
+//! and the status are pure functions, tested below; the apiserver tests cover the wiring.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,21 +18,25 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
+use std::time::Duration;
+
 use talaria_api::{
     AcceleratedImage, AcceleratedImageSpec, AccelerationPolicy, AccelerationPolicyStatus, Phase,
 };
 use tracing::{debug, info, warn};
 
+use crate::builder::acceleration_key;
 use crate::context::{
-    ANN_PULL_SECRETS, ANN_REFERENCE, Ctx, Error, FIELD_MANAGER, LABEL_KEY, condition, truncate,
+    ANN_PULL_SECRETS, ANN_REFERENCE, Context, Error, FIELD_MANAGER, LABEL_KEY, Notice, condition,
+    truncate,
 };
-use crate::registry::acceleration_key;
+use crate::resolve::{Resolution, ResolverError};
 use crate::selector::{NormalizedRef, Pattern, labels_match, normalize};
 
 /// The platform built when a policy names none.
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 /// Longest wait for the caches to fill before a reconcile gives up (and is retried).
-pub const CACHE_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const CACHE_SYNC_WAIT: Duration = Duration::from_secs(10);
 /// References resolved at once in one reconcile.
 const RESOLVE_CONCURRENCY: usize = 16;
 
@@ -154,7 +162,7 @@ struct Selection {
     problems: Vec<String>,
 }
 
-fn select(ctx: &Ctx, p: &AccelerationPolicy) -> Selection {
+fn select(ctx: &Context, p: &AccelerationPolicy) -> Selection {
     let mut out = Selection::default();
     for s in &p.spec.images {
         match normalize(s) {
@@ -213,6 +221,8 @@ fn owner_ref(p: &AccelerationPolicy) -> Option<OwnerReference> {
     Some(o)
 }
 
+/// One AcceleratedImage the policy wants.
+#[derive(Debug, PartialEq)]
 struct Desired {
     name: String,
     spec: AcceleratedImageSpec,
@@ -220,8 +230,119 @@ struct Desired {
     pull_secrets: BTreeSet<(String, String)>,
 }
 
+/// A selected reference, the pull secrets of the pods that use it, and what it resolved to.
+struct Lookup {
+    reference: NormalizedRef,
+    secrets: BTreeSet<(String, String)>,
+    result: Result<Resolution, ResolverError>,
+}
+
+/// Resolves every selected reference with the policy's credentials and its pods' pull secrets
+/// (bounded concurrency; the resolver caches). Unreadable secrets are added to `problems`.
+async fn resolve_selected(
+    ctx: &Arc<Context>,
+    p: &AccelerationPolicy,
+    refs: BTreeMap<NormalizedRef, BTreeSet<(String, String)>>,
+    plats: &[String],
+    problems: &mut Vec<String>,
+) -> Vec<Lookup> {
+    let policy_refs: Vec<(String, String)> = p
+        .spec
+        .registry_credentials
+        .iter()
+        .map(|s| (s.namespace.clone(), s.name.clone()))
+        .collect();
+    let policy_creds = ctx.credentials(policy_refs, problems).await;
+    let mut jobs = Vec::new();
+    for (r, secrets) in refs {
+        let mut creds = policy_creds.clone();
+        if !secrets.is_empty() {
+            let refs: Vec<(String, String)> = secrets.iter().cloned().collect();
+            creds.merge(ctx.credentials(refs, problems).await);
+        }
+        jobs.push((r, secrets, creds));
+    }
+    futures::stream::iter(jobs)
+        .map(|(reference, secrets, creds)| {
+            let ctx = ctx.clone();
+            async move {
+                let result = ctx
+                    .resolver
+                    .resolve(&reference.fetchable(), plats, &creds)
+                    .await;
+                Lookup {
+                    reference,
+                    secrets,
+                    result,
+                }
+            }
+        })
+        .buffer_unordered(RESOLVE_CONCURRENCY)
+        .collect()
+        .await
+}
+
+/// The images the policy wants (by name) from what its references resolved to, and the
+/// problems found on the way (unresolvable references, missing platforms). Images several
+/// references resolve to are wanted once, with the pull secrets of all of them.
+fn desired(
+    p: &AccelerationPolicy,
+    key: &str,
+    lookups: Vec<Lookup>,
+) -> (BTreeMap<String, Desired>, Vec<String>) {
+    let mut out: BTreeMap<String, Desired> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for Lookup {
+        reference: r,
+        secrets,
+        result,
+    } in lookups
+    {
+        let reference = r.fetchable();
+        let res = match result {
+            Ok(res) => res,
+            Err(e) => {
+                problems.push(format!("{reference}: {e}"));
+                continue;
+            }
+        };
+        for m in &res.missing {
+            problems.push(format!("{reference}: no manifest for platform {m}"));
+        }
+        for f in res.found {
+            let n = image_name(&f.digest, &f.platform, key);
+            let d = out.entry(n.clone()).or_insert_with(|| Desired {
+                name: n,
+                spec: AcceleratedImageSpec {
+                    image: r.repo(),
+                    digest: f.digest.clone(),
+                    platform: f.platform.clone(),
+                    profile: p.spec.profile,
+                    acceleration_key: key.to_string(),
+                    knobs: p.spec.knobs.clone(),
+                    artifact_repository: p.spec.artifact_repository.clone(),
+                },
+                reference: reference.clone(),
+                pull_secrets: BTreeSet::new(),
+            });
+            d.pull_secrets.extend(secrets.iter().cloned());
+        }
+    }
+    (out, problems)
+}
+
+/// How soon to reconcile again: problems (unresolvable references, unreadable secrets) are
+/// retried sooner than the resync.
+fn requeue_after(has_problems: bool, resync: Duration, problem_retry: Duration) -> Duration {
+    if has_problems {
+        problem_retry.min(resync)
+    } else {
+        resync
+    }
+}
+
 #[tracing::instrument(name = "reconcile_policy", skip_all, fields(policy = %p.name_any()))]
-pub async fn reconcile(p: Arc<AccelerationPolicy>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+pub async fn reconcile(p: Arc<AccelerationPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconcile("AccelerationPolicy");
     let name = p.name_any();
     if p.metadata.deletion_timestamp.is_some() {
@@ -230,88 +351,47 @@ pub async fn reconcile(p: Arc<AccelerationPolicy>, ctx: Arc<Ctx>) -> Result<Acti
     // Selection reads the caches: wait until they hold the cluster's state once. Bounded,
     // because the caches are fed by the controller's triggers, which stop at shutdown.
     let synced = async {
-        ctx.pods.wait_until_ready().await?;
-        ctx.namespaces.wait_until_ready().await?;
-        ctx.images.wait_until_ready().await
+        ctx.pods
+            .wait_until_ready()
+            .await
+            .map_err(|source| Error::CacheStopped {
+                cache: "pod",
+                source,
+            })?;
+        ctx.namespaces
+            .wait_until_ready()
+            .await
+            .map_err(|source| Error::CacheStopped {
+                cache: "namespace",
+                source,
+            })?;
+        ctx.images
+            .wait_until_ready()
+            .await
+            .map_err(|source| Error::CacheStopped {
+                cache: "AcceleratedImage",
+                source,
+            })
     };
     match tokio::time::timeout(CACHE_SYNC_WAIT, synced).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Error::Other(format!("cache stopped: {e}"))),
-        Err(_) => return Err(Error::Other("caches not synced yet".into())),
+        Ok(r) => r?,
+        Err(_) => return Err(Error::CacheNotSynced("pod, namespace or AcceleratedImage")),
     }
-    let Some(oref) = owner_ref(&p) else {
-        return Err(Error::Other(format!("policy {name} has no uid yet")));
-    };
+    let oref = owner_ref(&p).ok_or_else(|| Error::NoUid(name.clone()))?;
     let uid = oref.uid.clone();
     let key = acceleration_key(p.spec.profile, &p.spec.knobs);
     let plats = platforms(&p);
+
     let sel = select(&ctx, &p);
     let mut problems = sel.problems;
-    let mut desired: BTreeMap<String, Desired> = BTreeMap::new();
-
+    let mut wanted = BTreeMap::new();
+    // A paused policy keeps its images as they are, and still reports on them.
     if !p.spec.paused {
-        let refs: Vec<(String, String)> = p
-            .spec
-            .registry_credentials
-            .iter()
-            .map(|s| (s.namespace.clone(), s.name.clone()))
-            .collect();
-        let policy_creds = ctx.credentials(refs, &mut problems).await;
-        // Resolve every selected reference (bounded concurrency, cached by the resolver).
-        let mut jobs = Vec::new();
-        for (r, secrets) in sel.refs {
-            let mut creds = policy_creds.clone();
-            let mut secret_problems = Vec::new();
-            if !secrets.is_empty() {
-                let refs: Vec<(String, String)> = secrets.iter().cloned().collect();
-                creds.merge(ctx.credentials(refs, &mut secret_problems).await);
-            }
-            problems.extend(secret_problems);
-            jobs.push((r, secrets, creds));
-        }
-        let results: Vec<_> = futures::stream::iter(jobs)
-            .map(|(r, secrets, creds)| {
-                let ctx = ctx.clone();
-                let plats = plats.clone();
-                async move {
-                    let reference = r.fetchable();
-                    let res = ctx.resolver.resolve(&reference, &plats, &creds).await;
-                    (r, secrets, res)
-                }
-            })
-            .buffer_unordered(RESOLVE_CONCURRENCY)
-            .collect()
-            .await;
-        for (r, secrets, res) in results {
-            let reference = r.fetchable();
-            match res {
-                Err(e) => problems.push(format!("{reference}: {e}")),
-                Ok(res) => {
-                    for m in &res.missing {
-                        problems.push(format!("{reference}: no manifest for platform {m}"));
-                    }
-                    for f in res.found {
-                        let n = image_name(&f.digest, &f.platform, &key);
-                        let d = desired.entry(n.clone()).or_insert_with(|| Desired {
-                            name: n,
-                            spec: AcceleratedImageSpec {
-                                image: r.repo(),
-                                digest: f.digest.clone(),
-                                platform: f.platform.clone(),
-                                profile: p.spec.profile,
-                                acceleration_key: key.clone(),
-                                knobs: p.spec.knobs.clone(),
-                                artifact_repository: p.spec.artifact_repository.clone(),
-                            },
-                            reference: reference.clone(),
-                            pull_secrets: BTreeSet::new(),
-                        });
-                        d.pull_secrets.extend(secrets.iter().cloned());
-                    }
-                }
-            }
-        }
-        for d in desired.values() {
+        let lookups = resolve_selected(&ctx, &p, sel.refs, &plats, &mut problems).await;
+        let (d, resolution_problems) = desired(&p, &key, lookups);
+        problems.extend(resolution_problems);
+        wanted = d;
+        for d in wanted.values() {
             if let Err(e) = ensure_owned(&ctx, &p, &oref, d).await {
                 problems.push(format!("{}: {e}", d.name));
             }
@@ -319,18 +399,17 @@ pub async fn reconcile(p: Arc<AccelerationPolicy>, ctx: Arc<Ctx>) -> Result<Acti
         remove_stale(&ctx, &p, &uid, &key, &plats).await?;
     }
 
-    let problems_text = problems.join("; ");
     if !problems.is_empty() {
-        warn!(policy = %name, problems = %problems_text, "policy has problems");
+        warn!(policy = %name, problems = %problems.join("; "), "policy has problems");
     }
-    write_status(&ctx, &p, &uid, &desired, &problems).await?;
-    debug!(policy = %name, images = desired.len(), "policy reconciled");
-    // Problems (unresolvable references, unreadable secrets) are retried sooner than the resync.
-    Ok(Action::requeue(if problems.is_empty() {
-        ctx.resync
-    } else {
-        ctx.problem_retry.min(ctx.resync)
-    }))
+    let phases = image_phases(&ctx.images.state(), &uid, &wanted);
+    write_status(&ctx, &p, compute_status(&p, &phases, &problems)).await?;
+    debug!(policy = %name, images = wanted.len(), "policy reconciled");
+    Ok(Action::requeue(requeue_after(
+        !problems.is_empty(),
+        ctx.resync,
+        ctx.problem_retry,
+    )))
 }
 
 fn new_image(oref: &OwnerReference, d: &Desired) -> AcceleratedImage {
@@ -375,7 +454,7 @@ fn pull_secrets_annotation(d: &Desired) -> Option<String> {
 /// with its first owner, so a policy edited after a failure retries with its new settings
 /// instead of the ones the image was created with. Other owners never override the first.
 async fn refresh_settings(
-    ctx: &Ctx,
+    ctx: &Context,
     oref: &OwnerReference,
     d: &Desired,
     img: &AcceleratedImage,
@@ -412,7 +491,7 @@ async fn refresh_settings(
 
 /// Creates the image owned by the policy, or adds the policy to the owners of an existing one.
 async fn ensure_owned(
-    ctx: &Ctx,
+    ctx: &Context,
     p: &AccelerationPolicy,
     oref: &OwnerReference,
     d: &Desired,
@@ -444,10 +523,7 @@ async fn ensure_owned(
             .await
             .map_err(Error::kube(format!("reading AcceleratedImage {}", d.name)))?
         else {
-            return Err(Error::Other(format!(
-                "AcceleratedImage {} vanished; retrying",
-                d.name
-            )));
+            return Err(Error::Vanished(d.name.clone()));
         };
         let mut owners = cur.owner_references().to_vec();
         if owners.iter().any(|o| o.uid == oref.uid) {
@@ -472,16 +548,13 @@ async fn ensure_owned(
             }
         }
     }
-    Err(Error::Other(format!(
-        "AcceleratedImage {}: owners kept changing; retrying later",
-        d.name
-    )))
+    Err(Error::OwnersChanging(d.name.clone()))
 }
 
 /// Drops the policy from images it no longer selects by key or platform (a knob or platform
 /// change); an image left without owners is deleted (GC only deletes on owner deletion).
 async fn remove_stale(
-    ctx: &Ctx,
+    ctx: &Context,
     p: &AccelerationPolicy,
     uid: &str,
     key: &str,
@@ -525,25 +598,40 @@ async fn remove_stale(
     Ok(())
 }
 
-async fn write_status(
-    ctx: &Ctx,
-    p: &AccelerationPolicy,
+/// The phase of every image the policy owns (by the cache) or wants (Pending until the cache
+/// has it).
+fn image_phases(
+    images: &[Arc<AcceleratedImage>],
     uid: &str,
-    desired: &BTreeMap<String, Desired>,
-    problems: &[String],
-) -> Result<(), Error> {
-    let mut phases: BTreeMap<String, Phase> = BTreeMap::new();
-    for img in ctx.images.state() {
-        if img.owner_references().iter().any(|o| o.uid == uid) {
-            phases.insert(
-                img.name_any(),
-                img.status.as_ref().map(|s| s.phase).unwrap_or_default(),
-            );
-        }
-    }
-    for n in desired.keys() {
+    wanted: &BTreeMap<String, Desired>,
+) -> BTreeMap<String, Phase> {
+    let mut phases: BTreeMap<String, Phase> = images
+        .iter()
+        .filter(|img| img.owner_references().iter().any(|o| o.uid == uid))
+        .map(|img| {
+            let phase = img.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            (img.name_any(), phase)
+        })
+        .collect();
+    for n in wanted.keys() {
         phases.entry(n.clone()).or_insert(Phase::Pending);
     }
+    phases
+}
+
+/// A policy status to write and the events that announce what changed in it.
+#[derive(Debug, PartialEq)]
+struct StatusUpdate {
+    status: AccelerationPolicyStatus,
+    notices: Vec<Notice>,
+}
+
+/// The policy's status from its images' phases and the problems of this reconcile.
+fn compute_status(
+    p: &AccelerationPolicy,
+    phases: &BTreeMap<String, Phase>,
+    problems: &[String],
+) -> StatusUpdate {
     let count = |ph: Phase| phases.values().filter(|&&x| x == ph).count() as u32;
     let (ready, failed, building) = (
         count(Phase::Ready),
@@ -555,10 +643,10 @@ async fn write_status(
     let generation = p.metadata.generation;
     let prev = p.status.clone().unwrap_or_default();
     let paused = p.spec.paused;
-    let failed_names: Vec<&String> = phases
+    let failed_names: Vec<&str> = phases
         .iter()
         .filter(|(_, ph)| **ph == Phase::Failed)
-        .map(|(n, _)| n)
+        .map(|(n, _)| n.as_str())
         .take(10)
         .collect();
     let degraded_msg = {
@@ -566,11 +654,7 @@ async fn write_status(
         if failed > 0 {
             parts.push(format!(
                 "{failed} image(s) failed to build: {}",
-                failed_names
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                failed_names.join(", ")
             ));
         }
         parts.join("; ")
@@ -589,7 +673,12 @@ async fn write_status(
     } else {
         ("Degraded", format!("{ready} of {total} image(s) ready"))
     };
-    let conds = vec![
+    let degraded_reason = match (problems.is_empty(), degraded) {
+        (false, _) => "SelectionFailed",
+        (true, true) => "BuildFailed",
+        (true, false) => "AsExpected",
+    };
+    let conditions = vec![
         condition(
             &prev.conditions,
             "Ready",
@@ -610,15 +699,7 @@ async fn write_status(
             &prev.conditions,
             "Degraded",
             degraded,
-            if problems.is_empty() {
-                if degraded {
-                    "BuildFailed"
-                } else {
-                    "AsExpected"
-                }
-            } else {
-                "SelectionFailed"
-            },
+            degraded_reason,
             if degraded {
                 &degraded_msg
             } else {
@@ -627,36 +708,53 @@ async fn write_status(
             generation,
         ),
     ];
-    let status = AccelerationPolicyStatus {
-        conditions: conds,
-        observed_generation: generation,
-        images: total,
-        ready,
-        building,
-        failed,
-    };
-    if p.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
+    // Events for news only: a new problem, or becoming ready.
+    let mut notices = Vec::new();
     let was_degraded = prev
         .conditions
         .iter()
         .any(|c| c.type_ == "Degraded" && c.status == "True" && c.message == degraded_msg);
     if degraded && !was_degraded {
-        ctx.event(p, true, "Degraded", degraded_msg.clone()).await;
+        notices.push(Notice::warning("Degraded", degraded_msg));
     }
     let was_ready = prev
         .conditions
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
     if all_ready && !was_ready {
-        ctx.event(p, false, "Ready", ready_msg.clone()).await;
+        notices.push(Notice::normal("Ready", ready_msg));
+    }
+    StatusUpdate {
+        status: AccelerationPolicyStatus {
+            conditions,
+            observed_generation: generation,
+            images: total,
+            ready,
+            building,
+            failed,
+        },
+        notices,
+    }
+}
+
+/// Publishes the update's events and writes its status, unless the status is unchanged (an
+/// unchanged status is no news, and writing it would trigger another reconcile).
+async fn write_status(
+    ctx: &Context,
+    p: &AccelerationPolicy,
+    update: StatusUpdate,
+) -> Result<(), Error> {
+    if p.status.as_ref() == Some(&update.status) {
+        return Ok(());
+    }
+    for n in update.notices {
+        ctx.event(p, n).await;
     }
     let api: Api<AccelerationPolicy> = Api::all(ctx.client.clone());
     let patch = json!({
         "apiVersion": "talaria.dev/v1alpha1",
         "kind": "AccelerationPolicy",
-        "status": status,
+        "status": update.status,
     });
     api.patch_status(
         &p.name_any(),
@@ -685,6 +783,7 @@ pub fn owners(img: &AcceleratedImage) -> Vec<ObjectRef<AccelerationPolicy>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resolve::PlatformManifest;
 
     #[test]
     fn names_are_stable_and_valid() {
@@ -721,5 +820,212 @@ mod tests {
         let spec = pod.spec.as_ref().unwrap();
         assert!(spec.node_name.is_none() && spec.containers[0].env.is_none());
         assert_eq!(spec.image_pull_secrets.as_ref().unwrap()[0].name, "s");
+    }
+
+    fn policy(paused: bool) -> AccelerationPolicy {
+        let mut p = AccelerationPolicy::new("p", Default::default());
+        p.metadata.generation = Some(4);
+        p.spec.paused = paused;
+        p
+    }
+
+    fn phases(v: &[(&str, Phase)]) -> BTreeMap<String, Phase> {
+        v.iter().map(|(n, ph)| (n.to_string(), *ph)).collect()
+    }
+
+    /// (status, reason) of a condition.
+    fn cond<'a>(u: &'a StatusUpdate, type_: &str) -> (&'a str, &'a str) {
+        let c = u
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition");
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    fn message<'a>(u: &'a StatusUpdate, type_: &str) -> &'a str {
+        let c = u.status.conditions.iter().find(|c| c.type_ == type_);
+        c.map(|c| c.message.as_str()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_policy_without_images_says_so() {
+        let u = compute_status(&policy(false), &BTreeMap::new(), &[]);
+        assert_eq!(cond(&u, "Ready"), ("False", "NoImages"));
+        assert_eq!(cond(&u, "Progressing"), ("False", "Idle"));
+        assert_eq!(cond(&u, "Degraded"), ("False", "AsExpected"));
+        assert_eq!(u.status.observed_generation, Some(4));
+        assert!(u.notices.is_empty());
+    }
+
+    #[test]
+    fn a_policy_is_ready_when_all_its_images_are_and_says_it_once() {
+        let mut p = policy(false);
+        let all = phases(&[("a", Phase::Ready), ("b", Phase::Ready)]);
+        let u = compute_status(&p, &all, &[]);
+        assert_eq!(cond(&u, "Ready"), ("True", "AllReady"));
+        assert_eq!((u.status.images, u.status.ready), (2, 2));
+        assert_eq!(
+            u.notices,
+            [Notice::normal("Ready", "2 image(s) ready".into())]
+        );
+        p.status = Some(u.status);
+        let again = compute_status(&p, &all, &[]);
+        assert!(again.notices.is_empty(), "{:?}", again.notices);
+        assert_eq!(
+            Some(&again.status),
+            p.status.as_ref(),
+            "unchanged: no write"
+        );
+    }
+
+    #[test]
+    fn pending_and_building_images_are_progress() {
+        let ph = phases(&[
+            ("a", Phase::Ready),
+            ("b", Phase::Pending),
+            ("c", Phase::Building),
+        ]);
+        let u = compute_status(&policy(false), &ph, &[]);
+        assert_eq!(cond(&u, "Ready"), ("False", "Building"));
+        assert_eq!(cond(&u, "Progressing"), ("True", "Building"));
+        assert_eq!(message(&u, "Progressing"), "1 pending, 1 building");
+        assert_eq!(message(&u, "Ready"), "1 of 3 image(s) ready");
+        assert_eq!(u.status.building, 1);
+        // Paused: nothing progresses, whatever the phases.
+        let u = compute_status(&policy(true), &ph, &[]);
+        assert_eq!(cond(&u, "Ready"), ("False", "Paused"));
+        assert_eq!(cond(&u, "Progressing"), ("False", "Idle"));
+    }
+
+    #[test]
+    fn failed_builds_degrade_the_policy_and_are_named() {
+        let mut p = policy(false);
+        let ph = phases(&[("a", Phase::Ready), ("b", Phase::Failed)]);
+        let u = compute_status(&p, &ph, &[]);
+        assert_eq!(cond(&u, "Ready"), ("False", "Degraded"));
+        assert_eq!(cond(&u, "Degraded"), ("True", "BuildFailed"));
+        assert_eq!(message(&u, "Degraded"), "1 image(s) failed to build: b");
+        assert_eq!(u.status.failed, 1);
+        assert_eq!(u.notices.len(), 1);
+        assert!(u.notices[0].warning && u.notices[0].reason == "Degraded");
+        // The same problem again is no news.
+        p.status = Some(u.status);
+        assert!(compute_status(&p, &ph, &[]).notices.is_empty());
+    }
+
+    #[test]
+    fn selection_problems_come_first_and_block_ready() {
+        let ph = phases(&[("a", Phase::Ready)]);
+        let problems = ["r.io/x:1: not found".to_string()];
+        let u = compute_status(&policy(false), &ph, &problems);
+        assert_eq!(cond(&u, "Degraded"), ("True", "SelectionFailed"));
+        assert_eq!(message(&u, "Degraded"), "r.io/x:1: not found");
+        assert_eq!(cond(&u, "Ready").0, "False");
+    }
+
+    fn lookup(
+        reference: &str,
+        secret: Option<&str>,
+        result: Result<Resolution, ResolverError>,
+    ) -> Lookup {
+        Lookup {
+            reference: normalize(reference).expect("reference"),
+            secrets: secret
+                .map(|s| ("ns".to_string(), s.to_string()))
+                .into_iter()
+                .collect(),
+            result,
+        }
+    }
+
+    fn found(platform: &str, digest: &str) -> PlatformManifest {
+        PlatformManifest {
+            platform: platform.into(),
+            digest: digest.into(),
+        }
+    }
+
+    #[test]
+    fn references_to_one_manifest_want_one_image_with_all_their_secrets() {
+        let mut p = policy(false);
+        p.spec.artifact_repository = Some("r.io/artifacts".into());
+        let both = Resolution {
+            found: vec![found("linux/amd64", "sha256:m")],
+            missing: vec!["linux/arm64".into()],
+        };
+        let lookups = vec![
+            lookup("r.io/app:1", Some("one"), Ok(both.clone())),
+            lookup("r.io/app:latest", Some("two"), Ok(both)),
+            lookup(
+                "r.io/gone:1",
+                None,
+                Err(ResolverError::NoPlatform("linux/amd64".into())),
+            ),
+        ];
+        let (want, problems) = desired(&p, "k", lookups);
+        assert_eq!(want.len(), 1);
+        let d = want.values().next().expect("one image");
+        assert_eq!(d.name, image_name("sha256:m", "linux/amd64", "k"));
+        assert_eq!(d.reference, "r.io/app:1", "named after the first reference");
+        assert_eq!(d.spec.image, "r.io/app");
+        assert_eq!(d.spec.acceleration_key, "k");
+        assert_eq!(
+            d.spec.artifact_repository.as_deref(),
+            Some("r.io/artifacts")
+        );
+        let secrets: Vec<&str> = d.pull_secrets.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(secrets, ["one", "two"]);
+        assert_eq!(
+            problems,
+            [
+                "r.io/app:1: no manifest for platform linux/arm64",
+                "r.io/app:latest: no manifest for platform linux/arm64",
+                "r.io/gone:1: no manifest for platform(s) linux/amd64",
+            ]
+        );
+    }
+
+    #[test]
+    fn owned_and_wanted_images_make_the_phases() {
+        let mut owned = AcceleratedImage::new("a", Default::default());
+        owned.metadata.owner_references = Some(vec![OwnerReference {
+            uid: "u1".into(),
+            ..Default::default()
+        }]);
+        owned.status = Some(talaria_api::AcceleratedImageStatus {
+            phase: Phase::Ready,
+            ..Default::default()
+        });
+        let mut other = owned.clone();
+        other.metadata.name = Some("b".into());
+        other.metadata.owner_references.as_mut().expect("owners")[0].uid = "u2".into();
+        let mut wanted = BTreeMap::new();
+        for n in ["a", "c"] {
+            wanted.insert(
+                n.to_string(),
+                Desired {
+                    name: n.into(),
+                    spec: Default::default(),
+                    reference: String::new(),
+                    pull_secrets: BTreeSet::new(),
+                },
+            );
+        }
+        let ph = image_phases(&[Arc::new(owned), Arc::new(other)], "u1", &wanted);
+        assert_eq!(ph, phases(&[("a", Phase::Ready), ("c", Phase::Pending)]));
+    }
+
+    #[test]
+    fn problems_are_retried_before_the_resync() {
+        let (resync, retry) = (Duration::from_secs(300), Duration::from_secs(30));
+        assert_eq!(requeue_after(false, resync, retry), resync);
+        assert_eq!(requeue_after(true, resync, retry), retry);
+        assert_eq!(
+            requeue_after(true, retry, resync),
+            retry,
+            "never later than the resync"
+        );
     }
 }

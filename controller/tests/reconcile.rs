@@ -13,9 +13,10 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use talaria_api::{AcceleratedImage, AccelerationPolicy, Phase, Profile};
-use talaria_artifact::artifact::{self, list_artifacts};
-use talaria_artifact::registry::{ImageRef, RegistryClient, RegistryConfig};
-use talaria_artifact::store::RegistryStore;
+use talaria_artifact::discover;
+use talaria_artifact::discover::list_artifacts;
+use talaria_artifact::oci::registry::{ImageRef, RegistryClient, RegistryConfig};
+use talaria_artifact::oci::store::RegistryStore;
 use talaria_controller::metrics::Metrics;
 use talaria_controller::{BuildSettings, Settings};
 use talaria_testenv::apiserver::{KubeApi, KubeOptions};
@@ -286,7 +287,7 @@ async fn policies_pods_images_artifacts_and_garbage_collection() {
         2,
         "one accelerated + one default artifact: {found:?}"
     );
-    let best = artifact::resolve(&store, &app)
+    let best = discover::resolve(&store, &app)
         .await
         .expect("resolve")
         .expect("an artifact");
@@ -370,10 +371,8 @@ async fn policies_pods_images_artifacts_and_garbage_collection() {
     )
     .await;
     let later = policies.get("later").await.expect("policy");
-    let key = talaria_controller::registry::acceleration_key(
-        Profile::StartupLocalV1,
-        &Default::default(),
-    );
+    let key =
+        talaria_controller::builder::acceleration_key(Profile::StartupLocalV1, &Default::default());
     let name = talaria_controller::policy::image_name(&fresh, &plat, &key);
     let img: AcceleratedImage = serde_json::from_value(json!({
         "apiVersion": "talaria.dev/v1alpha1",
