@@ -4,13 +4,13 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use talaria_node::Error;
 use talaria_node::snapshot::metadata::Kind;
 use talaria_node::snapshot::{
-    HookOutcome, Mount, PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL,
+    HookError, LocatedLayer, Mount, PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL, Usage,
 };
 
 fn no_labels() -> BTreeMap<String, String> {
@@ -237,52 +237,125 @@ fn committed_snapshots_survive_reopening_and_leftovers_are_cleaned() {
     assert!(Snapshotter::open(root).is_err());
 }
 
-/// Stands in for the remote-layer logic to come: provides the layer under its ref name.
+/// Stands in for the remote-layer hook: provides layers by writing a marker file, or fails
+/// the mount when asked to.
 struct ProvideRef {
     calls: AtomicUsize,
+    fail_mount: bool,
+    /// How each provided layer ended: Ok, or the error's message.
+    outcomes: Mutex<Vec<Result<(), String>>>,
+}
+
+struct FakeLayer<'a> {
+    hook: &'a ProvideRef,
+}
+
+impl LocatedLayer for FakeLayer<'_> {
+    fn mount(&mut self, _id: u64, dir: &Path, fs_dir: &Path) -> Result<Usage, HookError> {
+        assert!(dir.join("fs") == fs_dir, "fs_dir is the snapshot dir's fs");
+        if self.hook.fail_mount {
+            return Err("mount refused".into());
+        }
+        std::fs::write(fs_dir.join("marker"), b"remote")?;
+        Ok(Usage { size: 6, inodes: 1 })
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), HookError>) {
+        self.hook
+            .outcomes
+            .lock()
+            .unwrap()
+            .push(outcome.map_err(|e| e.to_string()));
+    }
 }
 
 impl PrepareHook for ProvideRef {
-    fn prepare(
-        &self,
-        sn: &Snapshotter,
-        key: &str,
-        parent: &str,
+    fn locate<'a>(
+        &'a self,
+        _key: &str,
+        _parent: &str,
         labels: &BTreeMap<String, String>,
-    ) -> talaria_node::Result<HookOutcome> {
+    ) -> Option<Box<dyn LocatedLayer + 'a>> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let Some(name) = labels.get(TARGET_SNAPSHOT_REF_LABEL) else {
-            return Ok(HookOutcome::Unpack);
-        };
-        let tmp = format!("{key}-remote");
-        sn.prepare_plain(&tmp, parent, BTreeMap::new())?;
-        sn.commit(name, &tmp, labels.clone())?;
-        Ok(HookOutcome::Provided { name: name.clone() })
+        labels.get(TARGET_SNAPSHOT_REF_LABEL)?;
+        Some(Box::new(FakeLayer { hook: self }))
     }
+}
+
+fn provide_ref(fail_mount: bool) -> Arc<ProvideRef> {
+    Arc::new(ProvideRef {
+        calls: AtomicUsize::new(0),
+        fail_mount,
+        outcomes: Mutex::new(Vec::new()),
+    })
+}
+
+fn chain_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        TARGET_SNAPSHOT_REF_LABEL.to_string(),
+        "sha256:chain".to_string(),
+    )])
 }
 
 #[test]
 fn a_prepare_hook_can_provide_layers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let hook = Arc::new(ProvideRef {
-        calls: AtomicUsize::new(0),
-    });
+    let hook = provide_ref(false);
     let sn = Snapshotter::open(dir.path())
         .expect("open")
         .with_hook(hook.clone());
-    let labels = BTreeMap::from([(
-        TARGET_SNAPSHOT_REF_LABEL.to_string(),
-        "sha256:chain".to_string(),
-    )]);
-    match sn.prepare("extract-1", "", labels) {
+    match sn.prepare("extract-1", "", chain_labels()) {
         Err(Error::AlreadyExists(name)) => assert_eq!(name, "sha256:chain"),
         other => panic!("expected AlreadyExists, got {other:?}"),
     }
-    assert_eq!(sn.stat("sha256:chain").expect("stat").kind, Kind::Committed);
+    let info = sn.stat("sha256:chain").expect("stat");
+    assert_eq!(info.kind, Kind::Committed);
+    assert_eq!(
+        info.labels
+            .get(TARGET_SNAPSHOT_REF_LABEL)
+            .map(String::as_str),
+        Some("sha256:chain"),
+        "committed under its target label"
+    );
+    let id = sn.id_of("sha256:chain").expect("id");
+    assert_eq!(
+        std::fs::read(sn.fs_path(id).join("marker")).expect("marker"),
+        b"remote"
+    );
     assert!(matches!(sn.stat("extract-1"), Err(Error::NotFound(_))));
+    assert_eq!(*hook.outcomes.lock().unwrap(), [Ok(())]);
+    // The same chain again: found by label, the hook is not asked.
+    assert!(matches!(
+        sn.prepare("extract-2", "", chain_labels()),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert_eq!(hook.calls.load(Ordering::Relaxed), 1);
     // Without the label the hook passes and an ordinary active snapshot is made.
     sn.prepare("rw", "sha256:chain", no_labels())
         .expect("prepare");
     assert_eq!(sn.stat("rw").expect("stat").kind, Kind::Active);
     assert_eq!(hook.calls.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_failed_remote_mount_unpacks_normally_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hook = provide_ref(true);
+    let sn = Snapshotter::open(dir.path())
+        .expect("open")
+        .with_hook(hook.clone());
+    sn.prepare("extract-1", "", chain_labels())
+        .expect("an ordinary active snapshot");
+    assert_eq!(sn.stat("extract-1").expect("stat").kind, Kind::Active);
+    assert!(matches!(sn.stat("sha256:chain"), Err(Error::NotFound(_))));
+    assert_eq!(
+        *hook.outcomes.lock().unwrap(),
+        [Err("mount refused".to_string())]
+    );
+    // Only the ordinary snapshot's directory is left (the half-made one was removed).
+    let dirs: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
 }

@@ -1,18 +1,10 @@
-//! A read-only FUSE filesystem of one layer, built from its index and read through a
-//! [`LayerReader`] (verified spans, fetched on demand).
-//!
-//! The tree is what containerd's overlayfs applier would extract: later tar entries with one
-//! path win, missing parent directories appear as root-owned 0755 directories, hard links
-//! share an inode, whiteouts are character devices 0/0 and opaque directories carry the xattr
-//! `trusted.overlay.opaque=y`, so overlayfs treats this mount like an unpacked layer.
-//!
-//! Files the [`Materializer`] holds for the layer are read from local disk with `pread`,
-//! never through the span path.
+//! A read-only FUSE filesystem of one layer: names and attributes from its [`Tree`], file
+//! bytes from [`LayerContent`] (which decides between local copies, the startup pack and
+//! the verified spans). This file only translates FUSE requests and maps errors; a file
+//! whose whole local copy is here is opened with kernel passthrough.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -29,7 +21,8 @@ use talaria_artifact::index::reader::LayerReader;
 use tracing::{debug, warn};
 
 use super::{FsError, Tree};
-use crate::content::materialize::{Materializer, RangedRead};
+use crate::content::layer::LayerContent;
+use crate::content::materialize::Materializer;
 use crate::content::reach::Reachability;
 use crate::metrics::{Metrics, OpLabels};
 use talaria_artifact::startup::TraceRecorder;
@@ -41,17 +34,10 @@ const TTL: Duration = Duration::from_secs(3600);
 pub struct LayerFs {
     tree: Arc<Tree>,
     index: Arc<LayerIndex>,
-    reader: Arc<LayerReader>,
-    reach: Arc<Reachability>,
+    /// Where file bytes come from; reads that wait run on `rt`.
+    content: LayerContent,
     rt: tokio::runtime::Handle,
-    read_timeout: Duration,
     metrics: Arc<Metrics>,
-    /// Local copies of hot files, and the layer digest they are kept under.
-    materialized: Option<(Arc<Materializer>, String)>,
-    /// Bytes returned to the kernel (what applications actually read).
-    read_bytes: Option<Counter>,
-    /// Startup reads are recorded here, under the layer digest.
-    recorder: Option<(Arc<TraceRecorder>, String)>,
     /// The kernel took FUSE passthrough at init (and no open has failed it since).
     passthrough: std::sync::atomic::AtomicBool,
     /// Requests answered, by op.
@@ -89,25 +75,6 @@ const CACHED_FH: u64 = 1 << 63;
 struct OpenHandles {
     passthrough: std::collections::HashMap<u64, (BackingId, u32)>,
     cached: std::collections::HashMap<u64, u32>,
-}
-
-/// Up to `size` bytes at `offset` of a local copy of a file of `file_size` bytes; an error
-/// when the copy is shorter than the file (then the span path answers instead).
-fn pread(f: &File, offset: u64, size: u32, file_size: u64) -> std::io::Result<Vec<u8>> {
-    let want = u64::from(size).min(file_size.saturating_sub(offset));
-    // `want` ≤ the kernel's read size (a u32), so it fits in memory and in usize.
-    let mut buf = vec![0u8; usize::try_from(want).unwrap_or(0)];
-    f.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
-}
-
-/// [`pread`] of a local copy, `None` (logged) when it fails: the span path answers then.
-fn local_read(f: &File, path: &str, offset: u64, size: u32, file_size: u64) -> Option<Vec<u8>> {
-    pread(f, offset, size, file_size)
-        .inspect_err(|e| {
-            warn!(path, offset, size, error = %e, "local copy unreadable; reading through spans")
-        })
-        .ok()
 }
 
 /// Per-op request counters, made once per mount (no label lookup per request).
@@ -186,14 +153,9 @@ impl LayerFs {
         LayerFs {
             tree,
             index,
-            reader,
-            reach,
+            content: LayerContent::new(reader, reach, read_timeout, metrics.clone()),
             rt,
-            read_timeout,
             metrics,
-            materialized: None,
-            read_bytes: None,
-            recorder: None,
             passthrough: std::sync::atomic::AtomicBool::new(false),
             ops,
             handles: std::sync::Mutex::new(OpenHandles::default()),
@@ -202,19 +164,19 @@ impl LayerFs {
 
     /// Serves the files `m` holds under `layer_digest` from local disk.
     pub fn with_materialized(mut self, m: Arc<Materializer>, layer_digest: String) -> Self {
-        self.materialized = Some((m, layer_digest));
+        self.content = self.content.with_materialized(m, layer_digest);
         self
     }
 
     /// Records reads into `r` (it keeps those of a startup window) under `layer_digest`.
     pub fn with_recorder(mut self, r: Arc<TraceRecorder>, layer_digest: String) -> Self {
-        self.recorder = Some((r, layer_digest));
+        self.content = self.content.with_recorder(r, layer_digest);
         self
     }
 
     /// Counts the bytes every read returns to the kernel into `c`.
     pub fn with_read_bytes_counter(mut self, c: Counter) -> Self {
-        self.read_bytes = Some(c);
+        self.content = self.content.with_read_bytes_counter(c);
         self
     }
 
@@ -317,9 +279,6 @@ impl LayerFs {
         if !self.passthrough.load(Ordering::Relaxed) {
             return Err(reply);
         }
-        let Some((m, layer)) = &self.materialized else {
-            return Err(reply);
-        };
         let Some(entry) = self
             .tree
             .node(ino)
@@ -331,7 +290,7 @@ impl LayerFs {
         let (id, open) = match handles.passthrough.entry(ino) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                let Some(f) = m.whole(layer, &entry.path, entry.size) else {
+                let Some(f) = self.content.whole_local(entry) else {
                     return Err(reply);
                 };
                 match reply.open_backing(&*f) {
@@ -346,11 +305,6 @@ impl LayerFs {
             }
         };
         *open += 1;
-        // Reads of a passthrough file never reach `read`: record the open as a read of what
-        // is here (all of it), so a recording made with a pack still names the file.
-        if let Some((r, l)) = &self.recorder {
-            r.record(l, &entry.path, 0, entry.size);
-        }
         self.metrics.passthrough_opens.inc();
         // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (the page cache is the
         // local copy's).
@@ -449,92 +403,19 @@ impl Filesystem for LayerFs {
         else {
             return reply.error(Errno::EINVAL);
         };
-        if let Some((r, layer)) = &self.recorder {
-            let len = u64::from(size).min(entry.size.saturating_sub(offset));
-            r.record(layer, &entry.path, offset, len);
-        }
-        let mut coming = None;
-        if let Some((m, layer)) = &self.materialized {
-            let want = u64::from(size).min(entry.size.saturating_sub(offset));
-            let local = match m.ranged(layer, &entry.path, entry.size, offset, want) {
-                RangedRead::Here(f) => Some(f),
-                RangedRead::Coming => {
-                    coming = Some((m.clone(), layer.clone()));
-                    None
-                }
-                RangedRead::No => m.get(layer, &entry.path),
-            };
-            // A local pread: fast enough to answer on this FUSE thread.
-            if let Some(f) = local
-                && let Some(data) = local_read(&f, &entry.path, offset, size, entry.size)
-            {
-                if let Some(c) = &self.read_bytes {
-                    c.inc_by(data.len() as u64);
-                }
-                return reply.data(&data);
+        match self.content.read_now(&entry, offset, size) {
+            Ok(data) => reply.data(&data),
+            // Answered from the runtime so a slow fetch never holds up this FUSE thread.
+            Err(pending) => {
+                let content = self.content.clone();
+                self.rt.spawn(async move {
+                    match content.read_pending(pending).await {
+                        Ok(data) => reply.data(&data),
+                        Err(_) => reply.error(Errno::EIO),
+                    }
+                });
             }
         }
-        // Answered from the runtime so a slow fetch never holds up this FUSE thread.
-        let reader = self.reader.clone();
-        let reach = self.reach.clone();
-        let timeout = self.read_timeout;
-        let metrics = self.metrics.clone();
-        let read_bytes = self.read_bytes.clone();
-        self.rt.spawn(async move {
-            // The startup pack is bringing these bytes: wait for it rather than fetch them
-            // a second time (bounded: the pack abandons what its failed chunks held).
-            if let Some((m, layer)) = coming {
-                let want = u64::from(size).min(entry.size.saturating_sub(offset));
-                let t0 = std::time::Instant::now();
-                let here = m
-                    .wait_ranged(&layer, &entry.path, entry.size, offset, want, timeout)
-                    .await;
-                metrics.startup_read_waits.inc();
-                metrics
-                    .startup_read_wait_seconds
-                    .inc_by(t0.elapsed().as_secs_f64());
-                if let Some(data) =
-                    here.and_then(|f| local_read(&f, &entry.path, offset, size, entry.size))
-                {
-                    if let Some(c) = &read_bytes {
-                        c.inc_by(data.len() as u64);
-                    }
-                    return reply.data(&data);
-                }
-            }
-            // Which files a start reads that no pack or local copy holds (a plan to redo).
-            debug!(path = %entry.path, offset, size, "read through spans");
-            // A registry already known down fails this read at once: not worth a warning each.
-            let known_down = reach.down_since().is_some();
-            let read = reader.read_file(&entry, offset, u64::from(size));
-            tokio::pin!(read);
-            match tokio::time::timeout(timeout, &mut read).await {
-                Ok(Ok(data)) => {
-                    if let Some(c) = &read_bytes {
-                        c.inc_by(data.len() as u64);
-                    }
-                    reply.data(&data)
-                }
-                Ok(Err(e)) => {
-                    metrics.read_errors.inc();
-                    if known_down {
-                        debug!(path = %entry.path, offset, size, error = %e, "read failed: EIO");
-                    } else {
-                        warn!(path = %entry.path, offset, size, error = %e, "read failed: EIO");
-                    }
-                    reply.error(Errno::EIO);
-                }
-                Err(_) => {
-                    // Marked while the fetch is still held (it is dropped with this task,
-                    // which lets readers waiting on its spans go on): the kernel's retry of
-                    // this read and those readers must not wait through another timeout.
-                    reach.failed(&format_args!("a read waited {timeout:?}"));
-                    metrics.read_errors.inc();
-                    warn!(path = %entry.path, offset, size, ?timeout, "read timed out: EIO");
-                    reply.error(Errno::EIO);
-                }
-            }
-        });
     }
 
     fn readdir(

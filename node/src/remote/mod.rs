@@ -42,8 +42,8 @@ use crate::metrics::Metrics;
 use crate::remote::cluster::{ClusterSource, node_platform};
 use crate::snapshot::metadata::Kind;
 use crate::snapshot::{
-    CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, CRI_MANIFEST_DIGEST_LABEL, HookOutcome,
-    PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL, Usage,
+    CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, CRI_MANIFEST_DIGEST_LABEL, HookError,
+    LocatedLayer, PrepareHook, Snapshotter, TARGET_SNAPSHOT_REF_LABEL, Usage,
 };
 
 const RECORD_FILE: &str = "remote.json";
@@ -161,7 +161,7 @@ pub enum RemoteError {
     Snapshot {
         key: String,
         #[source]
-        source: Box<crate::Error>,
+        source: HookError,
     },
     #[error("{context}: {source}")]
     Io {
@@ -741,48 +741,60 @@ impl RemoteLayers {
             source: found.source,
         })
     }
+}
 
-    fn provide(
-        &self,
-        sn: &Snapshotter,
-        key: &str,
-        parent: &str,
-        target: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), RemoteError> {
-        let t0 = Instant::now();
-        debug!(target, "remote layer: locating its artifact and index");
+/// A remote layer located for one Prepare: the snapshotter creates the snapshot, this mounts
+/// the layer into it, and hears how it ended.
+struct RemoteLayer<'a> {
+    layers: &'a RemoteLayers,
+    key: String,
+    target: String,
+    t0: Instant,
+    /// Taken by the mount.
+    located: Option<Located>,
+    layer_digest: String,
+    artifact: String,
+    source: ArtifactSource,
+}
+
+impl RemoteLayers {
+    /// Resolves the artifact and loads the layer's index, within the resolve timeout.
+    fn locate_blocking(&self, labels: &BTreeMap<String, String>) -> Result<Located, RemoteError> {
         let timeout = self.opts.resolve_timeout;
-        let Located {
+        self.rt
+            .block_on(tokio::time::timeout(timeout, self.locate(labels)))
+            .map_err(|_| RemoteError::Timeout("resolving the artifact", timeout))?
+    }
+
+    /// Counts and logs why a layer is unpacked normally.
+    fn fell_back(&self, key: &str, e: &RemoteError) {
+        let reason = e.reason();
+        self.metrics.fallback(reason);
+        match e {
+            RemoteError::MissingLabel(_) | RemoteError::NoArtifact(_) => {
+                info!(key, reason, error = %e, "unpacking the layer normally")
+            }
+            _ => warn!(key, reason, error = %e, "remote layer failed; unpacking it normally"),
+        }
+    }
+}
+
+impl LocatedLayer for RemoteLayer<'_> {
+    fn mount(&mut self, id: u64, dir: &Path, fs_dir: &Path) -> Result<Usage, HookError> {
+        let Some(Located {
             rec,
             raw,
             index,
             tree,
-            source,
-        } = self
-            .rt
-            .block_on(tokio::time::timeout(timeout, self.locate(labels)))
-            .map_err(|_| RemoteError::Timeout("resolving the artifact", timeout))??;
-        debug!(
-            target,
-            ms = t0.elapsed().as_millis() as u64,
-            "remote layer: index in"
-        );
-        let snap_err = |source| RemoteError::Snapshot {
-            key: key.to_string(),
-            source: Box::new(source),
-        };
-        sn.prepare_plain(key, parent, labels.clone())
-            .map_err(snap_err)?;
-        let undo = |e: RemoteError| {
-            if let Err(re) = sn.remove(key) {
-                warn!(key, error = %re, "removing the half-made remote snapshot failed");
+            ..
+        }) = self.located.take()
+        else {
+            return Err(RemoteError::Index {
+                index: self.layer_digest.clone(),
+                message: "mounted twice".into(),
             }
-            e
+            .into());
         };
-        let id = sn.id_of(key).map_err(snap_err)?;
-        let dir = sn.snapshot_dir(id);
-        let fs_dir = sn.fs_path(id);
         let write = |name: &str, data: &[u8]| {
             fs::write(dir.join(name), data).map_err(|source| RemoteError::Io {
                 context: format!("writing {}", dir.join(name).display()),
@@ -790,9 +802,8 @@ impl RemoteLayers {
             })
         };
         let json = serde_json::to_vec_pretty(&rec).unwrap_or_default();
-        write(INDEX_FILE, &raw)
-            .and_then(|()| write(RECORD_FILE, &json))
-            .map_err(undo)?;
+        write(INDEX_FILE, &raw)?;
+        write(RECORD_FILE, &json)?;
         // What the layer holds, as its unpacked copy would count it.
         let usage = Usage {
             size: i64::try_from(
@@ -806,30 +817,39 @@ impl RemoteLayers {
             .unwrap_or(i64::MAX),
             inodes: i64::try_from(index.entries.len()).unwrap_or(i64::MAX),
         };
-        self.mount(id, &fs_dir, index, tree, &rec).map_err(undo)?;
-        if let Some(job) = self.fetcher.existing_job(&rec.manifest_digest) {
+        self.layers.mount(id, fs_dir, index, tree, &rec)?;
+        if let Some(job) = self.layers.fetcher.existing_job(&rec.manifest_digest) {
             job.mounted(id);
         }
-        // Committed under the target with its label: containerd's metadata finds it by both.
-        let mut commit_labels = labels.clone();
-        commit_labels.insert(TARGET_SNAPSHOT_REF_LABEL.to_string(), target.to_string());
-        if let Err(e) = sn.commit_known(target, key, commit_labels, usage) {
-            // The commit failed, so the active snapshot is still ours to remove.
-            self.removing(id, &fs_dir);
-            return Err(undo(snap_err(e)));
+        Ok(usage)
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), HookError>) {
+        match outcome {
+            Ok(()) => {
+                let secs = self.t0.elapsed().as_secs_f64();
+                self.layers.metrics.mount_seconds.observe(secs);
+                self.layers.metrics.mounted_from(self.source.label());
+                info!(
+                    target = self.target,
+                    layer = self.layer_digest,
+                    artifact = self.artifact,
+                    source = self.source.label(),
+                    ms = (secs * 1000.0) as u64,
+                    "remote layer mounted lazily"
+                );
+            }
+            Err(e) => {
+                let e = match e.downcast::<RemoteError>() {
+                    Ok(e) => *e,
+                    Err(source) => RemoteError::Snapshot {
+                        key: self.key.clone(),
+                        source,
+                    },
+                };
+                self.layers.fell_back(&self.key, &e);
+            }
         }
-        let secs = t0.elapsed().as_secs_f64();
-        self.metrics.mount_seconds.observe(secs);
-        self.metrics.mounted_from(source.label());
-        info!(
-            target,
-            layer = rec.layer_digest,
-            artifact = rec.artifact,
-            source = source.label(),
-            ms = (secs * 1000.0) as u64,
-            "remote layer mounted lazily"
-        );
-        Ok(())
     }
 }
 
@@ -850,50 +870,43 @@ fn detach(mut m: Mounted) {
 }
 
 impl PrepareHook for RemoteLayers {
-    fn prepare(
-        &self,
-        sn: &Snapshotter,
+    fn locate<'a>(
+        &'a self,
         key: &str,
-        parent: &str,
+        _parent: &str,
         labels: &BTreeMap<String, String>,
-    ) -> crate::Result<HookOutcome> {
+    ) -> Option<Box<dyn LocatedLayer + 'a>> {
         // A layer or a container's snapshot: either way a container is about to start.
         if let Some(r) = &self.opts.recorder {
             r.started();
         }
-        let Some(target) = labels
+        // Not a layer unpack (a container's or a view's snapshot): nothing to provide.
+        let target = labels
             .get(TARGET_SNAPSHOT_REF_LABEL)
-            .filter(|t| !t.is_empty())
-        else {
-            // Not a layer unpack (a container's or a view's snapshot).
-            return Ok(HookOutcome::Unpack);
-        };
-        // Already provided (another image with this chain): containerd finds it by label.
-        if let Ok(info) = sn.stat(target)
-            && info.kind == Kind::Committed
-            && info.parent == parent
-            && info.labels.get(TARGET_SNAPSHOT_REF_LABEL) == Some(target)
-        {
-            return Ok(HookOutcome::Provided {
-                name: target.clone(),
-            });
-        }
-        match self.provide(sn, key, parent, target, labels) {
-            Ok(()) => Ok(HookOutcome::Provided {
-                name: target.clone(),
-            }),
+            .filter(|t| !t.is_empty())?;
+        let t0 = Instant::now();
+        debug!(target, "remote layer: locating its artifact and index");
+        match self.locate_blocking(labels) {
+            Ok(located) => {
+                debug!(
+                    target,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "remote layer: index in"
+                );
+                Some(Box::new(RemoteLayer {
+                    layers: self,
+                    key: key.to_string(),
+                    target: target.clone(),
+                    t0,
+                    layer_digest: located.rec.layer_digest.clone(),
+                    artifact: located.rec.artifact.clone(),
+                    source: located.source,
+                    located: Some(located),
+                }))
+            }
             Err(e) => {
-                let reason = e.reason();
-                self.metrics.fallback(reason);
-                match e {
-                    RemoteError::MissingLabel(_) | RemoteError::NoArtifact(_) => {
-                        info!(key, reason, error = %e, "unpacking the layer normally")
-                    }
-                    _ => {
-                        warn!(key, reason, error = %e, "remote layer failed; unpacking it normally")
-                    }
-                }
-                Ok(HookOutcome::Unpack)
+                self.fell_back(key, &e);
+                None
             }
         }
     }

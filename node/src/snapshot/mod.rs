@@ -63,29 +63,42 @@ pub struct Usage {
     pub inodes: i64,
 }
 
-/// What a [`PrepareHook`] decided for a Prepare.
-pub enum HookOutcome {
-    /// Go on: create an empty active snapshot for containerd to unpack into.
-    Unpack,
-    /// The hook made committed snapshot `name` available (e.g. a lazily mounted remote
-    /// layer); containerd is told it already exists.
-    Provided { name: String },
-}
+/// An error of a remote layer, as the hook reports it (the hook counts and logs it).
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Seam for remote (lazy) layers: consulted on every Prepare before anything is created.
-/// An error from the hook must not fail the pull; the snapshotter logs it and unpacks.
+/// Seam for remote (lazy) layers. The snapshotter owns the snapshot's life: on a Prepare it
+/// asks the hook once whether it can provide the layer, creates the snapshot, has the hook
+/// mount the layer into it, and commits it. The hook never calls back into the snapshotter.
+/// A failure never fails the pull: the snapshot is removed and the layer unpacked normally.
 pub trait PrepareHook: Send + Sync {
-    fn prepare(
-        &self,
-        snapshotter: &Snapshotter,
+    /// Called on every Prepare (a layer's or a container's) before anything is created:
+    /// the remote layer to mount for it, or `None` to unpack normally.
+    fn locate<'a>(
+        &'a self,
         key: &str,
         parent: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<HookOutcome>;
+    ) -> Option<Box<dyn LocatedLayer + 'a>>;
 
     /// Called when snapshot `id` was removed from the metadata, before its directory is
     /// deleted (e.g. to unmount what the hook mounted there).
     fn removing(&self, _id: u64, _fs_dir: &Path) {}
+}
+
+/// A remote layer a [`PrepareHook`] located for one Prepare.
+pub trait LocatedLayer {
+    /// Mounts the layer at `fs_dir` of the new active snapshot `id` (whose directory is
+    /// `dir`); returns the usage its unpacked copy would have.
+    fn mount(
+        &mut self,
+        id: u64,
+        dir: &Path,
+        fs_dir: &Path,
+    ) -> std::result::Result<Usage, HookError>;
+
+    /// How providing the layer ended: committed (`Ok`), or failed at the mount or the
+    /// snapshot step (then the snapshot was removed and the layer is unpacked normally).
+    fn finish(self: Box<Self>, outcome: std::result::Result<(), HookError>);
 }
 
 pub struct Snapshotter {
@@ -292,26 +305,72 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         if let Some(hook) = &self.hook {
-            match hook.prepare(self, key, parent, &labels) {
-                Ok(HookOutcome::Provided { name }) => {
-                    info!(key, name, "prepare hook provided the snapshot");
-                    return Err(Error::AlreadyExists(name));
-                }
-                Ok(HookOutcome::Unpack) => {}
-                Err(e) => warn!(key, error = %e, "prepare hook failed; unpacking normally"),
+            if let Some(target) = labels
+                .get(TARGET_SNAPSHOT_REF_LABEL)
+                .filter(|t| !t.is_empty())
+                && self.provided(target, parent)
+            {
+                // Another image with this chain has it: containerd finds it by label.
+                return Err(Error::AlreadyExists(target.clone()));
+            }
+            if let Some(layer) = hook.locate(key, parent, &labels)
+                && let Some(name) = self.provide(layer, key, parent, &labels)
+            {
+                info!(key, name, "prepare hook provided the snapshot");
+                return Err(Error::AlreadyExists(name));
             }
         }
         self.create(Kind::Active, key, parent, labels)
     }
 
-    /// Creates an active snapshot without consulting the hook (for hooks themselves).
-    pub fn prepare_plain(
+    /// Whether committed snapshot `target` on `parent` is there with its target label.
+    fn provided(&self, target: &str, parent: &str) -> bool {
+        self.stat(target).is_ok_and(|info| {
+            info.kind == Kind::Committed
+                && info.parent == parent
+                && info
+                    .labels
+                    .get(TARGET_SNAPSHOT_REF_LABEL)
+                    .map(String::as_str)
+                    == Some(target)
+        })
+    }
+
+    /// Creates active `key`, has `layer` mount into it and commits it under its target
+    /// label: `Some(target)` when done. On failure the snapshot is removed (the hook
+    /// unmounts through `removing`) and `layer` is told why.
+    fn provide(
         &self,
+        mut layer: Box<dyn LocatedLayer + '_>,
         key: &str,
         parent: &str,
-        labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        labels: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let target = labels.get(TARGET_SNAPSHOT_REF_LABEL)?.clone();
+        let mut created = false;
+        let mut steps = || -> std::result::Result<(), HookError> {
+            self.create(Kind::Active, key, parent, labels.clone())?;
+            created = true;
+            let id = self.id_of(key)?;
+            let usage = layer.mount(id, &self.dir_of(id), &self.fs_path(id))?;
+            // Committed under the target with its label: containerd's metadata finds it by
+            // both. Its usage comes from the index: the tree is not walked (each stat would
+            // be a FUSE round trip during the pull) nor synced (it is read-only).
+            let mut commit_labels = labels.clone();
+            commit_labels.insert(TARGET_SNAPSHOT_REF_LABEL.to_string(), target.clone());
+            self.record_commit(&target, key, commit_labels, usage)?;
+            Ok(())
+        };
+        let outcome = steps();
+        if outcome.is_err()
+            && created
+            && let Err(re) = self.remove(key)
+        {
+            warn!(key, error = %re, "removing the half-made remote snapshot failed");
+        }
+        let done = outcome.is_ok();
+        layer.finish(outcome);
+        done.then_some(target)
     }
 
     /// Creates a read-only view `key` of committed `parent`.
@@ -346,20 +405,6 @@ impl Snapshotter {
         fs::File::open(&fs_dir)
             .and_then(|f| nix::unistd::syncfs(&f).map_err(std::io::Error::from))
             .map_err(Error::io(format!("syncfs {}", fs_dir.display())))?;
-        self.record_commit(name, key, labels, usage)
-    }
-
-    /// Commits active `key` as `name` with a usage already known: a lazily mounted layer,
-    /// whose usage its index gives, and whose tree is not walked (each stat would be a FUSE
-    /// round trip: ~0.1-0.5 s a layer, during the pull) nor synced (it is read-only).
-    pub fn commit_known(
-        &self,
-        name: &str,
-        key: &str,
-        labels: BTreeMap<String, String>,
-        usage: Usage,
-    ) -> Result<()> {
-        self.active(key)?;
         self.record_commit(name, key, labels, usage)
     }
 

@@ -1,0 +1,230 @@
+//! The bytes of one mounted layer's files, from the one place that decides where they come
+//! from: a local copy (a materialized file or a startup pack's ranges already here), the
+//! startup pack still in flight (wait for it rather than fetch twice), else the layer's
+//! verified spans through the [`LayerReader`]. It counts what it returns and records
+//! startup reads; the FUSE server only translates requests and maps errors.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use talaria_artifact::index::Entry;
+use talaria_artifact::index::reader::LayerReader;
+use talaria_artifact::startup::TraceRecorder;
+use tracing::{debug, warn};
+
+use super::materialize::{Materializer, RangedRead};
+use super::reach::Reachability;
+use crate::metrics::Metrics;
+
+/// Why a read of a layer's file failed (the FUSE server answers EIO either way).
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error(transparent)]
+    Read(#[from] talaria_artifact::index::reader::ReadError),
+    #[error("the read waited {0:?}")]
+    TimedOut(Duration),
+}
+
+/// A read that no local copy answers now: it waits for the pack or goes to the spans.
+pub struct Pending {
+    entry: Entry,
+    offset: u64,
+    size: u32,
+    /// The startup pack announced these bytes and has not brought them yet.
+    coming: bool,
+}
+
+/// The content of one mounted layer. Cheap to clone (shared parts only), so a read that
+/// must wait takes a clone onto the runtime.
+#[derive(Clone)]
+pub struct LayerContent {
+    reader: Arc<LayerReader>,
+    reach: Arc<Reachability>,
+    read_timeout: Duration,
+    metrics: Arc<Metrics>,
+    /// Local copies of hot files, and the layer digest they are kept under.
+    materialized: Option<(Arc<Materializer>, String)>,
+    /// Bytes returned to the kernel (what applications actually read).
+    read_bytes: Option<Counter>,
+    /// Startup reads are recorded here, under the layer digest.
+    recorder: Option<(Arc<TraceRecorder>, String)>,
+}
+
+/// Up to `size` bytes at `offset` of a local copy of a file of `file_size` bytes; an error
+/// when the copy is shorter than the file (then the span path answers instead).
+fn pread(f: &File, offset: u64, size: u32, file_size: u64) -> std::io::Result<Vec<u8>> {
+    let want = u64::from(size).min(file_size.saturating_sub(offset));
+    // `want` ≤ the kernel's read size (a u32), so it fits in memory and in usize.
+    let mut buf = vec![0u8; usize::try_from(want).unwrap_or(0)];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// [`pread`] of a local copy, `None` (logged) when it fails: the span path answers then.
+fn local_read(f: &File, path: &str, offset: u64, size: u32, file_size: u64) -> Option<Vec<u8>> {
+    pread(f, offset, size, file_size)
+        .inspect_err(|e| {
+            warn!(path, offset, size, error = %e, "local copy unreadable; reading through spans")
+        })
+        .ok()
+}
+
+impl LayerContent {
+    pub fn new(
+        reader: Arc<LayerReader>,
+        reach: Arc<Reachability>,
+        read_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> LayerContent {
+        LayerContent {
+            reader,
+            reach,
+            read_timeout,
+            metrics,
+            materialized: None,
+            read_bytes: None,
+            recorder: None,
+        }
+    }
+
+    pub fn reader(&self) -> &Arc<LayerReader> {
+        &self.reader
+    }
+
+    /// Serves the files `m` holds under `layer_digest` from local disk.
+    pub fn with_materialized(mut self, m: Arc<Materializer>, layer_digest: String) -> Self {
+        self.materialized = Some((m, layer_digest));
+        self
+    }
+
+    /// Records reads into `r` (it keeps those of a startup window) under `layer_digest`.
+    pub fn with_recorder(mut self, r: Arc<TraceRecorder>, layer_digest: String) -> Self {
+        self.recorder = Some((r, layer_digest));
+        self
+    }
+
+    /// Counts the bytes every read returns to the kernel into `c`.
+    pub fn with_read_bytes_counter(mut self, c: Counter) -> Self {
+        self.read_bytes = Some(c);
+        self
+    }
+
+    /// The local copy of all of `entry`, if one is here (the kernel may then read it
+    /// directly). Recorded as a read of the whole file: its reads will not come here, and a
+    /// recording made with a pack must still name the file.
+    pub fn whole_local(&self, entry: &Entry) -> Option<Arc<File>> {
+        let (m, layer) = self.materialized.as_ref()?;
+        let f = m.whole(layer, &entry.path, entry.size)?;
+        if let Some((r, l)) = &self.recorder {
+            r.record(l, &entry.path, 0, entry.size);
+        }
+        Some(f)
+    }
+
+    /// Answers a read at once from a local copy (a `pread`, fast enough for the FUSE
+    /// thread); otherwise what is left to do, for [`LayerContent::read_pending`].
+    pub fn read_now(&self, entry: &Entry, offset: u64, size: u32) -> Result<Bytes, Pending> {
+        let want = u64::from(size).min(entry.size.saturating_sub(offset));
+        if let Some((r, layer)) = &self.recorder {
+            r.record(layer, &entry.path, offset, want);
+        }
+        let mut coming = false;
+        if let Some((m, layer)) = &self.materialized {
+            let local = match m.ranged(layer, &entry.path, entry.size, offset, want) {
+                RangedRead::Here(f) => Some(f),
+                RangedRead::Coming => {
+                    coming = true;
+                    None
+                }
+                RangedRead::No => m.get(layer, &entry.path),
+            };
+            if let Some(data) =
+                local.and_then(|f| local_read(&f, &entry.path, offset, size, entry.size))
+            {
+                return Ok(self.counted(data.into()));
+            }
+        }
+        Err(Pending {
+            entry: entry.clone(),
+            offset,
+            size,
+            coming,
+        })
+    }
+
+    /// Finishes a read that [`LayerContent::read_now`] could not answer: waits for the
+    /// pack when it is bringing the bytes, else reads the spans, within the read timeout.
+    pub async fn read_pending(self, p: Pending) -> Result<Bytes, ContentError> {
+        let Pending {
+            entry,
+            offset,
+            size,
+            coming,
+        } = p;
+        // The startup pack is bringing these bytes: wait for it rather than fetch them a
+        // second time (bounded: the pack abandons what its failed chunks held).
+        if coming && let Some((m, layer)) = &self.materialized {
+            let want = u64::from(size).min(entry.size.saturating_sub(offset));
+            let t0 = std::time::Instant::now();
+            let here = m
+                .wait_ranged(
+                    layer,
+                    &entry.path,
+                    entry.size,
+                    offset,
+                    want,
+                    self.read_timeout,
+                )
+                .await;
+            self.metrics.startup_read_waits.inc();
+            self.metrics
+                .startup_read_wait_seconds
+                .inc_by(t0.elapsed().as_secs_f64());
+            if let Some(data) =
+                here.and_then(|f| local_read(&f, &entry.path, offset, size, entry.size))
+            {
+                return Ok(self.counted(data.into()));
+            }
+        }
+        // Which files a start reads that no pack or local copy holds (a plan to redo).
+        debug!(path = %entry.path, offset, size, "read through spans");
+        // A registry already known down fails this read at once: not worth a warning each.
+        let known_down = self.reach.down_since().is_some();
+        let timeout = self.read_timeout;
+        let read = self.reader.read_file(&entry, offset, u64::from(size));
+        tokio::pin!(read);
+        match tokio::time::timeout(timeout, &mut read).await {
+            Ok(Ok(data)) => Ok(self.counted(data)),
+            Ok(Err(e)) => {
+                self.metrics.read_errors.inc();
+                if known_down {
+                    debug!(path = %entry.path, offset, size, error = %e, "read failed");
+                } else {
+                    warn!(path = %entry.path, offset, size, error = %e, "read failed");
+                }
+                Err(e.into())
+            }
+            Err(_) => {
+                // Marked while the fetch is still held (it is dropped with this future,
+                // which lets readers waiting on its spans go on): the kernel's retry of this
+                // read and those readers must not wait through another timeout.
+                self.reach
+                    .failed(&format_args!("a read waited {timeout:?}"));
+                self.metrics.read_errors.inc();
+                warn!(path = %entry.path, offset, size, ?timeout, "read timed out");
+                Err(ContentError::TimedOut(timeout))
+            }
+        }
+    }
+
+    fn counted(&self, data: Bytes) -> Bytes {
+        if let Some(c) = &self.read_bytes {
+            c.inc_by(data.len() as u64);
+        }
+        data
+    }
+}
