@@ -4,10 +4,12 @@
 # show what a node would use, and read files of the image lazily through the artifact.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash hack/setup.sh
-echo "== building talaria" >&2
+# Only what this job needs (not the test tools: no JDK, containerd or Go builds).
+bash hack/setup.sh demo
+if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
+echo "== building talaria (cargo build --release -p talaria-cli; a few minutes the first time)" >&2
 cargo build --quiet --release -p talaria-cli
-T=target/release/talaria
+T=${CARGO_TARGET_DIR:-target}/release/talaria
 dir=target/demo/image
 bash hack/demo-image.sh "$dir"
 

@@ -1,13 +1,14 @@
 //! `talaria`: build, inspect and read accelerated artifacts of container images, on a
 //! registry or in an OCI image layout directory.
 
+mod build;
 mod cat;
 mod common;
 mod inspect;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use common::{CliError, Output};
 
@@ -64,7 +65,7 @@ pub struct GlobalArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Build (or adopt) the artifact of an image and store it next to the image (or in --artifact-repo).
-    Build(BuildArgs),
+    Build(build::BuildArgs),
     /// Show an image's platforms, layers and artifacts, and which artifact a node would use.
     Inspect {
         /// The image.
@@ -77,47 +78,6 @@ enum Command {
         /// Absolute path of the file inside the image (symlinks are followed within the image).
         path: String,
     },
-}
-
-#[derive(Args, Debug)]
-pub struct BuildArgs {
-    /// The image.
-    pub image: String,
-    /// `startup-local-v1` (indexes + startup plan) or `default` (indexes only).
-    #[arg(long, value_enum, default_value_t = ProfileArg::StartupLocalV1)]
-    pub profile: ProfileArg,
-    /// Uncompressed bytes between decompression checkpoints (64 KiB to 64 MiB).
-    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(65536..=67108864))]
-    pub span_size: u64,
-    /// Most bytes of startup data a node prefetches first.
-    #[arg(long, default_value_t = 256 << 20)]
-    pub prefetch_budget: u64,
-    /// Layers smaller than this many compressed bytes are not indexed (pulled normally); 0 indexes all.
-    #[arg(long, default_value_t = 0)]
-    pub skip_smaller_than: u64,
-    /// Layers indexed at once.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
-    pub parallelism: u64,
-    /// Plan the reads of a recorded start instead of predicting them: a talaria-node's
-    /// `/startup-trace` (JSON). The artifact replaces an existing one of the same key.
-    #[arg(long, value_name = "FILE")]
-    pub startup_trace: Option<std::path::PathBuf>,
-    /// With --startup-trace: re-index the layers the start read with spans of this size
-    /// there (uniform elsewhere), for nodes that fetch spans; 0 (default) keeps the indexes,
-    /// since the startup pack carries the bytes read.
-    #[arg(long, default_value_t = 0)]
-    pub hot_span_size: u64,
-    /// With --startup-trace: no startup pack (nodes fetch the plan's spans instead).
-    #[arg(long)]
-    pub no_pack: bool,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProfileArg {
-    #[value(name = "startup-local-v1")]
-    StartupLocalV1,
-    #[value(name = "default")]
-    Default,
 }
 
 fn main() -> ExitCode {
@@ -137,7 +97,7 @@ fn main() -> ExitCode {
     };
     let res = rt.block_on(async {
         match cli.command {
-            Command::Build(args) => common::build(&cli.global, &args).await,
+            Command::Build(args) => build::run(&cli.global, &args).await,
             Command::Inspect { image } => inspect::run(&cli.global, &image).await,
             Command::Cat { image, path } => cat::run(&cli.global, &image, &path).await,
         }
