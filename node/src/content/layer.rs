@@ -27,11 +27,14 @@ pub enum ContentError {
     Read(#[from] talaria_artifact::index::reader::ReadError),
     #[error("the read waited {0:?}")]
     TimedOut(Duration),
+    #[error("no entry {0} in the layer's index")]
+    NoEntry(usize),
 }
 
 /// A read that no local copy answers now: it waits for the pack or goes to the spans.
 pub struct Pending {
-    entry: Entry,
+    /// The file's entry in the layer's index.
+    entry: usize,
     offset: u64,
     size: u32,
     /// The startup pack announced these bytes and has not brought them yet.
@@ -114,20 +117,30 @@ impl LayerContent {
     }
 
     /// The local copy of all of `entry`, if one is here (the kernel may then read it
-    /// directly). Recorded as a read of the whole file: its reads will not come here, and a
-    /// recording made with a pack must still name the file.
+    /// directly).
     pub fn whole_local(&self, entry: &Entry) -> Option<Arc<File>> {
         let (m, layer) = self.materialized.as_ref()?;
-        let f = m.whole(layer, &entry.path, entry.size)?;
+        m.whole(layer, &entry.path, entry.size)
+    }
+
+    /// Records an open whose reads will not come here (kernel passthrough) as a read of the
+    /// whole file, so a recording made with a pack still names the file.
+    pub fn record_whole(&self, entry: &Entry) {
         if let Some((r, l)) = &self.recorder {
             r.record(l, &entry.path, 0, entry.size);
         }
-        Some(f)
     }
 
-    /// Answers a read at once from a local copy (a `pread`, fast enough for the FUSE
-    /// thread); otherwise what is left to do, for [`LayerContent::read_pending`].
-    pub fn read_now(&self, entry: &Entry, offset: u64, size: u32) -> Result<Bytes, Pending> {
+    /// Answers a read of index entry `entry` at once from a local copy (a `pread`, fast
+    /// enough for the FUSE thread); otherwise what is left to do, for
+    /// [`LayerContent::read_pending`]. `None`: not a file of this layer.
+    pub fn read_now(&self, entry: usize, offset: u64, size: u32) -> Option<Result<Bytes, Pending>> {
+        let i = entry;
+        let entry = self.reader.index().entries.get(i)?;
+        Some(self.read_local(i, entry, offset, size))
+    }
+
+    fn read_local(&self, i: usize, entry: &Entry, offset: u64, size: u32) -> Result<Bytes, Pending> {
         let want = u64::from(size).min(entry.size.saturating_sub(offset));
         if let Some((r, layer)) = &self.recorder {
             r.record(layer, &entry.path, offset, want);
@@ -149,7 +162,7 @@ impl LayerContent {
             }
         }
         Err(Pending {
-            entry: entry.clone(),
+            entry: i,
             offset,
             size,
             coming,
@@ -165,6 +178,11 @@ impl LayerContent {
             size,
             coming,
         } = p;
+        let index = self.reader.index().clone();
+        // `read_now` found it, in the same index.
+        let Some(entry) = index.entries.get(entry) else {
+            return Err(ContentError::NoEntry(entry));
+        };
         // The startup pack is bringing these bytes: wait for it rather than fetch them a
         // second time (bounded: the pack abandons what its failed chunks held).
         if coming && let Some((m, layer)) = &self.materialized {
@@ -195,7 +213,7 @@ impl LayerContent {
         // A registry already known down fails this read at once: not worth a warning each.
         let known_down = self.reach.down_since().is_some();
         let timeout = self.read_timeout;
-        let read = self.reader.read_file(&entry, offset, u64::from(size));
+        let read = self.reader.read_file(entry, offset, u64::from(size));
         tokio::pin!(read);
         match tokio::time::timeout(timeout, &mut read).await {
             Ok(Ok(data)) => Ok(self.counted(data)),

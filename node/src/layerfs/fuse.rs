@@ -305,6 +305,7 @@ impl LayerFs {
             }
         };
         *open += 1;
+        self.content.record_whole(entry);
         self.metrics.passthrough_opens.inc();
         // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (the page cache is the
         // local copy's).
@@ -394,16 +395,15 @@ impl Filesystem for LayerFs {
         reply: ReplyData,
     ) {
         self.ops.read.inc();
-        let Some(entry) = self
+        let Some(read) = self
             .tree
             .node(ino.0)
             .and_then(|n| n.content)
-            .and_then(|i| self.index.entries.get(i))
-            .cloned()
+            .and_then(|i| self.content.read_now(i, offset, size))
         else {
             return reply.error(Errno::EINVAL);
         };
-        match self.content.read_now(&entry, offset, size) {
+        match read {
             Ok(data) => reply.data(&data),
             // Answered from the runtime so a slow fetch never holds up this FUSE thread.
             Err(pending) => {
