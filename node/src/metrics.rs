@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::content::prefetch::PrefetchError;
+
 /// Why a layer was unpacked normally instead of mounted lazily.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
@@ -294,10 +296,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn prefetch_error(&self, stage: &str) {
+    /// Counts `e` under its [`PrefetchError::reason`]: taking the error rather than a
+    /// string keeps the label set closed.
+    pub fn prefetch_error(&self, e: &PrefetchError) {
         self.prefetch_errors
             .get_or_create(&StageLabels {
-                stage: stage.to_string(),
+                stage: e.reason().to_string(),
             })
             .inc();
     }

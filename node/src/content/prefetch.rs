@@ -23,22 +23,24 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use talaria_artifact::format::{self, ArtifactInfo};
-use talaria_artifact::index::reader::{LayerReader, PrefetchStats, ReadObserver, SpanCache};
-use talaria_artifact::index::{EntryKind, LayerIndex};
-use talaria_artifact::oci::registry::{RegistryClient, Repository};
-use talaria_artifact::oci::store::{RegistryStore, Store};
-use talaria_artifact::oci::{ImageManifest, Manifest};
+use talaria_artifact::index::reader::{
+    LayerReader, PrefetchStats, ReadError, ReadObserver, SpanCache,
+};
+use talaria_artifact::index::{DecodeError, EntryKind, LayerIndex};
+use talaria_artifact::oci::registry::{RegistryClient, RegistryError, Repository};
+use talaria_artifact::oci::store::{RegistryStore, Store, StoreError};
+use talaria_artifact::oci::{FormatError, ImageManifest, Manifest};
 use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
-use talaria_artifact::startup::ImageConfig;
-use talaria_artifact::startup::pack::{PackRecord, PackTable};
+use talaria_artifact::startup::pack::{PackError, PackRecord, PackTable};
 use talaria_artifact::startup::plan::{PlanEntry, StartupPlan};
+use talaria_artifact::startup::{ConfigError, ImageConfig};
 use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, info, warn};
 
 use crate::content::cache::TieredSpanCache;
-use crate::content::materialize::Materializer;
+use crate::content::materialize::{MaterializeError, Materializer};
 use crate::content::reach::Reachability;
-use crate::content::sched::{self, Class, FETCH, FetchContext, LinkScheduler};
+use crate::content::sched::{self, Class, FETCH, FetchContext, LinkScheduler, SchedError};
 use crate::layerfs::tree::Tree;
 use crate::metrics::Metrics;
 use talaria_artifact::startup::generic::{GenericBudget, generic_plan};
@@ -61,6 +63,152 @@ const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// bytes and files.
 const GENERIC_MAX_BYTES: u64 = 128 << 20;
 const GENERIC_MAX_FILES: usize = 4096;
+
+/// Why a step of a startup prefetch or background fetch failed. Never fatal: reads still
+/// fetch on demand. [`PrefetchError::reason`] is the `stage` label of
+/// `talaria_node_prefetch_errors_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    /// The artifact lists no index for the layer.
+    #[error("artifact {artifact} does not index {layer}")]
+    NotIndexed { artifact: String, layer: String },
+    #[error("index blob {digest}: {source}")]
+    IndexRead {
+        digest: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("index {digest}: {source}")]
+    IndexInvalid {
+        digest: String,
+        #[source]
+        source: DecodeError,
+    },
+    /// The index blob is of another layer than the one it was listed for.
+    #[error("index {digest} indexes {indexed} but the layer is {layer}")]
+    IndexMismatch {
+        digest: String,
+        indexed: String,
+        layer: String,
+    },
+    #[error("image manifest {digest}: {source}")]
+    ManifestRead {
+        digest: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("image manifest {digest}: {source}")]
+    ManifestInvalid {
+        digest: String,
+        #[source]
+        source: FormatError,
+    },
+    #[error("{digest} is an index")]
+    ManifestIsIndex { digest: String },
+    #[error("plan blob {digest}: {source}")]
+    PlanRead {
+        digest: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("plan blob {digest}: {source}")]
+    PlanInvalid {
+        digest: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("image config {digest}: {source}")]
+    ConfigRead {
+        digest: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("image config {digest}: {source}")]
+    ConfigInvalid {
+        digest: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("generic plan task: {0}")]
+    GenericPlanTask(#[source] tokio::task::JoinError),
+    /// A startup span request got no permit from the link scheduler.
+    #[error("{0}")]
+    SpanPermit(#[source] SchedError),
+    #[error("{0}")]
+    SpanRead(#[source] ReadError),
+    #[error("timed out after {0:?}")]
+    SpanTimeout(Duration),
+    #[error("{0}")]
+    BackgroundPermit(#[source] SchedError),
+    #[error("{0}")]
+    BackgroundRead(#[source] ReadError),
+    #[error("timed out after {0:?}")]
+    BackgroundTimeout(Duration),
+    /// The pack table breaks what readers rely on.
+    #[error("{0}")]
+    PackTable(#[source] PackError),
+    /// The materializer cannot take the pack's files (so their reads need not wait).
+    #[error("{0}")]
+    PackReserve(#[source] MaterializeError),
+    #[error("{0}")]
+    PackPermit(#[source] SchedError),
+    #[error("{0}")]
+    PackRead(#[source] SourceError),
+    /// The body of a pack request broke off.
+    #[error("{0}")]
+    PackBody(#[source] RegistryError),
+    #[error("timed out after {0:?}")]
+    PackTimeout(Duration),
+    /// A chunk failed its digest or would not decompress.
+    #[error("{0}")]
+    PackChunk(#[source] PackError),
+    #[error("record past the chunk")]
+    PackRecordPastChunk,
+    /// Writing a packed file's local copy failed.
+    #[error("{0}")]
+    PackWrite(#[source] MaterializeError),
+    #[error("unpack task: {0}")]
+    PackTask(#[source] tokio::task::JoinError),
+    /// The run's request ended before this chunk, with no error to tell.
+    #[error("not fetched")]
+    PackNotFetched,
+    /// Writing a startup file's local copy failed.
+    #[error("{0}")]
+    MaterializeWrite(#[source] MaterializeError),
+    #[error("materializing task: {0}")]
+    MaterializeTask(#[source] tokio::task::JoinError),
+    #[error("startup prefetch timed out after {0:?}")]
+    StartupTimeout(Duration),
+    /// One failure handed to several waiters: an index load shared by a job and Prepares,
+    /// a pack request shared by its chunks.
+    #[error(transparent)]
+    Shared(Arc<PrefetchError>),
+}
+
+impl PrefetchError {
+    /// The metric label: the step that failed. The values predate this type and are kept
+    /// so that dashboards and alerts keep working.
+    pub fn reason(&self) -> &'static str {
+        use PrefetchError::*;
+        // No wildcard: a new variant has to pick its label.
+        match self {
+            NotIndexed { .. } | IndexRead { .. } | IndexInvalid { .. } | IndexMismatch { .. } => {
+                "index"
+            }
+            ManifestRead { .. } | ManifestInvalid { .. } | ManifestIsIndex { .. } => "manifest",
+            PlanRead { .. } | PlanInvalid { .. } => "plan",
+            ConfigRead { .. } | ConfigInvalid { .. } | GenericPlanTask(_) => "config",
+            SpanPermit(_) | SpanRead(_) | SpanTimeout(_) => "fetch",
+            BackgroundPermit(_) | BackgroundRead(_) | BackgroundTimeout(_) => "background",
+            PackTable(_) | PackReserve(_) | PackPermit(_) | PackRead(_) | PackBody(_)
+            | PackTimeout(_) | PackChunk(_) | PackRecordPastChunk | PackWrite(_) | PackTask(_)
+            | PackNotFetched => "pack",
+            MaterializeWrite(_) | MaterializeTask(_) => "materialize",
+            StartupTimeout(_) => "timeout",
+            Shared(e) => e.reason(),
+        }
+    }
+}
 
 /// A layer's index blob as fetched, its decoded index, and that index's inode tree once
 /// asked for.
@@ -444,34 +592,25 @@ impl Fetcher {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let permit = match sched.acquire(&host, Class::Background).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        metrics.prefetch_error("background");
-                        warn!(layer, error = %e, "background fetch stopped");
-                        return;
+                let res = match sched.acquire(&host, Class::Background).await {
+                    Err(e) => Err(PrefetchError::BackgroundPermit(e)),
+                    Ok(_permit) => {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let fetch = FETCH.scope(ctx.clone(), reader.prefetch_spans(first, last));
+                        match tokio::time::timeout(timeout, fetch).await {
+                            Ok(r) => r.map(drop).map_err(PrefetchError::BackgroundRead),
+                            Err(_) => Err(PrefetchError::BackgroundTimeout(timeout)),
+                        }
                     }
                 };
-                if stop.load(Ordering::Relaxed) {
+                // Bounded: one failure ends this layer's background fetch; reads still
+                // fetch on demand.
+                if let Err(e) = res {
+                    metrics.prefetch_error(&e);
+                    warn!(layer, error = %e, "background fetch stopped");
                     return;
-                }
-                let fetch = FETCH.scope(ctx.clone(), reader.prefetch_spans(first, last));
-                let res = tokio::time::timeout(timeout, fetch).await;
-                drop(permit);
-                match res {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        // Bounded: one failure ends this layer's background fetch; reads
-                        // still fetch on demand.
-                        metrics.prefetch_error("background");
-                        warn!(layer, error = %e, "background fetch stopped");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.prefetch_error("background");
-                        warn!(layer, ?timeout, "background fetch timed out; stopped");
-                        return;
-                    }
                 }
             }
             debug!(layer, "background fetch complete");
@@ -597,7 +736,7 @@ impl Fetcher {
         // Last: tests and benchmarks wait on this one.
         m.startup_prefetches.inc();
         if res.is_none() && !j.cancelled.load(Ordering::Relaxed) {
-            m.prefetch_error("timeout");
+            m.prefetch_error(&PrefetchError::StartupTimeout(STARTUP_MAX));
             warn!(image = %j.image, ?elapsed, "startup prefetch timed out");
         }
     }
@@ -662,11 +801,17 @@ impl Fetcher {
                 Some(d) => art_store
                     .get_blob(&d.digest, format::MAX_INDEX_BLOB)
                     .await
-                    .map_err(|e| format!("plan blob {}: {e}", d.digest))
+                    .map_err(|source| PrefetchError::PlanRead {
+                        digest: d.digest.clone(),
+                        source,
+                    })
                     .and_then(|raw| {
                         serde_json::from_slice::<StartupPlan>(&raw)
                             .map(Some)
-                            .map_err(|e| format!("plan blob {}: {e}", d.digest))
+                            .map_err(|source| PrefetchError::PlanInvalid {
+                                digest: d.digest.clone(),
+                                source,
+                            })
                     }),
                 None => Ok(None),
             };
@@ -681,14 +826,21 @@ impl Fetcher {
             (plan, pack)
         };
         let manifest = async {
+            let digest = || j.manifest.clone();
             let raw = image_store
                 .get_manifest(&j.manifest)
                 .await
-                .map_err(|e| format!("image manifest {}: {e}", j.manifest))?;
+                .map_err(|source| PrefetchError::ManifestRead {
+                    digest: digest(),
+                    source,
+                })?;
             match raw.parse() {
                 Ok(Manifest::Image(m)) => Ok(m),
-                Ok(Manifest::Index(_)) => Err(format!("{} is an index", j.manifest)),
-                Err(e) => Err(format!("image manifest {}: {e}", j.manifest)),
+                Ok(Manifest::Index(_)) => Err(PrefetchError::ManifestIsIndex { digest: digest() }),
+                Err(source) => Err(PrefetchError::ManifestInvalid {
+                    digest: digest(),
+                    source,
+                }),
             }
         };
         let (indexes, (plan, pack), manifest) = tokio::join!(indexes, plan, manifest);
@@ -709,7 +861,7 @@ impl Fetcher {
                 }
                 Err(e) => {
                     st.errors += 1;
-                    self.metrics.prefetch_error("index");
+                    self.metrics.prefetch_error(&e);
                     warn!(image = %j.image, layer, error = %e, "startup prefetch: index not loaded");
                 }
             }
@@ -718,7 +870,7 @@ impl Fetcher {
             Ok(m) => m,
             Err(e) => {
                 st.errors += 1;
-                self.metrics.prefetch_error("manifest");
+                self.metrics.prefetch_error(&e);
                 warn!(image = %j.image, error = %e, "startup prefetch: no image manifest; nothing prefetched");
                 return st;
             }
@@ -763,14 +915,14 @@ impl Fetcher {
                 }
                 Err(e) => {
                     st.errors += 1;
-                    self.metrics.prefetch_error("config");
+                    self.metrics.prefetch_error(&e);
                     warn!(image = %j.image, error = %e, "startup prefetch: no generic plan");
                     return st;
                 }
             },
             Err(e) => {
                 st.errors += 1;
-                self.metrics.prefetch_error("plan");
+                self.metrics.prefetch_error(&e);
                 warn!(image = %j.image, error = %e, "startup prefetch: plan not loaded");
                 return st;
             }
@@ -793,21 +945,17 @@ impl Fetcher {
                 async move {
                     let layer = layer?;
                     // The permit before the span locks: a queued prefetch holds no span.
-                    let permit = self
-                        .sched
-                        .acquire(&layer.host, Class::Startup)
-                        .await
-                        .map_err(|e| e.to_string());
+                    let permit = self.sched.acquire(&layer.host, Class::Startup).await;
                     let res = match permit {
                         Ok(_p) => {
                             let fetch =
                                 FETCH.scope(ctx, layer.reader.prefetch_spans(r.first, r.last));
                             match tokio::time::timeout(timeout, fetch).await {
-                                Ok(r) => r.map_err(|e| e.to_string()),
-                                Err(_) => Err(format!("timed out after {timeout:?}")),
+                                Ok(r) => r.map_err(PrefetchError::SpanRead),
+                                Err(_) => Err(PrefetchError::SpanTimeout(timeout)),
                             }
                         }
-                        Err(e) => Err(e),
+                        Err(e) => Err(PrefetchError::SpanPermit(e)),
                     };
                     Some((layer.layer.clone(), res))
                 }
@@ -822,7 +970,7 @@ impl Fetcher {
                 Ok(p) => st.add(&p),
                 Err(e) => {
                     st.errors += 1;
-                    self.metrics.prefetch_error("fetch");
+                    self.metrics.prefetch_error(&e);
                     debug!(image = %j.image, layer, error = %e, "startup prefetch request failed");
                 }
             }
@@ -848,9 +996,9 @@ impl Fetcher {
         indexes_in: tokio::sync::watch::Receiver<bool>,
     ) -> PackStats {
         let mut stats = PackStats::default();
-        if let Err(e) = table.check() {
+        if let Err(e) = table.check().map_err(PrefetchError::PackTable) {
             stats.errors += 1;
-            self.metrics.prefetch_error("pack");
+            self.metrics.prefetch_error(&e);
             warn!(image = %j.image, error = %e, "startup pack refused; fetching the plan's spans");
             return stats;
         }
@@ -864,8 +1012,9 @@ impl Fetcher {
                 }
                 Ok(false) => {}
                 Err(e) => {
+                    let e = PrefetchError::PackReserve(e);
                     stats.errors += 1;
-                    self.metrics.prefetch_error("pack");
+                    self.metrics.prefetch_error(&e);
                     warn!(image = %j.image, error = %e, "startup pack: cannot keep its files");
                     break;
                 }
@@ -906,7 +1055,7 @@ impl Fetcher {
                 }
                 Err(e) => {
                     stats.errors += 1;
-                    self.metrics.prefetch_error("pack");
+                    self.metrics.prefetch_error(&e);
                     first_error.get_or_insert(e);
                 }
             }
@@ -936,12 +1085,12 @@ impl Fetcher {
         m: &Arc<Materializer>,
         source: &talaria_artifact::oci::registry::RegistryBlobSource,
         host: &str,
-    ) -> Vec<Result<u64, String>> {
+    ) -> Vec<Result<u64, PrefetchError>> {
         let chunks = &table.chunks[first..=last];
         let start = chunks[0].offset;
         let end = start + chunks.iter().map(|c| c.length).sum::<u64>();
         let deadline = tokio::time::Instant::now() + self.opts.read_timeout;
-        let timed_out = || format!("timed out after {:?}", self.opts.read_timeout);
+        let timed_out = || PrefetchError::PackTimeout(self.opts.read_timeout);
         let fetched = |n: usize| {
             self.metrics.bytes_startup.inc_by(n as u64);
             self.metrics.bytes_prefetched.inc_by(n as u64);
@@ -958,7 +1107,7 @@ impl Fetcher {
             }
         };
         match self.sched.acquire(host, Class::Startup).await {
-            Err(e) => failure = Some(e.to_string()),
+            Err(e) => failure = Some(PrefetchError::PackPermit(e)),
             Ok(_permit) => {
                 let mut buf = bytes::BytesMut::new();
                 let opened =
@@ -973,7 +1122,7 @@ impl Fetcher {
                             }
                             Ok(Ok(None)) => break,
                             Ok(Err(e)) => {
-                                failure = Some(e.to_string());
+                                failure = Some(PrefetchError::PackBody(e));
                                 break;
                             }
                             Err(_) => {
@@ -982,7 +1131,7 @@ impl Fetcher {
                             }
                         }
                     },
-                    Ok(Err(e)) => failure = Some(e.to_string()),
+                    Ok(Err(e)) => failure = Some(PrefetchError::PackRead(e)),
                     Err(_) => failure = Some(timed_out()),
                 }
                 if unpacking.len() < chunks.len() && tokio::time::Instant::now() < deadline {
@@ -997,12 +1146,14 @@ impl Fetcher {
                             fetched(rest.len());
                             take(&mut bytes::BytesMut::from(rest), &mut unpacking);
                         }
-                        Ok(Err(e)) => failure = Some(e.to_string()),
+                        Ok(Err(e)) => failure = Some(PrefetchError::PackRead(e)),
                         Err(_) => failure = Some(timed_out()),
                     }
                 }
             }
         }
+        // Every chunk that did not come fails with the request's error.
+        let failure = failure.map(Arc::new);
         let mut out = Vec::with_capacity(chunks.len());
         let mut unpacking = unpacking.into_iter();
         for (k, c) in chunks.iter().enumerate() {
@@ -1010,9 +1161,11 @@ impl Fetcher {
             let res = match unpacking.next() {
                 Some(task) => match task.await {
                     Ok(r) => r.map(|()| c.length),
-                    Err(e) => Err(format!("unpack task: {e}")),
+                    Err(e) => Err(PrefetchError::PackTask(e)),
                 },
-                None => Err(failure.clone().unwrap_or_else(|| "not fetched".into())),
+                None => Err(failure
+                    .clone()
+                    .map_or(PrefetchError::PackNotFetched, PrefetchError::Shared)),
             };
             if let Err(e) = &res {
                 debug!(image = %j.image, chunk = i, error = %e, "startup pack chunk failed");
@@ -1085,12 +1238,14 @@ impl Fetcher {
                 // Over a budget: later files may be smaller, but the budget is nearly spent.
                 Ok(Ok(false)) => break,
                 Ok(Err(e)) => {
-                    self.metrics.prefetch_error("materialize");
+                    let e = PrefetchError::MaterializeWrite(e);
+                    self.metrics.prefetch_error(&e);
                     warn!(path = %entry.path, error = %e, "materializing stopped");
                     break;
                 }
                 Err(e) => {
-                    self.metrics.prefetch_error("materialize");
+                    let e = PrefetchError::MaterializeTask(e);
+                    self.metrics.prefetch_error(&e);
                     warn!(error = %e, "materializing task failed");
                     break;
                 }
@@ -1106,7 +1261,7 @@ impl Fetcher {
         image_store: &RegistryStore,
         manifest: &ImageManifest,
         shared: &[Option<Arc<SharedLayer>>],
-    ) -> Result<Option<(Vec<PlanEntry>, u64)>, String> {
+    ) -> Result<Option<(Vec<PlanEntry>, u64)>, PrefetchError> {
         if shared.iter().all(Option::is_none) {
             return Ok(None);
         }
@@ -1114,9 +1269,15 @@ impl Fetcher {
         let raw = image_store
             .get_blob(digest, MAX_CONFIG_BYTES)
             .await
-            .map_err(|e| format!("image config {digest}: {e}"))?;
+            .map_err(|source| PrefetchError::ConfigRead {
+                digest: digest.clone(),
+                source,
+            })?;
         let config =
-            ImageConfig::from_json(&raw).map_err(|e| format!("image config {digest}: {e}"))?;
+            ImageConfig::from_json(&raw).map_err(|source| PrefetchError::ConfigInvalid {
+                digest: digest.clone(),
+                source,
+            })?;
         let layers: Vec<Option<Arc<LayerIndex>>> = shared
             .iter()
             .map(|s| s.as_ref().map(|s| s.reader.index().clone()))
@@ -1128,7 +1289,7 @@ impl Fetcher {
         // Walks the merged tree of every layer: CPU work, off the async workers.
         let entries = tokio::task::spawn_blocking(move || generic_plan(&config, &layers, &budget))
             .await
-            .map_err(|e| format!("generic plan task: {e}"))?;
+            .map_err(PrefetchError::GenericPlanTask)?;
         Ok(Some((entries, GENERIC_MAX_BYTES)))
     }
 
@@ -1182,18 +1343,24 @@ async fn load_index(
     store: &RegistryStore,
     desc: &talaria_artifact::oci::Descriptor,
     layer: &str,
-) -> Result<LoadedIndex, String> {
+) -> Result<LoadedIndex, PrefetchError> {
     let raw = store
         .get_blob(&desc.digest, format::MAX_INDEX_BLOB)
         .await
-        .map_err(|e| format!("index blob {}: {e}", desc.digest))?;
-    let index = LayerIndex::decode(&raw).map_err(|e| format!("index {}: {e}", desc.digest))?;
+        .map_err(|source| PrefetchError::IndexRead {
+            digest: desc.digest.clone(),
+            source,
+        })?;
+    let index = LayerIndex::decode(&raw).map_err(|source| PrefetchError::IndexInvalid {
+        digest: desc.digest.clone(),
+        source,
+    })?;
     if index.compressed_digest_string() != layer {
-        return Err(format!(
-            "index {} indexes {} but the layer is {layer}",
-            desc.digest,
-            index.compressed_digest_string()
-        ));
+        return Err(PrefetchError::IndexMismatch {
+            digest: desc.digest.clone(),
+            indexed: index.compressed_digest_string(),
+            layer: layer.to_string(),
+        });
     }
     Ok(LoadedIndex::new(raw, index))
 }
@@ -1209,7 +1376,7 @@ fn spawn_unpack(
     i: usize,
     member: Bytes,
     m: &Arc<Materializer>,
-) -> tokio::task::JoinHandle<Result<(), String>> {
+) -> tokio::task::JoinHandle<Result<(), PrefetchError>> {
     thread_local! {
         // A fresh megabyte a chunk is a fresh mapping, faulted in page by page: with the
         // request bodies, ~20 ms of CPU a postgres start.
@@ -1226,13 +1393,16 @@ fn spawn_unpack(
     tokio::task::spawn_blocking(move || {
         BUF.with_borrow_mut(|data| {
             c.unpack_into(compression, i, &member, data)
-                .map_err(|e| e.to_string())?;
+                .map_err(PrefetchError::PackChunk)?;
             let mut at = 0usize;
             for (r, layer) in c.records.iter().zip(&layers) {
                 let len = r.len as usize;
-                let part = data.get(at..at + len).ok_or("record past the chunk")?;
+                let part = at
+                    .checked_add(len)
+                    .and_then(|end| data.get(at..end))
+                    .ok_or(PrefetchError::PackRecordPastChunk)?;
                 m.fill(layer, &r.path, r.offset, part)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(PrefetchError::PackWrite)?;
                 at += len;
             }
             Ok(())
@@ -1305,7 +1475,8 @@ pub struct ImageJob {
     image: Arc<str>,
     artifact: String,
     /// Index blobs of the artifact's layers, loaded once (by the job or a Prepare).
-    layers: HashMap<String, OnceCell<Result<LoadedIndex, String>>>,
+    /// A failure is shared by everyone who asked.
+    layers: HashMap<String, OnceCell<Result<LoadedIndex, Arc<PrefetchError>>>>,
     created: Instant,
     running: AtomicBool,
     /// When the startup prefetch ended.
@@ -1325,13 +1496,17 @@ pub struct ImageJob {
 impl ImageJob {
     /// The index of `layer`, loaded by `load` unless the job (or another Prepare) already
     /// has or is loading it.
-    pub async fn index<F, Fut>(&self, layer: &str, load: F) -> Result<LoadedIndex, String>
+    pub async fn index<F, Fut>(&self, layer: &str, load: F) -> Result<LoadedIndex, PrefetchError>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<LoadedIndex, String>>,
+        Fut: std::future::Future<Output = Result<LoadedIndex, PrefetchError>>,
     {
         match self.layers.get(layer) {
-            Some(cell) => cell.get_or_init(load).await.clone(),
+            Some(cell) => cell
+                .get_or_init(|| async { load().await.map_err(Arc::new) })
+                .await
+                .clone()
+                .map_err(PrefetchError::Shared),
             None => load().await,
         }
     }
@@ -1343,10 +1518,13 @@ impl ImageJob {
         art: &ArtifactInfo,
         art_repo: &Repository,
         layer: &str,
-    ) -> Result<LoadedIndex, String> {
+    ) -> Result<LoadedIndex, PrefetchError> {
         let desc = art
             .index_for(layer)
-            .ok_or_else(|| format!("artifact {} does not index {layer}", art.descriptor.digest))?;
+            .ok_or_else(|| PrefetchError::NotIndexed {
+                artifact: art.descriptor.digest.clone(),
+                layer: layer.to_string(),
+            })?;
         let store = RegistryStore::new(client.clone(), art_repo.clone());
         self.index(layer, || load_index(&store, desc, layer)).await
     }
@@ -1520,6 +1698,167 @@ fn merge_runs(
 mod tests {
     use super::*;
     use talaria_artifact::index::{Compression, Span};
+
+    #[tokio::test]
+    async fn errors_keep_their_metric_labels() {
+        let d = || "sha256:d".to_string();
+        let store = || StoreError::Other {
+            what: "blob".into(),
+            message: "gone".into(),
+        };
+        let sched = || SchedError::Closed("r.example".into());
+        let read = || ReadError::NoWindows(d());
+        let write = || MaterializeError::Io {
+            what: "write",
+            path: "/x".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        let join = || {
+            let h = tokio::spawn(std::future::pending::<()>());
+            h.abort();
+            h
+        };
+        let t = Duration::from_secs(1);
+        use PrefetchError::*;
+        let cases = [
+            (
+                NotIndexed {
+                    artifact: d(),
+                    layer: d(),
+                },
+                "index",
+            ),
+            (
+                IndexRead {
+                    digest: d(),
+                    source: store(),
+                },
+                "index",
+            ),
+            (
+                IndexInvalid {
+                    digest: d(),
+                    source: DecodeError::BadMagic,
+                },
+                "index",
+            ),
+            (
+                IndexMismatch {
+                    digest: d(),
+                    indexed: d(),
+                    layer: d(),
+                },
+                "index",
+            ),
+            (
+                ManifestRead {
+                    digest: d(),
+                    source: store(),
+                },
+                "manifest",
+            ),
+            (
+                ManifestInvalid {
+                    digest: d(),
+                    source: FormatError::BadDigest(d()),
+                },
+                "manifest",
+            ),
+            (ManifestIsIndex { digest: d() }, "manifest"),
+            (
+                PlanRead {
+                    digest: d(),
+                    source: store(),
+                },
+                "plan",
+            ),
+            (
+                PlanInvalid {
+                    digest: d(),
+                    source: serde_json::from_slice::<StartupPlan>(b"{").unwrap_err(),
+                },
+                "plan",
+            ),
+            (
+                ConfigRead {
+                    digest: d(),
+                    source: store(),
+                },
+                "config",
+            ),
+            (
+                ConfigInvalid {
+                    digest: d(),
+                    source: ImageConfig::from_json(b"{").unwrap_err(),
+                },
+                "config",
+            ),
+            (GenericPlanTask(join().await.unwrap_err()), "config"),
+            (SpanPermit(sched()), "fetch"),
+            (SpanRead(read()), "fetch"),
+            (SpanTimeout(t), "fetch"),
+            (BackgroundPermit(sched()), "background"),
+            (BackgroundRead(read()), "background"),
+            (BackgroundTimeout(t), "background"),
+            (PackTable(PackError::Table("bad".into())), "pack"),
+            (PackReserve(write()), "pack"),
+            (PackPermit(sched()), "pack"),
+            (PackRead(SourceError::Timeout(t)), "pack"),
+            (
+                PackBody(RegistryError::Transport {
+                    op: "GET".into(),
+                    url: "https://r.example/v2".into(),
+                    message: "reset".into(),
+                }),
+                "pack",
+            ),
+            (PackTimeout(t), "pack"),
+            (
+                PackChunk(PackError::Chunk {
+                    chunk: 0,
+                    message: "digest".into(),
+                }),
+                "pack",
+            ),
+            (PackRecordPastChunk, "pack"),
+            (PackWrite(write()), "pack"),
+            (PackTask(join().await.unwrap_err()), "pack"),
+            (PackNotFetched, "pack"),
+            (MaterializeWrite(write()), "materialize"),
+            (MaterializeTask(join().await.unwrap_err()), "materialize"),
+            (StartupTimeout(t), "timeout"),
+            (Shared(Arc::new(PackTimeout(t))), "pack"),
+        ];
+        for (e, want) in &cases {
+            assert_eq!(e.reason(), *want, "{e:?}");
+        }
+        // The labels dashboards and alerts already know, and no others.
+        let labels: HashSet<&str> = cases.iter().map(|(e, _)| e.reason()).collect();
+        let known = [
+            "index",
+            "manifest",
+            "plan",
+            "config",
+            "fetch",
+            "background",
+            "pack",
+            "materialize",
+            "timeout",
+        ];
+        assert_eq!(labels, HashSet::from(known));
+        // Messages read as the strings they replaced.
+        assert_eq!(SpanTimeout(t).to_string(), "timed out after 1s");
+        assert_eq!(Shared(Arc::new(PackNotFetched)).to_string(), "not fetched");
+        assert_eq!(
+            IndexMismatch {
+                digest: "sha256:i".into(),
+                indexed: "sha256:a".into(),
+                layer: "sha256:b".into(),
+            }
+            .to_string(),
+            "index sha256:i indexes sha256:a but the layer is sha256:b"
+        );
+    }
 
     #[test]
     fn pack_runs_start_small_then_fill_requests() {
