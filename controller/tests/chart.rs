@@ -380,6 +380,38 @@ fn kustomizations_name_existing_files() {
     }
 }
 
+/// The node agent's container arguments in a rendering.
+fn node_args(docs: &[Value]) -> Vec<String> {
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("the node DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .flat_map(|c| c["args"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn chart_defaults_use_no_unverified_referrers() {
+    let helm = Helm::new(None);
+    // Nodes trust only what the cluster pins unless the user opts in (docs/trust.md).
+    let defaults = node_args(&helm.template(&[]).await);
+    assert!(
+        !defaults.iter().any(|a| a == "--unverified-referrers"),
+        "{defaults:?}"
+    );
+    assert!(defaults.iter().any(|a| a == "--in-cluster"), "{defaults:?}");
+    let opted = node_args(&helm.template(&["node.resolve.fromReferrers=true"]).await);
+    assert!(
+        opted.iter().any(|a| a == "--unverified-referrers"),
+        "{opted:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rendering_passes_server_side_dry_run() {
     let kube = KubeApi::start().await.expect("control plane");

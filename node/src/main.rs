@@ -98,9 +98,12 @@ struct Args {
     /// Watch AcceleratedImages with the pod's service account.
     #[arg(long, env = "TALARIA_NODE_IN_CLUSTER")]
     in_cluster: bool,
-    /// Do not look for artifacts among registry referrers (only the cluster's).
-    #[arg(long, env = "TALARIA_NODE_NO_REFERRERS")]
-    no_referrers: bool,
+    /// Also use artifacts found among the image's registry referrers when the cluster pins
+    /// none. UNVERIFIED: whoever can push a referrer to the image's repository then decides
+    /// what this node serves for it (docs/trust.md). For tests, benchmarks and registries
+    /// only you can write to; off by default.
+    #[arg(long, env = "TALARIA_NODE_UNVERIFIED_REFERRERS")]
+    unverified_referrers: bool,
     /// Serve CRI's image service here (kubelet's --image-service-endpoint), forwarding to
     /// --containerd-socket and keeping the credentials of pulls for lazy reads.
     #[arg(long, env = "TALARIA_NODE_IMAGE_SERVICE_SOCKET")]
@@ -120,8 +123,9 @@ struct Args {
     /// stopped.
     #[arg(long, env = "TALARIA_NODE_PULL_WARMUP_WAIT", default_value = "30s", value_parser = parse_duration)]
     pull_warmup_wait: Duration,
-    /// How long a credential learned from a pull is kept without a newer pull refreshing it.
-    #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "720m", value_parser = parse_duration)]
+    /// How long a credential learned from a successful pull is kept without a newer
+    /// successful pull refreshing it.
+    #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "1h", value_parser = parse_duration)]
     pull_credential_ttl: Duration,
     /// Address for /metrics and /healthz (e.g. 127.0.0.1:9810); off when absent.
     #[arg(long, env = "TALARIA_NODE_METRICS_ADDR")]
@@ -219,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }),
             cluster,
-            referrers: !args.no_referrers,
+            referrers: args.unverified_referrers,
             warmup_wait: args.pull_warmup_wait,
         };
         Some(Arc::new(

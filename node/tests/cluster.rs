@@ -234,11 +234,27 @@ async fn layers_mount_from_artifacts_a_policy_approved() {
     )
     .await;
 
+    // Forged: an owner reference naming the policy, with a UID no policy has.
+    let mut impostor = policy.clone();
+    impostor.metadata.uid = Some("00000000-0000-4000-8000-000000000000".into());
+    let (forged_img, forged_art) =
+        image_with_artifact(&host, "talaria/forged", "forged.txt", b"forged owner\n").await;
+    accelerated_image(
+        &images_api,
+        "forged",
+        &host,
+        "talaria/forged",
+        &forged_img,
+        &forged_art,
+        Some(&impostor),
+    )
+    .await;
+
     let socket = dir.path().join("sn.sock");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     let metrics_addr = listener.local_addr().expect("addr").to_string();
     drop(listener);
-    let mut node = Node::start(
+    let mut node = Node::start_with_defaults(
         &dir.path().join("root"),
         &socket,
         &dir.path().join("node.log"),
@@ -286,16 +302,19 @@ async fn layers_mount_from_artifacts_a_policy_approved() {
     );
     assert_eq!(metric(&text, "talaria_node_remote_mounts "), 1.0, "{text}");
 
-    // Not approved (no owning policy): ignored; the referrers find nothing; unpacked.
+    // Not approved (no owning policy): ignored; referrers are not asked; unpacked.
     let stray_ref = format!("{host}/talaria/stray:v1");
     assert!(!prepare(&mut c, &stray_ref, &stray_img).await);
+    // An owner reference whose UID no live policy has approves nothing either.
+    let forged_ref = format!("{host}/talaria/forged:v1");
+    assert!(!prepare(&mut c, &forged_ref, &forged_img).await);
     let text = http_get(&metrics_addr, "/metrics");
     assert_eq!(
         metric(
             &text,
             "talaria_node_fallbacks_total{reason=\"no_artifact\"}"
         ),
-        1.0,
+        2.0,
         "{text}"
     );
     assert_eq!(

@@ -457,14 +457,18 @@ async fn registry_tokens_refresh_before_expiry_and_reauthenticate_on_401() {
     assert!(matches!(e, RegistryError::Auth { .. }), "{e}");
     assert_eq!(tokens.issued(), 0);
 
-    learned.remember(
-        &host,
-        "talaria/token",
-        Credential::Basic {
-            username: USER.into(),
-            password: "pw".into(),
-        },
-    );
+    // As from a pull that succeeded.
+    let offer = learned
+        .offer(
+            &host,
+            "talaria/token",
+            Credential::Basic {
+                username: USER.into(),
+                password: "pw".into(),
+            },
+        )
+        .expect("offered");
+    learned.confirm(offer);
     assert_eq!(
         &read().await.expect("read with a token")[..],
         &layer.blob[100..164]

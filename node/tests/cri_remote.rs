@@ -85,6 +85,8 @@ impl Node {
             .arg(&self.socket)
             .arg("--log")
             .arg("talaria_node=debug,info")
+            // These tests publish artifacts as referrers, with no cluster.
+            .arg("--unverified-referrers")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -31,6 +31,8 @@ impl NodeProc {
             .arg(&root)
             .arg("--socket")
             .arg(&socket)
+            // The benchmarks publish artifacts as referrers, with no cluster.
+            .arg("--unverified-referrers")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -140,7 +140,13 @@ impl LayerContent {
         Some(self.read_local(i, entry, offset, size))
     }
 
-    fn read_local(&self, i: usize, entry: &Entry, offset: u64, size: u32) -> Result<Bytes, Pending> {
+    fn read_local(
+        &self,
+        i: usize,
+        entry: &Entry,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, Pending> {
         let want = u64::from(size).min(entry.size.saturating_sub(offset));
         if let Some((r, layer)) = &self.recorder {
             r.record(layer, &entry.path, offset, want);

@@ -20,7 +20,7 @@ use bytes::{Buf, BufMut, Bytes};
 use hyper_util::rt::TokioIo;
 use prost::Message;
 use talaria_artifact::oci::registry::ImageRef;
-use talaria_artifact::oci::registry::credentials::{Credential, LearnedCredentials};
+use talaria_artifact::oci::registry::credentials::{Credential, LearnedCredentials, Offer};
 use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
@@ -135,10 +135,10 @@ impl ImageServiceProxy {
         Self::new(upstream, learned)
     }
 
-    /// Remembers the credential of a `PullImageRequest` (given as its wire bytes), and
-    /// returns its image reference. A request that does not decode is still forwarded:
-    /// containerd gives the answer.
-    fn learn(&self, body: &[u8]) -> Option<String> {
+    /// Offers the credential of a `PullImageRequest` (given as its wire bytes) while the
+    /// pull runs, and returns its image reference. A request that does not decode is still
+    /// forwarded: containerd gives the answer.
+    fn learn(&self, body: &[u8]) -> Option<(String, Option<Offer>)> {
         let req = match pb::PullImageRequest::decode(body) {
             Ok(r) => r,
             Err(e) => {
@@ -154,15 +154,24 @@ impl ImageServiceProxy {
                 return None;
             }
         };
-        let Some(credential) = req.auth.as_ref().and_then(credential_of) else {
-            return Some(image);
-        };
-        let changed = self
-            .learned
-            .remember(&r.repository.registry, &r.repository.name, credential);
-        // Never the secret: only where it applies and whether it is new.
-        info!(registry = %r.repository.registry, repository = %r.repository.name, changed, "pull credential learned from CRI");
-        Some(image)
+        let offer = req.auth.as_ref().and_then(credential_of).and_then(|c| {
+            self.learned
+                .offer(&r.repository.registry, &r.repository.name, c)
+        });
+        Some((image, offer))
+    }
+
+    /// Keeps an offered credential when its pull succeeded, drops it when it failed: a pull
+    /// with a wrong secret never replaces a credential that works.
+    fn settle(&self, offer: Offer, pulled: bool) {
+        if pulled {
+            let changed = self.learned.confirm(offer);
+            // Never the secret: only where it applies and whether it is new.
+            info!(changed, "pull credential kept after a successful pull");
+        } else {
+            self.learned.withdraw(offer);
+            debug!("pull failed; its credential is not kept");
+        }
     }
 
     async fn forward(
@@ -171,10 +180,12 @@ impl ImageServiceProxy {
         req: Request<Bytes>,
     ) -> Result<Response<Bytes>, Status> {
         let (mut metadata, _, body) = req.into_parts();
+        let mut offer = None;
         if path.path() == PULL_IMAGE
-            && let Some(image) = self.learn(&body)
+            && let Some((image, o)) = self.learn(&body)
         {
-            // After the credential is kept: the warm-up may need it.
+            offer = o;
+            // After the credential is offered: the warm-up may need it.
             self.warm(image);
         }
         // Compression is negotiated per hop: ours has none, so the caller's encodings
@@ -195,7 +206,11 @@ impl ImageServiceProxy {
                 path,
                 RawCodec,
             )
-            .await?;
+            .await;
+        if let Some(o) = offer {
+            self.settle(o, out.is_ok());
+        }
+        let out = out?;
         let (mut metadata, body, _) = out.into_parts();
         for h in ["grpc-encoding", "grpc-accept-encoding", "content-length"] {
             metadata.remove(h);
@@ -425,12 +440,36 @@ mod tests {
         .encode_to_vec();
         // A field this code does not model (sandbox_config = 3) must not stop decoding.
         req.extend_from_slice(&[0x1a, 0x02, 0x08, 0x01]);
-        proxy.learn(&req);
+        let (image, offer) = proxy.learn(&req).expect("decoded");
+        assert_eq!(image, "reg.example:5000/team/app:v1");
         use talaria_artifact::oci::registry::credentials::CredentialSource;
+        // Offered while the pull runs; kept only once it succeeded.
         assert!(matches!(
             learned.lookup("reg.example:5000", "team/app"),
             Some(Credential::Basic { .. })
         ));
+        proxy.settle(offer.expect("a credential"), true);
         assert_eq!(learned.len(), 1);
+        // A second pull with another secret that fails: the first stays.
+        let bogus = pb::PullImageRequest {
+            image: Some(pb::ImageSpec {
+                image: "reg.example:5000/team/app:v2".into(),
+            }),
+            auth: Some(pb::AuthConfig {
+                username: "u".into(),
+                password: "bogus".into(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec();
+        let (_, offer) = proxy.learn(&bogus).expect("decoded");
+        proxy.settle(offer.expect("a credential"), false);
+        assert_eq!(
+            learned.lookup("reg.example:5000", "team/app"),
+            Some(Credential::Basic {
+                username: "u".into(),
+                password: "p".into()
+            })
+        );
     }
 }

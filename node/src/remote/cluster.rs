@@ -1,7 +1,9 @@
-//! Artifacts from the cluster: the node watches AcceleratedImages and, for an image manifest,
-//! uses the artifact of a Ready one that at least one AccelerationPolicy owns (approved).
-//! Only approved objects count, so anyone able to create an AcceleratedImage without a
-//! policy cannot point nodes at an artifact of their choosing.
+//! Artifacts from the cluster: the node watches AcceleratedImages and AccelerationPolicies
+//! and, for an image manifest, uses the artifact of a Ready AcceleratedImage that a live
+//! AccelerationPolicy owns (approved): an owner reference counts only when a policy of that
+//! name has that UID now, so a made-up or stale owner reference approves nothing. Until
+//! both watches have listed, nothing is approved: a layer is then pulled normally, never
+//! looked up elsewhere (docs/trust.md).
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use futures::StreamExt;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
-use talaria_api::{AcceleratedImage, ArtifactRef, Phase};
+use talaria_api::{AcceleratedImage, AccelerationPolicy, ArtifactRef, Phase};
 use tracing::{debug, warn};
 
 /// How long a lookup waits for the first list of the watch before using what it has.
@@ -48,9 +50,10 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
     Client::try_from(config).map_err(|e| ClusterError::Client(e.to_string()))
 }
 
-/// A watched cache of the cluster's AcceleratedImages.
+/// Watched caches of the cluster's AcceleratedImages and AccelerationPolicies.
 pub struct ClusterSource {
     store: Store<AcceleratedImage>,
+    policies: Store<AccelerationPolicy>,
 }
 
 impl std::fmt::Debug for ClusterSource {
@@ -62,38 +65,26 @@ impl std::fmt::Debug for ClusterSource {
 }
 
 impl ClusterSource {
-    /// Starts watching AcceleratedImages in all namespaces on the current tokio runtime.
-    /// The watch retries with backoff for as long as the process lives.
+    /// Starts watching AcceleratedImages (all namespaces) and AccelerationPolicies on the
+    /// current tokio runtime. The watches retry with backoff for as long as the process lives.
     pub fn start(client: Client) -> ClusterSource {
-        let api: Api<AcceleratedImage> = Api::all(client);
-        let (store, writer) = reflector::store();
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .applied_objects();
-        tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(img) => debug!(
-                        name = img.metadata.name.as_deref().unwrap_or(""),
-                        "AcceleratedImage seen"
-                    ),
-                    Err(e) => warn!(error = %e, "watching AcceleratedImages"),
-                }
-            }
-        });
-        ClusterSource { store }
+        ClusterSource {
+            store: watch(Api::all(client.clone()), "AcceleratedImage"),
+            policies: watch(Api::all(client), "AccelerationPolicy"),
+        }
     }
 
     /// The artifact of a Ready, policy-owned AcceleratedImage of `manifest` for `platform`
     /// (`os/arch`, variant ignored): its profile's artifact, else the default one.
     pub async fn lookup(&self, manifest: &str, platform: &str) -> Option<ArtifactRef> {
-        if tokio::time::timeout(READY_WAIT, self.store.wait_until_ready())
-            .await
-            .is_err()
-        {
-            warn!("AcceleratedImages not listed yet; looking in what is known");
+        let listed = async {
+            self.store.wait_until_ready().await?;
+            self.policies.wait_until_ready().await
+        };
+        if !matches!(tokio::time::timeout(READY_WAIT, listed).await, Ok(Ok(()))) {
+            // A partial list could approve what a policy deletion since revoked: no artifact.
+            warn!("AcceleratedImages or policies not listed yet; pulling normally");
+            return None;
         }
         let mut found: Vec<ArtifactRef> = self
             .store
@@ -101,7 +92,7 @@ impl ClusterSource {
             .iter()
             .filter(|img| img.spec.digest == manifest)
             .filter(|img| same_platform(&img.spec.platform, platform))
-            .filter(|img| approved(img))
+            .filter(|img| approved(img, &self.policies))
             .filter_map(|img| {
                 let st = img.status.as_ref()?;
                 if st.phase != Phase::Ready {
@@ -116,14 +107,50 @@ impl ClusterSource {
     }
 }
 
-/// Owned by at least one AccelerationPolicy.
-fn approved(img: &AcceleratedImage) -> bool {
+/// Watches every object of `api` into a store; errors are logged and the watch retries.
+fn watch<K>(api: Api<K>, kind: &'static str) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(o) => debug!(kind, name = o.meta().name.as_deref().unwrap_or(""), "seen"),
+                Err(e) => warn!(kind, error = %e, "watch failed; retrying"),
+            }
+        }
+    });
+    store
+}
+
+/// Owned by an AccelerationPolicy that exists now with the owner reference's UID. Only the
+/// controller writes AcceleratedImage status (RBAC), and a policy's UID cannot be chosen,
+/// so an owner reference someone else wrote (or one left from a deleted policy) approves
+/// nothing.
+fn approved(img: &AcceleratedImage, policies: &Store<AccelerationPolicy>) -> bool {
     img.metadata
         .owner_references
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .any(|o| o.kind == "AccelerationPolicy" && o.api_version.starts_with("talaria.dev/"))
+        .filter(|o| o.kind == "AccelerationPolicy" && o.api_version.starts_with("talaria.dev/"))
+        .any(|o| {
+            policies
+                .get(&reflector::ObjectRef::new(&o.name))
+                .is_some_and(|p| p.metadata.uid.as_deref() == Some(o.uid.as_str()))
+        })
 }
 
 fn same_platform(spec: &str, node: &str) -> bool {

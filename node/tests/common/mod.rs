@@ -29,7 +29,16 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node that also uses artifacts among registry referrers (`--unverified-referrers`):
+    /// the tests using it publish their artifacts that way, with no cluster.
     pub fn start(root: &Path, socket: &Path, log: &Path, args: &[String]) -> Node {
+        let mut a = vec!["--unverified-referrers".to_string()];
+        a.extend_from_slice(args);
+        Node::start_with_defaults(root, socket, log, &a)
+    }
+
+    /// A node with the binary's defaults plus `args` (no referrer discovery).
+    pub fn start_with_defaults(root: &Path, socket: &Path, log: &Path, args: &[String]) -> Node {
         let log_file = fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -433,7 +433,7 @@ mod tests {
         let e = client.get_blob_range(&repo, BLOB, 0, 4).await.unwrap_err();
         assert!(matches!(e, RegistryError::Auth { .. }), "{e}");
         // Learned after the client was made: used at the next request.
-        assert!(learned.remember(&srv.host, "r", basic("pw")));
+        assert!(learn(&learned, &srv.host, "r", basic("pw")));
         client.get_blob_range(&repo, BLOB, 0, 4).await.unwrap();
         assert_eq!(srv.state.lock().unwrap().issued, 1);
         // The server forgets the token (restart, revocation): the 401 drops it and one new
@@ -455,6 +455,11 @@ mod tests {
         assert_eq!(s.issued - issued_before, 1);
     }
 
+    /// A pull's credential, offered and confirmed (the pull succeeded).
+    fn learn(l: &credentials::LearnedCredentials, host: &str, repo: &str, c: Credential) -> bool {
+        l.offer(host, repo, c).is_some_and(|o| l.confirm(o))
+    }
+
     #[tokio::test]
     async fn changed_credential_replaces_the_cached_token() {
         let srv = token_server::start("old", Some(3600)).await;
@@ -462,15 +467,15 @@ mod tests {
             8,
             Duration::from_secs(600),
         ));
-        learned.remember(&srv.host, "r", basic("old"));
+        learn(&learned, &srv.host, "r", basic("old"));
         let (client, repo) = token_client(Credentials::new().with_source(learned.clone()));
         let repo = repo(&srv);
         client.get_blob_range(&repo, BLOB, 0, 4).await.unwrap();
         // Rotated: the server wants the new password; the old token stays valid on the
         // server, yet a new credential must not keep using a token of the old one.
         srv.state.lock().unwrap().password = "new".into();
-        assert!(learned.remember(&srv.host, "r", basic("new")));
-        assert!(!learned.remember(&srv.host, "r", basic("new")));
+        assert!(learn(&learned, &srv.host, "r", basic("new")));
+        assert!(!learn(&learned, &srv.host, "r", basic("new")));
         client.get_blob_range(&repo, BLOB, 0, 4).await.unwrap();
         let s = srv.state.lock().unwrap();
         assert_eq!(s.issued, 2, "a token fetched with the new credential");

@@ -246,20 +246,46 @@ impl Credentials {
 }
 
 /// Credentials learned from image pulls (kubelet sends the pull secret's credential with
-/// every CRI `PullImage`), by registry host and repository. Memory only, bounded in count,
-/// and an entry not refreshed by a pull within the time to live is forgotten.
+/// every CRI `PullImage`), per registry host and repository, never per host alone: a
+/// credential is only ever used for the repository it was sent for.
+///
+/// A credential is *offered* when its pull starts and *confirmed* when containerd answers
+/// the pull with success; a failed pull withdraws it. A lookup prefers confirmed
+/// credentials (the one that last worked first) and uses an offered one only while its
+/// repository has none confirmed (the lazy mounts of that very pull need it), so a pull
+/// with a wrong secret never replaces one that works. Memory only, bounded in repositories
+/// and in credentials per repository; a credential not confirmed again within the time to
+/// live is forgotten.
 pub struct LearnedCredentials {
-    max_entries: usize,
+    max_repositories: usize,
     ttl: Duration,
     inner: Mutex<Learned>,
 }
 
+/// Confirmed credentials kept per repository (the ones that worked last).
+const CONFIRMED_PER_REPO: usize = 3;
+/// Credentials of pulls in flight kept per repository.
+const OFFERED_PER_REPO: usize = 4;
+
 #[derive(Default)]
 struct Learned {
-    by_repo: HashMap<(String, String), LearnedEntry>,
-    /// The latest credential per host, for repositories no pull named (e.g. an artifact
-    /// repository next to the image's).
-    by_host: HashMap<String, LearnedEntry>,
+    by_repo: HashMap<(String, String), RepoCredentials>,
+    next_offer: u64,
+}
+
+#[derive(Default)]
+struct RepoCredentials {
+    /// Most recently confirmed first.
+    confirmed: Vec<LearnedEntry>,
+    /// Of pulls in flight, oldest first, with their offer ids.
+    offered: Vec<(u64, LearnedEntry)>,
+}
+
+impl RepoCredentials {
+    fn touched(&self) -> Option<Instant> {
+        let c = self.confirmed.iter().map(|e| e.refreshed);
+        c.chain(self.offered.iter().map(|(_, e)| e.refreshed)).max()
+    }
 }
 
 #[derive(Clone)]
@@ -268,75 +294,109 @@ struct LearnedEntry {
     refreshed: Instant,
 }
 
+/// A credential offered by a pull in flight; give it back to
+/// [`LearnedCredentials::confirm`] or [`LearnedCredentials::withdraw`].
+#[derive(Debug)]
+pub struct Offer {
+    key: (String, String),
+    id: u64,
+}
+
 impl LearnedCredentials {
-    pub fn new(max_entries: usize, ttl: Duration) -> Self {
+    pub fn new(max_repositories: usize, ttl: Duration) -> Self {
         LearnedCredentials {
-            max_entries: max_entries.max(1),
+            max_repositories: max_repositories.max(1),
             ttl,
             inner: Mutex::new(Learned::default()),
         }
     }
 
-    /// Remembers the credential of a pull of `repository` on `host`. Returns whether it
-    /// differs from the one known for that repository (a new or rotated credential).
-    /// Anonymous pulls teach nothing.
-    pub fn remember(&self, host: &str, repository: &str, credential: Credential) -> bool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Learned> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Offers the credential of a pull of `repository` on `host` that is starting.
+    /// Anonymous pulls offer nothing.
+    pub fn offer(&self, host: &str, repository: &str, credential: Credential) -> Option<Offer> {
         if credential == Credential::Anonymous {
-            return false;
+            return None;
         }
-        let host = normalize_host(host);
+        let key = (normalize_host(host), repository.to_string());
         let now = Instant::now();
-        let entry = LearnedEntry {
-            credential,
-            refreshed: now,
-        };
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         let ttl = self.ttl;
-        g.by_repo
-            .retain(|_, e| now.duration_since(e.refreshed) <= ttl);
-        g.by_host
-            .retain(|_, e| now.duration_since(e.refreshed) <= ttl);
-        let key = (host.clone(), repository.to_string());
-        let changed = g
-            .by_repo
-            .get(&key)
-            .is_none_or(|e| e.credential != entry.credential);
-        g.by_repo.insert(key, entry.clone());
-        g.by_host.insert(host.clone(), entry);
-        // Bounded: the least recently refreshed entries go first.
-        while g.by_repo.len() > self.max_entries {
+        g.by_repo.retain(|_, r| {
+            r.confirmed
+                .retain(|e| now.duration_since(e.refreshed) <= ttl);
+            r.offered
+                .retain(|(_, e)| now.duration_since(e.refreshed) <= ttl);
+            !r.confirmed.is_empty() || !r.offered.is_empty()
+        });
+        g.next_offer += 1;
+        let id = g.next_offer;
+        let r = g.by_repo.entry(key.clone()).or_default();
+        r.offered.push((
+            id,
+            LearnedEntry {
+                credential,
+                refreshed: now,
+            },
+        ));
+        if r.offered.len() > OFFERED_PER_REPO {
+            r.offered.remove(0);
+        }
+        // Bounded: the least recently touched repositories go first.
+        while g.by_repo.len() > self.max_repositories {
             let Some(oldest) = g
                 .by_repo
                 .iter()
-                .min_by_key(|(_, e)| e.refreshed)
+                .min_by_key(|(_, r)| r.touched())
                 .map(|(k, _)| k.clone())
             else {
                 break;
             };
             g.by_repo.remove(&oldest);
         }
-        while g.by_host.len() > self.max_entries {
-            let Some(oldest) = g
-                .by_host
-                .iter()
-                .min_by_key(|(_, e)| e.refreshed)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            g.by_host.remove(&oldest);
-        }
-        debug!(%host, repository, changed, "remembered a pull credential");
+        Some(Offer { key, id })
+    }
+
+    /// The pull of `offer` succeeded: its credential becomes the repository's first.
+    /// Returns whether it differs from the one that worked last (new or rotated).
+    pub fn confirm(&self, offer: Offer) -> bool {
+        let mut g = self.lock();
+        let Some(r) = g.by_repo.get_mut(&offer.key) else {
+            return false;
+        };
+        let Some(pos) = r.offered.iter().position(|(id, _)| *id == offer.id) else {
+            return false;
+        };
+        let (_, mut entry) = r.offered.remove(pos);
+        entry.refreshed = Instant::now();
+        let changed = r
+            .confirmed
+            .first()
+            .is_none_or(|e| e.credential != entry.credential);
+        r.confirmed.retain(|e| e.credential != entry.credential);
+        r.confirmed.insert(0, entry);
+        r.confirmed.truncate(CONFIRMED_PER_REPO);
+        debug!(host = %offer.key.0, repository = %offer.key.1, changed, "pull credential confirmed");
         changed
     }
 
-    /// Entries held (per repository).
+    /// The pull of `offer` failed: its credential is not kept.
+    pub fn withdraw(&self, offer: Offer) {
+        let mut g = self.lock();
+        if let Some(r) = g.by_repo.get_mut(&offer.key) {
+            r.offered.retain(|(id, _)| *id != offer.id);
+            if r.confirmed.is_empty() && r.offered.is_empty() {
+                g.by_repo.remove(&offer.key);
+            }
+        }
+    }
+
+    /// Repositories with a credential.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_repo
-            .len()
+        self.lock().by_repo.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -346,12 +406,13 @@ impl LearnedCredentials {
 
 impl CredentialSource for LearnedCredentials {
     fn lookup(&self, host: &str, repository: &str) -> Option<Credential> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.lock();
         let fresh = |e: &&LearnedEntry| e.refreshed.elapsed() <= self.ttl;
-        g.by_repo
-            .get(&(host.to_string(), repository.to_string()))
-            .filter(fresh)
-            .or_else(|| g.by_host.get(host).filter(fresh))
+        let r = g.by_repo.get(&(host.to_string(), repository.to_string()))?;
+        r.confirmed
+            .iter()
+            .find(fresh)
+            .or_else(|| r.offered.iter().rev().map(|(_, e)| e).find(fresh))
             .map(|e| e.credential.clone())
     }
 }
@@ -630,23 +691,40 @@ mod tests {
     }
 
     #[test]
-    fn learned_credentials_by_repo_then_host_bounded_and_expiring() {
+    fn learned_credentials_per_repository_confirmed_first_bounded_and_expiring() {
         let l = LearnedCredentials::new(2, Duration::from_secs(3600));
-        assert!(!l.remember("r.io", "a", Credential::Anonymous));
+        assert!(l.offer("r.io", "a", Credential::Anonymous).is_none());
         assert!(l.is_empty());
-        assert!(l.remember("https://R.io", "a", basic("1")));
-        assert!(!l.remember("r.io", "a", basic("1")), "same credential");
-        assert!(l.remember("r.io", "b", basic("2")));
+        // An offered credential serves its repository until one is confirmed.
+        let o1 = l.offer("https://R.io", "a", basic("1")).unwrap();
         assert_eq!(l.lookup("r.io", "a"), Some(basic("1")));
-        // A repository no pull named: the host's latest.
-        assert_eq!(l.lookup("r.io", "other"), Some(basic("2")));
+        assert!(l.confirm(o1));
+        let again = l.offer("r.io", "a", basic("1")).unwrap();
+        assert!(!l.confirm(again), "same credential");
+        // A pull with a wrong secret neither replaces the working one nor stays.
+        let bogus = l.offer("r.io", "a", basic("bogus")).unwrap();
+        assert_eq!(l.lookup("r.io", "a"), Some(basic("1")), "confirmed first");
+        l.withdraw(bogus);
+        assert_eq!(l.lookup("r.io", "a"), Some(basic("1")));
+        // Never for another repository, not even on the same host.
+        assert_eq!(l.lookup("r.io", "other"), None);
         assert_eq!(l.lookup("x.io", "a"), None);
-        // Bounded: the least recently refreshed goes.
-        l.remember("s.io", "c", basic("3"));
+        // A rotated credential that worked goes first.
+        let o2 = l.offer("r.io", "a", basic("2")).unwrap();
+        assert!(l.confirm(o2));
+        assert_eq!(l.lookup("r.io", "a"), Some(basic("2")));
+        // A failed pull of an unknown repository leaves nothing.
+        let lone = l.offer("r.io", "b", basic("9")).unwrap();
+        l.withdraw(lone);
+        assert_eq!(l.len(), 1);
+        // Bounded in repositories: the least recently touched goes.
+        l.offer("r.io", "b", basic("3")).map(|o| l.confirm(o));
+        l.offer("s.io", "c", basic("4")).map(|o| l.confirm(o));
         assert_eq!(l.len(), 2);
-        assert_eq!(l.lookup("r.io", "a"), Some(basic("2")), "host fallback");
+        assert_eq!(l.lookup("r.io", "a"), None);
         let expired = LearnedCredentials::new(8, Duration::ZERO);
-        expired.remember("r.io", "a", basic("1"));
+        let o = expired.offer("r.io", "a", basic("1")).unwrap();
+        expired.confirm(o);
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(expired.lookup("r.io", "a"), None);
     }
@@ -668,9 +746,11 @@ mod tests {
         let creds = stat.with_source(learned.clone()).with_source(file.clone());
         assert_eq!(creds.resolve("r.io", "a"), basic("1"), "file before static");
         assert_eq!(creds.resolve("z.io", "a"), basic("z"));
-        learned.remember("r.io", "a", basic("pulled"));
+        let offer = learned.offer("r.io", "a", basic("pulled")).unwrap();
+        learned.confirm(offer);
         assert_eq!(creds.resolve("r.io", "a"), basic("pulled"));
-        assert_eq!(creds.resolve("r.io", "b"), basic("pulled"));
+        // Per repository only: another repository on the host gets the next source's.
+        assert_eq!(creds.resolve("r.io", "b"), basic("1"));
         // The file changes (size differs): read again after the check interval.
         std::fs::write(
             &path,
