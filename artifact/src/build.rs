@@ -6,7 +6,7 @@
 //! chunks per layer), pushes the index blobs, then the artifact manifest LAST (no partial
 //! artifact is ever visible), then makes it a referrer of the image.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,32 @@ pub struct BuildOptions {
     /// with a plan only). The artifact is built even when one exists for the key: it
     /// replaces the predicted plan, so stamp it `created` to make it the newest.
     pub recorded: Option<Arc<Recorded>>,
+    /// Which artifacts already in the store this build may adopt whole or take index
+    /// blobs from instead of indexing the layers itself.
+    pub reuse: Reuse,
+}
+
+/// Which existing artifacts a build may adopt or take index blobs from. An artifact in a
+/// registry is only as trustworthy as whoever can push referrers there: the acceleration
+/// key is public, so anyone can push one "of the key" with an index that lies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Reuse {
+    /// Any artifact in the target store: a store only trusted writers reach (the user's
+    /// own OCI layout or repository; the CLI's default).
+    #[default]
+    AnyInStore,
+    /// Only these artifact manifest digests (ones this builder made and pinned itself);
+    /// everything else is built from the image's own layers (the controller).
+    Only(BTreeSet<String>),
+}
+
+impl Reuse {
+    fn allows(&self, artifact_digest: &str) -> bool {
+        match self {
+            Reuse::AnyInStore => true,
+            Reuse::Only(d) => d.contains(artifact_digest),
+        }
+    }
 }
 
 /// A recorded start to build the plan (and finer spans) from.
@@ -99,6 +125,7 @@ impl Default for BuildOptions {
             parallelism: 2,
             created: None,
             recorded: None,
+            reuse: Reuse::AnyInStore,
         }
     }
 }
@@ -196,6 +223,7 @@ pub async fn build(
     if !replacing
         && let Some(existing) =
             discover::find_by_key(target.as_ref(), &subject.digest, &key).await?
+        && opts.reuse.allows(&existing.descriptor.digest)
     {
         info!(image = %subject.digest, artifact = %existing.descriptor.digest, %key, "artifact exists; adopted");
         return Ok(adopted(subject, existing, key, t0));
@@ -208,6 +236,7 @@ pub async fn build(
         match discover::list_artifacts(target.as_ref(), &subject.digest).await {
             Ok(arts) => arts
                 .into_iter()
+                .filter(|a| opts.reuse.allows(&a.descriptor.digest))
                 .flat_map(|a| a.layers)
                 .map(|l| (l.layer_digest, l.index))
                 .collect(),

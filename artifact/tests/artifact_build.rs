@@ -28,6 +28,7 @@ fn opts(profile: Profile) -> BuildOptions {
         parallelism: 2,
         created: None,
         recorded: None,
+        reuse: Default::default(),
     }
 }
 

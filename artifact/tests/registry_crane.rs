@@ -45,6 +45,7 @@ async fn crane_pushed_image_and_crane_readable_artifact() {
         parallelism: 2,
         created: Some("2026-01-01T00:00:00Z".into()),
         recorded: None,
+        reuse: Default::default(),
     };
     let s = build::build(opened.store.clone(), "v1", None, &opts)
         .await

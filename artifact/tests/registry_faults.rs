@@ -30,6 +30,7 @@ fn opts() -> BuildOptions {
         parallelism: 2,
         created: None,
         recorded: None,
+        reuse: Default::default(),
     }
 }
 

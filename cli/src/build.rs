@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use talaria_artifact::build::{self, BuildOptions, Recorded};
+use talaria_artifact::build::{self, BuildOptions, Recorded, Reuse};
 use talaria_artifact::format::{Knobs, Profile};
 use talaria_artifact::startup::StartupTrace;
 
@@ -108,6 +108,8 @@ pub async fn run(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
         parallelism: args.parallelism as usize,
         created: Some(now_rfc3339()),
         recorded,
+        // The user's own layout or repository: what is there is theirs to reuse.
+        reuse: Reuse::AnyInStore,
     };
     let pb = spinner(format!("indexing the layers of {}", args.image));
     let artifact_store = g.artifact_repo.as_ref().map(|_| stores.artifacts.clone());

@@ -3,11 +3,12 @@
 //! `talaria_artifact::build`. Also the mapping of the API's profile and knobs to the artifact
 //! crate's, which names what gets built (the acceleration key).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use talaria_api::{ArtifactRef, Profile};
-use talaria_artifact::build::{BuildError, BuildOptions, BuildSummary, build};
+use talaria_artifact::build::{BuildError, BuildOptions, BuildSummary, Reuse, build};
 use talaria_artifact::format::{self, Knobs};
 use talaria_artifact::oci::Platform;
 use talaria_artifact::oci::registry::credentials::Credentials;
@@ -122,10 +123,13 @@ impl RegistryBuilder {
         }
     }
 
+    /// Builds one profile's artifact, adopting or reusing only the artifacts in `reuse`
+    /// (ones this build made): never what someone else pushed with the same key.
     async fn build_one(
         &self,
         req: &BuildRequest,
         p: format::Profile,
+        reuse: BTreeSet<String>,
     ) -> Result<(BuildSummary, String), BuilderError> {
         let reference = format!("{}@{}", req.image, req.digest);
         let (image_store, _) = self.clients.store(&reference, &req.credentials)?;
@@ -148,6 +152,7 @@ impl RegistryBuilder {
             parallelism: self.parallelism,
             created: None,
             recorded: None,
+            reuse: Reuse::Only(reuse),
         };
         let s = build(image_store, &req.digest, target, &opts).await?;
         Ok((s, target_name))
@@ -169,12 +174,17 @@ impl ArtifactBuilder for RegistryBuilder {
     ) -> BoxFuture<'a, Result<BuildOutcome, BuilderError>> {
         Box::pin(async move {
             let p = profile(req.profile);
-            // Default artifact first: its index blobs are shared with the accelerated one.
-            let (def, repo) = self.build_one(req, format::Profile::Default).await?;
+            // Default artifact first, from the image's own layers (an artifact of the key
+            // already in the registry is not adopted: it is rebuilt, which yields the same
+            // digest when it was honest); its index blobs are shared with the accelerated one.
+            let (def, repo) = self
+                .build_one(req, format::Profile::Default, BTreeSet::new())
+                .await?;
             let (main, adopted) = if p == format::Profile::Default {
                 (def.clone(), def.adopted)
             } else {
-                let (s, _) = self.build_one(req, p).await?;
+                let ours = BTreeSet::from([def.artifact.digest.clone()]);
+                let (s, _) = self.build_one(req, p, ours).await?;
                 let adopted = s.adopted && def.adopted;
                 (s, adopted)
             };

@@ -1,9 +1,12 @@
 //! The build queue: one reconcile per AcceleratedImage (so builds are de-duplicated by
 //! (digest, platform, key) across policies), bounded by global and per-registry limits, with
 //! capped exponential backoff per image that survives restarts (`attempts` and
-//! `lastAttemptTime` are in the status). An image left in Building by a stopped controller
-//! is simply built again: the builder adopts an artifact that was finished, and pushes the
-//! manifest last, so an interrupted build never leaves a partial artifact.
+//! `lastAttemptTime` are in the status). A controller that stops gracefully hands its builds
+//! back (Pending, not counted). An image found in Building was interrupted (the controller
+//! was killed, ran out of memory, or lost its lease during the build): that counts as a failed
+//! attempt, so backoff and `maxAttempts` apply and a build that kills the controller cannot
+//! crash-loop every new leader. The builder pushes the manifest last, so an interrupted
+//! build never leaves a partial artifact.
 //!
 //! A reconcile is a pipeline: read the owners → [`decide`] → wait for a slot → write the
 //! [`building_status`] → build → write the [`compute_status`] of the result. The decisions are
@@ -69,6 +72,9 @@ pub enum Decision {
     Idle,
     /// Failed `max_attempts` times for these owners: stays Failed until they change.
     GaveUp,
+    /// Its last attempt was interrupted and it has had `max_attempts`: mark it Failed (see
+    /// [`interrupted_status`]); it stays so until the owners change.
+    GaveUpInterrupted,
     /// Failed recently: look again after this delay.
     Backoff(Duration),
     /// Build now (boxed: the attempt carries a whole status).
@@ -112,16 +118,23 @@ pub fn decide(
     let owner_generations = owner_generations(owners);
     // The owners or the image's own settings changed (new credentials, another artifact
     // repository, a new owner...): the failure may be gone, so retry now with a fresh backoff.
-    let reset = (prev.phase == Phase::Failed
-        && prev.owner_generations.as_ref() != Some(&owner_generations))
-        || settings_changed;
+    // Building here means the attempt was interrupted (a graceful stop writes Pending): it
+    // counts as failed.
+    let interrupted = prev.phase == Phase::Building;
+    let failed = prev.phase == Phase::Failed || interrupted;
+    let reset =
+        (failed && prev.owner_generations.as_ref() != Some(&owner_generations)) || settings_changed;
     if reset {
         prev.attempts = 0;
         prev.last_attempt_time = None;
     }
-    if prev.phase == Phase::Failed {
+    if failed && !reset {
         if prev.attempts >= s.max_attempts {
-            return Decision::GaveUp;
+            return if interrupted {
+                Decision::GaveUpInterrupted
+            } else {
+                Decision::GaveUp
+            };
         }
         let wait = backoff(s.backoff_base, s.backoff_max, prev.attempts);
         let waited = prev
@@ -276,6 +289,32 @@ pub fn compute_status(
                 )),
             }
         }
+    }
+}
+
+/// The Failed status of an image whose every attempt was interrupted, up to `max_attempts`.
+pub fn interrupted_status(img: &AcceleratedImage) -> Update {
+    let prev = img.status.clone().unwrap_or_default();
+    let e = format!(
+        "the controller stopped during each of {} build attempt(s) (killed, out of memory, or \
+         lost its lease); not retried until the policy or image changes",
+        prev.attempts
+    );
+    Update {
+        status: AcceleratedImageStatus {
+            phase: Phase::Failed,
+            last_error: Some(e.clone()),
+            conditions: vec![condition(
+                &prev.conditions,
+                "Ready",
+                false,
+                "BuildInterrupted",
+                &e,
+                img.metadata.generation,
+            )],
+            ..prev
+        },
+        notice: Some(Notice::warning("BuildInterrupted", e)),
     }
 }
 
@@ -458,6 +497,13 @@ pub async fn reconcile(
         Decision::Build(a) => *a,
         Decision::Backoff(wait) => return Ok(Action::requeue(wait)),
         Decision::UpToDate | Decision::Idle | Decision::GaveUp => {
+            return Ok(Action::await_change());
+        }
+        Decision::GaveUpInterrupted => {
+            warn!(
+                "every build attempt was interrupted; giving up until the image or its policies change"
+            );
+            write(&ctx, &img, interrupted_status(&img)).await?;
             return Ok(Action::await_change());
         }
     };
@@ -666,6 +712,47 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_build_counts_as_a_failed_attempt() {
+        let owners = [policy("a", 1)];
+        let s = settings();
+        let building = |attempts, secs_ago| {
+            let mut st = failed(attempts, secs_ago, "a=1");
+            st.phase = Phase::Building;
+            st.last_error = None;
+            st
+        };
+        // Killed during its second attempt: backoff applies as after a failure.
+        let img = image(Some(building(2, 5)));
+        assert_eq!(
+            decide(&img, &owners, now(), &s),
+            Decision::Backoff(Duration::from_secs(15))
+        );
+        let a = attempt_of(decide(&image(Some(building(2, 25))), &owners, now(), &s));
+        assert_eq!((a.number, a.reset), (3, false));
+        // Killed during every attempt: given up, not rebuilt by every new leader.
+        let img = image(Some(building(3, 10_000)));
+        assert_eq!(
+            decide(&img, &owners, now(), &s),
+            Decision::GaveUpInterrupted
+        );
+        let u = interrupted_status(&img);
+        assert_eq!(u.status.phase, Phase::Failed);
+        assert_eq!(u.status.attempts, 3);
+        assert!(
+            u.status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("3 build attempt")),
+            "{:?}",
+            u.status.last_error
+        );
+        assert!(u.notice.is_some());
+        // New owners: the count starts again.
+        let a = attempt_of(decide(&img, &[policy("a", 2)], now(), &s));
+        assert_eq!((a.number, a.reset), (1, true));
+    }
+
+    #[test]
     fn changed_owners_retry_a_failed_image_at_once() {
         let img = image(Some(failed(3, 1, "a=1")));
         let a = attempt_of(decide(&img, &[policy("a", 2)], now(), &settings()));
@@ -692,9 +779,12 @@ mod tests {
         assert_eq!(u.status.conditions[0].reason, "Building");
         assert_eq!(u.notice.map(|n| n.reason), Some("Building"));
 
-        // Building already (a controller restarted mid-build): no second event.
+        // Building already (a controller killed mid-build, its backoff over): no second
+        // event.
         let mut restarted = img.clone();
-        restarted.status = Some(u.status.clone());
+        let mut st = u.status.clone();
+        st.last_attempt_time = failed(1, 100, "a=1").last_attempt_time;
+        restarted.status = Some(st);
         let a2 = attempt_of(decide(&restarted, &[policy("a", 1)], now(), &settings()));
         assert_eq!(a2.number, 3, "the interrupted attempt counts");
         assert_eq!(building_status(&restarted, &a2, now()).notice, None);
