@@ -11,7 +11,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::content::prefetch::PrefetchError;
+/// An error that names its metric label (a closed set of short snake_case words). The
+/// errors live with the code that fails; metrics only ask for the label.
+pub trait Reason {
+    fn reason(&self) -> &'static str;
+}
 
 /// Why a layer was unpacked normally instead of mounted lazily.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -296,9 +300,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts `e` under its [`PrefetchError::reason`]: taking the error rather than a
-    /// string keeps the label set closed.
-    pub fn prefetch_error(&self, e: &PrefetchError) {
+    /// Counts `e` under its reason: taking a typed error rather than a string keeps the
+    /// label set closed.
+    pub fn prefetch_error(&self, e: &impl Reason) {
         self.prefetch_errors
             .get_or_create(&StageLabels {
                 stage: e.reason().to_string(),

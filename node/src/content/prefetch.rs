@@ -42,7 +42,7 @@ use crate::content::materialize::{MaterializeError, Materializer};
 use crate::content::reach::Reachability;
 use crate::content::sched::{self, Class, FETCH, FetchContext, LinkScheduler, SchedError};
 use crate::layerfs::tree::Tree;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reason};
 use talaria_artifact::startup::generic::{GenericBudget, generic_plan};
 
 /// Largest compressed size of one merged startup request.
@@ -185,10 +185,10 @@ pub enum PrefetchError {
     Shared(Arc<PrefetchError>),
 }
 
-impl PrefetchError {
+impl Reason for PrefetchError {
     /// The metric label: the step that failed. The values predate this type and are kept
     /// so that dashboards and alerts keep working.
-    pub fn reason(&self) -> &'static str {
+    fn reason(&self) -> &'static str {
         use PrefetchError::*;
         // No wildcard: a new variant has to pick its label.
         match self {
