@@ -351,15 +351,16 @@ impl Metrics {
 }
 
 /// Serves `/metrics`, `/healthz` and (with a recorder) `/startup-trace` on `addr` until
-/// `shutdown` resolves.
-pub async fn serve(
+/// `shutdown` resolves. `/startup-trace` names the files containers on this node read, so
+/// it answers only callers on the loopback interface: inside the pod's network namespace,
+/// which is what `kubectl port-forward` reaches (authorized by the apiserver as
+/// `pods/portforward`). Other pods get 403.
+fn router(
     metrics: Arc<Metrics>,
     recorder: Option<Arc<talaria_artifact::startup::TraceRecorder>>,
-    addr: SocketAddr,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> axum::Router {
     use axum::routing::get;
-    let app = axum::Router::new()
+    axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -378,25 +379,90 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/startup-trace",
-            get(move || {
-                let r = recorder.clone();
-                async move {
-                    use axum::response::IntoResponse;
-                    match r {
-                        // The recorder is bounded, so is this answer.
-                        Some(r) => axum::Json(r.snapshot()).into_response(),
-                        None => (
-                            axum::http::StatusCode::NOT_FOUND,
-                            "startup recording is off (--record-startup-window 0)\n",
-                        )
-                            .into_response(),
+            get(
+                move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
+                    let r = recorder.clone();
+                    async move {
+                        use axum::response::IntoResponse;
+                        if !peer.ip().is_loopback() {
+                            return (
+                                axum::http::StatusCode::FORBIDDEN,
+                                "/startup-trace answers only on loopback (kubectl port-forward)\n",
+                            )
+                                .into_response();
+                        }
+                        match r {
+                            // The recorder is bounded, so is this answer.
+                            Some(r) => axum::Json(r.snapshot()).into_response(),
+                            None => (
+                                axum::http::StatusCode::NOT_FOUND,
+                                "startup recording is off (--record-startup-window 0)\n",
+                            )
+                                .into_response(),
+                        }
                     }
-                }
-            }),
-        );
+                },
+            ),
+        )
+}
+
+/// Serves [`router`] on `addr` until `shutdown` resolves.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    recorder: Option<Arc<talaria_artifact::startup::TraceRecorder>>,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(metrics, recorder);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt;
+
+    async fn get_from(peer: &str, path: &str) -> (u16, String) {
+        let recorder = Arc::new(talaria_artifact::startup::TraceRecorder::new(
+            std::time::Duration::from_secs(60),
+            16,
+        ));
+        let app = router(Arc::new(Metrics::new()), Some(recorder));
+        let mut req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        // As `into_make_service_with_connect_info` hands it to the handlers.
+        req.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().expect("addr")));
+        let resp = app.oneshot(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn startup_trace_answers_only_loopback_callers() {
+        // Another pod (any address off the loopback interface) is refused.
+        let (status, _) = get_from("10.1.2.3:40000", "/startup-trace").await;
+        assert_eq!(status, 403);
+        let (status, _) = get_from("[fd00::1]:40000", "/startup-trace").await;
+        assert_eq!(status, 403);
+        // kubectl port-forward arrives on loopback inside the pod.
+        let (status, body) = get_from("127.0.0.1:40000", "/startup-trace").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with('{'), "{body}");
+        // Metrics stay open to the scraper.
+        let (status, _) = get_from("10.1.2.3:40000", "/metrics").await;
+        assert_eq!(status, 200);
+    }
 }

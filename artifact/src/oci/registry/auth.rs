@@ -10,6 +10,7 @@ use super::credentials::Credential;
 use super::transport::Failure;
 use super::transport::error_message;
 use super::transport::transport_reason;
+use super::transport::{error_body, read_limited};
 use std::time::Duration;
 use std::time::Instant;
 use tracing::debug;
@@ -48,6 +49,8 @@ pub(super) enum CacheLookup {
 pub(super) const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest token lifetime believed; a hostile `expires_in` cannot overflow a deadline.
 pub(super) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Most of a token response read (real ones are a few KiB).
+const MAX_TOKEN_BODY: u64 = 1 << 20;
 
 /// When to fetch the next token: a quarter of the lifetime early, at most a minute early.
 pub(super) fn refresh_margin(lifetime: Duration) -> Duration {
@@ -204,7 +207,26 @@ impl RegistryClient {
                 if let Some(s) = ch.params.get("service") {
                     query.push(("service", s));
                 }
-                let mut req = self.inner.http.get(realm).query(&query);
+                // The credential goes to the realm: only over TLS, unless the realm's host is
+                // one this client reaches over plain HTTP anyway (listed insecure, loopback).
+                let url = reqwest::Url::parse(realm)
+                    .map_err(|e| fatal(format!("token realm {realm:?}: {e}")))?;
+                let realm_host = match (url.host_str(), url.port()) {
+                    (Some(h), Some(p)) => format!("{h}:{p}"),
+                    (Some(h), None) => h.to_string(),
+                    (None, _) => return Err(fatal(format!("token realm {realm:?} has no host"))),
+                };
+                match url.scheme() {
+                    "https" => {}
+                    "http" if self.scheme(&realm_host) == "http" => {}
+                    s => {
+                        return Err(fatal(format!(
+                            "token realm {realm} is {s}, not https (list {realm_host} as an \
+                             insecure registry to allow it)"
+                        )));
+                    }
+                }
+                let mut req = self.inner.http.get(url).query(&query);
                 if let Credential::Basic { username, password } = cred {
                     req = req.basic_auth(username, Some(password));
                 }
@@ -216,8 +238,8 @@ impl RegistryClient {
                     after: None,
                 })?;
                 let status = resp.status();
-                let body = resp.bytes().await.unwrap_or_default();
                 if !status.is_success() {
+                    let body = error_body(resp).await;
                     if matches!(status.as_u16(), 429 | 502 | 503 | 504) {
                         return Err(Failure::Retry {
                             reason: format!("token request: HTTP {status}"),
@@ -230,6 +252,7 @@ impl RegistryClient {
                         error_message(&body)
                     )));
                 }
+                let body = read_limited(resp, MAX_TOKEN_BODY, "token response").await?;
                 #[derive(serde::Deserialize)]
                 struct Tok {
                     #[serde(default)]
@@ -453,6 +476,36 @@ mod tests {
         let s = srv.state.lock().unwrap();
         assert_eq!(s.refused - refused_before, 2);
         assert_eq!(s.issued - issued_before, 1);
+    }
+
+    #[tokio::test]
+    async fn a_plain_http_token_realm_gets_no_credential() {
+        let client = RegistryClient::new(RegistryConfig::default()).unwrap();
+        let repo = Repository {
+            registry: "registry.example".into(),
+            name: "team/app".into(),
+        };
+        let ch = credentials::parse_challenge(
+            r#"Bearer realm="http://auth.example/token",service="registry.example""#,
+        )
+        .unwrap();
+        // Refused before any request: the password would cross the network in clear.
+        let e = match client
+            .answer_challenge(&repo, false, &ch, &basic("pw"))
+            .await
+        {
+            Err(Failure::Fatal(e)) => e,
+            Err(_) => panic!("expected a fatal error, got a retry"),
+            Ok(_) => panic!("a plain-HTTP realm was answered"),
+        };
+        assert!(e.to_string().contains("not https"), "{e}");
+        let odd = credentials::parse_challenge(r#"Bearer realm="ftp://auth.example/t""#).unwrap();
+        assert!(
+            client
+                .answer_challenge(&repo, false, &odd, &basic("pw"))
+                .await
+                .is_err()
+        );
     }
 
     /// A pull's credential, offered and confirmed (the pull succeeded).

@@ -179,7 +179,7 @@ impl RegistryClient {
         &self.inner.cfg
     }
 
-    fn scheme(&self, host: &str) -> &'static str {
+    pub(super) fn scheme(&self, host: &str) -> &'static str {
         let cfg = &self.inner.cfg;
         if (cfg.loopback_insecure && is_loopback(host))
             || cfg.insecure_hosts.iter().any(|h| h == host)

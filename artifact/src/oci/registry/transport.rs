@@ -187,6 +187,26 @@ pub(super) async fn read_limited(
     }
 }
 
+/// Most of an error body read (its message is truncated for logs anyway): a hostile or
+/// broken registry cannot make us buffer an endless error page.
+pub(super) const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// The start of an error response's body, at most [`MAX_ERROR_BODY`] bytes; the rest is
+/// not read (the connection is dropped with the response).
+pub(super) async fn error_body(mut resp: reqwest::Response) -> Bytes {
+    let mut buf = BytesMut::new();
+    while buf.len() < MAX_ERROR_BODY {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                let take = c.len().min(MAX_ERROR_BODY - buf.len());
+                buf.extend_from_slice(&c[..take]);
+            }
+            _ => break,
+        }
+    }
+    buf.freeze()
+}
+
 impl RegistryClient {
     pub(super) fn retrier(&self, op: &str, url: &str) -> Retrier {
         Retrier {
@@ -276,7 +296,7 @@ impl RegistryClient {
                     self.drop_auth(&key, &a);
                 }
                 if answered_challenge {
-                    let body = resp.bytes().await.unwrap_or_default();
+                    let body = error_body(resp).await;
                     return Err(Failure::Fatal(RegistryError::Auth {
                         host: repo.registry.clone(),
                         message: format!(
@@ -300,7 +320,7 @@ impl RegistryClient {
                 }
             }
             let after = retry_after(resp.headers());
-            let body = resp.bytes().await.unwrap_or_default();
+            let body = error_body(resp).await;
             let message = error_message(&body);
             // A 500 on a read is retried too: distribution answers 500 to a HEAD/GET that
             // races a concurrent commit of the same blob.
