@@ -188,6 +188,50 @@ pub struct Context {
     pub resync: Duration,
     /// How soon a policy with problems is reconciled again.
     pub problem_retry: Duration,
+    /// Namespaces whose secrets a policy may name.
+    pub secret_namespaces: SecretNamespaces,
+}
+
+/// Namespaces whose secrets a policy (cluster-scoped, written by whoever may write
+/// policies) may name in `registryCredentials`: the controller reads secrets everywhere,
+/// so without a limit a policy author borrows any namespace's registry credentials.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SecretNamespaces {
+    /// Any namespace (the library's default, for embedding and tests).
+    #[default]
+    Any,
+    /// These only (the binary: its own namespace plus the ones an admin lists).
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl SecretNamespaces {
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            SecretNamespaces::Any => true,
+            SecretNamespaces::Only(set) => set.contains(namespace),
+        }
+    }
+
+    /// `refs` (namespace, name) without those in namespaces not allowed, each reported in
+    /// `problems`.
+    pub fn filter(
+        &self,
+        refs: impl IntoIterator<Item = (String, String)>,
+        problems: &mut Vec<String>,
+    ) -> Vec<(String, String)> {
+        refs.into_iter()
+            .filter(|(ns, name)| {
+                let ok = self.allows(ns);
+                if !ok {
+                    problems.push(format!(
+                        "secret {ns}/{name}: policies may not name secrets in namespace {ns} \
+                         (allowed: the controller's namespace and controller.secretNamespaces)"
+                    ));
+                }
+                ok
+            })
+            .collect()
+    }
 }
 
 impl Context {

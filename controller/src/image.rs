@@ -27,7 +27,8 @@ use tracing::{debug, info, warn};
 
 use crate::builder::{BuildOutcome, BuildRequest, BuilderError};
 use crate::context::{
-    ANN_PULL_SECRETS, BuildSettings, Context, Error, FIELD_MANAGER, Notice, condition, truncate,
+    ANN_PULL_SECRETS, BuildSettings, Context, Error, FIELD_MANAGER, Notice, SecretNamespaces,
+    condition, truncate,
 };
 use crate::policy::{CACHE_SYNC_WAIT, owners};
 
@@ -337,17 +338,22 @@ pub fn next_action(attempt: &Attempt, result: &AttemptResult, s: &BuildSettings)
     }
 }
 
-/// The secrets a build authenticates with: every owner's, and the pull secrets of the pods
-/// that run the image; sorted, without duplicates.
+/// The secrets a build authenticates with: every owner's (in the namespaces `allowed`; the
+/// others are reported in `problems`), and the pull secrets of the pods that run the image;
+/// sorted, without duplicates.
 fn credential_refs(
     img: &AcceleratedImage,
     owners: &[Arc<AccelerationPolicy>],
+    allowed: &SecretNamespaces,
+    problems: &mut Vec<String>,
 ) -> Vec<(String, String)> {
-    let mut refs: Vec<(String, String)> = owners
-        .iter()
-        .flat_map(|p| p.spec.registry_credentials.iter())
-        .map(|s| (s.namespace.clone(), s.name.clone()))
-        .collect();
+    let mut refs = allowed.filter(
+        owners
+            .iter()
+            .flat_map(|p| p.spec.registry_credentials.iter())
+            .map(|s| (s.namespace.clone(), s.name.clone())),
+        problems,
+    );
     if let Some(ps) = img.annotations().get(ANN_PULL_SECRETS) {
         refs.extend(
             ps.split(',')
@@ -437,9 +443,8 @@ async fn run_build(
     mut shutdown: watch::Receiver<bool>,
 ) -> (AttemptResult, f64) {
     let mut problems = Vec::new();
-    let credentials = ctx
-        .credentials(credential_refs(img, owners), &mut problems)
-        .await;
+    let refs = credential_refs(img, owners, &ctx.secret_namespaces, &mut problems);
+    let credentials = ctx.credentials(refs, &mut problems).await;
     for p in &problems {
         warn!(problem = %p, "credentials");
     }
@@ -885,7 +890,8 @@ mod tests {
         let mut img = image(None);
         img.annotations_mut()
             .insert(ANN_PULL_SECRETS.into(), "ns/team,app/pull,garbage".into());
-        let refs = credential_refs(&img, &[Arc::new(p)]);
+        let owners = [Arc::new(p)];
+        let refs = credential_refs(&img, &owners, &SecretNamespaces::Any, &mut Vec::new());
         assert_eq!(
             refs,
             [
@@ -893,5 +899,15 @@ mod tests {
                 ("ns".to_string(), "team".to_string())
             ]
         );
+        // A policy's secret outside the allowed namespaces is dropped and reported; the
+        // pods' own pull secrets stay.
+        img.annotations_mut()
+            .insert(ANN_PULL_SECRETS.into(), "app/pull".into());
+        let only = SecretNamespaces::Only(["talaria-system".to_string()].into());
+        let mut problems = Vec::new();
+        let refs = credential_refs(&img, &owners, &only, &mut problems);
+        assert_eq!(refs, [("app".to_string(), "pull".to_string())]);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("ns/team"), "{problems:?}");
     }
 }

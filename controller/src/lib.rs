@@ -56,6 +56,8 @@ pub struct Settings {
     pub registry: RegistryConfig,
     /// This replica's name in events.
     pub instance: String,
+    /// Namespaces whose secrets a policy may name.
+    pub secret_namespaces: context::SecretNamespaces,
 }
 
 impl Default for Settings {
@@ -68,6 +70,7 @@ impl Default for Settings {
             resolve_error_ttl: Duration::from_secs(30),
             registry: RegistryConfig::default(),
             instance: "talaria-controller".into(),
+            secret_namespaces: context::SecretNamespaces::Any,
         }
     }
 }
@@ -154,6 +157,7 @@ pub async fn run(
         },
         resync: settings.resync,
         problem_retry: settings.resolve_error_ttl.max(Duration::from_millis(200)),
+        secret_namespaces: settings.secret_namespaces.clone(),
     });
 
     let (p_for_pods, ns_for_pods) = (policies.clone(), namespaces.clone());

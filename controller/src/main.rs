@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use talaria_artifact::oci::registry::RegistryConfig;
+use talaria_controller::context::SecretNamespaces;
 use talaria_controller::metrics::Metrics;
 use talaria_controller::{BuildSettings, Settings};
 use tokio::sync::watch;
@@ -61,6 +62,10 @@ struct Args {
         default_value = "talaria-system"
     )]
     lease_namespace: String,
+    /// Namespaces, besides the Lease's (the controller's own), whose secrets a policy may
+    /// name in `registryCredentials`; `*` allows any.
+    #[arg(long, env = "TALARIA_SECRET_NAMESPACES", value_delimiter = ',')]
+    secret_namespaces: Vec<String>,
     /// Name of the leader election Lease.
     #[arg(long, env = "TALARIA_LEASE_NAME", default_value = "talaria-controller")]
     lease_name: String,
@@ -147,6 +152,15 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         instance: identity.clone(),
+        secret_namespaces: if args.secret_namespaces.iter().any(|n| n == "*") {
+            SecretNamespaces::Any
+        } else {
+            SecretNamespaces::Only(
+                std::iter::once(args.lease_namespace.clone())
+                    .chain(args.secret_namespaces.iter().cloned())
+                    .collect(),
+            )
+        },
         ..Default::default()
     };
 

@@ -246,12 +246,13 @@ async fn resolve_selected(
     plats: &[String],
     problems: &mut Vec<String>,
 ) -> Vec<Lookup> {
-    let policy_refs: Vec<(String, String)> = p
-        .spec
-        .registry_credentials
-        .iter()
-        .map(|s| (s.namespace.clone(), s.name.clone()))
-        .collect();
+    let policy_refs = ctx.secret_namespaces.filter(
+        p.spec
+            .registry_credentials
+            .iter()
+            .map(|s| (s.namespace.clone(), s.name.clone())),
+        problems,
+    );
     let policy_creds = ctx.credentials(policy_refs, problems).await;
     let mut jobs = Vec::new();
     for (r, secrets) in refs {
