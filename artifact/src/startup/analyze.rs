@@ -13,7 +13,7 @@ use super::{
 };
 use crate::index::{Entry, EntryKind};
 use crate::view::MergedView;
-use crate::view::resolve::{self, ResolveError, lexical_join, parent};
+use crate::view::resolve::{self, ResolveError, basename, lexical_join, parent};
 
 /// Programs (exec chain steps) followed in one analysis.
 const MAX_EXECS: usize = 64;
@@ -167,10 +167,6 @@ pub async fn analyze<R: FileReader>(
         notes: cx.notes,
         bytes_read: cx.bytes_read,
     }
-}
-
-fn basename(p: &str) -> &str {
-    p.rsplit('/').next().unwrap_or(p)
 }
 
 impl<R: FileReader> Ctx<'_, R> {

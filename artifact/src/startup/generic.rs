@@ -29,7 +29,7 @@ use crate::startup::plan::PlanEntry;
 use crate::startup::shell::{parse_env_args, parse_script};
 use crate::startup::{DEFAULT_PATH, ImageConfig};
 use crate::view::MergedView;
-use crate::view::resolve::{lexical_join, resolve};
+use crate::view::resolve::{basename, lexical_join, parent, resolve};
 
 /// Limits of a generic plan.
 #[derive(Clone, Debug)]
@@ -308,17 +308,6 @@ impl<'v> Chooser<'v> {
             .filter(|(_, _, e)| e.kind == EntryKind::File && is_app_file(e))
             .map(|(_, layer, entry)| Pick { layer, entry })
             .collect()
-    }
-}
-
-fn basename(p: &str) -> &str {
-    p.rsplit('/').next().unwrap_or(p)
-}
-
-fn parent(p: &str) -> &str {
-    match p.rfind('/') {
-        Some(0) | None => "/",
-        Some(i) => p.get(..i).unwrap_or("/"),
     }
 }
 

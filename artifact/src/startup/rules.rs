@@ -6,7 +6,7 @@ use std::collections::{HashSet, VecDeque};
 use super::analyze::{Ctx, Exec, Hit, MAX_SCRIPT};
 use super::shell;
 use super::{FileClass, FileReader};
-use crate::view::resolve::{lexical_join, list_dir, parent};
+use crate::view::resolve::{basename, lexical_join, list_dir, parent};
 
 /// Modules followed through imports/requires in one runtime rule.
 const MAX_MODULES: usize = 256;
@@ -32,10 +32,6 @@ pub(super) fn rule_for(argv0: &str, resolved: &str) -> Option<&'static str> {
         }
     }
     None
-}
-
-fn basename(p: &str) -> &str {
-    p.rsplit('/').next().unwrap_or(p)
 }
 
 /// `(3, 11)` from `python3.11`; `(3, 0)` means "some python3" when no minor is named.

@@ -61,6 +61,11 @@ pub fn lexical_join(base: &str, path: &str) -> String {
 }
 
 /// Parent directory of a canonical path (`/` for top-level names and the root).
+/// The last component of `path` (all of it when it has no `/`).
+pub fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
 pub fn parent(path: &str) -> &str {
     match path.rfind('/') {
         Some(0) | None => "/",

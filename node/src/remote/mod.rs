@@ -122,7 +122,7 @@ impl ArtifactSource {
 
 /// A resolved artifact and the repository holding it (and its index blobs).
 #[derive(Clone, Debug)]
-struct Resolved {
+struct FoundArtifact {
     info: ArtifactInfo,
     repo: Repository,
     source: ArtifactSource,
@@ -244,7 +244,7 @@ pub struct RemoteLayers {
     metrics: Arc<Metrics>,
     opts: RemoteOptions,
     mounts: Mutex<HashMap<u64, Mounted>>,
-    resolved: Mutex<HashMap<String, (Instant, Option<Resolved>)>>,
+    resolved: Mutex<HashMap<String, (Instant, Option<FoundArtifact>)>>,
     /// One resolution per manifest at a time: a pull's warm-up and its first Prepare may
     /// overlap, and the second then takes the first's answer.
     resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -549,7 +549,7 @@ impl RemoteLayers {
         image_repo: &Repository,
         manifest: &str,
         image: &str,
-    ) -> Result<Option<Resolved>, RemoteError> {
+    ) -> Result<Option<FoundArtifact>, RemoteError> {
         let cached = || {
             self.resolved.lock().ok().and_then(|m| {
                 m.get(manifest)
@@ -580,7 +580,7 @@ impl RemoteLayers {
         image_repo: &Repository,
         manifest: &str,
         image: &str,
-    ) -> Result<Option<Resolved>, RemoteError> {
+    ) -> Result<Option<FoundArtifact>, RemoteError> {
         debug!(image, manifest, "resolving the artifact");
         let mut found = None;
         if let Some(cluster) = &self.opts.cluster
@@ -600,7 +600,7 @@ impl RemoteLayers {
                     image: image.to_string(),
                     source: Box::new(source),
                 })?
-                .map(|info| Resolved {
+                .map(|info| FoundArtifact {
                     info,
                     repo: image_repo.clone(),
                     source: ArtifactSource::Referrers,
@@ -630,7 +630,7 @@ impl RemoteLayers {
         &self,
         r: &talaria_api::ArtifactRef,
         manifest: &str,
-    ) -> Result<Resolved, RemoteError> {
+    ) -> Result<FoundArtifact, RemoteError> {
         let err = |message: String| RemoteError::ClusterArtifact {
             artifact: format!("{}@{}", r.repository, r.digest),
             message,
@@ -650,7 +650,7 @@ impl RemoteLayers {
                 info.subject.digest
             )));
         }
-        Ok(Resolved {
+        Ok(FoundArtifact {
             info,
             repo,
             source: ArtifactSource::Cluster,
