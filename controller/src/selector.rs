@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use talaria_artifact::oci::registry::ImageRef;
 
 /// A container image reference in canonical form: `docker.io/library/busybox:latest`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,73 +50,38 @@ impl NormalizedRef {
     }
 }
 
-/// Whether the first path component names a registry host (docker's rule).
-fn is_host(component: &str) -> bool {
-    component.contains('.') || component.contains(':') || component == "localhost"
-}
-
 /// Normalizes a container image reference as the container runtime would: Docker Hub is the
 /// default registry (`docker.io`), its single-component names live under `library/`, and the
-/// tag defaults to `latest`. Returns `None` for references that cannot be valid.
+/// tag defaults to `latest`. Returns `None` for references that cannot be valid. Parsed by
+/// the artifact crate's [`ImageRef`] (the docker reference grammar), the one parser the
+/// controller and the nodes share; only the Docker Hub host is spelled as users write it.
 pub fn normalize(reference: &str) -> Option<NormalizedRef> {
     let s = reference.trim();
     if s.is_empty() || s.len() > 4096 || s.chars().any(|c| c.is_whitespace()) {
         return None;
     }
-    let (name_tag, digest) = match s.split_once('@') {
-        Some((n, d)) => {
-            let hex = d.strip_prefix("sha256:")?;
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return None;
-            }
-            (n, Some(d.to_ascii_lowercase()))
-        }
-        None => (s, None),
-    };
-    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
-    let (name, tag) = match name_tag[last_slash..].rfind(':') {
-        Some(i) => {
-            let (n, t) = name_tag.split_at(last_slash + i);
-            (n, Some(t[1..].to_string()))
-        }
-        None => (name_tag, None),
-    };
-    if tag
-        .as_deref()
-        .is_some_and(|t| t.is_empty() || t.len() > 128)
-    {
-        return None;
-    }
-    let (registry, repository) = match name.split_once('/') {
-        Some((first, rest)) if is_host(first) => (first.to_string(), rest.to_string()),
-        _ => ("docker.io".to_string(), name.to_string()),
-    };
-    let registry = match registry.as_str() {
+    let r = ImageRef::parse(s).ok()?;
+    let registry = match r.repository.registry.as_str() {
         "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
-        _ => registry,
+        other => other.to_string(),
     };
-    let repository = if registry == "docker.io" && !repository.contains('/') {
-        format!("library/{repository}")
-    } else {
-        repository
-    };
-    if repository.is_empty()
-        || repository.split('/').any(str::is_empty)
-        || repository.bytes().any(|b| b.is_ascii_uppercase())
-    {
-        return None;
-    }
-    let tag = if tag.is_none() && digest.is_none() {
+    let digest = r.digest.map(|d| d.to_ascii_lowercase());
+    let tag = if r.tag.is_none() && digest.is_none() {
         Some("latest".to_string())
     } else {
-        tag
+        r.tag
     };
     Some(NormalizedRef {
         registry,
-        repository,
+        repository: r.repository.name,
         tag,
         digest,
     })
+}
+
+/// Whether the first path component of a pattern names a registry host (docker's rule).
+fn is_host(component: &str) -> bool {
+    component.contains('.') || component.contains(':') || component == "localhost"
 }
 
 /// An image reference pattern: `*` matches within a path segment (not `/`), `**` across
