@@ -18,7 +18,6 @@ use talaria_artifact::discover::list_artifacts;
 use talaria_artifact::oci::registry::{ImageRef, RegistryClient, RegistryConfig};
 use talaria_artifact::oci::store::RegistryStore;
 use talaria_controller::metrics::Metrics;
-use talaria_controller::{BuildSettings, Settings};
 use talaria_testenv::apiserver::{KubeApi, KubeOptions};
 use talaria_testenv::images::{self, ImageBuilder, Layer, LayerBuilder, sha256_digest};
 use talaria_testenv::registry::Registry;
@@ -106,33 +105,6 @@ async fn wait_phase(api: &Api<AcceleratedImage>, digest: &str, phase: Phase) -> 
     common::wait_phase(api, digest, phase, WAIT).await
 }
 
-fn start_controller(
-    client: Client,
-    metrics: Arc<Metrics>,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let settings = Settings {
-        build: BuildSettings {
-            max_concurrent: 2,
-            max_per_registry: 2,
-            backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(2),
-            max_attempts: 2,
-            timeout: Duration::from_secs(120),
-        },
-        resync: Duration::from_secs(30),
-        resolve_ttl: Duration::from_secs(30),
-        resolve_error_ttl: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let (tx, rx) = watch::channel(false);
-    let h = tokio::spawn(async move {
-        talaria_controller::run(client, settings, metrics, None, None, rx)
-            .await
-            .expect("controller run");
-    });
-    (tx, h)
-}
-
 async fn stop_controller(tx: watch::Sender<bool>, h: tokio::task::JoinHandle<()>) {
     let _ = tx.send(true);
     tokio::time::timeout(Duration::from_secs(60), h)
@@ -199,7 +171,7 @@ async fn policies_pods_images_artifacts_and_garbage_collection() {
     .await;
 
     let metrics = Arc::new(Metrics::new());
-    let (stop, handle) = start_controller(client.clone(), metrics.clone());
+    let (stop, handle) = common::start_controller(client.clone(), metrics.clone());
     let plat = platform();
     create_policy(
         &client,
@@ -407,7 +379,7 @@ async fn policies_pods_images_artifacts_and_garbage_collection() {
         .await
         .expect("mark Building");
     let metrics2 = Arc::new(Metrics::new());
-    let (stop, handle) = start_controller(client.clone(), metrics2.clone());
+    let (stop, handle) = common::start_controller(client.clone(), metrics2.clone());
     let f = wait_phase(&images, &fresh, Phase::Ready).await;
     assert_eq!(f.name_any(), name);
     assert_eq!(f.status.expect("status").attempts, 2);

@@ -7,7 +7,6 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use talaria_api::{AcceleratedImage, AccelerationPolicy, Phase};
@@ -18,11 +17,9 @@ use talaria_artifact::oci::registry::{ImageRef, RegistryClient, RegistryConfig};
 use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_artifact::oci::{self, Platform};
 use talaria_controller::metrics::Metrics;
-use talaria_controller::{BuildSettings, Settings};
 use talaria_testenv::apiserver::KubeApi;
 use talaria_testenv::images::{self, Image, ImageBuilder, LayerBuilder};
 use talaria_testenv::registry::Registry;
-use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -131,7 +128,7 @@ async fn a_planted_artifact_with_the_controllers_key_is_not_adopted() {
 
     // The controller builds the victim's artifact from its own layers and pins that.
     let metrics = Arc::new(Metrics::new());
-    let (stop, handle) = start_controller(kclient.clone(), metrics);
+    let (stop, handle) = common::start_controller(kclient.clone(), metrics);
     let policies: Api<AccelerationPolicy> = Api::all(kclient.clone());
     let p: AccelerationPolicy = serde_json::from_value(json!({
         "apiVersion": "talaria.dev/v1alpha1",
@@ -179,31 +176,4 @@ async fn a_planted_artifact_with_the_controllers_key_is_not_adopted() {
         .await
         .expect("controller stops")
         .expect("controller task");
-}
-
-fn start_controller(
-    client: Client,
-    metrics: Arc<Metrics>,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let settings = Settings {
-        build: BuildSettings {
-            max_concurrent: 2,
-            max_per_registry: 2,
-            backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(2),
-            max_attempts: 2,
-            timeout: Duration::from_secs(120),
-        },
-        resync: Duration::from_secs(30),
-        resolve_ttl: Duration::from_secs(30),
-        resolve_error_ttl: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let (tx, rx) = watch::channel(false);
-    let h = tokio::spawn(async move {
-        talaria_controller::run(client, settings, metrics, None, None, rx)
-            .await
-            .expect("controller run");
-    });
-    (tx, h)
 }

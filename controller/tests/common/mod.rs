@@ -3,11 +3,15 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, PostParams};
+use talaria_controller::metrics::Metrics;
+use talaria_controller::{BuildSettings, Settings};
+use tokio::sync::watch;
 
 /// Creates the CRDs from `crds/` (the generated YAML, as a user would apply it) and waits
 /// until the apiserver serves them.
@@ -206,4 +210,33 @@ pub fn talaria_inspect(image: &str, flags: &[&str]) -> serde_json::Value {
     );
     serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("inspect output is not JSON ({e}): {stdout}"))
+}
+
+/// Runs the controller in this process with test-sized settings (short backoff, two
+/// attempts) until the returned sender says stop.
+pub fn start_controller(
+    client: Client,
+    metrics: Arc<Metrics>,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let settings = Settings {
+        build: BuildSettings {
+            max_concurrent: 2,
+            max_per_registry: 2,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(2),
+            max_attempts: 2,
+            timeout: Duration::from_secs(120),
+        },
+        resync: Duration::from_secs(30),
+        resolve_ttl: Duration::from_secs(30),
+        resolve_error_ttl: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let (tx, rx) = watch::channel(false);
+    let h = tokio::spawn(async move {
+        talaria_controller::run(client, settings, metrics, None, None, rx)
+            .await
+            .expect("controller run");
+    });
+    (tx, h)
 }
