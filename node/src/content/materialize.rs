@@ -62,6 +62,9 @@ struct Ranged {
     size: u64,
     present: Vec<ByteRange>,
     expected: Vec<ByteRange>,
+    /// Ranges a fill has taken (being written or present): each byte is written once, so a
+    /// second record for bytes already served cannot change them.
+    claimed: Vec<ByteRange>,
     /// Budget bytes taken.
     reserved: u64,
     /// Its chunk failed: what is not present will not come.
@@ -108,6 +111,13 @@ fn insert_range(ranges: &mut Vec<ByteRange>, offset: u64, len: u64) -> bool {
         }],
     );
     true
+}
+
+/// Whether any of `ranges` (sorted, disjoint) shares a byte with `[offset, offset + len)`.
+fn overlaps(ranges: &[ByteRange], offset: u64, len: u64) -> bool {
+    let end = offset.saturating_add(len);
+    let i = ranges.partition_point(|r| r.offset.saturating_add(r.len) <= offset);
+    ranges.get(i).is_some_and(|r| r.offset < end) && len > 0
 }
 
 fn covers(ranges: &[ByteRange], offset: u64, len: u64) -> bool {
@@ -379,6 +389,7 @@ impl Materializer {
                     size: file_size,
                     present: Vec::new(),
                     expected: Vec::new(),
+                    claimed: Vec::new(),
                     reserved: 0,
                     abandoned: false,
                 },
@@ -409,12 +420,19 @@ impl Materializer {
     ) -> Result<bool, MaterializeError> {
         use std::os::unix::fs::FileExt;
         let key = (layer_dir(layer_digest), file_name(path));
+        let len = data.len() as u64;
         let file = {
-            let st = self.state();
-            match st.ranged.get(&key) {
-                Some(r) if covers(&r.expected, offset, data.len() as u64) => r.file.clone(),
-                _ => return Ok(false),
+            let mut st = self.state();
+            let Some(r) = st.ranged.get_mut(&key) else {
+                return Ok(false);
+            };
+            if !covers(&r.expected, offset, len)
+                || overlaps(&r.claimed, offset, len)
+                || !insert_range(&mut r.claimed, offset, len)
+            {
+                return Ok(false);
             }
+            r.file.clone()
         };
         // Written outside the lock; the range is marked present only once it is written.
         file.write_all_at(data, offset)
@@ -423,7 +441,7 @@ impl Materializer {
         let Some(r) = st.ranged.get_mut(&key) else {
             return Ok(false);
         };
-        let marked = insert_range(&mut r.present, offset, data.len() as u64);
+        let marked = insert_range(&mut r.present, offset, len);
         drop(st);
         self.arrived.notify_waiters();
         Ok(marked)
@@ -681,6 +699,12 @@ mod tests {
         f.read_exact_at(&mut buf, 500).unwrap();
         assert_eq!(buf, [7u8; 40]);
         assert_eq!(state(510, 30), "here");
+        // Write-once: a second record for bytes already written (whole or in part) is
+        // dropped; what was served stays.
+        assert!(!m.fill(L1, "usr/lib/big", 500, &[9u8; 40]).unwrap());
+        assert!(!m.fill(L1, "usr/lib/big", 530, &[9u8; 20]).unwrap());
+        f.read_exact_at(&mut buf, 500).unwrap();
+        assert_eq!(buf, [7u8; 40], "bytes already served never change");
         // Abandoned: what has not come is read through spans, at once.
         m.abandon(L1, "usr/lib/big");
         assert_eq!(state(0, 10), "no");
@@ -703,6 +727,19 @@ mod tests {
         m.remove_layer(L2);
         assert_eq!(m.usage(), (0, 0), "budget given back");
         assert_eq!(state(500, 40), "no");
+    }
+
+    #[test]
+    fn overlapping_ranges() {
+        let rs = [r(10, 10), r(30, 5)];
+        assert!(!overlaps(&rs, 0, 10), "touching is not overlapping");
+        assert!(overlaps(&rs, 5, 6));
+        assert!(overlaps(&rs, 19, 1));
+        assert!(!overlaps(&rs, 20, 10));
+        assert!(overlaps(&rs, 25, 100));
+        assert!(!overlaps(&rs, 35, 5));
+        assert!(!overlaps(&rs, 12, 0), "an empty range overlaps nothing");
+        assert!(!overlaps(&[], 0, 10));
     }
 
     #[test]

@@ -818,6 +818,18 @@ impl Fetcher {
             // The pack starts as soon as its table is in: its first chunk alongside the
             // indexes, the rest once they are in (see `indexes_in`).
             let pack = match (&plan, &self.materializer) {
+                // A pack may only fill files of this image's own (indexed) layers: a record
+                // naming another layer could write into a layer other images share.
+                (Ok(Some(StartupPlan { pack: Some(t), .. })), Some(_))
+                    if !t.layers.iter().all(|l| art.index_for(l).is_some()) =>
+                {
+                    let e = PrefetchError::PackTable(PackError::Table(
+                        "the pack names a layer the artifact does not index".into(),
+                    ));
+                    self.metrics.prefetch_error(&e);
+                    warn!(image = %j.image, error = %e, "startup pack refused; fetching the plan's spans");
+                    None
+                }
                 (Ok(Some(StartupPlan { pack: Some(t), .. })), Some(m)) => {
                     Some(self.fetch_pack(j, t, m, art_repo, indexes_in).await)
                 }
