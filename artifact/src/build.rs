@@ -174,9 +174,7 @@ pub async fn resolve_image(
     let (raw, parsed) = match parsed {
         Manifest::Image(m) => (raw, m),
         Manifest::Index(idx) => {
-            let pick = idx.manifests.iter().find(|d| {
-                !d.is_index() && d.platform.as_ref().is_some_and(|p| platform.matches(p))
-            });
+            let pick = idx.manifest_for(platform);
             let Some(d) = pick else {
                 let available = idx
                     .manifests

@@ -108,11 +108,7 @@ fn match_index(idx: &talaria_artifact::oci::ImageIndex, platforms: &[String]) ->
             out.missing.push(want.clone());
             continue;
         };
-        match idx
-            .manifests
-            .iter()
-            .find(|d| !d.is_index() && d.platform.as_ref().is_some_and(|p| wp.matches(p)))
-        {
+        match idx.manifest_for(&wp) {
             Some(d) => out.found.push(PlatformManifest {
                 platform: want.clone(),
                 digest: d.digest.clone(),

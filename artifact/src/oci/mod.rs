@@ -197,6 +197,14 @@ impl ImageIndex {
             annotations: None,
         }
     }
+
+    /// The image manifest this index offers for `platform` (the first that matches; a
+    /// nested index is not one).
+    pub fn manifest_for(&self, platform: &Platform) -> Option<&Descriptor> {
+        self.manifests
+            .iter()
+            .find(|d| !d.is_index() && d.platform.as_ref().is_some_and(|p| platform.matches(p)))
+    }
 }
 
 /// A parsed manifest.

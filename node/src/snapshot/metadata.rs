@@ -84,7 +84,8 @@ pub enum LabelUpdate {
     Keys(BTreeMap<String, Option<String>>),
 }
 
-pub struct Store {
+/// The snapshots' metadata, in one redb database under the snapshotter's root.
+pub struct Metadata {
     db: Database,
 }
 
@@ -133,9 +134,9 @@ fn chain_in<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(ids)
 }
 
-impl Store {
+impl Metadata {
     /// Opens (or creates) the database file. redb locks it, so a second process fails here.
-    pub fn open(path: &Path) -> Result<Store> {
+    pub fn open(path: &Path) -> Result<Metadata> {
         let db = Database::create(path).map_err(Error::db("opening the database"))?;
         let txn = db.begin_write().map_err(Error::db("starting a write"))?;
         {
@@ -148,7 +149,7 @@ impl Store {
         }
         txn.commit()
             .map_err(Error::db("committing table creation"))?;
-        Ok(Store { db })
+        Ok(Metadata { db })
     }
 
     fn write(&self) -> Result<WriteTransaction> {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use metadata::{Kind, LabelUpdate, Record, Snapshot, Store};
+use metadata::{Kind, LabelUpdate, Metadata, Record, Snapshot};
 
 /// Label containerd's unpacker puts on layer Prepares: the chain id it will commit to.
 /// A remote snapshotter that can provide the layer commits it under this name itself and
@@ -103,7 +103,7 @@ pub trait LocatedLayer {
 
 pub struct Snapshotter {
     root: PathBuf,
-    store: Store,
+    store: Metadata,
     hook: Option<Arc<dyn PrepareHook>>,
     /// The overlay module knows `index=`; containerd then passes `index=off`.
     index_off: bool,
@@ -167,7 +167,7 @@ impl Snapshotter {
         if !snaps.exists() {
             mkdir_mode(&snaps, 0o700)?;
         }
-        let store = Store::open(&root.join("metadata.redb"))?;
+        let store = Metadata::open(&root.join("metadata.redb"))?;
         let sn = Snapshotter {
             root: root.to_path_buf(),
             store,
