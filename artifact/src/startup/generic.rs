@@ -374,22 +374,17 @@ fn is_app_file(e: &Entry) -> bool {
     e.mode & 0o111 != 0 || is_shared_lib(name) || is_config_or_script(name)
 }
 
+/// The kind of runtime a program is, by name: the image analyzer's classification
+/// ([`super::rules::rule_for`]) in this planner's terms, plus Ruby and Perl, which the
+/// analyzer has no rule for.
 fn interpreter_kind(name: &str) -> Option<&'static str> {
-    if name.starts_with("python") {
-        Some("python")
-    } else if name == "java" {
-        Some("java")
-    } else if matches!(name, "sh" | "bash" | "dash" | "ash" | "zsh") {
-        Some("shell")
-    } else if name == "env" {
-        Some("env")
-    } else if matches!(name, "node" | "nodejs")
-        || name.starts_with("ruby")
-        || name.starts_with("perl")
-    {
-        Some("script")
-    } else {
-        None
+    match super::rules::rule_for(name, name) {
+        Some("jvm") => Some("java"),
+        Some("node") => Some("script"),
+        Some("nginx") => None,
+        Some(kind) => Some(kind),
+        None if name.starts_with("ruby") || name.starts_with("perl") => Some("script"),
+        None => None,
     }
 }
 
