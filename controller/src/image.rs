@@ -123,8 +123,11 @@ pub fn decide(
     // counts as failed.
     let interrupted = prev.phase == Phase::Building;
     let failed = prev.phase == Phase::Failed || interrupted;
-    let reset =
-        (failed && prev.owner_generations.as_ref() != Some(&owner_generations)) || settings_changed;
+    // Owners that changed since a failure may have fixed it; an interrupted attempt keeps
+    // counting (its status may predate the owners it was built for).
+    let reset = (prev.phase == Phase::Failed
+        && prev.owner_generations.as_ref() != Some(&owner_generations))
+        || settings_changed;
     if reset {
         prev.attempts = 0;
         prev.last_attempt_time = None;
@@ -752,8 +755,10 @@ mod tests {
             u.status.last_error
         );
         assert!(u.notice.is_some());
-        // New owners: the count starts again.
-        let a = attempt_of(decide(&img, &[policy("a", 2)], now(), &s));
+        // Once marked Failed, new owners start the count again.
+        let mut failed_img = img.clone();
+        failed_img.status = Some(u.status);
+        let a = attempt_of(decide(&failed_img, &[policy("a", 2)], now(), &s));
         assert_eq!((a.number, a.reset), (1, true));
     }
 
