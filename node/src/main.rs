@@ -125,7 +125,7 @@ struct Args {
     pull_warmup_wait: Duration,
     /// How long a credential learned from a successful pull is kept without a newer
     /// successful pull refreshing it.
-    #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "60m", value_parser = parse_duration)]
     pull_credential_ttl: Duration,
     /// Address for /metrics and /healthz (e.g. 127.0.0.1:9810); off when absent.
     #[arg(long, env = "TALARIA_NODE_METRICS_ADDR")]
