@@ -1,7 +1,11 @@
-//! Artifacts named by the cluster, with the real kube-apiserver and registry: the node
-//! watches AcceleratedImages and mounts a layer lazily from the artifact a policy-approved
-//! one names, even when that artifact lives in another repository (so the image's referrers
-//! find nothing); an AcceleratedImage no policy owns is ignored and the layer falls back.
+//! The node's trust rule, with the real kube-apiserver and registry (docs/trust.md): the
+//! node watches AcceleratedImages and mounts a layer lazily from the artifact a live
+//! policy-approved one pins, even when that artifact lives in another repository; an
+//! AcceleratedImage no policy owns, or one whose owner reference names a UID no policy has,
+//! is ignored and the layer falls back. A lying artifact among an image's registry
+//! referrers (newer than anything, its index relabelled from another image) is never used:
+//! not for an image the cluster did not approve (normal pull), not for one it did (the
+//! pinned artifact serves the real bytes).
 
 mod common;
 
@@ -17,7 +21,8 @@ use serde_json::json;
 use talaria_api::{AcceleratedImage, AccelerationPolicy};
 use talaria_artifact::build::{BuildOptions, BuildSummary, build};
 use talaria_artifact::discover;
-use talaria_artifact::format::Profile;
+use talaria_artifact::format::{self, ArtifactSpec, IndexedLayer, Knobs, Profile};
+use talaria_artifact::oci;
 use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
@@ -70,12 +75,76 @@ async fn image_with_artifact(
     )
     .await
     .unwrap_or_else(|e| panic!("build the artifact of {repo}: {e}"));
-    // The precondition of the test: the image's own referrers know no artifact.
-    let own = discover::resolve(store(host, repo).as_ref(), &img.manifest_digest)
-        .await
-        .expect("referrers of the image");
-    assert!(own.is_none(), "{repo} has a referrer artifact: {own:?}");
     (img, summary)
+}
+
+/// Pushes, as a referrer of `victim` in its own repository `repo`, an artifact that lies:
+/// `donor`'s layer index relabelled as the victim's layer, stamped newer than anything. A
+/// node trusting referrers would pick it (checked) and serve the donor's files for the
+/// victim's layer.
+async fn plant_lying_referrer(
+    host: &str,
+    repo: &str,
+    victim: &images::Image,
+    donor: &BuildSummary,
+) {
+    let target = store(host, repo);
+    let artifacts = store(host, ARTIFACT_REPO);
+    let d = &donor.layers[0];
+    let index = d.index.clone().expect("donor index");
+    for desc in std::iter::once(&index).chain(d.windows.as_ref()) {
+        let blob = artifacts
+            .get_blob(&desc.digest, 64 << 20)
+            .await
+            .expect("donor blob");
+        target
+            .put_blob(&desc.media_type, blob)
+            .await
+            .expect("plant blob");
+    }
+    target
+        .put_blob(oci::OCI_EMPTY, oci::EMPTY_JSON.to_vec().into())
+        .await
+        .expect("empty config");
+    let subject = target
+        .get_manifest(&victim.manifest_digest)
+        .await
+        .expect("victim manifest")
+        .descriptor();
+    let knobs = Knobs::default();
+    let raw = format::build_manifest(ArtifactSpec {
+        subject,
+        profile: Profile::Default,
+        knobs: &knobs,
+        layers: vec![IndexedLayer {
+            layer_digest: victim.layers[0].digest.clone(),
+            index,
+            windows: d.windows.clone(),
+        }],
+        skipped: vec![],
+        plan: None,
+        startup_paths: vec![],
+        plan_recorded: false,
+        pack: None,
+        created: Some("2099-01-01T00:00:00Z".into()),
+    })
+    .expect("lying manifest");
+    let desc = target
+        .put_manifest(&raw, None)
+        .await
+        .expect("plant manifest");
+    target
+        .add_referrer(&victim.manifest_digest, &desc)
+        .await
+        .expect("plant referrer");
+    let chosen = discover::resolve(target.as_ref(), &victim.manifest_digest)
+        .await
+        .expect("referrers")
+        .expect("a referrer artifact");
+    assert_eq!(
+        chosen.descriptor.digest, desc.digest,
+        "precondition: referrer discovery would choose the lie"
+    );
 }
 
 /// Creates a Ready AcceleratedImage for `img` naming `summary`'s artifact, owned by
@@ -250,6 +319,11 @@ async fn layers_mount_from_artifacts_a_policy_approved() {
     )
     .await;
 
+    // Lying referrers: the stray (unapproved) image and the approved one each get an
+    // artifact among their own referrers that serves another image's files.
+    plant_lying_referrer(&host, "talaria/stray", &stray_img, &forged_art).await;
+    plant_lying_referrer(&host, "talaria/approved", &ok_img, &forged_art).await;
+
     let socket = dir.path().join("sn.sock");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     let metrics_addr = listener.local_addr().expect("addr").to_string();
@@ -267,7 +341,8 @@ async fn layers_mount_from_artifacts_a_policy_approved() {
     );
     let mut c = connect(socket.clone()).await;
 
-    // Approved: mounted lazily from the artifact in the other repository; reads are right.
+    // Approved: mounted lazily from the pinned artifact in the other repository, not from
+    // the newer lie among its referrers; reads are right.
     let ok_ref = format!("{host}/talaria/approved:v1");
     assert!(
         prepare(&mut c, &ok_ref, &ok_img).await,
@@ -302,7 +377,7 @@ async fn layers_mount_from_artifacts_a_policy_approved() {
     );
     assert_eq!(metric(&text, "talaria_node_remote_mounts "), 1.0, "{text}");
 
-    // Not approved (no owning policy): ignored; referrers are not asked; unpacked.
+    // Not approved (no owning policy): ignored; the lying referrer is not used; unpacked.
     let stray_ref = format!("{host}/talaria/stray:v1");
     assert!(!prepare(&mut c, &stray_ref, &stray_img).await);
     // An owner reference whose UID no live policy has approves nothing either.
