@@ -113,7 +113,7 @@ impl Node {
     /// Restarts on the same root, socket and arguments.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the node first");
-        let again = Node::start(&self.root, &self.socket, &self.log, &self.args);
+        let again = Node::start_with_defaults(&self.root, &self.socket, &self.log, &self.args);
         *self = again;
     }
 }
