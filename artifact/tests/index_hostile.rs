@@ -362,6 +362,21 @@ fn corrupted_encoded_index_is_rejected_without_panic() {
     assert!(LayerIndex::decode(&b).is_err());
     assert!(LayerIndex::decode(b"").is_err());
     assert!(LayerIndex::decode(b"TLIX\x09").is_err());
+    // Spans past the knob's maximum (a read inflates a whole span) are refused both ways.
+    let mut huge = ix.clone();
+    huge.span_size = talaria_artifact::index::MAX_SPAN_SIZE + 1;
+    assert!(LayerIndex::decode(&huge.encode()).is_err(), "span size");
+    assert!(
+        index_layer(
+            &t[..],
+            Compression::None,
+            &IndexOptions {
+                span_size: talaria_artifact::index::MAX_SPAN_SIZE * 2
+            }
+        )
+        .is_err(),
+        "the indexer makes no span the decoder refuses"
+    );
 }
 
 #[test]

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use super::span::decompress_window;
 use super::zlib::WINDOW_SIZE;
 use super::{
-    Compression, Entry, EntryKind, INDEX_VERSION, INDEX_VERSION_INLINE, LayerIndex,
-    MAX_SPAN_OVERSHOOT, MAX_SPAN_SIZE, MAX_WINDOW_COMPRESSED, MIN_SPAN_SIZE, Span, WindowsBlob,
+    Compression, Entry, EntryKind, INDEX_VERSION, INDEX_VERSION_INLINE, LayerIndex, MAX_ENTRIES,
+    MAX_PATH_BYTES, MAX_SPAN_OVERSHOOT, MAX_SPAN_SIZE, MAX_WINDOW_COMPRESSED, MIN_SPAN_SIZE, Span,
+    WindowsBlob,
 };
 
 const MAGIC: &[u8; 4] = b"TLIX";
@@ -23,7 +24,7 @@ const MIN_SPAN_BYTES: u64 = 6 + 32;
 /// deflate cannot expand more than ~1032:1; bound the table of contents accordingly.
 const MAX_INFLATE_RATIO: u64 = 1100;
 /// Hard cap on the decoded table of contents.
-const MAX_TOC_BYTES: u64 = 1 << 32;
+const MAX_TOC_BYTES: u64 = 512 << 20;
 
 /// Why an encoded index was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +309,11 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
             toc_z.len()
         )));
     }
+    if entry_count > MAX_ENTRIES {
+        return Err(invalid(format!(
+            "{entry_count} entries (most {MAX_ENTRIES})"
+        )));
+    }
     if entry_count.saturating_mul(MIN_ENTRY_BYTES) > toc_len {
         return Err(invalid(format!(
             "{entry_count} entries cannot fit in {toc_len} bytes"
@@ -475,7 +481,9 @@ fn decode_entries(
     uncompressed_size: u64,
 ) -> Result<Vec<Entry>, DecodeError> {
     let mut c = Cur { buf: toc, pos: 0 };
-    let mut entries: Vec<Entry> = Vec::with_capacity(count as usize);
+    // Reserved as they come past a first batch: the count is the index's claim.
+    let mut entries: Vec<Entry> = Vec::with_capacity(count.min(1 << 16) as usize);
+    let mut total_path_bytes = 0u64;
     let mut prev_end = 0u64;
     for i in 0..count {
         let shared = c.varint("path prefix")?;
@@ -534,6 +542,16 @@ fn decode_entries(
         if matches!(kind, EntryKind::Symlink | EntryKind::Hardlink) != link_target.is_some() {
             return Err(invalid(format!(
                 "entry {i}: link target does not match its kind"
+            )));
+        }
+        total_path_bytes = total_path_bytes
+            .saturating_add(path.len() as u64)
+            .saturating_add(link_target.as_ref().map_or(0, |t| t.len() as u64));
+        if total_path_bytes > MAX_PATH_BYTES {
+            // Paths share prefixes on the wire, so a small table of contents can still
+            // decode to a great many path bytes.
+            return Err(invalid(format!(
+                "entry {i}: more than {MAX_PATH_BYTES} bytes of paths"
             )));
         }
         prev_end = end;

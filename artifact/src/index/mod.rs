@@ -42,9 +42,17 @@ pub const MAX_WINDOW_COMPRESSED: u64 = 32 * 1024 + 1024;
 /// can only be taken between deflate blocks, so a span overshoots by up to one block.
 pub const MAX_SPAN_OVERSHOOT: u64 = 64 * 1024 * 1024;
 
-/// Smallest and largest accepted span sizes.
+/// Smallest and largest accepted span sizes. The largest is the policy knob's maximum: a
+/// read inflates a whole span, so a hostile index cannot make a node hold more than this
+/// (plus the overshoot) per span read.
 pub const MIN_SPAN_SIZE: u64 = 1024;
-pub const MAX_SPAN_SIZE: u64 = 1024 * 1024 * 1024;
+pub const MAX_SPAN_SIZE: u64 = 64 * 1024 * 1024;
+
+/// Most entries in one layer's table of contents, built or decoded (real layers have up to
+/// a few hundred thousand files; each decoded entry costs ~180 B plus its path).
+pub const MAX_ENTRIES: u64 = 2_000_000;
+/// Most path bytes (paths and link targets) in one layer's table of contents.
+pub const MAX_PATH_BYTES: u64 = 256 << 20;
 
 /// Compression of a layer blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

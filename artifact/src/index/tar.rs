@@ -81,6 +81,8 @@ pub struct TarParser {
     gnu_link: Option<Vec<u8>>,
     symlinks: HashSet<String>,
     pub entries: Vec<Entry>,
+    /// Bytes of paths and link targets in `entries`.
+    path_bytes: u64,
 }
 
 impl Default for TarParser {
@@ -104,6 +106,7 @@ impl TarParser {
             gnu_link: None,
             symlinks: HashSet::new(),
             entries: Vec::new(),
+            path_bytes: 0,
         }
     }
 
@@ -487,6 +490,21 @@ impl TarParser {
     }
 
     fn push_entry(&mut self, entry: Entry) -> Result<(), String> {
+        // Bounded like the decoder: an index this parser makes must decode on every node.
+        if self.entries.len() as u64 >= super::MAX_ENTRIES {
+            return Err(format!(
+                "more than {} entries in one layer",
+                super::MAX_ENTRIES
+            ));
+        }
+        self.path_bytes +=
+            (entry.path.len() + entry.link_target.as_ref().map_or(0, String::len)) as u64;
+        if self.path_bytes > super::MAX_PATH_BYTES {
+            return Err(format!(
+                "more than {} bytes of paths in one layer",
+                super::MAX_PATH_BYTES
+            ));
+        }
         // An entry below a symlink of this layer would be extracted through it, possibly
         // outside the root.
         let p = entry.path.as_str();
