@@ -48,6 +48,7 @@ fn test_image(name: &str, seed: u64) -> Image {
         .file("srv/hot.txt", format!("hot file of {name}\n"), 0o644)
         .file("srv/cold1.bin", images::noise(seed, COLD_LEN), 0o644)
         .file("srv/cold2.bin", images::noise(seed + 100, COLD_LEN), 0o644)
+        .file("srv/cold3.bin", images::noise(seed + 200, COLD_LEN), 0o644)
         .build()
         .expect("data layer");
     ImageBuilder::new()
@@ -389,6 +390,29 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
         run.stderr
     );
 
+    // 4b. Another tenant pulls the same repository with a wrong secret: containerd refuses
+    //     the pull, and the credential that works stays the node's (it was kept only after
+    //     a successful pull), so a file nothing has read yet still reads lazily.
+    via.pull_image_with(pull_request(&private_ref, "bogus"))
+        .await
+        .expect_err("a pull with a wrong password fails");
+    let run = cri
+        .run_to_exit(
+            &pod,
+            "after-bogus",
+            &private_ref,
+            &["sh", "-c", &tail_read("/srv/cold3.bin")],
+            RUN_TIMEOUT,
+        )
+        .await
+        .expect("run a container after a failed pull");
+    assert_eq!(
+        (run.exit_code, run.stdout.as_str()),
+        (0, format!("{}\n", tail_sum(201)).as_str()),
+        "a failed pull replaced the working credential; stderr: {}",
+        run.stderr
+    );
+
     // containerd had the image at the second pull: nothing was warmed (checked after the
     // container run, so a wrong warm-up would have been counted by now).
     let m = http_get(metrics_addr, "/metrics");
@@ -411,6 +435,7 @@ async fn pull_credentials_reach_lazy_reads_through_the_cri_proxy() {
     );
     let log = node.log_text();
     assert!(!log.contains("pw-2"), "a password never reaches the log");
+    assert!(!log.contains("bogus"), "a password never reaches the log");
     eprintln!("total {:?}", t0.elapsed());
 }
 
