@@ -499,6 +499,27 @@ pub async fn reconcile(
         Err(_) => return Err(Error::CacheNotSynced("policy")),
     }
 
+    // Building in the cache is either an attempt a stopped controller left behind or this
+    // controller's own status write that the cache has not caught up with (the next
+    // reconcile can come first): decide on what the apiserver has now.
+    let img = if img
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == Phase::Building)
+    {
+        let api: Api<AcceleratedImage> = Api::all(ctx.client.clone());
+        match api
+            .get_opt(&img.name_any())
+            .await
+            .map_err(Error::kube(format!("reading {}", img.name_any())))?
+        {
+            Some(fresh) => Arc::new(fresh),
+            None => return Ok(Action::await_change()),
+        }
+    } else {
+        img
+    };
+
     // Select and decide.
     let owner_policies = current_owners(&ctx, &img).await;
     let attempt = match decide(&img, &owner_policies, Timestamp::now(), &ctx.build) {
