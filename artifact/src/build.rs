@@ -84,18 +84,10 @@ pub enum Reuse {
     /// own OCI layout or repository; the CLI's default).
     #[default]
     AnyInStore,
-    /// Only these artifact manifest digests (ones this builder made and pinned itself);
-    /// everything else is built from the image's own layers (the controller).
+    /// Only these artifact manifest digests (ones this builder made and pinned itself),
+    /// fetched by digest: the image's referrers are not even listed, and everything else is
+    /// built from the image's own layers (the controller).
     Only(BTreeSet<String>),
-}
-
-impl Reuse {
-    fn allows(&self, artifact_digest: &str) -> bool {
-        match self {
-            Reuse::AnyInStore => true,
-            Reuse::Only(d) => d.contains(artifact_digest),
-        }
-    }
 }
 
 /// A recorded start to build the plan (and finer spans) from.
@@ -218,31 +210,39 @@ pub async fn build(
     let key = format::acceleration_key(opts.profile, &opts.knobs);
 
     let replacing = opts.recorded.is_some() && opts.profile.has_plan();
-    if !replacing
-        && let Some(existing) =
-            discover::find_by_key(target.as_ref(), &subject.digest, &key).await?
-        && opts.reuse.allows(&existing.descriptor.digest)
-    {
-        info!(image = %subject.digest, artifact = %existing.descriptor.digest, %key, "artifact exists; adopted");
-        return Ok(adopted(subject, existing, key, t0));
+    // One look at what exists: adopted whole when it has this key, else its index blobs
+    // are reused (layer indexes do not depend on the profile: the default artifact, built
+    // first by the controller, lends them, so the layers are not streamed again).
+    let existing = match &opts.reuse {
+        Reuse::AnyInStore => discover::list_artifacts(target.as_ref(), &subject.digest).await,
+        Reuse::Only(digests) => {
+            discover::load_artifacts(
+                target.as_ref(),
+                &subject.digest,
+                digests.iter().map(String::as_str),
+            )
+            .await
+        }
+    };
+    let existing = match existing {
+        Ok(a) => a,
+        // A replacing build adopts nothing; it only loses the reuse.
+        Err(e) if replacing => {
+            debug!(image = %subject.digest, error = %e, "no earlier artifacts to reuse indexes from");
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !replacing && let Some(found) = discover::pick_by_key(existing.clone(), &key) {
+        info!(image = %subject.digest, artifact = %found.descriptor.digest, %key, "artifact exists; adopted");
+        return Ok(adopted(subject, found, key, t0));
     }
-
-    // Layer indexes do not depend on the profile: an artifact of another profile (the
-    // default one, built first by the controller) lends its index blobs, so the layers are
-    // not streamed again.
     let reusable: Arc<HashMap<String, Descriptor>> = Arc::new(
-        match discover::list_artifacts(target.as_ref(), &subject.digest).await {
-            Ok(arts) => arts
-                .into_iter()
-                .filter(|a| opts.reuse.allows(&a.descriptor.digest))
-                .flat_map(|a| a.layers)
-                .map(|l| (l.layer_digest, l.index))
-                .collect(),
-            Err(e) => {
-                debug!(image = %subject.digest, error = %e, "no earlier artifacts to reuse indexes from");
-                HashMap::new()
-            }
-        },
+        existing
+            .into_iter()
+            .flat_map(|a| a.layers)
+            .map(|l| (l.layer_digest, l.index))
+            .collect(),
     );
     let mut hot = match &opts.recorded {
         Some(rec) if replacing => {

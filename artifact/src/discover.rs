@@ -72,20 +72,47 @@ pub async fn find_by_key(
     subject_digest: &str,
     key: &str,
 ) -> Result<Option<ArtifactInfo>, ArtifactError> {
-    let mut all: Vec<ArtifactInfo> = list_artifacts(store, subject_digest)
-        .await?
+    Ok(pick_by_key(
+        list_artifacts(store, subject_digest).await?,
+        key,
+    ))
+}
+
+/// Among `artifacts`, the one of acceleration key `key` a build adopts: a recorded plan
+/// first (it replaces the predicted one of its key even when both carry the same second in
+/// `created`), then the newest, then the smallest digest.
+pub fn pick_by_key(artifacts: Vec<ArtifactInfo>, key: &str) -> Option<ArtifactInfo> {
+    artifacts
         .into_iter()
         .filter(|a| a.key == key)
-        .collect();
-    // A recorded plan replaces the predicted one of its key even when both carry the same
-    // second in `created`.
-    all.sort_by(|a, b| {
-        b.plan_recorded
-            .cmp(&a.plan_recorded)
-            .then_with(|| b.created.cmp(&a.created))
-            .then_with(|| a.descriptor.digest.cmp(&b.descriptor.digest))
-    });
-    Ok(all.into_iter().next())
+        .min_by(|a, b| {
+            b.plan_recorded
+                .cmp(&a.plan_recorded)
+                .then_with(|| b.created.cmp(&a.created))
+                .then_with(|| a.descriptor.digest.cmp(&b.descriptor.digest))
+        })
+}
+
+/// The artifacts among `digests` that refer to `subject_digest`, fetched by digest (no
+/// referrer listing: only what the caller names is looked at). Missing ones are skipped.
+pub async fn load_artifacts(
+    store: &dyn Store,
+    subject_digest: &str,
+    digests: impl IntoIterator<Item = &str>,
+) -> Result<Vec<ArtifactInfo>, ArtifactError> {
+    let mut out = Vec::new();
+    for d in digests {
+        let raw = match store.get_manifest(d).await {
+            Ok(r) => r,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let a = parse_artifact(&raw)?;
+        if a.subject.digest == subject_digest {
+            out.push(a);
+        }
+    }
+    Ok(out)
 }
 
 /// Loads and decodes one layer index blob of an artifact.
