@@ -49,12 +49,13 @@ pub struct LayerContent {
     reach: Arc<Reachability>,
     read_timeout: Duration,
     metrics: Arc<Metrics>,
-    /// Local copies of hot files, and the layer digest they are kept under.
-    materialized: Option<(Arc<Materializer>, String)>,
+    /// Local copies of hot files, and the layer digest they are kept under (shared: a read
+    /// that waits takes a clone of this struct).
+    materialized: Option<(Arc<Materializer>, Arc<str>)>,
     /// Bytes returned to the kernel (what applications actually read).
     read_bytes: Option<Counter>,
     /// Startup reads are recorded here, under the layer digest.
-    recorder: Option<(Arc<TraceRecorder>, String)>,
+    recorder: Option<(Arc<TraceRecorder>, Arc<str>)>,
 }
 
 /// Up to `size` bytes at `offset` of a local copy of a file of `file_size` bytes; an error
@@ -100,13 +101,13 @@ impl LayerContent {
 
     /// Serves the files `m` holds under `layer_digest` from local disk.
     pub fn with_materialized(mut self, m: Arc<Materializer>, layer_digest: String) -> Self {
-        self.materialized = Some((m, layer_digest));
+        self.materialized = Some((m, layer_digest.into()));
         self
     }
 
     /// Records reads into `r` (it keeps those of a startup window) under `layer_digest`.
     pub fn with_recorder(mut self, r: Arc<TraceRecorder>, layer_digest: String) -> Self {
-        self.recorder = Some((r, layer_digest));
+        self.recorder = Some((r, layer_digest.into()));
         self
     }
 

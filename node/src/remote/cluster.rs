@@ -15,7 +15,8 @@ use kube::{Api, Client, Config};
 use talaria_api::{AcceleratedImage, AccelerationPolicy, ArtifactRef, Phase};
 use tracing::{debug, warn};
 
-/// How long a lookup waits for the first list of the watch before using what it has.
+/// How long a lookup waits for the first lists of the watches; after that it answers "no
+/// artifact" (a normal pull) until they are in.
 const READY_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
