@@ -12,6 +12,8 @@ use crate::oci::store::{Store, StoreError};
 
 /// Referrer manifests fetched at once.
 const REFERRER_FETCHES: usize = 4;
+/// Most Talaria referrers of one image looked at (an image has two or three).
+pub const MAX_REFERRERS: usize = 64;
 
 /// Lists the Talaria artifacts referring to an image manifest (unparseable or foreign
 /// referrers are skipped with a debug log).
@@ -29,6 +31,9 @@ pub async fn list_artifacts(
                 .as_deref()
                 .is_none_or(|t| t == ARTIFACT_TYPE)
         })
+        // A flood of referrers (anyone who can push may add them) costs a round trip each:
+        // only the first few are looked at.
+        .take(MAX_REFERRERS)
         .collect();
     // A few at once: an image has its default and accelerated artifacts (and a recorded
     // one), and each manifest is a round trip on a node's startup path.
@@ -38,6 +43,8 @@ pub async fn list_artifacts(
         .collect()
         .await;
     let mut out = Vec::new();
+    let mut first_error = None;
+    let mut read = 0usize;
     for (d, got) in refs.iter().zip(fetched) {
         let raw = match got {
             Ok(r) => r,
@@ -45,15 +52,25 @@ pub async fn list_artifacts(
                 tracing::debug!(digest = %d.digest, "referrer listed but missing");
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            // One bad referrer (too large, unreadable) is skipped, not the image's others;
+            // when none could be read, the first failure is the answer.
+            Err(e) => {
+                tracing::debug!(digest = %d.digest, error = %e, "skipping referrer");
+                first_error.get_or_insert(e);
+                continue;
+            }
         };
+        read += 1;
         match parse_artifact(&raw) {
             Ok(a) if a.subject.digest == subject_digest => out.push(a),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "skipping referrer"),
         }
     }
-    Ok(out)
+    match first_error {
+        Some(e) if read == 0 => Err(e.into()),
+        _ => Ok(out),
+    }
 }
 
 /// Resolves the best artifact for an image manifest: accelerated → default → none.

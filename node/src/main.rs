@@ -70,6 +70,11 @@ struct Args {
     /// back when the layer goes); 0 turns both off.
     #[arg(long, env = "TALARIA_NODE_MATERIALIZE_MIB", default_value_t = 1024)]
     materialize_mib: u64,
+    /// Most memory (MiB) the indexes of lazily mounted layers may hold together (each
+    /// mounted layer keeps its table of contents in memory); a layer whose index does not
+    /// fit is unpacked normally (fallback reason `index_memory`).
+    #[arg(long, env = "TALARIA_NODE_INDEX_MEMORY_MIB", default_value_t = 384)]
+    index_memory_mib: u64,
     /// Most materialized startup files kept.
     #[arg(
         long,
@@ -225,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
             cluster,
             referrers: args.unverified_referrers,
             warmup_wait: args.pull_warmup_wait,
+            index_memory: args.index_memory_mib.saturating_mul(1 << 20),
         };
         Some(Arc::new(
             RemoteLayers::new(opts, metrics.clone()).context("setting up remote layers")?,

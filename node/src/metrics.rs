@@ -111,6 +111,10 @@ pub struct Metrics {
     pub materialized_bytes: Counter,
     /// FUSE reads answered with EIO (registry down, timeout, verification failure).
     pub read_errors: Counter,
+    /// Layers whose every byte was checked against their index and the image's diff_id,
+    /// and those that failed (poisoned), by reason.
+    pub verified_layers: Counter,
+    pub verification_failures: Family<FallbackLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -154,6 +158,8 @@ impl Metrics {
             fuse_requests: Family::default(),
             materialized_files: Counter::default(),
             materialized_bytes: Counter::default(),
+            verified_layers: Counter::default(),
+            verification_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -280,6 +286,16 @@ impl Metrics {
             "read_errors",
             "Reads of remote layers answered with EIO",
             m.read_errors.clone(),
+        );
+        registry.register(
+            "verified_layers",
+            "Fully fetched layers that matched their index and the image's diff_id",
+            m.verified_layers.clone(),
+        );
+        registry.register(
+            "verification_failures",
+            "Fully fetched layers that did not match their index or the image (poisoned), by reason",
+            m.verification_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -24,7 +24,7 @@ const MIN_SPAN_BYTES: u64 = 6 + 32;
 /// deflate cannot expand more than ~1032:1; bound the table of contents accordingly.
 const MAX_INFLATE_RATIO: u64 = 1100;
 /// Hard cap on the decoded table of contents.
-const MAX_TOC_BYTES: u64 = 512 << 20;
+const MAX_TOC_BYTES: u64 = 128 << 20;
 
 /// Why an encoded index was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -319,7 +319,8 @@ pub(super) fn decode(bytes: &[u8]) -> Result<LayerIndex, DecodeError> {
             "{entry_count} entries cannot fit in {toc_len} bytes"
         )));
     }
-    let mut toc = Vec::new();
+    // Exactly what was claimed (bounded above): no doubling past it while inflating.
+    let mut toc = Vec::with_capacity(usize::try_from(toc_len).unwrap_or(0).saturating_add(1));
     let mut z = flate2::read::ZlibDecoder::new(toc_z);
     (&mut z)
         .take(toc_len + 1)

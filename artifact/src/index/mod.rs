@@ -9,6 +9,7 @@ pub mod indexer;
 pub mod reader;
 pub(crate) mod span;
 pub(crate) mod tar;
+pub mod verify;
 pub(crate) mod zlib;
 
 use std::collections::HashMap;
@@ -49,10 +50,11 @@ pub const MIN_SPAN_SIZE: u64 = 1024;
 pub const MAX_SPAN_SIZE: u64 = 64 * 1024 * 1024;
 
 /// Most entries in one layer's table of contents, built or decoded (real layers have up to
-/// a few hundred thousand files; each decoded entry costs ~180 B plus its path).
-pub const MAX_ENTRIES: u64 = 2_000_000;
+/// a few hundred thousand files; each decoded entry costs ~180 B plus its path). With the
+/// path and table-of-contents caps, decoding any index fits in ~0.7 GiB (docs/trust.md).
+pub const MAX_ENTRIES: u64 = 1_000_000;
 /// Most path bytes (paths and link targets) in one layer's table of contents.
-pub const MAX_PATH_BYTES: u64 = 256 << 20;
+pub const MAX_PATH_BYTES: u64 = 128 << 20;
 
 /// Compression of a layer blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -225,6 +227,34 @@ impl LayerIndex {
             windows: None,
             lookup: OnceLock::new(),
         }
+    }
+
+    /// Roughly the heap this decoded index holds (entries and their strings, the path
+    /// lookup once built, spans and inline windows): what keeping it in memory costs.
+    pub fn memory_bytes(&self) -> u64 {
+        let strings = |e: &Entry| {
+            let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+            // The path twice: the lookup map keeps its own copy.
+            2 * e.path.len()
+                + opt(&e.uname)
+                + opt(&e.gname)
+                + opt(&e.link_target)
+                + e.xattrs
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 48)
+                    .sum::<usize>()
+        };
+        let entries: u64 = self
+            .entries
+            .iter()
+            .map(|e| (std::mem::size_of::<Entry>() + 48 + strings(e)) as u64)
+            .sum();
+        let spans: u64 = self
+            .spans
+            .iter()
+            .map(|s| (std::mem::size_of::<Span>() + s.window.len()) as u64)
+            .sum();
+        entries + spans
     }
 
     /// Encodes the index (see `docs/index-format.md`): version 1 with its windows inline,

@@ -29,6 +29,8 @@ pub enum ContentError {
     TimedOut(Duration),
     #[error("no entry {0} in the layer's index")]
     NoEntry(usize),
+    #[error("the layer is poisoned: it does not match its index")]
+    Poisoned,
 }
 
 /// A read that no local copy answers now: it waits for the pack or goes to the spans.
@@ -49,7 +51,7 @@ pub struct LayerContent {
     reach: Arc<Reachability>,
     read_timeout: Duration,
     metrics: Arc<Metrics>,
-    /// Local copies of hot files, and the layer digest they are kept under (shared: a read
+    /// Local copies of hot files, and the index digest they are kept under (shared: a read
     /// that waits takes a clone of this struct).
     materialized: Option<(Arc<Materializer>, Arc<str>)>,
     /// Bytes returned to the kernel (what applications actually read).
@@ -99,9 +101,10 @@ impl LayerContent {
         &self.reader
     }
 
-    /// Serves the files `m` holds under `layer_digest` from local disk.
-    pub fn with_materialized(mut self, m: Arc<Materializer>, layer_digest: String) -> Self {
-        self.materialized = Some((m, layer_digest.into()));
+    /// Serves the files `m` holds under `index_digest` (the index this layer is read
+    /// through: copies made through another index are not this mount's) from local disk.
+    pub fn with_materialized(mut self, m: Arc<Materializer>, index_digest: String) -> Self {
+        self.materialized = Some((m, index_digest.into()));
         self
     }
 
@@ -120,6 +123,9 @@ impl LayerContent {
     /// The local copy of all of `entry`, if one is here (the kernel may then read it
     /// directly).
     pub fn whole_local(&self, entry: &Entry) -> Option<Arc<File>> {
+        if self.reach.is_poisoned() {
+            return None;
+        }
         let (m, layer) = self.materialized.as_ref()?;
         m.whole(layer, &entry.path, entry.size)
     }
@@ -148,6 +154,15 @@ impl LayerContent {
         offset: u64,
         size: u32,
     ) -> Result<Bytes, Pending> {
+        if self.reach.is_poisoned() {
+            // Not even a local copy: it may have come from the same index.
+            return Err(Pending {
+                entry: i,
+                offset,
+                size,
+                coming: false,
+            });
+        }
         let want = u64::from(size).min(entry.size.saturating_sub(offset));
         if let Some((r, layer)) = &self.recorder {
             r.record(layer, &entry.path, offset, want);
@@ -185,6 +200,10 @@ impl LayerContent {
             size,
             coming,
         } = p;
+        if self.reach.is_poisoned() {
+            self.metrics.read_errors.inc();
+            return Err(ContentError::Poisoned);
+        }
         let index = self.reader.index().clone();
         // `read_now` found it, in the same index.
         let Some(entry) = index.entries.get(entry) else {

@@ -2,7 +2,11 @@
 //! local disk, so FUSE serves their reads with a `pread` instead of the span path (no span
 //! lookup, no inflate, no network).
 //!
-//! Layout: `<dir>/<layer hex>/<sha256 of the file path>` — file names are hashes, so an
+//! Files are kept per layer *index*: the `layer_digest` arguments below are the digest of
+//! the index a layer is read through (its artifact's), not the layer's, so copies made
+//! through one index never serve a mount of the same layer through another.
+//!
+//! Layout: `<dir>/<index hex>/<sha256 of the file path>` — file names are hashes, so an
 //! untrusted path is never joined onto a local one. Files are written to a temporary name and
 //! renamed, so a reader never sees a partial file. The directory is emptied at open: what a
 //! previous run left is not trusted (it was not verified by this process) and the startup

@@ -26,23 +26,24 @@ use talaria_artifact::format::{self, ArtifactInfo};
 use talaria_artifact::index::reader::{
     LayerReader, PrefetchStats, ReadError, ReadObserver, SpanCache,
 };
+use talaria_artifact::index::verify::{LayerVerifier, VerifyError};
 use talaria_artifact::index::{DecodeError, EntryKind, LayerIndex};
 use talaria_artifact::oci::registry::{RegistryClient, RegistryError, Repository};
 use talaria_artifact::oci::store::{RegistryStore, Store, StoreError};
-use talaria_artifact::oci::{FormatError, ImageManifest, Manifest};
+use talaria_artifact::oci::{self, FormatError, ImageManifest, Manifest};
 use talaria_artifact::source::{BoxFuture, RangeSource, SourceError};
 use talaria_artifact::startup::pack::{PackError, PackRecord, PackTable};
 use talaria_artifact::startup::plan::{PlanEntry, StartupPlan};
 use talaria_artifact::startup::{ConfigError, ImageConfig};
 use tokio::sync::{Notify, OnceCell};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::content::cache::TieredSpanCache;
 use crate::content::materialize::{MaterializeError, Materializer};
 use crate::content::reach::Reachability;
 use crate::content::sched::{self, Class, FETCH, FetchContext, LinkScheduler, SchedError};
 use crate::layerfs::tree::Tree;
-use crate::metrics::{Metrics, Reason};
+use crate::metrics::{FallbackLabels, Metrics, Reason};
 use talaria_artifact::startup::generic::{GenericBudget, generic_plan};
 
 /// Largest compressed size of one merged startup request.
@@ -179,6 +180,9 @@ pub enum PrefetchError {
     MaterializeTask(#[source] tokio::task::JoinError),
     #[error("startup prefetch timed out after {0:?}")]
     StartupTimeout(Duration),
+    /// The image config has no usable `rootfs.diff_ids` for a layer.
+    #[error("image config {digest}: {message}")]
+    DiffIds { digest: String, message: String },
     /// One failure handed to several waiters: an index load shared by a job and Prepares,
     /// a pack request shared by its chunks.
     #[error(transparent)]
@@ -197,7 +201,9 @@ impl Reason for PrefetchError {
             }
             ManifestRead { .. } | ManifestInvalid { .. } | ManifestIsIndex { .. } => "manifest",
             PlanRead { .. } | PlanInvalid { .. } => "plan",
-            ConfigRead { .. } | ConfigInvalid { .. } | GenericPlanTask(_) => "config",
+            ConfigRead { .. } | ConfigInvalid { .. } | GenericPlanTask(_) | DiffIds { .. } => {
+                "config"
+            }
             SpanPermit(_) | SpanRead(_) | SpanTimeout(_) => "fetch",
             BackgroundPermit(_) | BackgroundRead(_) | BackgroundTimeout(_) => "background",
             PackTable(_) | PackReserve(_) | PackPermit(_) | PackRead(_) | PackBody(_)
@@ -392,25 +398,33 @@ impl ReadObserver for LayerObserver {
     }
 }
 
-/// The node's reader of one layer, shared by its mounts and prefetchers.
+/// The node's reader of one layer through one index, shared by the mounts and
+/// prefetchers that read the layer through that index.
 pub struct SharedLayer {
     pub reader: Arc<LayerReader>,
     pub reach: Arc<Reachability>,
     pub host: String,
     pub layer: String,
+    /// Digest of the index blob the layer is read through: what readers and local copies
+    /// are keyed by (another artifact's index of the same layer never meets them).
+    pub index_digest: String,
     stop: Arc<AtomicBool>,
     series: Arc<LayerSeries>,
     materializer: Option<Arc<Materializer>>,
+    /// What this reader's index (and the tree built from it) is charged against the
+    /// node's index memory budget, given back on drop.
+    charge: (Arc<AtomicU64>, u64),
 }
 
 impl Drop for SharedLayer {
     fn drop(&mut self) {
+        self.charge.0.fetch_sub(self.charge.1, Ordering::Relaxed);
         // Nothing mounts or prefetches the layer any more: its background fetch ends, its
         // metric series and its materialized files go.
         self.stop.store(true, Ordering::Relaxed);
         self.series.close();
         if let Some(m) = &self.materializer {
-            m.remove_layer(&self.layer);
+            m.remove_layer(&self.index_digest);
         }
     }
 }
@@ -424,7 +438,39 @@ pub struct FetchOptions {
     pub startup: bool,
     /// Fetch the rest of each layer in the background.
     pub background: bool,
+    /// Most memory the indexes of mounted layers (and their trees) may hold together.
+    pub index_memory: u64,
 }
+
+/// A layer's index does not fit in what is left of the node's index memory budget.
+#[derive(Debug, thiserror::Error)]
+#[error("the index needs ~{need} bytes in memory; {held} of the node's {budget} are held")]
+pub struct OverIndexBudget {
+    pub need: u64,
+    pub held: u64,
+    pub budget: u64,
+}
+
+/// Where a layer is read through: the layer, the digest of the index blob its artifact
+/// gives it, and the image manifest that asked (its config vouches for the layer's diff_id).
+#[derive(Clone, Debug)]
+pub struct IndexAt {
+    pub layer: String,
+    pub index_digest: String,
+    pub manifest: String,
+}
+
+/// A layer found not to match its index.
+#[derive(Clone, Debug)]
+pub struct Poisoned {
+    pub at: IndexAt,
+    /// [`VerifyError::reason`].
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Called once per poisoned layer.
+pub type PoisonedHook = Box<dyn Fn(Poisoned) + Send + Sync>;
 
 /// Shared layers, image jobs, and what they need.
 pub struct Fetcher {
@@ -437,6 +483,9 @@ pub struct Fetcher {
     layers: Mutex<HashMap<String, Weak<SharedLayer>>>,
     jobs: Mutex<HashMap<String, Arc<ImageJob>>>,
     materializer: Option<Arc<Materializer>>,
+    /// Memory charged by the live readers' indexes ([`FetchOptions::index_memory`]).
+    resident: Arc<AtomicU64>,
+    poisoned: std::sync::OnceLock<PoisonedHook>,
     me: Weak<Fetcher>,
 }
 
@@ -460,8 +509,15 @@ impl Fetcher {
             layers: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
             materializer,
+            resident: Arc::default(),
+            poisoned: std::sync::OnceLock::new(),
             me: me.clone(),
         })
+    }
+
+    /// Tells `hook` of every layer verification poisons (set once; later calls are ignored).
+    pub fn on_poisoned(&self, hook: PoisonedHook) {
+        let _ = self.poisoned.set(hook);
     }
 
     pub fn sched(&self) -> &Arc<LinkScheduler> {
@@ -473,44 +529,55 @@ impl Fetcher {
         self.materializer.as_ref()
     }
 
-    /// The node's reader of `layer` (blob in `repo`), created with `index` if none is alive.
+    /// The node's reader of `layer` (blob in `repo`) through the index `at` names, created
+    /// with `index` if none is alive and the index fits in the node's index memory budget.
     /// `image` is charged for reads until another image takes the layer over.
     pub fn layer(
         &self,
-        layer: &str,
+        at: &IndexAt,
         repo: &Repository,
         art_repo: &Repository,
         index: Arc<LayerIndex>,
         image: &str,
-    ) -> Arc<SharedLayer> {
-        // Artifacts of other knobs index the same layer with other spans: their span
-        // numbers must not meet another index's reader.
-        let key = format!("{layer}/{}", index.span_size);
+    ) -> Result<Arc<SharedLayer>, OverIndexBudget> {
+        // Keyed by the index, not the layer: what one artifact says about a layer (its
+        // table of contents, spans, local copies) never serves a mount through another.
         let mut layers = match self.layers.lock() {
             Ok(l) => l,
             Err(e) => e.into_inner(),
         };
-        if let Some(l) = layers.get(&key).and_then(Weak::upgrade) {
-            return l;
+        if let Some(l) = layers.get(&at.index_digest).and_then(Weak::upgrade) {
+            return Ok(l);
         }
         layers.retain(|_, w| w.strong_count() > 0);
-        let shared = Arc::new(self.new_layer(layer, repo, art_repo, index, image));
-        layers.insert(key, Arc::downgrade(&shared));
+        // The index and the inode tree built from it, about as large again.
+        let need = index.memory_bytes().saturating_mul(2);
+        let budget = self.opts.index_memory;
+        self.resident
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(need).filter(|&t| t <= budget)
+            })
+            .map_err(|held| OverIndexBudget { need, held, budget })?;
+        let charge = (self.resident.clone(), need);
+        let shared = Arc::new(self.new_layer(at, repo, art_repo, index, image, charge));
+        layers.insert(at.index_digest.clone(), Arc::downgrade(&shared));
         drop(layers);
         if self.opts.background {
-            self.spawn_background(&shared);
+            self.spawn_background(&shared, at, repo);
         }
-        shared
+        Ok(shared)
     }
 
     fn new_layer(
         &self,
-        layer: &str,
+        at: &IndexAt,
         repo: &Repository,
         art_repo: &Repository,
         index: Arc<LayerIndex>,
         image: &str,
+        charge: (Arc<AtomicU64>, u64),
     ) -> SharedLayer {
+        let layer = at.layer.as_str();
         let series = Arc::new(LayerSeries {
             layer: layer.to_string(),
             owner: Arc::from(image),
@@ -560,22 +627,26 @@ impl Fetcher {
             reach,
             host: repo.registry.clone(),
             layer: layer.to_string(),
+            index_digest: at.index_digest.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             series,
             materializer: self.materializer.clone(),
+            charge,
         }
     }
 
     /// Fetches the layer's spans not cached, a few at a time at the lowest class, until it
-    /// is complete, it fails once, or the layer goes away.
-    fn spawn_background(&self, shared: &Arc<SharedLayer>) {
+    /// is complete, it fails once, or the layer goes away; then verifies the complete layer.
+    fn spawn_background(&self, shared: &Arc<SharedLayer>, at: &IndexAt, repo: &Repository) {
         let reader = shared.reader.clone();
+        let reach = shared.reach.clone();
         let stop = shared.stop.clone();
         let host = shared.host.clone();
         let layer = shared.layer.clone();
         let sched = self.sched.clone();
         let metrics = self.metrics.clone();
         let timeout = self.opts.read_timeout;
+        let (me, at, repo) = (self.me.clone(), at.clone(), repo.clone());
         self.rt.spawn(async move {
             let index = reader.index().clone();
             let runs = merge_runs(
@@ -614,7 +685,156 @@ impl Fetcher {
                 }
             }
             debug!(layer, "background fetch complete");
+            if let Some(f) = me.upgrade() {
+                f.verify(&reader, &reach, &at, &repo, &stop).await;
+            }
         });
+    }
+
+    /// Checks a complete layer against its index and the image's diff_id
+    /// ([`talaria_artifact::index::verify`]), reading it back through its reader (the
+    /// background fetch just brought every span); a mismatch poisons the layer. Inconclusive
+    /// when a read fails or the layer goes away: nothing is decided then.
+    async fn verify(
+        &self,
+        reader: &Arc<LayerReader>,
+        reach: &Arc<Reachability>,
+        at: &IndexAt,
+        repo: &Repository,
+        stop: &AtomicBool,
+    ) {
+        let index = reader.index().clone();
+        let image_diff_id = match self.image_diff_id(repo, at).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                debug!(layer = at.layer, error = %e, "verifying without the image's diff_id");
+                None
+            }
+        };
+        let ctx = FetchContext {
+            class: Class::Background,
+            permit_held: false,
+            image: None,
+        };
+        let mut verifier = LayerVerifier::new();
+        for span in &index.spans {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let read = FETCH.scope(
+                ctx.clone(),
+                reader.read_at(span.uncompressed_offset, span.uncompressed_size),
+            );
+            let data = match tokio::time::timeout(self.opts.read_timeout, read).await {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    debug!(layer = at.layer, error = %e, "verification stopped: a read failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(layer = at.layer, "verification stopped: a read timed out");
+                    return;
+                }
+            };
+            // Hashing and parsing a span (up to 128 MiB) is CPU work: off the async workers.
+            let fed = tokio::task::spawn_blocking(move || {
+                let r = verifier.feed(&data);
+                (verifier, r)
+            })
+            .await;
+            match fed {
+                Ok((v, Ok(()))) => verifier = v,
+                Ok((_, Err(e))) => return self.poison(reach, at, &e),
+                Err(e) => {
+                    debug!(layer = at.layer, error = %e, "verification task failed");
+                    return;
+                }
+            }
+        }
+        let done =
+            tokio::task::spawn_blocking(move || verifier.finish(&index, image_diff_id.as_deref()))
+                .await;
+        match done {
+            Ok(Ok(())) => {
+                self.metrics.verified_layers.inc();
+                debug!(layer = at.layer, index = at.index_digest, "layer verified");
+            }
+            Ok(Err(e)) => self.poison(reach, at, &e),
+            Err(e) => debug!(layer = at.layer, error = %e, "verification task failed"),
+        }
+    }
+
+    /// The diff_id the image's config gives `at.layer`: fetched by the digests the image
+    /// manifest (pinned by containerd's pull) names.
+    async fn image_diff_id(
+        &self,
+        repo: &Repository,
+        at: &IndexAt,
+    ) -> Result<String, PrefetchError> {
+        let store = RegistryStore::new(self.client.clone(), repo.clone());
+        let digest = || at.manifest.clone();
+        let raw = store.get_manifest(&at.manifest).await.map_err(|source| {
+            PrefetchError::ManifestRead {
+                digest: digest(),
+                source,
+            }
+        })?;
+        let manifest = match raw.parse() {
+            Ok(Manifest::Image(m)) => m,
+            Ok(Manifest::Index(_)) => {
+                return Err(PrefetchError::ManifestIsIndex { digest: digest() });
+            }
+            Err(source) => {
+                return Err(PrefetchError::ManifestInvalid {
+                    digest: digest(),
+                    source,
+                });
+            }
+        };
+        let config = &manifest.config.digest;
+        let raw = store
+            .get_blob(config, MAX_CONFIG_BYTES)
+            .await
+            .map_err(|source| PrefetchError::ConfigRead {
+                digest: config.clone(),
+                source,
+            })?;
+        let diff_ids = oci::config_diff_ids(&raw).map_err(|e| PrefetchError::DiffIds {
+            digest: config.clone(),
+            message: e.to_string(),
+        })?;
+        manifest
+            .layers
+            .iter()
+            .position(|l| l.digest == at.layer)
+            .and_then(|i| diff_ids.get(i).cloned())
+            .ok_or_else(|| PrefetchError::DiffIds {
+                digest: config.clone(),
+                message: format!("no diff_id for layer {}", at.layer),
+            })
+    }
+
+    /// The layer does not match its index (or the image): nothing of it is served from now
+    /// on, its local copies go, and the node is told (quarantine, metric, Event).
+    fn poison(&self, reach: &Reachability, at: &IndexAt, e: &VerifyError) {
+        reach.poison();
+        if let Some(m) = &self.materializer {
+            m.remove_layer(&at.index_digest);
+        }
+        self.metrics
+            .verification_failures
+            .get_or_create(&FallbackLabels {
+                reason: e.reason().to_string(),
+            })
+            .inc();
+        error!(layer = at.layer, index = at.index_digest, manifest = at.manifest, error = %e, "layer does not match its index: poisoned, its artifact quarantined");
+        if let Some(hook) = self.poisoned.get() {
+            hook(Poisoned {
+                at: at.clone(),
+                reason: e.reason(),
+                message: e.to_string(),
+            });
+        }
     }
 
     /// Jobs whose startup prefetch ran at some time since `since` (all running ones when
@@ -831,7 +1051,13 @@ impl Fetcher {
                     None
                 }
                 (Ok(Some(StartupPlan { pack: Some(t), .. })), Some(m)) => {
-                    Some(self.fetch_pack(j, t, m, art_repo, indexes_in).await)
+                    // Local copies are kept under the index each layer is read through.
+                    let keys: Arc<[String]> = t
+                        .layers
+                        .iter()
+                        .filter_map(|l| art.index_for(l).map(|d| d.digest.clone()))
+                        .collect();
+                    Some(self.fetch_pack(j, t, &keys, m, art_repo, indexes_in).await)
                 }
                 _ => None,
             };
@@ -892,9 +1118,19 @@ impl Fetcher {
             .layers
             .iter()
             .map(|d| {
-                by_layer
-                    .get(&d.digest)
-                    .map(|ix| self.layer(&d.digest, image_repo, art_repo, ix.clone(), &j.image))
+                let ix = by_layer.get(&d.digest)?;
+                let at = IndexAt {
+                    layer: d.digest.clone(),
+                    index_digest: art.index_for(&d.digest)?.digest.clone(),
+                    manifest: j.manifest.clone(),
+                };
+                match self.layer(&at, image_repo, art_repo, ix.clone(), &j.image) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!(image = %j.image, layer = at.layer, error = %e, "not prefetched: over the index memory budget");
+                        None
+                    }
+                }
             })
             .collect();
         if let Ok(mut h) = j.held.lock() {
@@ -1003,6 +1239,7 @@ impl Fetcher {
         &self,
         j: &ImageJob,
         table: &PackTable,
+        keys: &Arc<[String]>,
         m: &Arc<Materializer>,
         art_repo: &Repository,
         indexes_in: tokio::sync::watch::Receiver<bool>,
@@ -1014,13 +1251,25 @@ impl Fetcher {
             warn!(image = %j.image, error = %e, "startup pack refused; fetching the plan's spans");
             return stats;
         }
+        if keys.len() != table.layers.len() {
+            // The caller found every layer indexed: not reached.
+            return stats;
+        }
         let digest_of = |r: &PackRecord| table.layers[r.layer as usize].as_str();
+        let mut expected = HashSet::new();
         for r in table.chunks.iter().flat_map(|c| &c.records) {
-            match m.expect(digest_of(r), &r.path, r.file_size, r.offset, r.len) {
+            match m.expect(
+                &keys[r.layer as usize],
+                &r.path,
+                r.file_size,
+                r.offset,
+                r.len,
+            ) {
                 Ok(true) => {
                     stats
                         .files
                         .insert((digest_of(r).to_string(), r.path.clone()));
+                    expected.insert((r.layer, r.path.clone()));
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -1043,7 +1292,7 @@ impl Fetcher {
             .enumerate()
             .map(|(k, (first, last))| {
                 let mut gate = (k > 0).then(|| indexes_in.clone());
-                let run = self.fetch_pack_run(j, table, first, last, m, &source, &host);
+                let run = self.fetch_pack_run(j, table, keys, first, last, m, &source, &host);
                 async move {
                     // The first chunk keeps the link busy meanwhile. A dropped sender (the
                     // index loads are over either way) opens the gate too.
@@ -1076,8 +1325,8 @@ impl Fetcher {
             warn!(image = %j.image, failed = stats.errors, first_error = %e, "startup pack: some chunks failed; their reads go through spans");
         }
         // Nothing more is coming: reads of what did not arrive go through spans at once.
-        for (layer, path) in &stats.files {
-            m.abandon(layer, path);
+        for (l, path) in &expected {
+            m.abandon(&keys[*l as usize], path);
         }
         stats
     }
@@ -1092,6 +1341,7 @@ impl Fetcher {
         &self,
         j: &ImageJob,
         table: &PackTable,
+        keys: &Arc<[String]>,
         first: usize,
         last: usize,
         m: &Arc<Materializer>,
@@ -1115,7 +1365,13 @@ impl Fetcher {
                 && buf.len() as u64 >= c.length
             {
                 let member = buf.split_to(c.length as usize).freeze();
-                unpacking.push(spawn_unpack(table, first + unpacking.len(), member, m));
+                unpacking.push(spawn_unpack(
+                    table,
+                    keys,
+                    first + unpacking.len(),
+                    member,
+                    m,
+                ));
             }
         };
         match self.sched.acquire(host, Class::Startup).await {
@@ -1182,7 +1438,7 @@ impl Fetcher {
             if let Err(e) = &res {
                 debug!(image = %j.image, chunk = i, error = %e, "startup pack chunk failed");
                 for r in &c.records {
-                    m.abandon(&table.layers[r.layer as usize], &r.path);
+                    m.abandon(&keys[r.layer as usize], &r.path);
                 }
             }
             out.push(res);
@@ -1237,7 +1493,7 @@ impl Fetcher {
                     continue;
                 }
             };
-            let (m2, digest, path) = (m.clone(), layer.layer.clone(), entry.path.clone());
+            let (m2, digest, path) = (m.clone(), layer.index_digest.clone(), entry.path.clone());
             let len = data.len() as u64;
             // Small files, but disk writes: off the async workers.
             match tokio::task::spawn_blocking(move || m2.put(&digest, &path, &data)).await {
@@ -1351,6 +1607,25 @@ impl Fetcher {
 }
 
 /// Loads, decodes and checks a layer's index blob.
+/// Index blobs from this size on are decoded at most [`LARGE_DECODES`] at a time node-wide,
+/// on a blocking thread: decoding one can take up to its table-of-contents cap and entries
+/// (docs/trust.md), so an image of many such layers must not decode them all at once.
+const LARGE_INDEX_BLOB: usize = 4 << 20;
+static LARGE_DECODES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Decodes a layer index blob, bounded as [`LARGE_INDEX_BLOB`] says.
+pub async fn decode_index(raw: &Bytes) -> Result<LayerIndex, DecodeError> {
+    if raw.len() < LARGE_INDEX_BLOB {
+        return LayerIndex::decode(raw);
+    }
+    // Never closed: acquiring cannot fail.
+    let _turn = LARGE_DECODES.acquire().await;
+    let raw = raw.clone();
+    tokio::task::spawn_blocking(move || LayerIndex::decode(&raw))
+        .await
+        .unwrap_or_else(|e| Err(DecodeError::Invalid(format!("decoding task: {e}"))))
+}
+
 async fn load_index(
     store: &RegistryStore,
     desc: &talaria_artifact::oci::Descriptor,
@@ -1363,10 +1638,12 @@ async fn load_index(
             digest: desc.digest.clone(),
             source,
         })?;
-    let index = LayerIndex::decode(&raw).map_err(|source| PrefetchError::IndexInvalid {
-        digest: desc.digest.clone(),
-        source,
-    })?;
+    let index = decode_index(&raw)
+        .await
+        .map_err(|source| PrefetchError::IndexInvalid {
+            digest: desc.digest.clone(),
+            source,
+        })?;
     if index.compressed_digest_string() != layer {
         return Err(PrefetchError::IndexMismatch {
             digest: desc.digest.clone(),
@@ -1385,6 +1662,7 @@ const PACK_REQUEST_BYTES: u64 = 4 << 20;
 /// thread (disk writes), into a buffer each blocking thread keeps. Starts at once.
 fn spawn_unpack(
     table: &PackTable,
+    keys: &Arc<[String]>,
     i: usize,
     member: Bytes,
     m: &Arc<Materializer>,
@@ -1396,18 +1674,18 @@ fn spawn_unpack(
     }
     let c = table.chunks[i].clone();
     let compression = table.compression;
-    let layers: Vec<String> = c
-        .records
-        .iter()
-        .map(|r| table.layers[r.layer as usize].clone())
-        .collect();
+    let keys = keys.clone();
     let m = m.clone();
     tokio::task::spawn_blocking(move || {
         BUF.with_borrow_mut(|data| {
             c.unpack_into(compression, i, &member, data)
                 .map_err(PrefetchError::PackChunk)?;
             let mut at = 0usize;
-            for (r, layer) in c.records.iter().zip(&layers) {
+            for r in &c.records {
+                // `check` bounds every record's layer by the table's layers.
+                let layer = keys
+                    .get(r.layer as usize)
+                    .ok_or(PrefetchError::PackRecordPastChunk)?;
                 let len = r.len as usize;
                 let part = at
                     .checked_add(len)

@@ -6,8 +6,12 @@
 //! retries a failed readahead as a smaller read, and every reader that waited on the same
 //! span starts its own fetch after the first one failed. Cached spans still read. After
 //! the hold, the next fetch tries the registry again, so reads recover once it is back.
+//!
+//! It also carries the layer's verdict: once background verification finds the layer
+//! inconsistent with its index, the layer is poisoned and every read of it fails.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -18,6 +22,8 @@ pub struct Reachability {
     hold: Duration,
     /// When the last failure happened, while it is remembered.
     failed_at: Mutex<Option<Instant>>,
+    /// The layer proved inconsistent with its index: nothing of it is served any more.
+    poisoned: AtomicBool,
 }
 
 impl Reachability {
@@ -27,7 +33,17 @@ impl Reachability {
             what: what.into(),
             hold,
             failed_at: Mutex::new(None),
+            poisoned: AtomicBool::new(false),
         }
+    }
+
+    /// From now on every read of the layer fails (it does not match its index).
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Relaxed)
     }
 
     /// `Some(age of the failure)` while a recent failure says fetching is pointless.

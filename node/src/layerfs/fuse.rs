@@ -162,9 +162,9 @@ impl LayerFs {
         }
     }
 
-    /// Serves the files `m` holds under `layer_digest` from local disk.
-    pub fn with_materialized(mut self, m: Arc<Materializer>, layer_digest: String) -> Self {
-        self.content = self.content.with_materialized(m, layer_digest);
+    /// Serves the files `m` holds under `index_digest` from local disk.
+    pub fn with_materialized(mut self, m: Arc<Materializer>, index_digest: String) -> Self {
+        self.content = self.content.with_materialized(m, index_digest);
         self
     }
 

@@ -13,6 +13,7 @@ use talaria_artifact::index::{Entry, EntryKind, LayerIndex};
 use super::FsError;
 
 pub(super) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
 
 pub(super) struct Node {
     pub(super) kind: FileType,
@@ -202,6 +203,15 @@ impl Tree {
         let uid = u32::try_from(e.uid).map_err(|_| err("uid out of range"))?;
         let gid = u32::try_from(e.gid).map_err(|_| err("gid out of range"))?;
         let perm = (e.mode & 0o7777) as u16;
+        // overlayfs reads `trusted.overlay.*` of its lower layers as instructions (opaque,
+        // redirect, metacopy, origin): only this tree sets them (opaque directories from
+        // `.wh..wh..opq`); an index carrying one is not mounted (the layer is unpacked).
+        if e.xattrs
+            .iter()
+            .any(|(k, _)| k.starts_with(OVERLAY_XATTR_PREFIX))
+        {
+            return Err(err("carries a trusted.overlay.* extended attribute"));
+        }
         if e.kind == EntryKind::OpaqueDir {
             let ino = self.ensure_dir(&e.path)?;
             if let Some(n) = self.node_mut(ino) {
@@ -444,5 +454,33 @@ mod tests {
         .expect("tree");
         assert!(t.lookup("a/x").is_none());
         assert!(t.lookup("a/y").is_some());
+    }
+
+    #[test]
+    fn an_index_with_overlay_xattrs_is_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::Directory);
+        b.append_data(&mut h, "etc/", &[][..]).expect("tar entry");
+        let tar = b.into_inner().expect("tar");
+        let mut ix = index_layer(
+            &tar[..],
+            Compression::None,
+            &IndexOptions { span_size: 4096 },
+        )
+        .expect("index")
+        .index;
+        ix.entries[0].xattrs = vec![("user.note".into(), b"fine".to_vec())];
+        assert!(Tree::build(&ix).is_ok());
+        // A redirect would make overlayfs look up another lower path for this directory.
+        ix.entries[0].xattrs = vec![("trusted.overlay.redirect".into(), b"/root".to_vec())];
+        let r = Tree::build(&ix);
+        assert!(
+            matches!(&r, Err(FsError::Tree { message, .. }) if message.contains("trusted.overlay")),
+            "{:?}",
+            r.err()
+        );
     }
 }

@@ -9,11 +9,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Config};
+use kube::{Api, Client, Config, Resource};
 use talaria_api::{AcceleratedImage, AccelerationPolicy, ArtifactRef, Phase};
 use tracing::{debug, warn};
+
+use crate::content::prefetch::Poisoned;
 
 /// How long a lookup waits for the first lists of the watches; after that it answers "no
 /// artifact" (a normal pull) until they are in.
@@ -55,6 +58,8 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
 pub struct ClusterSource {
     store: Store<AcceleratedImage>,
     policies: Store<AccelerationPolicy>,
+    /// Events about AcceleratedImages (a layer that failed verification).
+    recorder: Recorder,
 }
 
 impl std::fmt::Debug for ClusterSource {
@@ -69,9 +74,51 @@ impl ClusterSource {
     /// Starts watching AcceleratedImages (all namespaces) and AccelerationPolicies on the
     /// current tokio runtime. The watches retry with backoff for as long as the process lives.
     pub fn start(client: Client) -> ClusterSource {
+        let reporter = Reporter {
+            controller: "talaria-node".into(),
+            // The chart sets it from the pod's node; one agent per node.
+            instance: std::env::var("NODE_NAME").ok(),
+        };
         ClusterSource {
             store: watch(Api::all(client.clone()), "AcceleratedImage"),
-            policies: watch(Api::all(client), "AccelerationPolicy"),
+            policies: watch(Api::all(client.clone()), "AccelerationPolicy"),
+            recorder: Recorder::new(client, reporter),
+        }
+    }
+
+    /// A Warning Event on every AcceleratedImage of the poisoned layer's image manifest, so
+    /// `kubectl describe accimg` shows that a pinned artifact lied (docs/trust.md).
+    pub async fn report_poisoned(&self, p: &Poisoned) {
+        let mut note = format!(
+            "layer {} does not match its index {} ({}); the layer is poisoned on this node and the artifact quarantined: {}",
+            p.at.layer, p.at.index_digest, p.reason, p.message
+        );
+        // The API's limit for a note is 1 kB.
+        if note.len() > 1000 {
+            let mut end = 1000;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "LayerVerificationFailed".into(),
+            note: Some(note),
+            action: "VerifyLayer".into(),
+            secondary: None,
+        };
+        let regarding: Vec<_> = self
+            .store
+            .state()
+            .iter()
+            .filter(|img| img.spec.digest == p.at.manifest)
+            .map(|img| img.object_ref(&()))
+            .collect();
+        for r in regarding {
+            if let Err(e) = self.recorder.publish(&event, &r).await {
+                warn!(error = %e, object = r.name.as_deref().unwrap_or(""), "event not recorded");
+            }
         }
     }
 

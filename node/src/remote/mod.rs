@@ -15,7 +15,7 @@
 
 pub mod cluster;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -27,15 +27,17 @@ use talaria_artifact::build::resolve_image;
 use talaria_artifact::discover;
 use talaria_artifact::format::{self, ArtifactError, ArtifactInfo};
 use talaria_artifact::index::{EntryKind, LayerIndex};
-use talaria_artifact::oci::Platform;
 use talaria_artifact::oci::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::oci::store::{RegistryStore, Store};
+use talaria_artifact::oci::{self, Platform};
 use talaria_artifact::startup::TraceRecorder;
 use tracing::{debug, error, info, warn};
 
 use crate::content::cache::{CacheError, DiskSpanCache, TieredSpanCache};
 use crate::content::materialize::Materializer;
-use crate::content::prefetch::{FetchOptions, Fetcher, SharedLayer};
+use crate::content::prefetch::{
+    FetchOptions, Fetcher, IndexAt, OverIndexBudget, Poisoned, SharedLayer, decode_index,
+};
 use crate::content::sched::{LinkScheduler, SchedOptions};
 use crate::layerfs::{FsError, LayerFs, Tree};
 use crate::metrics::Metrics;
@@ -53,6 +55,8 @@ const RESOLVE_TTL: Duration = Duration::from_secs(30);
 const RESOLVE_CACHE_MAX: usize = 256;
 /// Recently read spans kept in memory in front of the disk cache.
 const MEMORY_CACHE_BYTES: u64 = 64 << 20;
+/// Quarantined index digests kept (each one a layer that failed verification).
+const QUARANTINE_MAX: usize = 4096;
 
 /// What `locate` found for a layer: its record, index (raw and decoded), the index's inode
 /// tree when the image's job built it, and where the artifact came from.
@@ -91,6 +95,9 @@ pub struct RemoteOptions {
     /// How long a job started by a pull warm-up runs without any layer of its image
     /// mounted before it is stopped (the pull went to another snapshotter, or failed).
     pub warmup_wait: Duration,
+    /// Most memory the indexes of mounted layers may hold together; a layer whose index
+    /// does not fit is unpacked normally.
+    pub index_memory: u64,
 }
 
 /// Bounds of startup-local materialization.
@@ -171,6 +178,10 @@ pub enum RemoteError {
     },
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("index {0} is quarantined: a layer read through it did not match it")]
+    Quarantined(String),
+    #[error(transparent)]
+    IndexMemory(#[from] OverIndexBudget),
 }
 
 impl RemoteError {
@@ -188,6 +199,8 @@ impl RemoteError {
             RemoteError::Fs(FsError::Mount { .. }) => "mount_error",
             RemoteError::Snapshot { .. } => "snapshot_error",
             RemoteError::Io { .. } | RemoteError::Cache(_) => "io_error",
+            RemoteError::Quarantined(_) => "quarantined",
+            RemoteError::IndexMemory(_) => "index_memory",
         }
     }
 }
@@ -207,6 +220,10 @@ struct RemoteRecord {
     artifact_registry: Option<String>,
     #[serde(default)]
     artifact_repository: Option<String>,
+    /// Digest of the index blob kept next to the record (records written before this
+    /// field: the digest of that file).
+    #[serde(default)]
+    index_digest: Option<String>,
 }
 
 impl RemoteRecord {
@@ -252,6 +269,9 @@ pub struct RemoteLayers {
     platform: String,
     /// Shared layer readers, image jobs (startup prefetch), background fetch.
     fetcher: Arc<Fetcher>,
+    /// Index digests a layer failed verification against: never mounted again by this
+    /// process (a restarted agent verifies again as it fetches).
+    quarantine: Arc<Mutex<HashSet<String>>>,
 }
 
 fn label<'a>(
@@ -301,9 +321,22 @@ impl RemoteLayers {
                 read_timeout: opts.read_timeout,
                 startup: opts.prefetch,
                 background: opts.prefetch,
+                index_memory: opts.index_memory,
             },
             materializer,
         );
+        let quarantine: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let (q, cluster, handle) = (quarantine.clone(), opts.cluster.clone(), rt.clone());
+        fetcher.on_poisoned(Box::new(move |p: Poisoned| {
+            if let Ok(mut q) = q.lock()
+                && q.len() < QUARANTINE_MAX
+            {
+                q.insert(p.at.index_digest.clone());
+            }
+            if let Some(c) = cluster.clone() {
+                handle.spawn(async move { c.report_poisoned(&p).await });
+            }
+        }));
         Ok(RemoteLayers {
             rt,
             client,
@@ -315,7 +348,15 @@ impl RemoteLayers {
             resolving: Mutex::new(HashMap::new()),
             platform: node_platform(),
             fetcher,
+            quarantine,
         })
+    }
+
+    /// A layer read through this index failed verification.
+    fn is_quarantined(&self, index_digest: &str) -> bool {
+        self.quarantine
+            .lock()
+            .map_or(true, |q| q.contains(index_digest))
     }
 
     /// A pull of `image_ref` is starting (the CRI proxy saw it, and containerd does not have
@@ -458,10 +499,19 @@ impl RemoteLayers {
             source: std::io::Error::other(e),
         })?;
         let raw = fs::read(dir.join(INDEX_FILE)).map_err(io("reading the index in"))?;
-        let index = LayerIndex::decode(&raw).map_err(|e| RemoteError::Index {
+        let digest = oci::sha256_digest(&raw);
+        let bad = |message: String| RemoteError::Index {
             index: dir.join(INDEX_FILE).display().to_string(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        if rec.index_digest.as_ref().is_some_and(|d| *d != digest) {
+            return Err(bad(format!("is {digest}, not the recorded index")));
+        }
+        let index = LayerIndex::decode(&raw).map_err(|e| bad(e.to_string()))?;
+        let rec = RemoteRecord {
+            index_digest: Some(digest),
+            ..rec
+        };
         self.mount(id, fs_dir, Arc::new(index), None, &rec)
     }
 
@@ -480,13 +530,21 @@ impl RemoteLayers {
             registry: rec.registry.clone(),
             name: rec.repository.clone(),
         };
+        let at = IndexAt {
+            layer: rec.layer_digest.clone(),
+            index_digest: rec.index_digest.clone().unwrap_or_default(),
+            manifest: rec.manifest_digest.clone(),
+        };
+        if self.is_quarantined(&at.index_digest) {
+            return Err(RemoteError::Quarantined(at.index_digest));
+        }
         let layer = self.fetcher.layer(
-            &rec.layer_digest,
+            &at,
             &repo,
             &rec.artifact_repo(),
             index.clone(),
             &rec.image_ref,
-        );
+        )?;
         // A tree built ahead fits only if the shared reader reads that same index.
         let ahead = tree.filter(|_| Arc::ptr_eq(layer.reader.index(), &index));
         let tree_ahead = ahead.is_some();
@@ -504,7 +562,7 @@ impl RemoteLayers {
         )
         .with_read_bytes_counter(self.metrics.fuse_read_bytes.clone());
         if let Some(m) = self.fetcher.materializer() {
-            fs = fs.with_materialized(m.clone(), rec.layer_digest.clone());
+            fs = fs.with_materialized(m.clone(), at.index_digest.clone());
         }
         if let Some(r) = &self.opts.recorder {
             fs = fs.with_recorder(r.clone(), rec.layer_digest.clone());
@@ -696,7 +754,11 @@ impl RemoteLayers {
             artifact: art.descriptor.digest.clone(),
             artifact_registry: Some(found.repo.registry.clone()),
             artifact_repository: Some(found.repo.name.clone()),
+            index_digest: Some(desc.digest.clone()),
         };
+        if self.is_quarantined(&desc.digest) {
+            return Err(RemoteError::Quarantined(desc.digest.clone()));
+        }
         if let Some(Some(job)) = job {
             match job.load(&self.client, art, &found.repo, layer).await {
                 Ok(l) => {
@@ -720,7 +782,7 @@ impl RemoteLayers {
                 image: image_ref.to_string(),
                 source: Box::new(e.into()),
             })?;
-        let index = LayerIndex::decode(&raw).map_err(|e| RemoteError::Index {
+        let index = decode_index(&raw).await.map_err(|e| RemoteError::Index {
             index: desc.digest.clone(),
             message: e.to_string(),
         })?;

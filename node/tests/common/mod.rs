@@ -88,6 +88,18 @@ impl Node {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The node process's peak resident memory so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&mut self) -> u64 {
+        let pid = self.child_mut().id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
+    }
+
     pub fn signal(&mut self, sig: &str) -> ExitStatus {
         let pid = self.child_mut().id().to_string();
         let st = Command::new("kill")
