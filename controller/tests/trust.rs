@@ -177,3 +177,185 @@ async fn a_planted_artifact_with_the_controllers_key_is_not_adopted() {
         .expect("controller stops")
         .expect("controller task");
 }
+
+/// A registry that answers every request with a 500 whose body never ends (1 GiB claimed).
+fn endless_error_registry() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let head = "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n";
+                if conn.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 1 << 16];
+                for _ in 0..(1 << 14) {
+                    if conn.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The controller process's peak resident memory so far (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// Hostile images in a policy's scope, built by the `talaria-controller` binary: a layer of
+/// 1.1 million entries (over the indexer's cap), an image behind a registry whose error
+/// bodies never end, and an image with a flood of planted referrers (the controller lists
+/// none: it reuses only what it built). Each fails only itself, the honest image is Ready,
+/// and the controller's peak RSS stays under the chart's 1 GiB memory limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_images_fail_only_themselves_within_the_controller_memory_limit() {
+    const LIMIT: u64 = 1 << 30;
+    talaria_controller::install_crypto_provider();
+    common::init_logs();
+    let reg = Registry::start().expect("registry");
+    let host = reg.host();
+    let kube = KubeApi::start().await.expect("control plane");
+    let kclient = kube.client().await.expect("client");
+    common::apply_crds(&kclient).await;
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "talaria-system"}})).expect("ns");
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(kclient.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+
+    let fine = image("fine");
+    let fine_digest = fine.push(&host, "team/fine", "v1").expect("push");
+    // 1.1 million empty files: ~0.6 GB of tar headers, a few MB gzipped.
+    let mut many = LayerBuilder::new();
+    for i in 0..1_100_000u32 {
+        many = many.file(&format!("f/{i:07}"), Vec::new(), 0o644);
+    }
+    let bomb = ImageBuilder::new()
+        .layer(many.build().expect("layer"))
+        .cmd(&["/bin/true"])
+        .build()
+        .expect("image");
+    let bomb_digest = bomb.push(&host, "team/bomb", "v1").expect("push");
+    let flood = image("flood");
+    let flood_digest = flood.push(&host, "team/flood", "v1").expect("push");
+    let rc = RegistryClient::new(RegistryConfig::default()).expect("registry client");
+    let flood_store = store(&rc, &host, "team/flood");
+    flood_store
+        .put_blob(oci::OCI_EMPTY, oci::EMPTY_JSON.to_vec().into())
+        .await
+        .expect("empty config");
+    let subject = flood_store
+        .get_manifest(&flood_digest)
+        .await
+        .expect("manifest")
+        .descriptor();
+    let knobs = Knobs::default();
+    for i in 0..100 {
+        let raw = format::build_manifest(ArtifactSpec {
+            subject: subject.clone(),
+            profile: Profile::Default,
+            knobs: &knobs,
+            layers: vec![],
+            skipped: vec![],
+            plan: None,
+            startup_paths: vec![],
+            plan_recorded: false,
+            pack: None,
+            created: Some(format!("2099-01-01T00:00:{:02}Z", i % 60)),
+        })
+        .expect("flood manifest");
+        let d = flood_store.put_manifest(&raw, None).await.expect("push");
+        flood_store
+            .add_referrer(&flood_digest, &d)
+            .await
+            .expect("referrer");
+    }
+    let hostile = endless_error_registry();
+
+    let port = talaria_testenv::free_port().expect("port");
+    let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_talaria-controller"))
+        .env("KUBECONFIG", kube.kubeconfig())
+        .env("RUST_LOG", "info")
+        .args([
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--lease-namespace",
+            "talaria-system",
+            "--max-attempts",
+            "1",
+            "--backoff-base-seconds",
+            "1",
+            "--log-format",
+            "text",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start talaria-controller");
+    let policies: Api<AccelerationPolicy> = Api::all(kclient.clone());
+    let p: AccelerationPolicy = serde_json::from_value(json!({
+        "apiVersion": "talaria.dev/v1alpha1",
+        "kind": "AccelerationPolicy",
+        "metadata": {"name": "hostile"},
+        "spec": {
+            "images": [
+                format!("{host}/team/fine:v1"),
+                format!("{host}/team/bomb:v1"),
+                format!("{host}/team/flood:v1"),
+                format!("{hostile}/team/broken:v1"),
+            ],
+            "profile": "default",
+            "platforms": [format!("linux/{}", images::oci_arch())],
+        },
+    }))
+    .expect("policy");
+    policies
+        .create(&PostParams::default(), &p)
+        .await
+        .expect("create policy");
+    let images_api: Api<AcceleratedImage> = Api::all(kclient.clone());
+    common::wait_phase(&images_api, &fine_digest, Phase::Ready, WAIT).await;
+    common::wait_phase(&images_api, &flood_digest, Phase::Ready, WAIT).await;
+    let failed = common::wait_phase(&images_api, &bomb_digest, Phase::Failed, WAIT).await;
+    let why = serde_json::to_string(&failed.status).unwrap_or_default();
+    assert!(
+        why.contains("entries"),
+        "the bomb fails on the entry cap: {why}"
+    );
+    // The unreachable image: reported on the policy, nothing else harmed.
+    let broken = common::wait_for("the policy reports the broken image", WAIT, || {
+        let policies = policies.clone();
+        let hostile = hostile.clone();
+        async move {
+            let p = policies.get("hostile").await.ok()?;
+            let st = serde_json::to_string(&p.status?).ok()?;
+            st.contains(&hostile).then_some(st)
+        }
+    })
+    .await;
+    eprintln!("policy status: {broken}");
+    let peak = peak_rss(controller.id());
+    eprintln!("controller peak RSS {} MiB", peak >> 20);
+    assert!(peak < LIMIT, "controller peak RSS {} MiB", peak >> 20);
+    assert!(
+        controller.try_wait().expect("wait").is_none(),
+        "the controller died"
+    );
+    let _ = controller.kill();
+    let _ = controller.wait();
+}
