@@ -26,10 +26,10 @@ esac
 # talaria-cli needs (gcc + libc6-dev: the linker and ring's/zstd-sys's C; ca-certificates:
 # cargo fetching crates).
 DEMO_PKGS=(busybox-static perl openssl jq gzip tar coreutils ca-certificates gcc libc6-dev)
-# The rest: integration tests, benchmarks, images.
+# The rest: integration tests, benchmarks, images (g++: libFuzzer, built by hack/fuzz.sh).
 TEST_PKGS=(docker-registry containerd runc fuse3 libfuse3-dev pkg-config iproute2
            debootstrap strace attr openjdk-17-jdk-headless protobuf-compiler curl git pigz
-           e2fsprogs bc)
+           e2fsprogs bc g++)
 
 PKGS=("${DEMO_PKGS[@]}")
 [ "$mode" = all ] && PKGS+=("${TEST_PKGS[@]}")

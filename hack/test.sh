@@ -47,4 +47,6 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+echo "== fuzzing (hack/fuzz.sh, 30 s per target)" >&2
+bash hack/fuzz.sh 30
 echo "== hack/test.sh done in $(( $(date +%s) - t0 ))s" >&2

@@ -1,5 +1,4 @@
-//! Decoding arbitrary bytes as a layer index never panics or over-allocates, and whatever
-//! decodes re-encodes to an index that decodes to the same value.
+//! Decoding arbitrary bytes as a layer index never panics or over-allocates, and whatever decodes re-encodes to an index that decodes to the same value.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

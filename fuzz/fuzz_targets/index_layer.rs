@@ -1,11 +1,9 @@
-//! Indexing arbitrary bytes (as gzip or as a plain tar) never panics or hangs; when it
-//! succeeds, the index round-trips through its encoding and every span can be inflated alone
-//! from the input and matches its digest.
+//! Indexing arbitrary bytes (as gzip or as a plain tar) never panics or hangs; when it succeeds, the index round-trips through its encoding and every span can be inflated alone from the input and matches its digest.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use talaria_artifact::index::{Compression, LayerIndex, inflate_span};
 use talaria_artifact::index::indexer::{IndexOptions, index_layer};
+use talaria_artifact::index::{Compression, LayerIndex, inflate_span};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, blob)) = data.split_first() else {

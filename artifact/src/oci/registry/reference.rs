@@ -38,6 +38,16 @@ impl ImageRef {
         if let Some(d) = r.digest() {
             oci::digest_hex(d)?;
         }
+        // Repository names are lower case. containerd and Docker read an upper-case first
+        // component as a registry host where this parser would make it part of a Docker Hub
+        // name: refused, so a pull secret is never filed under another registry (fuzzing
+        // found `Abc/x`).
+        if r.repository().chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(RegistryError::BadReference {
+                reference: s.to_string(),
+                message: "repository names are lower case".into(),
+            });
+        }
         Ok(ImageRef {
             repository: Repository {
                 registry: r.resolve_registry().to_string(),
@@ -70,5 +80,8 @@ mod tests {
         assert_eq!(d.reference(), oci::EMPTY_DIGEST);
         assert!(ImageRef::parse("not a reference").is_err());
         assert!(ImageRef::parse("reg.io/x@sha256:short").is_err());
+        // containerd would pull `Abc/x` from host `Abc`, not Docker Hub.
+        assert!(ImageRef::parse("Abc/x").is_err());
+        assert!(ImageRef::parse("Reg.io/x:1").is_ok());
     }
 }
