@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Bottom first. A module not listed here is an error (new modules get a place in the order).
 LAYERS = {
-    "artifact": ["source", "oci", "index", "view", "startup", "format", "discover", "build"],
+    "artifact": ["source", "oci", "signature", "index", "view", "startup", "format", "discover", "build"],
     # A folder may be split where its parts sit at different layers: `layerfs::tree` is pure
     # data the fetch jobs build ahead; the FUSE server above reads through `content`.
     "node": ["error", "metrics", "snapshot", "layerfs::tree", "content", "layerfs", "remote", "cri"],

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the Go-only test tools (kube-apiserver, kube-controller-manager, etcd, helm, crane)
+# Builds the Go-only test tools (kube-apiserver, kube-controller-manager, etcd, helm, crane,
+# cosign)
 # from the Go module proxy into a versioned cache dir, once. A second run only checks that
 # the binaries are there.
 #
@@ -11,6 +12,8 @@ KUBE_VERSION=${KUBE_VERSION:-v1.35.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.5.35}
 HELM_VERSION=${HELM_VERSION:-v3.21.4}
 CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
+# Checks that Talaria's artifact signatures are what `cosign verify --key` accepts.
+COSIGN_VERSION=${COSIGN_VERSION:-v2.6.5}
 
 CACHE=${TALARIA_CACHE:-$HOME/.cache/talaria}
 TOOLS=${TALARIA_TOOLS:-$CACHE/tools}
@@ -122,9 +125,10 @@ build_helm() {
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 }
 build_crane() { go_install crane "$CRANE_VERSION" github.com/google/go-containerregistry/cmd/crane; }
+build_cosign() { go_install cosign "$COSIGN_VERSION" github.com/sigstore/cosign/v2/cmd/cosign; }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kube helm crane)
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kube helm crane cosign)
 for t in "${tools[@]}"; do
   start=$(date +%s)
   "build_$t"

@@ -5,7 +5,8 @@
 //!
 //! 1. [`source`]: ranged reads of blobs from anywhere.
 //! 2. [`oci`]: OCI data types; the registry client ([`oci::registry`]), OCI image layout
-//!    directories ([`oci::layout`]) and one store interface over both ([`oci::store`]).
+//!    directories ([`oci::layout`]) and one store interface over both ([`oci::store`]);
+//!    [`signature`]: cosign-compatible signatures of manifests in a store.
 //! 3. [`index`]: the layer index format, building it in one pass ([`index::indexer`]) and
 //!    verified random access to any file of a layer through it ([`index::reader`]).
 //! 4. [`view`]: the merged file system of an image's layers, and path resolution in it.
@@ -18,6 +19,7 @@
 pub mod source;
 
 pub mod oci;
+pub mod signature;
 
 pub mod index;
 

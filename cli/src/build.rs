@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use talaria_artifact::build::{self, BuildOptions, Recorded, Reuse};
 use talaria_artifact::format::{Knobs, Profile};
+use talaria_artifact::signature::{self, SigningKey};
 use talaria_artifact::startup::StartupTrace;
 
 use crate::GlobalArgs;
@@ -46,6 +47,10 @@ pub struct BuildArgs {
     /// With --startup-trace: no startup pack (nodes fetch the plan's spans instead).
     #[arg(long)]
     pub no_pack: bool,
+    /// Sign the artifact with this ECDSA P-256 private key (PKCS#8 PEM, e.g. from `talaria
+    /// keygen`), cosign-compatibly: nodes trusting its public key use the artifact.
+    #[arg(long, value_name = "FILE")]
+    pub sign_key: Option<std::path::PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +116,16 @@ pub async fn run(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
         // The user's own layout or repository: what is there is theirs to reuse.
         reuse: Reuse::AnyInStore,
     };
+    // Read first: a bad key fails before any work.
+    let sign_key = match &args.sign_key {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| SigningKey::from_pem(&t).map_err(Into::into))
+                .with_context(|| format!("reading the signing key {}", p.display()))?,
+        ),
+        None => None,
+    };
     let pb = spinner(format!("indexing the layers of {}", args.image));
     let artifact_store = g.artifact_repo.as_ref().map(|_| stores.artifacts.clone());
     let res = build::build(
@@ -124,6 +139,16 @@ pub async fn run(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
         pb.finish_and_clear();
     }
     let s = res.with_context(|| format!("building the artifact of {}", args.image))?;
+    if let Some(key) = &sign_key {
+        signature::sign(
+            stores.artifacts.as_ref(),
+            &stores.artifacts.name(),
+            &s.artifact,
+            key,
+        )
+        .await
+        .with_context(|| format!("signing {}", s.artifact.digest))?;
+    }
 
     match g.output {
         Output::Json => {

@@ -12,7 +12,8 @@ use talaria_artifact::view::MergedView;
 
 use crate::GlobalArgs;
 use crate::common::{
-    CliError, CliResult, EXIT_NO_ARTIFACT, EXIT_NOT_FOUND, human, open_stores, platform,
+    CliError, CliResult, EXIT_NO_ARTIFACT, EXIT_NOT_FOUND, choose_artifact, human, open_stores,
+    platform,
 };
 
 /// Symlinks followed while resolving one path (as Linux's MAXSYMLINKS).
@@ -28,14 +29,19 @@ pub async fn run(g: &GlobalArgs, image: &str, path: &str) -> CliResult<()> {
             .await
             .with_context(|| format!("resolving {image} for {plat}"))?;
     let subject = raw.descriptor();
-    let Some(art) = discover::resolve(stores.artifacts.as_ref(), &subject.digest)
+    let Some(art) = choose_artifact(g, stores.artifacts.as_ref(), &subject.digest)
         .await
         .with_context(|| format!("finding the artifact of {}", subject.digest))?
     else {
+        let signed = if g.keys.is_empty() {
+            ""
+        } else {
+            " signed by --key"
+        };
         return Err(CliError::new(
             EXIT_NO_ARTIFACT,
             anyhow!(
-                "{image} ({}) has no Talaria artifact in {}; run `talaria build {image}`",
+                "{image} ({}) has no Talaria artifact{signed} in {}; run `talaria build {image}`",
                 subject.digest,
                 stores.artifacts.name()
             ),

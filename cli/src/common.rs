@@ -6,10 +6,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::ValueEnum;
 use talaria_artifact::build::BuildError;
+use talaria_artifact::discover;
+use talaria_artifact::format::{ArtifactInfo, rank};
 use talaria_artifact::oci::Platform;
 use talaria_artifact::oci::registry::credentials::Credentials;
 use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig};
 use talaria_artifact::oci::store::{OpenedRef, Store, open_reference};
+use talaria_artifact::signature::{self, SigningKey, TrustedKeys};
 
 use crate::GlobalArgs;
 
@@ -89,6 +92,62 @@ pub fn platform(g: &GlobalArgs) -> anyhow::Result<Platform> {
         Some(s) => Platform::parse(s)
             .with_context(|| format!("invalid platform {s:?}: expected os/arch[/variant]")),
     }
+}
+
+/// Writes a new signing key pair to `prefix`.key (mode 0600) and `prefix`.pub.
+pub fn keygen(prefix: &std::path::Path) -> CliResult<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (private, public) = SigningKey::generate().context("generating a key pair")?;
+    let with = |ext: &str| {
+        let mut p = prefix.as_os_str().to_owned();
+        p.push(ext);
+        std::path::PathBuf::from(p)
+    };
+    let (key, pubkey) = (with(".key"), with(".pub"));
+    // Never over an existing key: it may be the only copy.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .with_context(|| format!("creating {}", key.display()))?;
+    f.write_all(private.as_bytes())
+        .with_context(|| format!("writing {}", key.display()))?;
+    std::fs::write(&pubkey, public).with_context(|| format!("writing {}", pubkey.display()))?;
+    eprintln!("wrote {} and {}", key.display(), pubkey.display());
+    Ok(())
+}
+
+/// The public keys of `--key`, if any.
+pub fn trusted_keys(g: &GlobalArgs) -> anyhow::Result<Option<TrustedKeys>> {
+    let mut keys: Option<TrustedKeys> = None;
+    for p in &g.keys {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading key {}", p.display()))?;
+        let k = TrustedKeys::from_pem(&text).with_context(|| format!("key {}", p.display()))?;
+        keys.get_or_insert_with(TrustedKeys::default).extend(k);
+    }
+    Ok(keys)
+}
+
+/// The artifact of `subject` a node would use: the best ranked one, and with `--key` the
+/// best ranked one signed by one of those keys.
+pub async fn choose_artifact(
+    g: &GlobalArgs,
+    store: &dyn Store,
+    subject: &str,
+) -> anyhow::Result<Option<ArtifactInfo>> {
+    let Some(keys) = trusted_keys(g)? else {
+        return Ok(discover::resolve(store, subject).await?);
+    };
+    for a in rank(discover::list_artifacts(store, subject).await?) {
+        match signature::verify(store, &a.descriptor.digest, &keys).await {
+            Ok(()) => return Ok(Some(a)),
+            Err(e) => tracing::info!(artifact = %a.descriptor.digest, error = %e, "not used"),
+        }
+    }
+    Ok(None)
 }
 
 /// The image's store and reference, and the store artifacts live in.

@@ -4,13 +4,13 @@ use anyhow::Context;
 use serde_json::json;
 use talaria_artifact::build::resolve_image;
 use talaria_artifact::discover;
-use talaria_artifact::format::{self, ArtifactInfo};
+use talaria_artifact::format::ArtifactInfo;
 use talaria_artifact::oci::Manifest;
 use talaria_artifact::oci::store::Store;
 use talaria_artifact::startup::plan::StartupPlan;
 
 use crate::GlobalArgs;
-use crate::common::{CliResult, Output, human, open_stores, platform, short};
+use crate::common::{CliResult, Output, choose_artifact, human, open_stores, platform, short};
 
 /// Largest startup plan blob read for display.
 const MAX_PLAN: u64 = 64 << 20;
@@ -38,7 +38,9 @@ pub async fn run(g: &GlobalArgs, image: &str) -> CliResult<()> {
     let artifacts = discover::list_artifacts(stores.artifacts.as_ref(), &subject.digest)
         .await
         .with_context(|| format!("listing the artifacts of {}", subject.digest))?;
-    let chosen = format::rank(artifacts.clone()).into_iter().next();
+    let chosen = choose_artifact(g, stores.artifacts.as_ref(), &subject.digest)
+        .await
+        .with_context(|| format!("choosing the artifact of {}", subject.digest))?;
     let plan = match chosen.as_ref().and_then(|a| a.plan.as_ref()) {
         Some(d) => load_plan(stores.artifacts.as_ref(), &d.digest).await,
         None => None,

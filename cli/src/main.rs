@@ -22,6 +22,9 @@ Examples:
   talaria inspect oci:./image --output json
   # Read one file lazily through the artifact (stderr says how many bytes that fetched)
   talaria cat oci:./image /etc/passwd
+  # Sign artifacts as you build them; read only through signed ones
+  talaria keygen ./talaria && talaria build oci:./image --sign-key ./talaria.key
+  talaria cat oci:./image /etc/passwd --key ./talaria.pub
 
 IMAGE is `registry/repository[:tag|@digest]` or `oci:DIR[:TAG|@digest]`.
 Exit codes: 0 ok, 1 error, 2 usage, 3 image or path not found, 4 no artifact.";
@@ -57,6 +60,11 @@ pub struct GlobalArgs {
     /// Where artifacts are stored when not next to the image: `registry/repository` or `oci:DIR`.
     #[arg(long, global = true, value_name = "REPO")]
     pub artifact_repo: Option<String>,
+    /// Read through an artifact only if it carries a cosign-compatible signature by one of
+    /// these public keys (PEM; `cosign public-key` or `talaria keygen` output), as a node
+    /// trusting them would. Without it, `cat` and `inspect` trust the artifacts in the store.
+    #[arg(long = "key", global = true, value_name = "FILE")]
+    pub keys: Vec<std::path::PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `debug` or `talaria_artifact=trace`.
     #[arg(long, global = true, env = "TALARIA_LOG", default_value = "warn")]
     pub log: String,
@@ -70,6 +78,12 @@ enum Command {
     Inspect {
         /// The image.
         image: String,
+    },
+    /// Write a new ECDSA P-256 key pair for signing artifacts: PREFIX.key (private, PKCS#8)
+    /// and PREFIX.pub (public; give it to nodes and to `cosign verify --key`).
+    Keygen {
+        /// Path prefix of the two files.
+        prefix: std::path::PathBuf,
     },
     /// Print a file of the image, read lazily through its artifact.
     Cat {
@@ -100,6 +114,7 @@ fn main() -> ExitCode {
             Command::Build(args) => build::run(&cli.global, &args).await,
             Command::Inspect { image } => inspect::run(&cli.global, &image).await,
             Command::Cat { image, path } => cat::run(&cli.global, &image, &path).await,
+            Command::Keygen { prefix } => common::keygen(&prefix),
         }
     });
     match res {

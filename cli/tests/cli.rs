@@ -314,3 +314,54 @@ fn build_with_a_startup_trace_plans_what_was_read() {
     );
     check_files(&image);
 }
+
+/// With `--key`, `cat` and `inspect` read only through an artifact signed by that key (the
+/// node's rule for referrers): unsigned or signed by another key, there is none to use.
+#[test]
+fn key_reads_only_through_artifacts_signed_by_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("image");
+    demo_layout(&dir);
+    let image = format!("oci:{}", dir.display());
+    let (ours, theirs) = (tmp.path().join("ours"), tmp.path().join("theirs"));
+    ok(&["keygen", ours.to_str().unwrap()]);
+    ok(&["keygen", theirs.to_str().unwrap()]);
+    let key = |p: &Path, ext: &str| format!("{}.{ext}", p.display());
+    // Never over an existing key.
+    assert!(
+        !talaria(&["keygen", ours.to_str().unwrap()])
+            .status
+            .success()
+    );
+
+    let built = json(&["build", &image]);
+    let art = built["artifact"]["digest"].as_str().unwrap().to_string();
+    let plain = ok(&["cat", &image, "/etc/passwd"]);
+    let ours_pub = key(&ours, "pub");
+    assert_eq!(
+        talaria(&["cat", &image, "/etc/passwd", "--key", &ours_pub])
+            .status
+            .code(),
+        Some(4),
+        "an unsigned artifact was read through"
+    );
+    assert!(json(&["inspect", &image, "--key", &ours_pub])["nodeWouldUse"].is_null());
+
+    // Signed as it is built (here: adopted, then signed).
+    ok(&["build", &image, "--sign-key", &key(&ours, "key")]);
+    assert_eq!(
+        ok(&["cat", &image, "/etc/passwd", "--key", &ours_pub]),
+        plain
+    );
+    assert_eq!(
+        json(&["inspect", &image, "--key", &ours_pub])["nodeWouldUse"],
+        art.as_str()
+    );
+    assert_eq!(
+        talaria(&["cat", &image, "/etc/passwd", "--key", &key(&theirs, "pub")])
+            .status
+            .code(),
+        Some(4),
+        "read through an artifact another key signed"
+    );
+}

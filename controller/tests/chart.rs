@@ -405,11 +405,38 @@ async fn chart_defaults_use_no_unverified_referrers() {
         "{defaults:?}"
     );
     assert!(defaults.iter().any(|a| a == "--in-cluster"), "{defaults:?}");
+    assert!(
+        !defaults.iter().any(|a| a.starts_with("--trusted-key")),
+        "{defaults:?}"
+    );
     let opted = node_args(&helm.template(&["node.resolve.fromReferrers=true"]).await);
     assert!(
         opted.iter().any(|a| a == "--unverified-referrers"),
         "{opted:?}"
     );
+    // A trusted key: referrers signed by it are used, unsigned ones still not.
+    let (_, public) = talaria_artifact::signature::SigningKey::generate().expect("key pair");
+    let set = format!("node.resolve.trustedKeys={public}");
+    let docs = helm.template(&[&set]).await;
+    let signed = node_args(&docs);
+    assert!(
+        signed
+            .iter()
+            .any(|a| a == "--trusted-key=/etc/talaria/trusted-keys/keys.pem"),
+        "{signed:?}"
+    );
+    assert!(!signed.iter().any(|a| a == "--unverified-referrers"));
+    let cm = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-trusted-keys"))
+        })
+        .expect("the trusted keys ConfigMap");
+    let keys = cm["data"]["keys.pem"].as_str().expect("keys.pem");
+    talaria_artifact::signature::TrustedKeys::from_pem(keys).expect("the key survives the chart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use talaria_artifact::oci::registry::credentials::{
     Credentials, DockerConfigFile, LearnedCredentials,
 };
 use talaria_artifact::oci::registry::{RegistryConfig, RetryPolicy};
+use talaria_artifact::signature::TrustedKeys;
 use talaria_node::metrics::Metrics;
 use talaria_node::remote::cluster::{self, ClusterSource};
 use talaria_node::remote::{MaterializeOptions, RemoteLayers, RemoteOptions, detach_stale_mounts};
@@ -109,6 +110,16 @@ struct Args {
     /// only you can write to; off by default.
     #[arg(long, env = "TALARIA_NODE_UNVERIFIED_REFERRERS")]
     unverified_referrers: bool,
+    /// Public keys (PEM files, each may hold several) whose cosign-compatible signatures
+    /// make an artifact among the image's referrers usable when the cluster pins none
+    /// (`talaria build --sign-key`, docs/trust.md). Repeatable.
+    #[arg(
+        long = "trusted-key",
+        env = "TALARIA_NODE_TRUSTED_KEYS",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
+    trusted_keys: Vec<PathBuf>,
     /// Serve CRI's image service here (kubelet's --image-service-endpoint), forwarding to
     /// --containerd-socket and keeping the credentials of pulls for lazy reads.
     #[arg(long, env = "TALARIA_NODE_IMAGE_SERVICE_SOCKET")]
@@ -207,6 +218,19 @@ async fn main() -> anyhow::Result<()> {
         } else {
             None
         };
+        let mut trusted_keys: Option<TrustedKeys> = None;
+        for p in &args.trusted_keys {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading trusted key {}", p.display()))?;
+            let k = TrustedKeys::from_pem(&text)
+                .with_context(|| format!("trusted key {}", p.display()))?;
+            trusted_keys
+                .get_or_insert_with(TrustedKeys::default)
+                .extend(k);
+        }
+        if let Some(k) = &trusted_keys {
+            info!(keys = k.len(), "artifacts signed by a trusted key are used");
+        }
         let opts = RemoteOptions {
             recorder: recorder.clone(),
             cache_dir: args.root.join("cache").join("spans"),
@@ -229,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
             }),
             cluster,
             referrers: args.unverified_referrers,
+            trusted_keys,
             warmup_wait: args.pull_warmup_wait,
             index_memory: args.index_memory_mib.saturating_mul(1 << 20),
         };

@@ -27,6 +27,7 @@ use talaria_artifact::index::{INDEX_MEDIA_TYPE, LayerIndex};
 use talaria_artifact::oci;
 use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::oci::store::{RegistryStore, Store};
+use talaria_artifact::signature::{self, SigningKey};
 use talaria_node::proto::containerd::services::snapshots::v1 as pb;
 use talaria_testenv::apiserver::KubeApi;
 use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
@@ -496,17 +497,18 @@ fn passwd_image(host: &str, repo: &str, passwd: &[u8], cmd: &str) -> images::Ima
 /// world-readable: every span digest still holds, the table of contents lies. (Stretching
 /// a file into the next tar entry, the other classic lie, the decoder refuses outright:
 /// entry offsets may not go backwards.) Pushed into `repo` (its manifest and index);
-/// returns the manifest's descriptor.
+/// returns the manifest's descriptor. `honest` lives in `honest_repo`.
 async fn lying_artifact(
     host: &str,
     repo: &str,
     img: &images::Image,
     honest: &BuildSummary,
+    honest_repo: &str,
 ) -> oci::Descriptor {
     let target = store(host, repo);
     let d = &honest.layers[0];
     let index = d.index.clone().expect("honest index");
-    let raw = store(host, ARTIFACT_REPO)
+    let raw = store(host, honest_repo)
         .get_blob(&index.digest, 64 << 20)
         .await
         .expect("honest index blob");
@@ -522,7 +524,7 @@ async fn lying_artifact(
         .await
         .expect("push the lying index");
     if let Some(w) = &d.windows {
-        let blob = store(host, ARTIFACT_REPO)
+        let blob = store(host, honest_repo)
             .get_blob(&w.digest, 64 << 20)
             .await
             .expect("windows");
@@ -697,7 +699,7 @@ async fn a_pinned_index_that_lies_is_poisoned_by_background_verification() {
     )
     .await
     .expect("honest artifact");
-    let lie = lying_artifact(&host, ARTIFACT_REPO, &img, &honest).await;
+    let lie = lying_artifact(&host, ARTIFACT_REPO, &img, &honest, ARTIFACT_REPO).await;
     pin(
         &tc.images_api,
         "lying",
@@ -852,7 +854,7 @@ async fn a_shared_layer_serves_the_victim_real_bytes_whichever_image_starts_firs
         )
         .await;
         // The attacker's lie, among the attacker image's own referrers.
-        let lie = lying_artifact(&host, &attacker_repo, &attacker, &honest).await;
+        let lie = lying_artifact(&host, &attacker_repo, &attacker, &honest, ARTIFACT_REPO).await;
         store(&host, &attacker_repo)
             .add_referrer(&attacker.manifest_digest, &lie)
             .await
@@ -1198,6 +1200,160 @@ async fn hostile_artifacts_fail_only_their_image_within_the_memory_caps() {
     let chain = img.layers[0].diff_id.clone();
     let read = read_via_view(&mut c, &chain, "view-good", &mnt, "etc/passwd").await;
     assert_eq!(read.expect("read"), b"still fine\n");
+    drop(c);
+    let status = node.signal("TERM");
+    assert!(status.success(), "node exit: {status}\n{}", node.log_text());
+}
+
+/// The second way to vouch (docs/trust.md): an artifact among the image's referrers signed,
+/// cosign-compatibly, by a key the node trusts is used when the cluster pins none; the same
+/// image's newer, unsigned lie is not, and an artifact signed by another key is not either.
+/// `cosign verify --key` accepts Talaria's signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_signed_by_a_trusted_key_is_used_and_others_are_not() {
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-signed-")
+        .tempdir()
+        .expect("tempdir");
+    let tc = test_cluster().await;
+    let host = tc.host.clone();
+    let (trusted_private, trusted_public) = SigningKey::generate().expect("key");
+    let (stranger_private, _) = SigningKey::generate().expect("key");
+    let trusted = SigningKey::from_pem(&trusted_private).expect("key");
+    let stranger = SigningKey::from_pem(&stranger_private).expect("key");
+    let pubkey = dir.path().join("trusted.pub");
+    std::fs::write(&pubkey, &trusted_public).expect("write key");
+    let opts = BuildOptions {
+        profile: Profile::Default,
+        ..BuildOptions::default()
+    };
+
+    // Signed by the trusted key, with an unsigned lie newer than it among the referrers.
+    let repo = "talaria/signed";
+    let passwd = b"root:x:0:0:signed:/root:/bin/sh\n";
+    let img = passwd_image(&host, repo, passwd, "signed");
+    let art = build(store(&host, repo), "v1", None, &opts)
+        .await
+        .expect("artifact");
+    signature::sign(
+        store(&host, repo).as_ref(),
+        &format!("{host}/{repo}"),
+        &art.artifact,
+        &trusted,
+    )
+    .await
+    .expect("sign");
+    let lie = lying_artifact(&host, repo, &img, &art, repo).await;
+    store(&host, repo)
+        .add_referrer(&img.manifest_digest, &lie)
+        .await
+        .expect("plant referrer");
+    // Signed by a key the node does not trust.
+    let other_repo = "talaria/stranger";
+    let other = passwd_image(&host, other_repo, b"stranger\n", "stranger");
+    let other_art = build(store(&host, other_repo), "v1", None, &opts)
+        .await
+        .expect("artifact");
+    signature::sign(
+        store(&host, other_repo).as_ref(),
+        &format!("{host}/{other_repo}"),
+        &other_art.artifact,
+        &stranger,
+    )
+    .await
+    .expect("sign");
+
+    // cosign itself accepts the signature (key pair, no transparency log).
+    let out = std::process::Command::new("cosign")
+        .args([
+            "verify",
+            "--key",
+            pubkey.to_str().expect("path"),
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry=true",
+            "--allow-insecure-registry=true",
+            &format!("{host}/{repo}@{}", art.artifact.digest),
+        ])
+        .output()
+        .expect("run cosign (hack/tools.sh cosign)");
+    assert!(
+        out.status.success(),
+        "cosign verify: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new("cosign")
+        .args([
+            "verify",
+            "--key",
+            pubkey.to_str().expect("path"),
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry=true",
+            "--allow-insecure-registry=true",
+            &format!("{host}/{other_repo}@{}", other_art.artifact.digest),
+        ])
+        .output()
+        .expect("run cosign");
+    assert!(
+        !out.status.success(),
+        "cosign accepted another key's signature"
+    );
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let metrics = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    let mut node = Node::start_with_defaults(
+        &dir.path().join("root"),
+        &dir.path().join("sn.sock"),
+        &dir.path().join("node.log"),
+        &[
+            "--kubeconfig".into(),
+            tc.kube.kubeconfig().display().to_string(),
+            "--metrics-addr".into(),
+            metrics.clone(),
+            "--trusted-key".into(),
+            pubkey.display().to_string(),
+        ],
+    );
+    let mut c = connect(dir.path().join("sn.sock")).await;
+    let mnt = dir.path().join("mnt");
+    assert!(
+        pull(&mut c, &format!("{host}/{repo}:v1"), &img, &mnt).await,
+        "the signed artifact was not used:\n{}",
+        node.log_text()
+    );
+    let chain = img.layers[0].diff_id.clone();
+    let (read, meta) = with_view(&mut c, &chain, "view-signed", &mnt, |root| {
+        (
+            std::fs::read(root.join("etc/passwd")),
+            std::fs::metadata(root.join("etc/shadow")),
+        )
+    })
+    .await;
+    assert_eq!(read.expect("read"), passwd);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.expect("stat").permissions());
+    assert_eq!(mode & 0o7777, 0o600, "the unsigned lie was used");
+    assert!(
+        !pull(&mut c, &format!("{host}/{other_repo}:v1"), &other, &mnt).await,
+        "an artifact signed by an untrusted key was used"
+    );
+    let text = http_get(&metrics, "/metrics");
+    assert_eq!(
+        metric(
+            &text,
+            "talaria_node_mounted_layers_total{source=\"signed\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "talaria_node_fallbacks_total{reason=\"no_artifact\"}"
+        ),
+        1.0,
+        "{text}"
+    );
     drop(c);
     let status = node.signal("TERM");
     assert!(status.success(), "node exit: {status}\n{}", node.log_text());

@@ -306,7 +306,6 @@ fn sniff_media_type(bytes: &[u8]) -> String {
     }
 }
 
-/// `sha256:<hex>` of some bytes.
 /// The `rootfs.diff_ids` of an image config: the digests of the layers' uncompressed tars,
 /// in layer order. The config is fetched by the digest the manifest names, so they carry
 /// the image digest's guarantee down to the uncompressed bytes.
@@ -322,6 +321,7 @@ pub fn config_diff_ids(raw: &[u8]) -> Result<Vec<String>, serde_json::Error> {
     serde_json::from_slice::<Config>(raw).map(|c| c.rootfs.diff_ids)
 }
 
+/// `sha256:<hex>` of some bytes.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }

@@ -30,6 +30,7 @@ use talaria_artifact::index::{EntryKind, LayerIndex};
 use talaria_artifact::oci::registry::{ImageRef, RegistryClient, RegistryConfig, Repository};
 use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_artifact::oci::{self, Platform};
+use talaria_artifact::signature::{self, TrustedKeys};
 use talaria_artifact::startup::TraceRecorder;
 use tracing::{debug, error, info, warn};
 
@@ -88,8 +89,12 @@ pub struct RemoteOptions {
     pub materialize: Option<MaterializeOptions>,
     /// Policy-approved AcceleratedImages, looked at before the referrers.
     pub cluster: Option<Arc<ClusterSource>>,
-    /// Look for artifacts among the image's registry referrers.
+    /// Look for artifacts among the image's registry referrers and use the best one, signed
+    /// or not (`--unverified-referrers`).
     pub referrers: bool,
+    /// Use an artifact among the image's referrers when it carries a cosign-compatible
+    /// signature by one of these keys (`--trusted-key`).
+    pub trusted_keys: Option<TrustedKeys>,
     /// Records the file reads of container starts (served at `/startup-trace`).
     pub recorder: Option<Arc<TraceRecorder>>,
     /// How long a job started by a pull warm-up runs without any layer of its image
@@ -115,6 +120,9 @@ pub struct MaterializeOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ArtifactSource {
     Cluster,
+    /// Among the referrers, signed by a trusted key.
+    Signed,
+    /// Among the referrers, unverified.
     Referrers,
 }
 
@@ -122,6 +130,7 @@ impl ArtifactSource {
     pub fn label(self) -> &'static str {
         match self {
             ArtifactSource::Cluster => "cluster",
+            ArtifactSource::Signed => "signed",
             ArtifactSource::Referrers => "referrers",
         }
     }
@@ -650,6 +659,13 @@ impl RemoteLayers {
                 Err(e) => warn!(image, error = %e, "artifact of an AcceleratedImage unusable"),
             }
         }
+        if found.is_none()
+            && let Some(keys) = &self.opts.trusted_keys
+        {
+            found = self
+                .signed_referrer(image_repo, manifest, image, keys)
+                .await?;
+        }
         if found.is_none() && self.opts.referrers {
             let store = RegistryStore::new(self.client.clone(), image_repo.clone());
             found = discover::resolve(&store, manifest)
@@ -681,6 +697,38 @@ impl RemoteLayers {
             m.insert(manifest.to_string(), (Instant::now(), found.clone()));
         }
         Ok(found)
+    }
+
+    /// The best ranked artifact among the image's referrers that a trusted key signed.
+    async fn signed_referrer(
+        &self,
+        image_repo: &Repository,
+        manifest: &str,
+        image: &str,
+        keys: &TrustedKeys,
+    ) -> Result<Option<FoundArtifact>, RemoteError> {
+        let store = RegistryStore::new(self.client.clone(), image_repo.clone());
+        let listed = discover::list_artifacts(&store, manifest)
+            .await
+            .map_err(|source| RemoteError::Resolve {
+                image: image.to_string(),
+                source: Box::new(source),
+            })?;
+        for info in format::rank(listed) {
+            match signature::verify(&store, &info.descriptor.digest, keys).await {
+                Ok(()) => {
+                    return Ok(Some(FoundArtifact {
+                        info,
+                        repo: image_repo.clone(),
+                        source: ArtifactSource::Signed,
+                    }));
+                }
+                Err(e) => {
+                    debug!(image, artifact = info.descriptor.digest, error = %e, "referrer not used")
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Loads the artifact manifest an AcceleratedImage names, checking it is about `manifest`.
