@@ -13,6 +13,7 @@ use talaria_artifact::format::{self, Knobs};
 use talaria_artifact::oci::Platform;
 use talaria_artifact::oci::registry::credentials::Credentials;
 use talaria_artifact::oci::store::Store;
+use talaria_artifact::signature::{self, SignatureError, SigningKey};
 use talaria_artifact::source::BoxFuture;
 
 use crate::clients::{ClientError, Clients, store_reason};
@@ -79,6 +80,8 @@ pub enum BuilderError {
     Build(#[from] BuildError),
     #[error("build timed out after {0:?}")]
     Timeout(Duration),
+    #[error("signing the artifact: {0}")]
+    Sign(#[from] SignatureError),
 }
 
 impl BuilderError {
@@ -88,6 +91,7 @@ impl BuilderError {
             BuilderError::Client(e) => e.reason(),
             BuilderError::InvalidPlatform(_) => "invalid_platform",
             BuilderError::Timeout(_) => "timeout",
+            BuilderError::Sign(_) => "sign",
             BuilderError::Build(e) => match e {
                 BuildError::Store(e) => store_reason(e),
                 BuildError::Artifact(_) => "artifact",
@@ -113,6 +117,7 @@ pub trait ArtifactBuilder: Send + Sync {
 pub struct RegistryBuilder {
     clients: Clients,
     parallelism: usize,
+    signing_key: Option<Arc<SigningKey>>,
 }
 
 impl RegistryBuilder {
@@ -120,7 +125,14 @@ impl RegistryBuilder {
         RegistryBuilder {
             clients,
             parallelism,
+            signing_key: None,
         }
+    }
+
+    /// Signs every artifact it builds or adopts with `key`.
+    pub fn with_signing_key(mut self, key: Option<Arc<SigningKey>>) -> RegistryBuilder {
+        self.signing_key = key;
+        self
     }
 
     /// Builds one profile's artifact, adopting or reusing only the artifacts in `reuse`
@@ -154,7 +166,11 @@ impl RegistryBuilder {
             recorded: None,
             reuse: Reuse::Only(reuse),
         };
+        let artifacts = target.clone().unwrap_or_else(|| image_store.clone());
         let s = build(image_store, &req.digest, target, &opts).await?;
+        if let Some(key) = &self.signing_key {
+            signature::sign(artifacts.as_ref(), &target_name, &s.artifact, key).await?;
+        }
         Ok((s, target_name))
     }
 }

@@ -29,6 +29,7 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use talaria_api::{AcceleratedImage, AccelerationPolicy};
 use talaria_artifact::oci::registry::RegistryConfig;
+use talaria_artifact::signature::SigningKey;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -58,6 +59,9 @@ pub struct Settings {
     pub instance: String,
     /// Namespaces whose secrets a policy may name.
     pub secret_namespaces: context::SecretNamespaces,
+    /// Signs every artifact built (cosign-compatible), so nodes trusting its public key
+    /// can use them without this cluster's pin.
+    pub signing_key: Option<Arc<SigningKey>>,
 }
 
 impl Default for Settings {
@@ -71,6 +75,7 @@ impl Default for Settings {
             registry: RegistryConfig::default(),
             instance: "talaria-controller".into(),
             secret_namespaces: context::SecretNamespaces::Any,
+            signing_key: None,
         }
     }
 }
@@ -101,10 +106,10 @@ pub async fn run(
 ) -> Result<(), Error> {
     let clients = Clients::new(settings.registry.clone(), metrics.clone())?;
     let builder = builder.unwrap_or_else(|| {
-        Arc::new(RegistryBuilder::new(
-            clients.clone(),
-            settings.layer_parallelism,
-        ))
+        Arc::new(
+            RegistryBuilder::new(clients.clone(), settings.layer_parallelism)
+                .with_signing_key(settings.signing_key.clone()),
+        )
     });
     let resolver = resolver.unwrap_or_else(|| {
         Arc::new(RegistryResolver::new(

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use talaria_artifact::oci::registry::RegistryConfig;
+use talaria_artifact::signature::SigningKey;
 use talaria_controller::context::SecretNamespaces;
 use talaria_controller::metrics::Metrics;
 use talaria_controller::{BuildSettings, Settings};
@@ -66,6 +67,10 @@ struct Args {
     /// name in `registryCredentials`; `*` allows any.
     #[arg(long, env = "TALARIA_SECRET_NAMESPACES", value_delimiter = ',')]
     secret_namespaces: Vec<String>,
+    /// Sign every artifact built with this ECDSA P-256 private key (PKCS#8 PEM; chart:
+    /// controller.signingKey.secretName), cosign-compatibly (docs/trust.md).
+    #[arg(long, env = "TALARIA_SIGNING_KEY", value_name = "FILE")]
+    signing_key: Option<std::path::PathBuf>,
     /// Name of the leader election Lease.
     #[arg(long, env = "TALARIA_LEASE_NAME", default_value = "talaria-controller")]
     lease_name: String,
@@ -136,7 +141,18 @@ async fn main() -> anyhow::Result<()> {
         },
     ));
 
+    let signing_key = match &args.signing_key {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the signing key {}", p.display()))?;
+            Some(Arc::new(SigningKey::from_pem(&text).with_context(
+                || format!("the signing key {}", p.display()),
+            )?))
+        }
+        None => None,
+    };
     let settings = Settings {
+        signing_key,
         build: BuildSettings {
             max_concurrent: args.max_builds,
             max_per_registry: args.max_builds_per_registry,

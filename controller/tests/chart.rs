@@ -108,6 +108,7 @@ const ALL_FEATURES: &[&str] = &[
     "metrics.prometheusRule.enabled=true",
     "controller.insecureRegistries={registry.local:5000,10.0.0.1:5000}",
     "controller.priorityClassName=system-cluster-critical",
+    "controller.signingKey.secretName=talaria-signing",
     "controller.podAnnotations.example\\.com/a=b",
     "node.podAnnotations.example\\.com/a=b",
     "imagePullSecrets={pull-secret}",
@@ -437,6 +438,40 @@ async fn chart_defaults_use_no_unverified_referrers() {
         .expect("the trusted keys ConfigMap");
     let keys = cm["data"]["keys.pem"].as_str().expect("keys.pem");
     talaria_artifact::signature::TrustedKeys::from_pem(keys).expect("the key survives the chart");
+}
+
+#[tokio::test]
+async fn a_signing_key_secret_is_mounted_and_passed_to_the_controller() {
+    let helm = Helm::new(None);
+    let deployment = |docs: Vec<Value>| {
+        docs.into_iter()
+            .find(|d| d["kind"] == "Deployment")
+            .expect("the controller Deployment")
+    };
+    let plain = deployment(helm.template(&[]).await).to_string();
+    assert!(!plain.contains("signing-key"), "{plain}");
+    let d = deployment(
+        helm.template(&["controller.signingKey.secretName=talaria-signing"])
+            .await,
+    );
+    let spec = &d["spec"]["template"]["spec"];
+    let args: Vec<&str> = spec["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.contains(&"--signing-key=/etc/talaria/signing-key/key.pem"),
+        "{args:?}"
+    );
+    let vol = spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "signing-key")
+        .expect("the signing key volume");
+    assert_eq!(vol["secret"]["secretName"], "talaria-signing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use talaria_artifact::format::{self, ArtifactSpec, IndexedLayer, Knobs, Profile}
 use talaria_artifact::oci::registry::{ImageRef, RegistryClient, RegistryConfig};
 use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_artifact::oci::{self, Platform};
+use talaria_artifact::signature::{self, SigningKey, TrustedKeys};
 use talaria_controller::metrics::Metrics;
 use talaria_testenv::apiserver::KubeApi;
 use talaria_testenv::images::{self, Image, ImageBuilder, LayerBuilder};
@@ -358,4 +359,79 @@ async fn hostile_images_fail_only_themselves_within_the_controller_memory_limit(
     );
     let _ = controller.kill();
     let _ = controller.wait();
+}
+
+/// With a signing key, the controller signs every artifact it builds, cosign-compatibly:
+/// the pinned (accelerated) artifact and the default one verify with its public key and
+/// not with another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_signs_every_artifact_built() {
+    talaria_controller::install_crypto_provider();
+    common::init_logs();
+    let reg = Registry::start().expect("registry");
+    let host = reg.host();
+    let kube = KubeApi::start().await.expect("control plane");
+    let kclient = kube.client().await.expect("client");
+    common::apply_crds(&kclient).await;
+    let img = image("signed");
+    let digest = img.push(&host, "team/signed", "v1").expect("push");
+
+    let (private, public) = SigningKey::generate().expect("key");
+    let (_, stranger) = SigningKey::generate().expect("key");
+    let settings = talaria_controller::Settings {
+        build: talaria_controller::BuildSettings {
+            max_concurrent: 2,
+            max_per_registry: 2,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(2),
+            max_attempts: 2,
+            timeout: Duration::from_secs(120),
+        },
+        signing_key: Some(Arc::new(SigningKey::from_pem(&private).expect("key"))),
+        ..Default::default()
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    let client = kclient.clone();
+    let handle = tokio::spawn(async move {
+        talaria_controller::run(client, settings, metrics, None, None, rx)
+            .await
+            .expect("controller run");
+    });
+    let policies: Api<AccelerationPolicy> = Api::all(kclient.clone());
+    let p: AccelerationPolicy = serde_json::from_value(json!({
+        "apiVersion": "talaria.dev/v1alpha1",
+        "kind": "AccelerationPolicy",
+        "metadata": {"name": "signed"},
+        "spec": {
+            "images": [format!("{host}/team/signed:v1")],
+            "platforms": [format!("linux/{}", images::oci_arch())],
+        },
+    }))
+    .expect("policy");
+    policies
+        .create(&PostParams::default(), &p)
+        .await
+        .expect("create policy");
+    let images_api: Api<AcceleratedImage> = Api::all(kclient.clone());
+    let ready = common::wait_phase(&images_api, &digest, Phase::Ready, WAIT).await;
+    let st = ready.status.expect("status");
+    let rc = RegistryClient::new(RegistryConfig::default()).expect("registry client");
+    let s = store(&rc, &host, "team/signed");
+    let ours = TrustedKeys::from_pem(&public).expect("key");
+    let theirs = TrustedKeys::from_pem(&stranger).expect("key");
+    let pinned = st.artifact.expect("artifact").digest;
+    let default = st.default_artifact.expect("default artifact").digest;
+    assert_ne!(pinned, default, "the policy's profile has a plan");
+    for d in [&pinned, &default] {
+        signature::verify(s.as_ref(), d, &ours)
+            .await
+            .unwrap_or_else(|e| panic!("{d} not signed: {e}"));
+        assert!(signature::verify(s.as_ref(), d, &theirs).await.is_err());
+    }
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(60), handle)
+        .await
+        .expect("controller stops")
+        .expect("controller task");
 }
