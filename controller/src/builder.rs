@@ -82,6 +82,10 @@ pub enum BuilderError {
     Timeout(Duration),
     #[error("signing the artifact: {0}")]
     Sign(#[from] SignatureError),
+    #[error(
+        "artifactRepository {0} is not one the controller may push to (controller.artifactRepositories)"
+    )]
+    RepositoryNotAllowed(String),
 }
 
 impl BuilderError {
@@ -92,6 +96,7 @@ impl BuilderError {
             BuilderError::InvalidPlatform(_) => "invalid_platform",
             BuilderError::Timeout(_) => "timeout",
             BuilderError::Sign(_) => "sign",
+            BuilderError::RepositoryNotAllowed(_) => "repository_not_allowed",
             BuilderError::Build(e) => match e {
                 BuildError::Store(e) => store_reason(e),
                 BuildError::Artifact(_) => "artifact",

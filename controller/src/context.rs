@@ -190,6 +190,46 @@ pub struct Context {
     pub problem_retry: Duration,
     /// Namespaces whose secrets a policy may name.
     pub secret_namespaces: SecretNamespaces,
+    /// Repositories a policy's `artifactRepository` may name.
+    pub artifact_repositories: ArtifactRepositories,
+}
+
+/// Repositories an `artifactRepository` may name (a policy author otherwise makes the
+/// controller push, with the credentials it holds, wherever they like).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ArtifactRepositories {
+    #[default]
+    Any,
+    /// These repositories and the ones below them (`registry/path` prefixes).
+    Only(Vec<String>),
+}
+
+impl ArtifactRepositories {
+    /// From the admin's list; empty allows any.
+    pub fn from_list(list: &[String]) -> ArtifactRepositories {
+        let only: Vec<String> = list
+            .iter()
+            .map(|p| p.trim().trim_end_matches('/').to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if only.is_empty() {
+            ArtifactRepositories::Any
+        } else {
+            ArtifactRepositories::Only(only)
+        }
+    }
+
+    pub fn allows(&self, repository: &str) -> bool {
+        match self {
+            ArtifactRepositories::Any => true,
+            ArtifactRepositories::Only(prefixes) => prefixes.iter().any(|p| {
+                repository == p
+                    || repository
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            }),
+        }
+    }
 }
 
 /// Namespaces whose secrets a policy (cluster-scoped, written by whoever may write
@@ -326,6 +366,20 @@ pub fn condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn artifact_repositories_allow_listed_ones_and_below() {
+        let only = ArtifactRepositories::from_list(&["reg.io/talaria/".into(), " ".into()]);
+        assert!(only.allows("reg.io/talaria"));
+        assert!(only.allows("reg.io/talaria/team/app"));
+        assert!(!only.allows("reg.io/talaria-evil"));
+        assert!(!only.allows("evil.io/talaria"));
+        assert_eq!(
+            ArtifactRepositories::from_list(&[]),
+            ArtifactRepositories::Any
+        );
+        assert!(ArtifactRepositories::Any.allows("anything/at/all"));
+    }
 
     #[test]
     fn truncation_respects_char_boundaries() {

@@ -460,6 +460,14 @@ async fn run_build(
         artifact_repository: img.spec.artifact_repository.clone(),
         credentials,
     };
+    if let Some(repo) = &req.artifact_repository
+        && !ctx.artifact_repositories.allows(repo)
+    {
+        return (
+            AttemptResult::Failed(BuilderError::RepositoryNotAllowed(repo.clone())),
+            0.0,
+        );
+    }
     let timeout = ctx.build.timeout;
     ctx.metrics.builds_running().inc();
     let t0 = Instant::now();

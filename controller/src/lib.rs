@@ -62,6 +62,8 @@ pub struct Settings {
     /// Signs every artifact built (cosign-compatible), so nodes trusting its public key
     /// can use them without this cluster's pin.
     pub signing_key: Option<Arc<SigningKey>>,
+    /// Repositories a policy's `artifactRepository` may name.
+    pub artifact_repositories: context::ArtifactRepositories,
 }
 
 impl Default for Settings {
@@ -76,6 +78,7 @@ impl Default for Settings {
             instance: "talaria-controller".into(),
             secret_namespaces: context::SecretNamespaces::Any,
             signing_key: None,
+            artifact_repositories: context::ArtifactRepositories::Any,
         }
     }
 }
@@ -163,6 +166,7 @@ pub async fn run(
         resync: settings.resync,
         problem_retry: settings.resolve_error_ttl.max(Duration::from_millis(200)),
         secret_namespaces: settings.secret_namespaces.clone(),
+        artifact_repositories: settings.artifact_repositories.clone(),
     });
 
     let (p_for_pods, ns_for_pods) = (policies.clone(), namespaces.clone());

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use talaria_artifact::oci::registry::RegistryConfig;
 use talaria_artifact::signature::SigningKey;
-use talaria_controller::context::SecretNamespaces;
+use talaria_controller::context::{ArtifactRepositories, SecretNamespaces};
 use talaria_controller::metrics::Metrics;
 use talaria_controller::{BuildSettings, Settings};
 use tokio::sync::watch;
@@ -71,6 +71,10 @@ struct Args {
     /// controller.signingKey.secretName), cosign-compatibly (docs/trust.md).
     #[arg(long, env = "TALARIA_SIGNING_KEY", value_name = "FILE")]
     signing_key: Option<std::path::PathBuf>,
+    /// Repositories (`registry/path`, and everything below) a policy's artifactRepository
+    /// may name; empty: any. A build for another is failed.
+    #[arg(long, env = "TALARIA_ARTIFACT_REPOSITORIES", value_delimiter = ',')]
+    artifact_repositories: Vec<String>,
     /// Name of the leader election Lease.
     #[arg(long, env = "TALARIA_LEASE_NAME", default_value = "talaria-controller")]
     lease_name: String,
@@ -153,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let settings = Settings {
         signing_key,
+        artifact_repositories: ArtifactRepositories::from_list(&args.artifact_repositories),
         build: BuildSettings {
             max_concurrent: args.max_builds,
             max_per_registry: args.max_builds_per_registry,

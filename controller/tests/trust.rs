@@ -435,3 +435,82 @@ async fn a_signing_key_signs_every_artifact_built() {
         .expect("controller stops")
         .expect("controller task");
 }
+
+/// With `artifactRepositories` set, a policy naming another artifact repository builds
+/// nothing there: its image fails with the reason, an allowed one is Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_repository_outside_the_allowlist_is_refused() {
+    talaria_controller::install_crypto_provider();
+    common::init_logs();
+    let reg = Registry::start().expect("registry");
+    let host = reg.host();
+    let kube = KubeApi::start().await.expect("control plane");
+    let kclient = kube.client().await.expect("client");
+    common::apply_crds(&kclient).await;
+    let allowed = image("allowed");
+    let allowed_digest = allowed.push(&host, "team/allowed", "v1").expect("push");
+    let elsewhere = image("elsewhere");
+    let elsewhere_digest = elsewhere.push(&host, "team/elsewhere", "v1").expect("push");
+    let settings = talaria_controller::Settings {
+        build: talaria_controller::BuildSettings {
+            max_concurrent: 2,
+            max_per_registry: 2,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(2),
+            max_attempts: 1,
+            timeout: Duration::from_secs(120),
+        },
+        artifact_repositories: talaria_controller::context::ArtifactRepositories::from_list(&[
+            format!("{host}/talaria"),
+        ]),
+        ..Default::default()
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let client = kclient.clone();
+    let handle = tokio::spawn(async move {
+        talaria_controller::run(client, settings, Arc::new(Metrics::new()), None, None, rx)
+            .await
+            .expect("controller run");
+    });
+    let policies: Api<AccelerationPolicy> = Api::all(kclient.clone());
+    for (name, repo) in [
+        ("allowed", "talaria/artifacts"),
+        ("elsewhere", "attacker/loot"),
+    ] {
+        let p: AccelerationPolicy = serde_json::from_value(json!({
+            "apiVersion": "talaria.dev/v1alpha1",
+            "kind": "AccelerationPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "images": [format!("{host}/team/{name}:v1")],
+                "profile": "default",
+                "platforms": [format!("linux/{}", images::oci_arch())],
+                "artifactRepository": format!("{host}/{repo}"),
+            },
+        }))
+        .expect("policy");
+        policies
+            .create(&PostParams::default(), &p)
+            .await
+            .expect("create policy");
+    }
+    let images_api: Api<AcceleratedImage> = Api::all(kclient.clone());
+    common::wait_phase(&images_api, &allowed_digest, Phase::Ready, WAIT).await;
+    let failed = common::wait_phase(&images_api, &elsewhere_digest, Phase::Failed, WAIT).await;
+    let why = serde_json::to_string(&failed.status).unwrap_or_default();
+    assert!(why.contains("not one the controller may push to"), "{why}");
+    // Nothing was pushed there.
+    let rc = RegistryClient::new(RegistryConfig::default()).expect("registry client");
+    let loot = store(&rc, &host, "attacker/loot");
+    assert!(
+        discover::list_artifacts(loot.as_ref(), &elsewhere_digest)
+            .await
+            .map(|a| a.is_empty())
+            .unwrap_or(true)
+    );
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(60), handle)
+        .await
+        .expect("controller stops")
+        .expect("controller task");
+}
