@@ -179,44 +179,6 @@ async fn a_planted_artifact_with_the_controllers_key_is_not_adopted() {
         .expect("controller task");
 }
 
-/// A registry that answers every request with a 500 whose body never ends (1 GiB claimed).
-fn endless_error_registry() -> String {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = conn.read(&mut buf);
-                let head = "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n";
-                if conn.write_all(head.as_bytes()).is_err() {
-                    return;
-                }
-                let chunk = vec![b'x'; 1 << 16];
-                for _ in 0..(1 << 14) {
-                    if conn.write_all(&chunk).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// The controller process's peak resident memory so far (`VmHWM`), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
-}
-
 /// Hostile images in a policy's scope, built by the `talaria-controller` binary: a layer of
 /// 1.1 million entries (over the indexer's cap), an image behind a registry whose error
 /// bodies never end, and an image with a flood of planted referrers (the controller lists
@@ -286,7 +248,7 @@ async fn hostile_images_fail_only_themselves_within_the_controller_memory_limit(
             .await
             .expect("referrer");
     }
-    let hostile = endless_error_registry();
+    let hostile = talaria_testenv::hostile::endless_error_registry().expect("hostile registry");
 
     let port = talaria_testenv::free_port().expect("port");
     let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_talaria-controller"))
@@ -350,7 +312,7 @@ async fn hostile_images_fail_only_themselves_within_the_controller_memory_limit(
     })
     .await;
     eprintln!("policy status: {broken}");
-    let peak = peak_rss(controller.id());
+    let peak = talaria_testenv::hostile::peak_rss(controller.id()).expect("VmHWM");
     eprintln!("controller peak RSS {} MiB", peak >> 20);
     assert!(peak < LIMIT, "controller peak RSS {} MiB", peak >> 20);
     assert!(

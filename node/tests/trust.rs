@@ -267,7 +267,7 @@ async fn prepare(c: &mut Client, image_ref: &str, img: &images::Image) -> bool {
 /// The real registry and kube-apiserver, Talaria's CRDs, and a policy (`approved`) for
 /// `<registry>/talaria/*`.
 struct TestCluster {
-    _registry: Registry,
+    registry: Registry,
     host: String,
     kube: KubeApi,
     client: kube::Client,
@@ -311,7 +311,7 @@ async fn test_cluster() -> TestCluster {
         .expect("create policy");
     assert!(policy.meta().uid.is_some());
     TestCluster {
-        _registry: registry,
+        registry,
         host,
         kube,
         client,
@@ -966,33 +966,6 @@ fn splice_toc(honest: &[u8], entries: u64, toc_len: u64, toc_z: &[u8]) -> Vec<u8
     out
 }
 
-/// A registry that answers every request with a 500 whose body never ends (1 GiB claimed).
-fn endless_error_registry() -> String {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = conn.read(&mut buf);
-                let head = "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n";
-                if conn.write_all(head.as_bytes()).is_err() {
-                    return;
-                }
-                let chunk = vec![b'x'; 1 << 16];
-                for _ in 0..(1 << 14) {
-                    if conn.write_all(&chunk).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Hostile artifacts, pinned by hand as a compromised status writer would (a node serves
 /// nothing else): a table of contents that inflates to 120 MiB of nothing, an entry-count
 /// bomb, a 1 GiB span, and an artifact repository whose error bodies never end. Each fails
@@ -1125,7 +1098,7 @@ async fn hostile_artifacts_fail_only_their_image_within_the_memory_caps() {
     }
 
     // An artifact repository whose error bodies never end: the node reads 64 KiB of each.
-    let hostile = endless_error_registry();
+    let hostile = talaria_testenv::hostile::endless_error_registry().expect("hostile registry");
     let repo = "talaria/bomb-error";
     let img = passwd_image(&host, repo, b"bomb error\n", "error");
     let honest = build(store(&host, repo), "v1", Some(arts.clone()), &opts)
@@ -1354,6 +1327,107 @@ async fn an_artifact_signed_by_a_trusted_key_is_used_and_others_are_not() {
         1.0,
         "{text}"
     );
+    drop(c);
+    let status = node.signal("TERM");
+    assert!(status.success(), "node exit: {status}\n{}", node.log_text());
+}
+
+/// The case of a layer that proves inconsistent later: an honest artifact is pinned,
+/// then the layer blob changes in the registry's storage (same digest, other bytes, as a
+/// compromised registry would serve). The spans the background fetch brings fail the pinned
+/// index's check: the layer is poisoned (reason `span`), counted, and the Event recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_the_registry_changes_is_poisoned() {
+    let dir = tempfile::Builder::new()
+        .prefix("tlr-changed-")
+        .tempdir()
+        .expect("tempdir");
+    let tc = test_cluster().await;
+    let host = tc.host.clone();
+    let repo = "talaria/changed";
+    let img = passwd_image(
+        &host,
+        repo,
+        b"root:x:0:0:changed:/root:/bin/sh\n",
+        "changed",
+    );
+    let honest = build(
+        store(&host, repo),
+        "v1",
+        Some(store(&host, ARTIFACT_REPO)),
+        &BuildOptions {
+            profile: Profile::Default,
+            ..BuildOptions::default()
+        },
+    )
+    .await
+    .expect("artifact");
+    accelerated_image(
+        &tc.images_api,
+        "changed",
+        &host,
+        repo,
+        &img,
+        &honest,
+        Some(&tc.policy),
+    )
+    .await;
+    // Same size, other bytes, from the middle of the compressed blob on.
+    let hex = &img.layers[0].digest["sha256:".len()..];
+    let data = tc.registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut blob = std::fs::read(&data).expect("the layer blob in storage");
+    let (mid, end) = (blob.len() / 2, blob.len() - 8);
+    for b in &mut blob[mid..end] {
+        *b = b.wrapping_add(1);
+    }
+    std::fs::write(&data, &blob).expect("change the blob");
+
+    let (mut node, metrics) = start_node(dir.path(), &tc);
+    let mut c = connect(dir.path().join("sn.sock")).await;
+    let mnt = dir.path().join("mnt");
+    assert!(
+        pull(&mut c, &format!("{host}/{repo}:v1"), &img, &mnt).await,
+        "{}",
+        node.log_text()
+    );
+    wait_metric(
+        &metrics,
+        "talaria_node_verification_failures_total{reason=\"span\"}",
+        1.0,
+        &node,
+    )
+    .await;
+    let chain = img.layers[0].diff_id.clone();
+    let read = read_via_view(&mut c, &chain, "view-changed", &mnt, "etc/shadow").await;
+    assert!(
+        read.is_err(),
+        "a poisoned layer served {:?}",
+        read.map(|d| d.len())
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(tc.client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !events
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("LayerVerificationFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("changed")
+        })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no Event within 30 s:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(c);
     let status = node.signal("TERM");
     assert!(status.success(), "node exit: {status}\n{}", node.log_text());

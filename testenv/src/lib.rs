@@ -37,6 +37,7 @@ pub mod apiserver;
 pub mod containerd;
 pub mod cri;
 mod error;
+pub mod hostile;
 pub mod http;
 pub mod images;
 mod process;

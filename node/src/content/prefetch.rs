@@ -26,8 +26,8 @@ use talaria_artifact::format::{self, ArtifactInfo};
 use talaria_artifact::index::reader::{
     LayerReader, PrefetchStats, ReadError, ReadObserver, SpanCache,
 };
-use talaria_artifact::index::verify::{LayerVerifier, VerifyError};
-use talaria_artifact::index::{DecodeError, EntryKind, LayerIndex};
+use talaria_artifact::index::verify::LayerVerifier;
+use talaria_artifact::index::{DecodeError, EntryKind, LayerIndex, SpanError};
 use talaria_artifact::oci::registry::{RegistryClient, RegistryError, Repository};
 use talaria_artifact::oci::store::{RegistryStore, Store, StoreError};
 use talaria_artifact::oci::{self, FormatError, ImageManifest, Manifest};
@@ -464,7 +464,7 @@ pub struct IndexAt {
 #[derive(Clone, Debug)]
 pub struct Poisoned {
     pub at: IndexAt,
-    /// [`VerifyError::reason`].
+    /// `talaria_artifact::index::verify::VerifyError::reason`, or `span` (a span failed its check).
     pub reason: &'static str,
     pub message: String,
 }
@@ -677,10 +677,19 @@ impl Fetcher {
                     }
                 };
                 // Bounded: one failure ends this layer's background fetch; reads still
-                // fetch on demand.
+                // fetch on demand. Bytes that fail the pinned index's span check mean the
+                // registry's layer and the index disagree: the layer is poisoned.
                 if let Err(e) = res {
                     metrics.prefetch_error(&e);
                     warn!(layer, error = %e, "background fetch stopped");
+                    if let PrefetchError::BackgroundRead(ReadError::Span {
+                        source: s @ (SpanError::DigestMismatch { .. } | SpanError::Corrupt(_)),
+                        ..
+                    }) = &e
+                        && let Some(f) = me.upgrade()
+                    {
+                        f.poison(&reach, &at, "span", &s.to_string());
+                    }
                     return;
                 }
             }
@@ -744,7 +753,7 @@ impl Fetcher {
             .await;
             match fed {
                 Ok((v, Ok(()))) => verifier = v,
-                Ok((_, Err(e))) => return self.poison(reach, at, &e),
+                Ok((_, Err(e))) => return self.poison(reach, at, e.reason(), &e.to_string()),
                 Err(e) => {
                     debug!(layer = at.layer, error = %e, "verification task failed");
                     return;
@@ -759,7 +768,7 @@ impl Fetcher {
                 self.metrics.verified_layers.inc();
                 debug!(layer = at.layer, index = at.index_digest, "layer verified");
             }
-            Ok(Err(e)) => self.poison(reach, at, &e),
+            Ok(Err(e)) => self.poison(reach, at, e.reason(), &e.to_string()),
             Err(e) => debug!(layer = at.layer, error = %e, "verification task failed"),
         }
     }
@@ -816,7 +825,7 @@ impl Fetcher {
 
     /// The layer does not match its index (or the image): nothing of it is served from now
     /// on, its local copies go, and the node is told (quarantine, metric, Event).
-    fn poison(&self, reach: &Reachability, at: &IndexAt, e: &VerifyError) {
+    fn poison(&self, reach: &Reachability, at: &IndexAt, reason: &'static str, message: &str) {
         reach.poison();
         if let Some(m) = &self.materializer {
             m.remove_layer(&at.index_digest);
@@ -824,15 +833,22 @@ impl Fetcher {
         self.metrics
             .verification_failures
             .get_or_create(&FallbackLabels {
-                reason: e.reason().to_string(),
+                reason: reason.to_string(),
             })
             .inc();
-        error!(layer = at.layer, index = at.index_digest, manifest = at.manifest, error = %e, "layer does not match its index: poisoned, its artifact quarantined");
+        error!(
+            layer = at.layer,
+            index = at.index_digest,
+            manifest = at.manifest,
+            reason,
+            error = message,
+            "layer does not match its index: poisoned, its artifact quarantined"
+        );
         if let Some(hook) = self.poisoned.get() {
             hook(Poisoned {
                 at: at.clone(),
-                reason: e.reason(),
-                message: e.to_string(),
+                reason,
+                message: message.to_string(),
             });
         }
     }

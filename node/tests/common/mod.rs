@@ -91,13 +91,7 @@ impl Node {
     /// The node process's peak resident memory so far (`VmHWM`), in bytes.
     pub fn peak_rss(&mut self) -> u64 {
         let pid = self.child_mut().id();
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmHWM")
-            * 1024
+        talaria_testenv::hostile::peak_rss(pid).expect("VmHWM")
     }
 
     pub fn signal(&mut self, sig: &str) -> ExitStatus {
