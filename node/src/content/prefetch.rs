@@ -704,6 +704,11 @@ impl Fetcher {
     /// ([`talaria_artifact::index::verify`]), reading it back through its reader (the
     /// background fetch just brought every span); a mismatch poisons the layer. Inconclusive
     /// when a read fails or the layer goes away: nothing is decided then.
+    ///
+    /// It hashes and parses the whole layer, so it stays out of starts' way: one layer at a
+    /// time node-wide, only while no image is starting (the scheduler's quiet period), and
+    /// not before [`VERIFY_DELAY`] after the fetch (the start that mounted the layer is
+    /// usually over by then). A start that begins meanwhile pauses it between spans.
     async fn verify(
         &self,
         reader: &Arc<LayerReader>,
@@ -712,6 +717,9 @@ impl Fetcher {
         repo: &Repository,
         stop: &AtomicBool,
     ) {
+        tokio::time::sleep(VERIFY_DELAY).await;
+        // Never closed: acquiring cannot fail.
+        let _turn = VERIFICATIONS.acquire().await;
         let index = reader.index().clone();
         let image_diff_id = match self.image_diff_id(repo, at).await {
             Ok(d) => Some(d),
@@ -727,6 +735,7 @@ impl Fetcher {
         };
         let mut verifier = LayerVerifier::new();
         for span in &index.spans {
+            self.sched.wait_quiet().await;
             if stop.load(Ordering::Relaxed) {
                 return;
             }
@@ -781,25 +790,7 @@ impl Fetcher {
         at: &IndexAt,
     ) -> Result<String, PrefetchError> {
         let store = RegistryStore::new(self.client.clone(), repo.clone());
-        let digest = || at.manifest.clone();
-        let raw = store.get_manifest(&at.manifest).await.map_err(|source| {
-            PrefetchError::ManifestRead {
-                digest: digest(),
-                source,
-            }
-        })?;
-        let manifest = match raw.parse() {
-            Ok(Manifest::Image(m)) => m,
-            Ok(Manifest::Index(_)) => {
-                return Err(PrefetchError::ManifestIsIndex { digest: digest() });
-            }
-            Err(source) => {
-                return Err(PrefetchError::ManifestInvalid {
-                    digest: digest(),
-                    source,
-                });
-            }
-        };
+        let manifest = image_manifest(&store, &at.manifest).await?;
         let config = &manifest.config.digest;
         let raw = store
             .get_blob(config, MAX_CONFIG_BYTES)
@@ -1079,24 +1070,7 @@ impl Fetcher {
             };
             (plan, pack)
         };
-        let manifest = async {
-            let digest = || j.manifest.clone();
-            let raw = image_store
-                .get_manifest(&j.manifest)
-                .await
-                .map_err(|source| PrefetchError::ManifestRead {
-                    digest: digest(),
-                    source,
-                })?;
-            match raw.parse() {
-                Ok(Manifest::Image(m)) => Ok(m),
-                Ok(Manifest::Index(_)) => Err(PrefetchError::ManifestIsIndex { digest: digest() }),
-                Err(source) => Err(PrefetchError::ManifestInvalid {
-                    digest: digest(),
-                    source,
-                }),
-            }
-        };
+        let manifest = image_manifest(&image_store, &j.manifest);
         let (indexes, (plan, pack), manifest) = tokio::join!(indexes, plan, manifest);
         let packed = match pack {
             Some(p) => {
@@ -1622,7 +1596,35 @@ impl Fetcher {
     }
 }
 
-/// Loads, decodes and checks a layer's index blob.
+/// Image manifest `digest` of `store` (an index is not one).
+async fn image_manifest(
+    store: &RegistryStore,
+    digest: &str,
+) -> Result<ImageManifest, PrefetchError> {
+    let raw = store
+        .get_manifest(digest)
+        .await
+        .map_err(|source| PrefetchError::ManifestRead {
+            digest: digest.to_string(),
+            source,
+        })?;
+    match raw.parse() {
+        Ok(Manifest::Image(m)) => Ok(m),
+        Ok(Manifest::Index(_)) => Err(PrefetchError::ManifestIsIndex {
+            digest: digest.to_string(),
+        }),
+        Err(source) => Err(PrefetchError::ManifestInvalid {
+            digest: digest.to_string(),
+            source,
+        }),
+    }
+}
+
+/// How long after its background fetch a layer is verified at the earliest.
+const VERIFY_DELAY: Duration = Duration::from_secs(5);
+/// Layers verified at once, node-wide (CPU: hashing and parsing whole layers).
+static VERIFICATIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 /// Index blobs from this size on are decoded at most [`LARGE_DECODES`] at a time node-wide,
 /// on a blocking thread: decoding one can take up to its table-of-contents cap and entries
 /// (docs/trust.md), so an image of many such layers must not decode them all at once.
@@ -1642,6 +1644,7 @@ pub async fn decode_index(raw: &Bytes) -> Result<LayerIndex, DecodeError> {
         .unwrap_or_else(|e| Err(DecodeError::Invalid(format!("decoding task: {e}"))))
 }
 
+/// Loads, decodes and checks a layer's index blob.
 async fn load_index(
     store: &RegistryStore,
     desc: &talaria_artifact::oci::Descriptor,
