@@ -9,7 +9,7 @@
 # pair with addresses 10.213.N.1/30 (host) and 10.213.N.2/30 (namespace), our private test
 # range; the namespace has no default route, so only this machine reaches it. `tbf` limits
 # both directions to RATE_MBIT. This kernel has no netem, so the round-trip DELAY_MS is added
-# by talaria-delay-relay (testenv/src/relay.rs) in front of the registry inside the namespace:
+# by talaria-delay-relay (e2e/src/relay.rs) in front of the registry inside the namespace:
 # one round trip per new connection (the handshake) and half a round trip per direction on
 # every chunk. The same setup from Rust: talaria_testenv::registry::Registry::start_shaped.
 set -euo pipefail

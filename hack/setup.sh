@@ -26,10 +26,12 @@ esac
 # talaria-cli needs (gcc + libc6-dev: the linker and ring's/zstd-sys's C; ca-certificates:
 # cargo fetching crates).
 DEMO_PKGS=(busybox-static perl openssl jq gzip tar coreutils ca-certificates gcc libc6-dev)
-# The rest: integration tests, benchmarks, images (g++: libFuzzer, built by hack/fuzz.sh).
+# The rest: integration tests, benchmarks, images (g++: libFuzzer, built by hack/fuzz.sh;
+# containernetworking-plugins, iptables, conntrack: the one-node cluster's pod network and
+# kube-proxy).
 TEST_PKGS=(docker-registry containerd runc fuse3 libfuse3-dev pkg-config iproute2
            debootstrap strace attr openjdk-17-jdk-headless protobuf-compiler curl git pigz
-           e2fsprogs bc g++)
+           e2fsprogs bc g++ containernetworking-plugins iptables conntrack)
 
 PKGS=("${DEMO_PKGS[@]}")
 [ "$mode" = all ] && PKGS+=("${TEST_PKGS[@]}")

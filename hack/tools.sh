@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the Go-only test tools (kube-apiserver, kube-controller-manager, etcd, helm, crane,
-# cosign)
+# Builds the Go-only test tools (kube-apiserver, kube-controller-manager, kube-scheduler,
+# kube-proxy, kubelet, etcd, helm, crane, cosign, containerd 2.x)
 # from the Go module proxy into a versioned cache dir, once. A second run only checks that
 # the binaries are there.
 #
@@ -14,6 +14,8 @@ HELM_VERSION=${HELM_VERSION:-v3.21.4}
 CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
 # Checks that Talaria's artifact signatures are what `cosign verify --key` accepts.
 COSIGN_VERSION=${COSIGN_VERSION:-v2.6.5}
+# The current containerd LTS line, next to Debian's 1.6 (runc comes from Debian for both).
+CONTAINERD2_VERSION=${CONTAINERD2_VERSION:-v2.3.0}
 
 CACHE=${TALARIA_CACHE:-$HOME/.cache/talaria}
 TOOLS=${TALARIA_TOOLS:-$CACHE/tools}
@@ -33,8 +35,11 @@ have() {
 
 build_kube() {
   local v=$KUBE_VERSION
-  if have kube-apiserver "$v" && have kube-controller-manager "$v"; then return 0; fi
-  log "building kube-apiserver and kube-controller-manager $v (takes a while)"
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet)
+  local missing=()
+  for c in "${cmds[@]}"; do have "$c" "$v" || missing+=("$c"); done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  log "building ${missing[*]} $v (takes a while)"
   local minor=${v#v1.}; minor=${minor%%.*}
   local staging="v0.${v#v1.}"
   local w; w=$(mktemp -d)
@@ -55,6 +60,9 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 EOF
   local ld="-s -w"
@@ -66,14 +74,16 @@ EOF
     cd "$w"
     go mod tidy -e >/dev/null 2>&1 || true
     go get k8s.io/kubernetes@"$v" >&2
-    for c in kube-apiserver kube-controller-manager; do
+    # kubelet too builds without cgo (Kubernetes links it dynamically only for optional
+    # cadvisor probes); CGO_ENABLED=0 is set above.
+    for c in "${missing[@]}"; do
       mkdir -p "$TOOLS/$c-$v"
       go build -trimpath -ldflags "$ld" -o "$TOOLS/$c-$v/$c.tmp" "k8s.io/kubernetes/cmd/$c"
       mv "$TOOLS/$c-$v/$c.tmp" "$TOOLS/$c-$v/$c"
     done
   )
   rm -rf "$w"
-  have kube-apiserver "$v" && have kube-controller-manager "$v"
+  for c in "${cmds[@]}"; do have "$c" "$v"; done
 }
 
 build_etcd() {
@@ -125,10 +135,27 @@ build_helm() {
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 }
 build_crane() { go_install crane "$CRANE_VERSION" github.com/google/go-containerregistry/cmd/crane; }
+# containerd 2.x and its runc shim from the same module, linked as containerd2 and
+# containerd2-shim-runc-v2 so Debian's 1.6 stays `containerd` (testenv puts the versioned dir
+# first on the 2.x daemon's PATH, so it starts its own shim).
+build_containerd2() {
+  local v=$CONTAINERD2_VERSION d=$TOOLS/containerd2-$CONTAINERD2_VERSION
+  if [ -x "$d/containerd" ] && [ -x "$d/containerd-shim-runc-v2" ]; then
+    ln -sfn "$d/containerd" "$BIN/containerd2"
+    return 0
+  fi
+  log "building containerd $v"
+  mkdir -p "$d"
+  local m=github.com/containerd/containerd/v2
+  GOBIN="$d" go install -trimpath -tags "no_btrfs no_devmapper no_zfs" \
+    -ldflags "-s -w -X $m/version.Version=$v -X $m/version.Revision=talaria" \
+    "$m/cmd/containerd@$v" "$m/cmd/containerd-shim-runc-v2@$v"
+  ln -sfn "$d/containerd" "$BIN/containerd2"
+}
 build_cosign() { go_install cosign "$COSIGN_VERSION" github.com/sigstore/cosign/v2/cmd/cosign; }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kube helm crane cosign)
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kube helm crane cosign containerd2)
 for t in "${tools[@]}"; do
   start=$(date +%s)
   "build_$t"

@@ -222,6 +222,7 @@ const CHART_KINDS: &[(&str, &str, &str)] = &[
     ("apps", "v1", "Deployment"),
     ("apps", "v1", "DaemonSet"),
     ("policy", "v1", "PodDisruptionBudget"),
+    ("node.k8s.io", "v1", "RuntimeClass"),
     ("rbac.authorization.k8s.io", "v1", "ClusterRole"),
     ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding"),
     ("rbac.authorization.k8s.io", "v1", "Role"),
@@ -271,6 +272,7 @@ fn expected_objects(node: bool) -> BTreeSet<ObjKey> {
         v.extend(keys(&[
             ("ServiceAccount", NS, "talaria-node"),
             ("DaemonSet", NS, "talaria-node"),
+            ("RuntimeClass", "", "talaria-bootstrap"),
             ("Service", NS, "talaria-node-metrics"),
             ("ClusterRole", "", "talaria-node"),
             ("ClusterRoleBinding", "", "talaria-node"),
@@ -385,7 +387,7 @@ fn kustomizations_name_existing_files() {
 fn node_args(docs: &[Value]) -> Vec<String> {
     let ds = docs
         .iter()
-        .find(|d| d["kind"] == "DaemonSet")
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "talaria-node")
         .expect("the node DaemonSet");
     ds["spec"]["template"]["spec"]["containers"]
         .as_array()
@@ -975,6 +977,16 @@ fn containerd_patch_script_produces_a_config_containerd_accepts() {
     assert!(patched.contains("address = \"/run/talaria/snapshotter.sock\""));
     assert_eq!(snapshotter_line(&patched), "snapshotter = \"talaria\"");
     assert!(patched.contains("disable_snapshot_annotations = false"));
+    // The agent's runtime handler, with runc's options (1.6 drops its `snapshotter` key when
+    // dumping: it has no per-runtime snapshotter, which the script's log says).
+    assert!(
+        patched.contains("containerd.runtimes.talaria-bootstrap]"),
+        "{patched}"
+    );
+    assert!(
+        patched.contains("containerd.runtimes.talaria-bootstrap.options]"),
+        "{patched}"
+    );
     let once = std::fs::read(&cfg).expect("read");
     assert!(run("true").contains("nothing to do"));
     assert_eq!(

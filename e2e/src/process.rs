@@ -87,6 +87,11 @@ impl Proc {
         })
     }
 
+    /// The process id while it has not been stopped.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// An error if the process has exited (with its log tail), Ok while it runs.
     pub(crate) fn check_alive(&mut self) -> Result<(), EnvError> {
         let Some(child) = self.child.as_mut() else {

@@ -28,6 +28,9 @@ pub struct KubeOptions {
     pub controller_manager: bool,
     /// Controllers to enable in kube-controller-manager (its `--controllers` names).
     pub controllers: Vec<String>,
+    /// Serve on every address and advertise this one (the `kubernetes` Service's endpoint),
+    /// so pods reach the apiserver; `None`: loopback only.
+    pub advertise_address: Option<Ipv4Addr>,
 }
 
 impl Default for KubeOptions {
@@ -41,6 +44,7 @@ impl Default for KubeOptions {
             ]
             .map(String::from)
             .to_vec(),
+            advertise_address: None,
         }
     }
 }
@@ -123,14 +127,16 @@ impl KubeApi {
         let ca = new_ca()?;
         let ca_pem = ca.params.self_signed(&ca.key)?.pem();
         write(&pki.join("ca.crt"), &ca_pem)?;
-        let mut serving = CertificateParams::new(vec![
+        let mut names = vec![
             "127.0.0.1".to_string(),
             "localhost".to_string(),
             "kubernetes".to_string(),
             "kubernetes.default".to_string(),
             "kubernetes.default.svc".to_string(),
             "10.96.0.1".to_string(),
-        ])?;
+        ];
+        names.extend(opts.advertise_address.map(|a| a.to_string()));
+        let mut serving = CertificateParams::new(names)?;
         serving
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");
@@ -187,8 +193,14 @@ impl KubeApi {
         let mut api_cmd = Command::new(apiserver_bin);
         api_cmd
             .arg(format!("--etcd-servers={client_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(match opts.advertise_address {
+                Some(_) => "--bind-address=0.0.0.0",
+                None => "--bind-address=127.0.0.1",
+            })
+            .arg(format!(
+                "--advertise-address={}",
+                opts.advertise_address.unwrap_or(Ipv4Addr::LOCALHOST)
+            ))
             .arg(format!("--secure-port={port}"))
             .arg(format!("--cert-dir={}", p("")))
             .arg(format!("--tls-cert-file={}", p("apiserver.crt")))

@@ -34,6 +34,7 @@
 //! ```
 
 pub mod apiserver;
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 mod error;

@@ -41,11 +41,16 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on a free loopback port, blocking until `GET /v2/` answers 200.
     pub fn start() -> Result<Registry, EnvError> {
+        Registry::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`Registry::start`], listening on `ip` (e.g. a node address pods can reach).
+    pub fn start_on(ip: Ipv4Addr) -> Result<Registry, EnvError> {
         let mut last = None;
         // A free port can be taken by a parallel test between probing and binding; retry.
         for _ in 0..3 {
             let port = free_port()?;
-            let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let listen = SocketAddr::from((ip, port));
             let mut reg = Registry::prepare(listen, listen.to_string(), None, None)?;
             reg.write_config()?;
             match reg.start_again() {

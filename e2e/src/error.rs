@@ -54,6 +54,9 @@ pub enum EnvError {
 
     #[error("network shaping: {0}")]
     Shaping(String),
+
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 impl EnvError {

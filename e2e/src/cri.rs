@@ -6,7 +6,7 @@
 //!   registries, runc state in its own dir, and a chosen snapshotter (overlayfs or a proxy
 //!   plugin such as talaria-node).
 //! - [`Cri`]: a small async client of the CRI v1 runtime and image services (hand-written
-//!   protos in `testenv/proto/runtime/v1`), with helpers to run a container to completion and read
+//!   protos in `e2e/proto/runtime/v1`), with helpers to run a container to completion and read
 //!   its output, or to keep one running and find its init pid (to walk `/proc/PID/root`).
 //!
 //! ```no_run

@@ -1,0 +1,839 @@
+//! Talaria the way users run it (issue 22): `helm install` of `charts/talaria` with the images
+//! `hack/images.sh` builds, on a one-node cluster from real parts (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, kubelet, kube-proxy, bridge CNI), once on Debian's
+//! containerd 1.6 and once on containerd 2.x. The chart's containerd-configure step edits the
+//! node's real containerd config and restarts it through the test's supervisor
+//! (`restartMethod: signal`).
+//!
+//! Needs root, `hack/setup.sh` and `hack/tools.sh` (kubelet, containerd2...). The images are
+//! built once per run (a release build in its own target dir, cached across runs).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
+};
+use serde_json::json;
+use talaria_testenv::cluster::{Cluster, ClusterOptions, ContainerdVersion};
+use talaria_testenv::images::{self, ImageBuilder, LayerBuilder};
+use talaria_testenv::{http, tool};
+
+const NS: &str = "talaria-system";
+const RELEASE: &str = "talaria";
+/// Image pulls, the containerd restart and pod starts on a 2-core CI machine.
+const ROLLOUT: Duration = Duration::from_secs(300);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+/// The OCI layouts `hack/images.sh` writes, with their digests: (dir, {name: digest}).
+fn talaria_images() -> &'static (PathBuf, BTreeMap<String, String>) {
+    static IMAGES: OnceLock<(PathBuf, BTreeMap<String, String>)> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+        let out = PathBuf::from(home).join(".cache/talaria/images");
+        let res = Command::new("bash")
+            .arg(repo_root().join("hack/images.sh"))
+            .arg(&out)
+            // Its own self-check is the images test's business, not this one's.
+            .env("CHECK", "0")
+            .output()
+            .expect("running hack/images.sh");
+        assert!(
+            res.status.success(),
+            "hack/images.sh failed: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let digests = String::from_utf8_lossy(&res.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (name, digest) = l.split_once(' ')?;
+                digest
+                    .starts_with("sha256:")
+                    .then(|| (name.to_string(), digest.trim().to_string()))
+            })
+            .collect::<BTreeMap<_, _>>();
+        for b in ["talaria-controller", "talaria-node"] {
+            assert!(
+                digests.contains_key(b),
+                "hack/images.sh printed no digest for {b}"
+            );
+        }
+        (out, digests)
+    })
+}
+
+/// Pushes a layout with crane; returns `repo@digest`.
+fn push_layout(layout: &Path, registry: &str, repo: &str, digest: &str) -> String {
+    let reference = format!("{registry}/{repo}:e2e");
+    let out = Command::new(tool("crane").expect("crane (hack/tools.sh)"))
+        .args(["push", "--insecure"])
+        .arg(layout)
+        .arg(&reference)
+        .output()
+        .expect("running crane push");
+    assert!(
+        out.status.success(),
+        "crane push {}: {}",
+        layout.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{registry}/{repo}@{digest}")
+}
+
+fn helm(cluster: &Cluster, args: &[String]) -> String {
+    let out = Command::new(tool("helm").expect("helm (hack/tools.sh)"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(cluster.api().kubeconfig())
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helm install` of the chart with the images of this checkout, the containerd-configure
+/// step pointed at the cluster's containerd.
+fn install(cluster: &Cluster) {
+    let (dir, digests) = talaria_images();
+    let reg = cluster.registry().host();
+    let controller = push_layout(
+        &dir.join("talaria-controller"),
+        &reg,
+        "talaria/talaria-controller",
+        &digests["talaria-controller"],
+    );
+    let node = push_layout(
+        &dir.join("talaria-node"),
+        &reg,
+        "talaria/talaria-node",
+        &digests["talaria-node"],
+    );
+    let busybox = images::busybox_image()
+        .expect("busybox image")
+        .push(&reg, "e2e/busybox", "1")
+        .expect("pushing busybox");
+    let image = |key: &str, reference: &str| {
+        let (repo, digest) = reference.split_once('@').expect("repo@digest");
+        [
+            "--set".to_string(),
+            format!("{key}.repository={repo}"),
+            "--set".to_string(),
+            format!("{key}.digest={digest}"),
+        ]
+    };
+    let root = cluster.host_dir("talaria-node").expect("host dir");
+    let sockets = cluster.host_dir("run-talaria").expect("host dir");
+    let mut args: Vec<String> = [
+        "install",
+        RELEASE,
+        &repo_root().join("charts/talaria").to_string_lossy(),
+        "--namespace",
+        NS,
+        "--create-namespace",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(image("controller.image", &controller));
+    args.extend(image("node.image", &node));
+    args.extend(image(
+        "node.containerd.image",
+        &format!("{reg}/e2e/busybox@{busybox}"),
+    ));
+    for (k, v) in [
+        ("node.containerd.configure", "true".to_string()),
+        (
+            "node.containerd.configPath",
+            cluster.containerd_config_path().display().to_string(),
+        ),
+        ("node.containerd.restartMethod", "signal".to_string()),
+        ("node.root", root.display().to_string()),
+        ("node.socketDir", sockets.display().to_string()),
+        ("node.insecureRegistries[0]", reg.clone()),
+        ("controller.insecureRegistries[0]", reg.clone()),
+    ] {
+        args.push("--set".into());
+        args.push(format!("{k}={v}"));
+    }
+    helm(cluster, &args);
+}
+
+/// What a user would look at when a rollout hangs: pods, their container states, events.
+async fn diagnostics(client: &kube::Client) -> String {
+    let mut s = String::new();
+    let pods: Api<Pod> = Api::all(client.clone());
+    if let Ok(list) = pods.list(&ListParams::default()).await {
+        for p in list {
+            let st = p.status.unwrap_or_default();
+            s.push_str(&format!(
+                "pod {}/{}: {:?} {:?}\n",
+                p.metadata.namespace.unwrap_or_default(),
+                p.metadata.name.unwrap_or_default(),
+                st.phase,
+                st.init_container_statuses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(st.container_statuses.unwrap_or_default())
+                    .map(|c| (c.name, c.ready, c.state))
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+    let events: Api<Event> = Api::all(client.clone());
+    if let Ok(list) = events.list(&ListParams::default()).await {
+        for e in list.items.iter().rev().take(30) {
+            s.push_str(&format!(
+                "event {} {}: {}\n",
+                e.involved_object.name.clone().unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+                e.message.clone().unwrap_or_default()
+            ));
+        }
+    }
+    s
+}
+
+async fn wait_until<F, Fut>(client: &kube::Client, what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        if started.elapsed() > timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                diagnostics(client).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_running(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|ph| ph == "Running")
+}
+
+async fn pods_of(client: &kube::Client, component: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/component={component}"));
+    pods.list(&lp).await.map(|l| l.items).unwrap_or_default()
+}
+
+async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
+    let started = Instant::now();
+    let cluster = Cluster::start(ClusterOptions {
+        containerd: version,
+    })
+    .await
+    .expect("starting the cluster");
+    let client = cluster.api().client().await.expect("client");
+    let cluster_up = started.elapsed();
+    install(&cluster);
+
+    // The configure step edited containerd's config and restarted it through the supervisor.
+    wait_until(
+        &client,
+        "the containerd-config pod Running",
+        ROLLOUT,
+        || async {
+            pods_of(&client, "containerd-config")
+                .await
+                .iter()
+                .any(pod_running)
+        },
+    )
+    .await;
+    let config = std::fs::read_to_string(cluster.containerd_config_path()).expect("config");
+    assert!(config.contains("[proxy_plugins.talaria]"), "{config}");
+    assert!(config.contains(".talaria-bootstrap]"), "{config}");
+    assert!(
+        cluster.containerd_starts() >= 2,
+        "containerd was not restarted by the configure step"
+    );
+    let default_talaria = config.contains("snapshotter = \"talaria\" # talaria-managed");
+    match version {
+        // 1.6 has no per-runtime snapshotter: talaria is registered, not made the default.
+        ContainerdVersion::V1 => assert!(!default_talaria, "{config}"),
+        ContainerdVersion::V2 => assert!(default_talaria, "{config}"),
+    }
+
+    // The agent on its bootstrap runtime, Ready; both controller replicas Running, one leads.
+    wait_until(&client, "the node agent pod Ready", ROLLOUT, || async {
+        pods_of(&client, "node").await.iter().any(pod_ready)
+    })
+    .await;
+    wait_until(&client, "two controller pods Running", ROLLOUT, || async {
+        pods_of(&client, "controller")
+            .await
+            .iter()
+            .filter(|p| pod_running(p))
+            .count()
+            == 2
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let names: Vec<String> = pods_of(&client, "controller")
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    wait_until(
+        &client,
+        "a controller pod holding the Lease",
+        ROLLOUT,
+        || async {
+            leases
+                .get_opt("talaria-controller")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec?.holder_identity)
+                .is_some_and(|h| names.contains(&h))
+        },
+    )
+    .await;
+
+    // containerd serves the proxy plugin.
+    let out = Command::new(tool("ctr").expect("ctr"))
+        .arg("--address")
+        .arg(cluster.containerd_socket())
+        .args(["plugins", "ls"])
+        .output()
+        .expect("ctr plugins ls");
+    let plugins = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plugins
+            .lines()
+            .any(|l| l.contains("snapshotter") && l.contains("talaria") && l.contains("ok")),
+        "{plugins}"
+    );
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let deploy: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    assert!(ds.get_opt("talaria-node").await.expect("get").is_some());
+    assert!(
+        deploy
+            .get_opt("talaria-controller")
+            .await
+            .expect("get")
+            .is_some()
+    );
+    let installed = started.elapsed();
+    eprintln!(
+        "containerd {version:?}: cluster up in {cluster_up:.1?}, Talaria installed and running after {:.1?}",
+        installed - cluster_up
+    );
+
+    let app = workload_runs_on_lazily_mounted_layers(&cluster, &client, version).await;
+    upgrade_keeps_the_workload_serving(&cluster, &client, node_image(&client).await).await;
+    agent_down_behaves_as_documented(&cluster, &client, version, &app).await;
+    uninstall_leaves_a_node_that_starts_pods(&cluster, &client).await;
+    eprintln!(
+        "containerd {version:?}: whole test {:.1?} (cluster {cluster_up:.1?})",
+        started.elapsed()
+    );
+}
+
+/// The workload image: busybox, then two 4 MiB data layers; the container checks the data's
+/// sha256 every second and is Ready only while the check passes (a failed read exits it).
+fn push_app_image(reg: &str) -> String {
+    let a = images::noise(1, 4 << 20);
+    let b = images::noise(2, 4 << 20);
+    let sums = format!(
+        "{}  /data/a\n{}  /data/b\n",
+        images::sha256_digest(&a).trim_start_matches("sha256:"),
+        images::sha256_digest(&b).trim_start_matches("sha256:")
+    );
+    let image = ImageBuilder::new()
+        .layer(images::busybox_layer().expect("busybox layer"))
+        .layer(
+            LayerBuilder::new()
+                .dir("data", 0o755)
+                .file("data/a", a, 0o644)
+                .build()
+                .expect("layer a"),
+        )
+        .layer(
+            LayerBuilder::new()
+                .dir("data", 0o755)
+                .file("data/b", b, 0o644)
+                .file("check.sha256", sums, 0o644)
+                .build()
+                .expect("layer b"),
+        )
+        .cmd(&[
+            "/bin/sh",
+            "-c",
+            "while :; do if sha256sum -c /check.sha256 >/dev/null; then touch /tmp/ok; \
+             else rm -f /tmp/ok; echo WRONG-OR-FAILED-READ; exit 1; fi; sleep 1; done",
+        ])
+        .build()
+        .expect("app image");
+    let digest = image
+        .push(reg, "e2e/app", "1")
+        .expect("pushing the app image");
+    format!("{reg}/e2e/app@{digest}")
+}
+
+fn dynamic(client: &kube::Client, kind: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("talaria.dev", "v1alpha1", kind);
+    Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk))
+}
+
+fn deployment(name: &str, image: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "app",
+                        "image": image,
+                        "readinessProbe": {
+                            "exec": { "command": ["cat", "/tmp/ok"] },
+                            "periodSeconds": 1,
+                        },
+                    }],
+                },
+            },
+        },
+    }))
+    .expect("deployment")
+}
+
+async fn pods_of_app(client: &kube::Client, ns: &str, app: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("app={app}"));
+    pods.list(&lp).await.map(|l| l.items).unwrap_or_default()
+}
+
+fn restarts(p: &Pod) -> i32 {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum())
+}
+
+/// `talaria_node_mounted_layers_total{source="cluster"}` read through the node's Service: it
+/// is headless (metrics are per node), so, as Prometheus does, from its EndpointSlice's
+/// addresses.
+async fn lazily_mounted_from_cluster(client: &kube::Client) -> u64 {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let lp = ListParams::default().labels("kubernetes.io/service-name=talaria-node-metrics");
+    let started = Instant::now();
+    let hosts = loop {
+        let hosts: Vec<String> = slices
+            .list(&lp)
+            .await
+            .map(|l| {
+                l.items
+                    .iter()
+                    .flat_map(|s| {
+                        let port = s
+                            .ports
+                            .as_ref()
+                            .and_then(|p| p.first()?.port)
+                            .unwrap_or(9180);
+                        s.endpoints.iter().flat_map(move |e| {
+                            e.addresses.iter().map(move |a| format!("{a}:{port}"))
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !hosts.is_empty() {
+            break hosts;
+        }
+        assert!(
+            started.elapsed() < ROLLOUT,
+            "no endpoints for the node metrics Service\n{}",
+            diagnostics(client).await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut total = 0;
+    for host in hosts {
+        let res = tokio::task::spawn_blocking(move || {
+            http::request(&host, "GET", "/metrics", &[], &[], Duration::from_secs(10))
+        })
+        .await
+        .expect("join")
+        .expect("GET /metrics of the node Service's endpoint");
+        assert_eq!(res.status, 200);
+        total += String::from_utf8_lossy(&res.body)
+            .lines()
+            .filter(|l| l.starts_with("talaria_node_mounted_layers_total{source=\"cluster\"}"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum::<u64>();
+    }
+    total
+}
+
+/// The sample policy (every image of pods in namespace team-a) plus the app image listed
+/// explicitly, so its artifact is built before the first pod: the AcceleratedImage becomes
+/// Ready, then the Deployment's pod mounts its layers lazily from the cluster's pin.
+async fn workload_runs_on_lazily_mounted_layers(
+    cluster: &Cluster,
+    client: &kube::Client,
+    version: ContainerdVersion,
+) -> String {
+    let reg = cluster.registry().host();
+    let app = push_app_image(&reg);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "team-a" } })).expect("ns"),
+        )
+        .await
+        .expect("creating namespace team-a");
+    let sample = std::fs::read_to_string(repo_root().join("config/samples/one-namespace.yaml"))
+        .expect("reading the sample");
+    let mut policy: serde_json::Value = serde_saphyr::from_str(&sample).expect("sample YAML");
+    policy["spec"]["images"] = json!([app]);
+    let policies = dynamic(client, "AccelerationPolicy");
+    let obj: DynamicObject = serde_json::from_value(policy).expect("policy");
+    policies
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("applying the sample policy");
+    let digest = app.split_once('@').expect("digest").1.to_string();
+    let accimgs = dynamic(client, "AcceleratedImage");
+    wait_until(
+        client,
+        "the app's AcceleratedImage Ready",
+        ROLLOUT,
+        || async {
+            accimgs
+                .list(&ListParams::default())
+                .await
+                .map(|l| {
+                    l.items.iter().any(|o| {
+                        o.data["spec"]["digest"] == digest.as_str()
+                            && o.data["status"]["phase"] == "Ready"
+                    })
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await;
+
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "team-a");
+    deploys
+        .create(&PostParams::default(), &deployment("app", &app))
+        .await
+        .expect("creating the Deployment");
+    wait_until(client, "the app pod Ready", ROLLOUT, || async {
+        pods_of_app(client, "team-a", "app")
+            .await
+            .iter()
+            .any(pod_ready)
+    })
+    .await;
+    let mounted = lazily_mounted_from_cluster(client).await;
+    match version {
+        // busybox + two data layers, each big enough to be indexed.
+        ContainerdVersion::V2 => assert!(mounted >= 2, "layers mounted lazily: {mounted}"),
+        // Documented: on 1.6 talaria is not the default snapshotter, pods pull normally.
+        ContainerdVersion::V1 => assert_eq!(mounted, 0, "1.6 must not use talaria by default"),
+    }
+    app
+}
+
+/// The node image the release runs (repository@digest).
+async fn node_image(client: &kube::Client) -> String {
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let ds = ds.get("talaria-node").await.expect("node DaemonSet");
+    ds.spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec")
+        .containers[0]
+        .image
+        .clone()
+        .expect("image")
+}
+
+fn helm_upgrade_node_digest(cluster: &Cluster, digest: &str) {
+    helm(
+        cluster,
+        &[
+            "upgrade".into(),
+            RELEASE.into(),
+            repo_root()
+                .join("charts/talaria")
+                .to_string_lossy()
+                .into_owned(),
+            "--namespace".into(),
+            NS.into(),
+            "--reuse-values".into(),
+            "--set".into(),
+            format!("node.image.digest={digest}"),
+        ],
+    );
+}
+
+/// `helm upgrade` to another node image digest while the app runs: the agent's pod is
+/// replaced, the app keeps passing its checks, and a new app pod starts afterwards.
+async fn upgrade_keeps_the_workload_serving(
+    cluster: &Cluster,
+    client: &kube::Client,
+    node: String,
+) {
+    let (repo, _) = node.split_once('@').expect("node image by digest");
+    // Another build of the same binary: a new config (label) gives a new digest.
+    let out = Command::new(tool("crane").expect("crane"))
+        .args(["mutate", "--insecure", "--label", "talaria.dev/e2e=upgrade"])
+        .arg(&node)
+        .arg("--tag")
+        .arg(format!("{repo}:upgrade"))
+        .output()
+        .expect("crane mutate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_ref = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let new_digest = new_ref
+        .rsplit_once('@')
+        .expect("crane prints repo@digest")
+        .1
+        .to_string();
+    let before: Vec<String> = pods_of(client, "node")
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.uid)
+        .collect();
+    let app_before = pods_of_app(client, "team-a", "app").await;
+    helm_upgrade_node_digest(cluster, &new_digest);
+    wait_until(client, "the upgraded node pod Ready", ROLLOUT, || async {
+        pods_of(client, "node").await.iter().any(|p| {
+            pod_ready(p)
+                && !before.contains(p.metadata.uid.as_ref().expect("uid"))
+                && p.spec.as_ref().is_some_and(|s| {
+                    s.containers[0]
+                        .image
+                        .as_deref()
+                        .is_some_and(|i| i.ends_with(&new_digest))
+                })
+        })
+    })
+    .await;
+    // The app's pod is the same one. Its container does not yet survive the agent's
+    // replacement: the old agent's FUSE connections end with it, a read fails and the
+    // container restarts on layers the new agent mounts again (issue 23 keeps the FUSE
+    // connections alive across agents; this test then asserts zero restarts).
+    wait_until(
+        client,
+        "the app Ready after the upgrade",
+        ROLLOUT,
+        || async {
+            pods_of_app(client, "team-a", "app")
+                .await
+                .iter()
+                .all(pod_ready)
+        },
+    )
+    .await;
+    let app_after = pods_of_app(client, "team-a", "app").await;
+    assert_eq!(app_after.len(), 1);
+    assert_eq!(app_after[0].metadata.uid, app_before[0].metadata.uid);
+    eprintln!(
+        "the app's container restarted {} time(s) across the agent's upgrade",
+        restarts(&app_after[0])
+    );
+    // A new pod of the Deployment starts afterwards.
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "team-a");
+    deploys
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 2 } })),
+        )
+        .await
+        .expect("scaling the app");
+    wait_until(client, "two app pods Ready", ROLLOUT, || async {
+        pods_of_app(client, "team-a", "app")
+            .await
+            .iter()
+            .filter(|p| pod_ready(p))
+            .count()
+            == 2
+    })
+    .await;
+}
+
+/// talaria-node deleted and unable to start (its image cannot be pulled). Documented (README,
+/// "While talaria-node is down"): on containerd 2.x, a new pod of an image talaria must unpack
+/// waits (kubelet retries) and starts once the agent is back.
+/// On 1.6 talaria is not the default snapshotter, so the pod starts at once.
+async fn agent_down_behaves_as_documented(
+    cluster: &Cluster,
+    client: &kube::Client,
+    version: ContainerdVersion,
+    _app: &str,
+) {
+    let good = node_image(client).await;
+    let good_digest = good.rsplit_once('@').expect("digest").1.to_string();
+    let missing = format!("sha256:{}", "0".repeat(64));
+    helm_upgrade_node_digest(cluster, &missing);
+    wait_until(client, "no talaria-node pod Running", ROLLOUT, || async {
+        !pods_of(client, "node").await.iter().any(pod_running)
+    })
+    .await;
+
+    let reg = cluster.registry().host();
+    let other = images::busybox_image()
+        .expect("busybox")
+        .push(&reg, "e2e/other", "1")
+        .expect("push");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "other", "labels": { "app": "other" } },
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "c", "image": format!("{reg}/e2e/other@{other}"),
+                "command": ["/bin/sleep", "3600"],
+            }],
+        },
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("creating a pod");
+    match version {
+        ContainerdVersion::V1 => {
+            wait_until(
+                client,
+                "the unrelated pod Running (1.6)",
+                ROLLOUT,
+                || async { pods.get("other").await.is_ok_and(|p| pod_running(&p)) },
+            )
+            .await;
+        }
+        ContainerdVersion::V2 => {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            let p = pods.get("other").await.expect("pod");
+            assert!(
+                !pod_running(&p),
+                "a pod started on talaria while talaria-node was down"
+            );
+            helm_upgrade_node_digest(cluster, &good_digest);
+            let back = Instant::now();
+            wait_until(
+                client,
+                "the unrelated pod Running after the agent is back",
+                ROLLOUT,
+                || async { pods.get("other").await.is_ok_and(|p| pod_running(&p)) },
+            )
+            .await;
+            eprintln!(
+                "the waiting pod ran {:.1?} after the agent came back",
+                back.elapsed()
+            );
+        }
+    }
+    if version == ContainerdVersion::V1 {
+        helm_upgrade_node_digest(cluster, &good_digest);
+    }
+    pods.delete("other", &DeleteParams::default())
+        .await
+        .expect("deleting the pod");
+}
+
+/// The README's uninstall: restore containerd's config, restart containerd, `helm uninstall`.
+/// A new pod of a new image then starts.
+async fn uninstall_leaves_a_node_that_starts_pods(cluster: &Cluster, client: &kube::Client) {
+    let cfg = cluster.containerd_config_path();
+    let bak = cfg.with_extension("toml.talaria.bak");
+    std::fs::copy(&bak, &cfg).expect("restoring config.toml.talaria.bak");
+    cluster.restart_containerd().expect("restarting containerd");
+    helm(
+        cluster,
+        &[
+            "uninstall".into(),
+            RELEASE.into(),
+            "--namespace".into(),
+            NS.into(),
+            "--wait".into(),
+        ],
+    );
+    let reg = cluster.registry().host();
+    let image = ImageBuilder::new()
+        .layer(images::busybox_layer().expect("busybox"))
+        .layer(
+            LayerBuilder::new()
+                .file("after-uninstall", "1", 0o644)
+                .build()
+                .expect("layer"),
+        )
+        .build()
+        .expect("image");
+    let digest = image.push(&reg, "e2e/after", "1").expect("push");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "after" },
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "c", "image": format!("{reg}/e2e/after@{digest}"),
+                "command": ["/bin/sleep", "3600"],
+            }],
+        },
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("creating a pod");
+    wait_until(client, "a pod Running after uninstall", ROLLOUT, || async {
+        pods.get("after").await.is_ok_and(|p| pod_running(&p))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_on_containerd_1_6() {
+    installs_and_registers_the_snapshotter(ContainerdVersion::V1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_on_containerd_2() {
+    installs_and_registers_the_snapshotter(ContainerdVersion::V2).await;
+}
