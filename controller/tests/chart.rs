@@ -1004,3 +1004,73 @@ fn containerd_patch_script_produces_a_config_containerd_accepts() {
     );
     assert!(dir.path().join("config.toml.talaria.bak").exists());
 }
+
+/// The same script on containerd 2.x's default config (version 4 in 2.3; CRI tables as in
+/// version 3), checked by containerd 2's own parser: talaria registered and the default, the
+/// agent's bootstrap runtime on overlayfs; a rerun changes nothing.
+#[test]
+fn containerd_patch_script_handles_containerd_2_configs() {
+    let containerd = tool("containerd2").expect("containerd2 (hack/tools.sh)");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("config.toml");
+    let default = Command::new(&containerd)
+        .args(["config", "default"])
+        .output()
+        .expect("containerd config default");
+    assert!(default.status.success());
+    std::fs::write(&cfg, &default.stdout).expect("write config");
+    let script = chart_dir().join("files/configure-containerd.sh");
+    let run = || {
+        let out = Command::new("sh")
+            .arg(&script)
+            .env("CONTAINERD_CONFIG", &cfg)
+            .env("SNAPSHOTTER_SOCKET", "/run/talaria/snapshotter.sock")
+            .env("RESTART_CONTAINERD", "false")
+            .output()
+            .expect("run script");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{log}");
+        log
+    };
+    assert!(run().contains("updated"));
+    let out = Command::new(&containerd)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["config", "dump"])
+        .output()
+        .expect("containerd config dump");
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "containerd 2 rejects the config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dump.contains("[proxy_plugins.talaria]"), "{dump}");
+    let table = |name: &str| -> String {
+        dump.lines()
+            .skip_while(|l| l.trim() != name)
+            .skip(1)
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let images = table("[plugins.'io.containerd.cri.v1.images']");
+    assert!(images.contains("snapshotter = 'talaria'"), "{images}");
+    assert!(
+        images.contains("disable_snapshot_annotations = false"),
+        "{images}"
+    );
+    let bootstrap =
+        table("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.talaria-bootstrap]");
+    assert!(
+        bootstrap.contains("snapshotter = 'overlayfs'"),
+        "{bootstrap}"
+    );
+    let once = std::fs::read(&cfg).expect("read");
+    assert!(run().contains("nothing to do"));
+    assert_eq!(
+        std::fs::read(&cfg).expect("read"),
+        once,
+        "a rerun changes nothing"
+    );
+}

@@ -46,6 +46,8 @@ pub const NODE_NAME: &str = "talaria-e2e-node";
 const PAUSE_REPO: &str = "e2e/pause";
 const BUSYBOX: &str = "/bin/busybox";
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Starts of containerd the supervisor makes at most.
+const MAX_STARTS: u32 = 20;
 
 /// Which containerd the node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,16 +56,6 @@ pub enum ContainerdVersion {
     V1,
     /// containerd 2.x built by `hack/tools.sh` as `containerd2` (config version 3).
     V2,
-}
-
-impl ContainerdVersion {
-    /// The config format version this containerd reads.
-    pub fn config_version(self) -> u32 {
-        match self {
-            ContainerdVersion::V1 => 2,
-            ContainerdVersion::V2 => 3,
-        }
-    }
 }
 
 /// containerd under a supervisor thread that starts it again whenever it exits.
@@ -97,6 +89,11 @@ impl Supervised {
                     }
                     if proc.check_alive().is_err() {
                         current.store(0, Ordering::SeqCst);
+                        // As systemd's start limit: a containerd that keeps dying stays down.
+                        if n.load(Ordering::SeqCst) >= MAX_STARTS {
+                            tracing::error!("containerd exited {MAX_STARTS} times; not restarting");
+                            return;
+                        }
                         tracing::info!("containerd exited; the supervisor starts it again");
                         std::thread::sleep(Duration::from_millis(200));
                         match Proc::spawn("containerd", cmd(), &log) {

@@ -69,9 +69,9 @@ version=$(sed -n 's/^[[:space:]]*version[[:space:]]*=[[:space:]]*\([0-9]*\).*/\1
 case "$version" in
   2) cri='[plugins."io.containerd.grpc.v1.cri".containerd]'
      runtimes='plugins."io.containerd.grpc.v1.cri".containerd.runtimes' ;;
-  3) cri='[plugins."io.containerd.cri.v1.images"]'
+  3 | 4) cri='[plugins."io.containerd.cri.v1.images"]'
      runtimes='plugins."io.containerd.cri.v1.runtime".containerd.runtimes' ;;
-  *) log "unsupported config version '${version:-1}' in $cfg: migrate it to version 2 or 3"; exit 1 ;;
+  *) log "unsupported config version '${version:-1}' in $cfg: migrate it to version 2, 3 or 4"; exit 1 ;;
 esac
 
 # containerd's version, from the running daemon's binary (in its own mount namespace).
@@ -117,6 +117,15 @@ else
   own_plugin=true
 fi
 
+# A bootstrap handler written by hand (e.g. from config/containerd/) stays as it is: a second
+# table of the same name would make containerd refuse its config.
+if grep -q "^[[:space:]]*\[$(printf '%s' "$runtimes" | sed 's/[].[]/\\&/g')\.talaria-bootstrap\]" "$tmp"; then
+  log "runtime talaria-bootstrap is configured by hand; leaving it alone"
+  own_runtime=false
+else
+  own_runtime=true
+fi
+
 # The runc runtime's options table body (cgroup driver...), for the bootstrap runtime.
 awk -v t="[$runtimes.runc.options]" '
   /^[[:space:]]*\[/ { h = $0; sub(/#.*/, "", h); gsub(/[[:space:]]/, "", h); gsub(/\047/, "\"", h); in_t = (h == t); next }
@@ -126,7 +135,7 @@ awk -v t="[$runtimes.runc.options]" '
 # Set the CRI snapshotter inside its table (replacing, and keeping as comments, the old
 # values), or add the table in the managed block when the file has none.
 awk -v target="$cri" -v setdef="$set_default" -v sock="$sock" -v own="$own_plugin" \
-    -v runtimes="$runtimes" -v runc_opts="$tmp.runc" '
+    -v runtimes="$runtimes" -v runc_opts="$tmp.runc" -v own_rt="$own_runtime" '
   function managed() {
     print "  snapshotter = \"talaria\" # talaria-managed"
     print "  disable_snapshot_annotations = false # talaria-managed"
@@ -151,11 +160,13 @@ awk -v target="$cri" -v setdef="$set_default" -v sock="$sock" -v own="$own_plugi
     }
     if (setdef == "true" && !found) { print target; managed() }
     # The agent runs here, on overlayfs, whatever the default snapshotter is.
-    print "[" runtimes ".talaria-bootstrap]"
-    print "  runtime_type = \"io.containerd.runc.v2\""
-    print "  snapshotter = \"overlayfs\""
-    print "[" runtimes ".talaria-bootstrap.options]"
-    while ((getline line < runc_opts) > 0) print line
+    if (own_rt == "true") {
+      print "[" runtimes ".talaria-bootstrap]"
+      print "  runtime_type = \"io.containerd.runc.v2\""
+      print "  snapshotter = \"overlayfs\""
+      print "[" runtimes ".talaria-bootstrap.options]"
+      while ((getline line < runc_opts) > 0) print line
+    }
     print "# <<< talaria"
   }
 ' "$tmp" > "$tmp.2"
