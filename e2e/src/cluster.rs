@@ -501,6 +501,7 @@ impl Drop for Cluster {
             c.args(["link", "del", BRIDGE]);
             let _ = run(c, Duration::from_secs(10));
         }
+        remove_kubelet_iptables();
         remove_kubepods_cgroups();
         let d = self.dir.path();
         unmount_under(d);
@@ -557,6 +558,31 @@ fn host_prepare(dir: &Path) -> Result<(), EnvError> {
         None::<&str>,
     )
     .map_err(|e| EnvError::io(format!("making {} a shared mount", dir.display()), e.into()))
+}
+
+/// kubelet's own iptables chains (kube-proxy --cleanup leaves them): the canaries, the hint,
+/// and KUBE-FIREWALL, which drops non-loopback traffic to 127.0.0.0/8 and would outlive the
+/// test on the host.
+fn remove_kubelet_iptables() {
+    const RULES: &[&[&str]] = &[
+        &["-t", "filter", "-D", "INPUT", "-j", "KUBE-FIREWALL"],
+        &["-t", "filter", "-D", "OUTPUT", "-j", "KUBE-FIREWALL"],
+        &["-t", "filter", "-F", "KUBE-FIREWALL"],
+        &["-t", "filter", "-X", "KUBE-FIREWALL"],
+        &["-t", "filter", "-X", "KUBE-KUBELET-CANARY"],
+        &["-t", "nat", "-X", "KUBE-KUBELET-CANARY"],
+        &["-t", "mangle", "-X", "KUBE-KUBELET-CANARY"],
+        &["-t", "mangle", "-X", "KUBE-IPTABLES-HINT"],
+    ];
+    for bin in ["iptables", "ip6tables"] {
+        let Ok(bin) = tool(bin) else { continue };
+        for args in RULES {
+            let mut c = Command::new(&bin);
+            c.args(*args);
+            // Missing chains (an earlier cleanup, no IPv6) are fine.
+            let _ = run(c, Duration::from_secs(10));
+        }
+    }
 }
 
 /// kubelet leaves its QoS cgroups behind; they are empty once its pods are gone.
