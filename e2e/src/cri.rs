@@ -44,7 +44,6 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::containerd::{Containerd, ContainerdOptions};
-use crate::images::{BUSYBOX, ImageBuilder, LayerBuilder};
 use crate::process::{run, run_ok, unmount_under};
 use crate::{EnvError, tool};
 
@@ -223,21 +222,7 @@ impl CriContainerd {
     /// Lets CRI pull from `host` ("127.0.0.1:5000") over plain HTTP. Takes effect for the next
     /// pull: containerd reads the per-host files at pull time.
     pub fn allow_plain_http(&self, host: &str) -> Result<(), CriError> {
-        if host.is_empty() || host.contains('/') || host.contains("..") {
-            return Err(CriError::Unexpected {
-                call: "allow_plain_http",
-                detail: format!("{host:?} is not a registry host[:port]"),
-            });
-        }
-        let d = self.dir.path().join("hosts").join(host);
-        std::fs::create_dir_all(&d).map_err(|e| io_err(format!("creating {}", d.display()), e))?;
-        let file = d.join("hosts.toml");
-        // containerd 1.6 rejects a hosts.toml without a `host` table ("invalid `host` tree")
-        // and falls back to HTTPS (loopback hosts excepted), so the host is listed explicitly.
-        let text = format!(
-            "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        );
-        std::fs::write(&file, text).map_err(|e| io_err(format!("writing {}", file.display()), e))
+        write_plain_http_hosts(&self.dir.path().join("hosts"), host)
     }
 
     /// A client of this containerd's CRI services.
@@ -256,20 +241,7 @@ impl CriContainerd {
     }
 
     fn import_sandbox_image(&self) -> Result<(), CriError> {
-        // The sandbox only has to stay alive: busybox `sleep` does (as PID 1 of the pod it
-        // ignores SIGTERM, and CRI stops sandboxes with SIGKILL anyway).
-        let layer = LayerBuilder::new()
-            .dir("bin", 0o755)
-            .dir("dev", 0o755)
-            .dir("proc", 0o555)
-            .dir("sys", 0o555)
-            .file_from_host("bin/busybox", Path::new(BUSYBOX), 0o755)?
-            .symlink("bin/sleep", "busybox")
-            .build()?;
-        let image = ImageBuilder::new()
-            .layer(layer)
-            .entrypoint(&["/bin/sleep", "2147483647"])
-            .build()?;
+        let image = crate::images::pause_image()?;
         let layout = self.dir.path().join("pause-layout");
         image.write_layout(&layout, "1")?;
         let tar = self.dir.path().join("pause.tar");
@@ -375,6 +347,26 @@ impl Drop for CriContainerd {
         // should be mounted under it, but a stray mount must not make its removal fail.
         unmount_under(self.dir.path());
     }
+}
+
+/// Writes `HOSTS_DIR/HOST/hosts.toml` (containerd's `config_path` layout) so that pulls from
+/// `host` ("127.0.0.1:5000") go over plain HTTP.
+pub fn write_plain_http_hosts(hosts_dir: &Path, host: &str) -> Result<(), CriError> {
+    if host.is_empty() || host.contains('/') || host.contains("..") {
+        return Err(CriError::Unexpected {
+            call: "allow_plain_http",
+            detail: format!("{host:?} is not a registry host[:port]"),
+        });
+    }
+    let d = hosts_dir.join(host);
+    std::fs::create_dir_all(&d).map_err(|e| io_err(format!("creating {}", d.display()), e))?;
+    let file = d.join("hosts.toml");
+    // containerd 1.6 rejects a hosts.toml without a `host` table ("invalid `host` tree")
+    // and falls back to HTTPS (loopback hosts excepted), so the host is listed explicitly.
+    let text = format!(
+        "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    );
+    std::fs::write(&file, text).map_err(|e| io_err(format!("writing {}", file.display()), e))
 }
 
 /// The CRI tables for containerd 1.6's config (version 2).

@@ -438,6 +438,24 @@ pub fn push_blob(registry: &str, repo: &str, data: &[u8]) -> Result<String, EnvE
 /// Where Debian's busybox-static installs the binary.
 pub const BUSYBOX: &str = "/bin/busybox";
 
+/// A pod sandbox ("pause") image: busybox `sleep` as its entrypoint. The sandbox only has to
+/// stay alive, which `sleep` does (as PID 1 of the pod it ignores SIGTERM, and CRI stops
+/// sandboxes with SIGKILL anyway).
+pub fn pause_image() -> Result<Image, EnvError> {
+    let layer = LayerBuilder::new()
+        .dir("bin", 0o755)
+        .dir("dev", 0o755)
+        .dir("proc", 0o555)
+        .dir("sys", 0o555)
+        .file_from_host("bin/busybox", Path::new(BUSYBOX), 0o755)?
+        .symlink("bin/sleep", "busybox")
+        .build()?;
+    ImageBuilder::new()
+        .layer(layer)
+        .entrypoint(&["/bin/sleep", "2147483647"])
+        .build()
+}
+
 /// A single-layer image of Debian's static busybox: `/bin/busybox`, a symlink per applet in
 /// `/bin` (sh, echo, cat, ...), and the usual top-level dirs. Cmd is `/bin/sh`.
 pub fn busybox_image() -> Result<Image, EnvError> {
