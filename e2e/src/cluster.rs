@@ -13,9 +13,10 @@
 //! systemd's `Restart=` would: the chart's containerd-configure step (`restartMethod: signal`)
 //! restarts it that way. [`Cluster::containerd_starts`] counts the starts.
 //!
-//! Host-global state (one cluster at a time per machine: tests take [`Cluster::lock`]): the
-//! bridge `tlr0` with 10.244.0.0/24, kube-proxy's iptables chains, kubelet's cgroups under
-//! `/kubepods`. Dropping the cluster removes them.
+//! Host-global state (one cluster at a time per process: [`Cluster::start`] waits for the one
+//! before to be dropped): the bridge `tlr0` with 10.244.0.0/24, kube-proxy's and kubelet's
+//! iptables chains, kubelet's cgroups under `/kubepods`, two sysctls. Dropping the cluster
+//! removes or restores them.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,6 @@ use serde_json::json;
 use tempfile::TempDir;
 
 use crate::apiserver::{KubeApi, KubeOptions};
-use crate::images::{ImageBuilder, LayerBuilder};
 use crate::process::{Proc, kill_processes_mentioning, run, run_ok, unmount_under};
 use crate::registry::Registry;
 use crate::{EnvError, free_port, tool};
@@ -44,7 +44,6 @@ pub const BRIDGE: &str = "tlr0";
 pub const NODE_NAME: &str = "talaria-e2e-node";
 /// The sandbox image, pushed to the cluster's registry at start.
 const PAUSE_REPO: &str = "e2e/pause";
-const BUSYBOX: &str = "/bin/busybox";
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Starts of containerd the supervisor makes at most.
 const MAX_STARTS: u32 = 20;
@@ -148,7 +147,8 @@ pub struct Cluster {
     api: KubeApi,
     version: ContainerdVersion,
     node_ip: Ipv4Addr,
-    pause_image: String,
+    /// Values of [`SYSCTLS`] before the cluster started.
+    sysctls: Vec<(&'static str, String)>,
     dir: TempDir,
     _lock: tokio::sync::MutexGuard<'static, ()>,
 }
@@ -165,7 +165,7 @@ impl Cluster {
             .tempdir()
             .map_err(|e| EnvError::io("creating the cluster temp dir", e))?;
         let d = dir.path().to_path_buf();
-        host_prepare(&d)?;
+        let sysctls = host_prepare(&d)?;
         for sub in [
             "containerd/root",
             "containerd/state",
@@ -212,7 +212,7 @@ impl Cluster {
             api,
             version: opts.containerd,
             node_ip,
-            pause_image,
+            sysctls,
             dir,
             _lock: lock,
         };
@@ -222,7 +222,7 @@ impl Cluster {
             cni_config(&d),
         )
         .map_err(|e| EnvError::io("writing the CNI config", e))?;
-        let config = containerd_config(opts.containerd, &d, &cluster.pause_image);
+        let config = containerd_config(opts.containerd, &d, &pause_image);
         std::fs::write(cluster.containerd_config_path(), config)
             .map_err(|e| EnvError::io("writing containerd's config", e))?;
         cluster.start_containerd()?;
@@ -240,15 +240,6 @@ impl Cluster {
     /// The registry pods pull from (plain HTTP on the node's address).
     pub fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    /// The node's address (apiserver, registry, kubelet).
-    pub fn node_ip(&self) -> Ipv4Addr {
-        self.node_ip
-    }
-
-    pub fn containerd_version(&self) -> ContainerdVersion {
-        self.version
     }
 
     /// The config file containerd was started with (what the chart's configure step edits).
@@ -285,12 +276,7 @@ impl Cluster {
         let started = Instant::now();
         while sup.starts.load(Ordering::SeqCst) == before || !self.containerd_socket().exists() {
             if started.elapsed() > READY_TIMEOUT {
-                return Err(EnvError::Timeout {
-                    name: "containerd".into(),
-                    what: "a restart by the supervisor".into(),
-                    waited: READY_TIMEOUT,
-                    log_tail: crate::process::log_tail(&self.containerd_log(), 40),
-                });
+                return Err(self.containerd_timeout("a restart by the supervisor".into()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -305,11 +291,6 @@ impl Cluster {
         Ok(p)
     }
 
-    /// The cluster's temp dir (logs of every component are there or under `api().dir()`).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// containerd's log.
     pub fn containerd_log(&self) -> PathBuf {
         self.dir.path().join("containerd.log")
@@ -322,14 +303,18 @@ impl Cluster {
 
     /// Lets containerd pull from `host` over plain HTTP (read at pull time).
     pub fn allow_plain_http(&self, host: &str) -> Result<(), EnvError> {
-        let d = self.dir.path().join("containerd/hosts").join(host);
-        mkdir(&d)?;
-        // containerd 1.6 needs the explicit `host` table (see cri.rs).
-        let text = format!(
-            "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        );
-        std::fs::write(d.join("hosts.toml"), text)
-            .map_err(|e| EnvError::io(format!("writing hosts.toml for {host}"), e))
+        crate::cri::write_plain_http_hosts(&self.dir.path().join("containerd/hosts"), host)
+            .map_err(|e| EnvError::Cluster(e.to_string()))
+    }
+
+    /// containerd did not get to `what` in time; with the tail of its log.
+    fn containerd_timeout(&self, what: String) -> EnvError {
+        EnvError::Timeout {
+            name: "containerd".into(),
+            what,
+            waited: READY_TIMEOUT,
+            log_tail: crate::process::log_tail(&self.containerd_log(), 40),
+        }
     }
 
     fn cni_dir(&self) -> PathBuf {
@@ -363,12 +348,7 @@ impl Cluster {
         let started = Instant::now();
         while !socket.exists() {
             if started.elapsed() > READY_TIMEOUT {
-                return Err(EnvError::Timeout {
-                    name: "containerd".into(),
-                    what: format!("{} to appear", socket.display()),
-                    waited: READY_TIMEOUT,
-                    log_tail: crate::process::log_tail(&self.containerd_log(), 40),
-                });
+                return Err(self.containerd_timeout(format!("{} to appear", socket.display())));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -388,12 +368,7 @@ impl Cluster {
                 Err(e) => e.to_string(),
             };
             if started.elapsed() > READY_TIMEOUT {
-                return Err(EnvError::Timeout {
-                    name: "containerd".into(),
-                    what: format!("CRI answering Version ({last})"),
-                    waited: READY_TIMEOUT,
-                    log_tail: crate::process::log_tail(&self.containerd_log(), 40),
-                });
+                return Err(self.containerd_timeout(format!("CRI answering Version ({last})")));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -503,6 +478,7 @@ impl Drop for Cluster {
         }
         remove_kubelet_iptables();
         remove_kubepods_cgroups();
+        restore_sysctls(&self.sysctls);
         let d = self.dir.path();
         unmount_under(d);
         let _ = nix::mount::umount2(d, nix::mount::MntFlags::MNT_DETACH);
@@ -539,14 +515,20 @@ fn parse_route_src(text: &str) -> Option<Ipv4Addr> {
 /// Host settings the cluster needs: forwarding for pod traffic, bridged traffic through
 /// iptables (Services reached from pods on the same bridge), and the cluster dir as a shared
 /// mount (kubelet's Bidirectional volumes).
-fn host_prepare(dir: &Path) -> Result<(), EnvError> {
-    let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+/// Returns the sysctls' earlier values, for [`restore_sysctls`].
+fn host_prepare(dir: &Path) -> Result<Vec<(&'static str, String)>, EnvError> {
     if let Ok(modprobe) = tool("modprobe") {
         let mut c = Command::new(modprobe);
         c.arg("br_netfilter");
         let _ = run(c, Duration::from_secs(10));
     }
-    let _ = std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1");
+    let mut earlier = Vec::new();
+    for key in SYSCTLS {
+        if let Ok(v) = std::fs::read_to_string(key) {
+            earlier.push((key, v));
+        }
+        let _ = std::fs::write(key, "1");
+    }
     use nix::mount::{MsFlags, mount};
     mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .map_err(|e| EnvError::io(format!("bind-mounting {}", dir.display()), e.into()))?;
@@ -557,7 +539,20 @@ fn host_prepare(dir: &Path) -> Result<(), EnvError> {
         MsFlags::MS_SHARED | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| EnvError::io(format!("making {} a shared mount", dir.display()), e.into()))
+    .map_err(|e| EnvError::io(format!("making {} a shared mount", dir.display()), e.into()))?;
+    Ok(earlier)
+}
+
+/// Sysctls the cluster sets to 1 while it runs.
+const SYSCTLS: [&str; 2] = [
+    "/proc/sys/net/ipv4/ip_forward",
+    "/proc/sys/net/bridge/bridge-nf-call-iptables",
+];
+
+fn restore_sysctls(earlier: &[(&'static str, String)]) {
+    for (key, value) in earlier {
+        let _ = std::fs::write(key, value);
+    }
 }
 
 /// kubelet's own iptables chains (kube-proxy --cleanup leaves them): the canaries, the hint,
@@ -620,21 +615,9 @@ fn node_ready(node: &k8s_openapi::api::core::v1::Node) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The sandbox image (busybox `sleep`, as in cri.rs), pushed by digest.
+/// The sandbox image, pushed by digest.
 fn push_pause_image(registry: &Registry) -> Result<String, EnvError> {
-    let layer = LayerBuilder::new()
-        .dir("bin", 0o755)
-        .dir("dev", 0o755)
-        .dir("proc", 0o555)
-        .dir("sys", 0o555)
-        .file_from_host("bin/busybox", Path::new(BUSYBOX), 0o755)?
-        .symlink("bin/sleep", "busybox")
-        .build()?;
-    let image = ImageBuilder::new()
-        .layer(layer)
-        .entrypoint(&["/bin/sleep", "2147483647"])
-        .build()?;
-    let digest = image.push(&registry.host(), PAUSE_REPO, "1")?;
+    let digest = crate::images::pause_image()?.push(&registry.host(), PAUSE_REPO, "1")?;
     Ok(format!("{}/{PAUSE_REPO}@{digest}", registry.host()))
 }
 
