@@ -917,6 +917,50 @@ async fn chart_rbac_runs_the_controller_and_samples_reach_ready() {
     drop(ctrl);
 }
 
+/// `containerd config default` of `containerd`, written to `dir/config.toml`.
+fn default_containerd_config(containerd: &Path, dir: &Path) -> PathBuf {
+    let cfg = dir.join("config.toml");
+    let default = Command::new(containerd)
+        .args(["config", "default"])
+        .output()
+        .expect("containerd config default");
+    assert!(default.status.success());
+    std::fs::write(&cfg, &default.stdout).expect("write config");
+    cfg
+}
+
+/// Runs the chart's containerd patch script on `cfg` without restarting anything; returns
+/// its log.
+fn run_patch_script(cfg: &Path, set_default: &str) -> String {
+    let out = Command::new("sh")
+        .arg(chart_dir().join("files/configure-containerd.sh"))
+        .env("CONTAINERD_CONFIG", cfg)
+        .env("SNAPSHOTTER_SOCKET", "/run/talaria/snapshotter.sock")
+        .env("SET_DEFAULT_SNAPSHOTTER", set_default)
+        .env("RESTART_CONTAINERD", "false")
+        .output()
+        .expect("run script");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    log
+}
+
+/// `containerd --config CFG config dump`: containerd's own parser must accept the file.
+fn containerd_config_dump(containerd: &Path, cfg: &Path) -> String {
+    let out = Command::new(containerd)
+        .arg("--config")
+        .arg(cfg)
+        .args(["config", "dump"])
+        .output()
+        .expect("containerd config dump");
+    assert!(
+        out.status.success(),
+        "containerd rejects the config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The chart's containerd patch script on containerd's default config: containerd's own
 /// parser sees the proxy plugin and the CRI snapshotter; a rerun changes nothing; turning the
 /// default snapshotter off restores the original settings.
@@ -924,44 +968,9 @@ async fn chart_rbac_runs_the_controller_and_samples_reach_ready() {
 fn containerd_patch_script_produces_a_config_containerd_accepts() {
     let containerd = tool("containerd").expect("containerd (hack/setup.sh)");
     let dir = tempfile::tempdir().expect("tmp");
-    let cfg = dir.path().join("config.toml");
-    let default = Command::new(&containerd)
-        .args(["config", "default"])
-        .output()
-        .expect("containerd config default");
-    assert!(default.status.success());
-    std::fs::write(&cfg, &default.stdout).expect("write config");
-    let script = chart_dir().join("files/configure-containerd.sh");
-    let run = |set_default: &str| {
-        let out = Command::new("sh")
-            .arg(&script)
-            .env("CONTAINERD_CONFIG", &cfg)
-            .env("SNAPSHOTTER_SOCKET", "/run/talaria/snapshotter.sock")
-            .env("SET_DEFAULT_SNAPSHOTTER", set_default)
-            .env("RESTART_CONTAINERD", "false")
-            .output()
-            .expect("run script");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let dump = || {
-        let out = Command::new(&containerd)
-            .arg("--config")
-            .arg(&cfg)
-            .args(["config", "dump"])
-            .output()
-            .expect("containerd config dump");
-        assert!(
-            out.status.success(),
-            "containerd rejects the config: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let cfg = default_containerd_config(&containerd, dir.path());
+    let run = |set_default: &str| run_patch_script(&cfg, set_default);
+    let dump = || containerd_config_dump(&containerd, &cfg);
     let snapshotter_line = |text: &str| -> String {
         text.lines()
             .find(|l| l.trim_start().starts_with("snapshotter = "))
@@ -1012,39 +1021,10 @@ fn containerd_patch_script_produces_a_config_containerd_accepts() {
 fn containerd_patch_script_handles_containerd_2_configs() {
     let containerd = tool("containerd2").expect("containerd2 (hack/tools.sh)");
     let dir = tempfile::tempdir().expect("tmp");
-    let cfg = dir.path().join("config.toml");
-    let default = Command::new(&containerd)
-        .args(["config", "default"])
-        .output()
-        .expect("containerd config default");
-    assert!(default.status.success());
-    std::fs::write(&cfg, &default.stdout).expect("write config");
-    let script = chart_dir().join("files/configure-containerd.sh");
-    let run = || {
-        let out = Command::new("sh")
-            .arg(&script)
-            .env("CONTAINERD_CONFIG", &cfg)
-            .env("SNAPSHOTTER_SOCKET", "/run/talaria/snapshotter.sock")
-            .env("RESTART_CONTAINERD", "false")
-            .output()
-            .expect("run script");
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{log}");
-        log
-    };
+    let cfg = default_containerd_config(&containerd, dir.path());
+    let run = || run_patch_script(&cfg, "true");
     assert!(run().contains("updated"));
-    let out = Command::new(&containerd)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["config", "dump"])
-        .output()
-        .expect("containerd config dump");
-    let dump = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "containerd 2 rejects the config: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dump = containerd_config_dump(&containerd, &cfg);
     assert!(dump.contains("[proxy_plugins.talaria]"), "{dump}");
     let table = |name: &str| -> String {
         dump.lines()

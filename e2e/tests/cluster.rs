@@ -243,10 +243,41 @@ fn pod_running(p: &Pod) -> bool {
         .is_some_and(|ph| ph == "Running")
 }
 
-async fn pods_of(client: &kube::Client, component: &str) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let lp = ListParams::default().labels(&format!("app.kubernetes.io/component={component}"));
+/// Pods of namespace `ns` matching the label selector.
+async fn pods(client: &kube::Client, ns: &str, selector: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(selector);
     pods.list(&lp).await.map(|l| l.items).unwrap_or_default()
+}
+
+/// Pods of one of the chart's components.
+async fn pods_of(client: &kube::Client, component: &str) -> Vec<Pod> {
+    pods(
+        client,
+        NS,
+        &format!("app.kubernetes.io/component={component}"),
+    )
+    .await
+}
+
+/// The app Deployment's pods.
+async fn app_pods(client: &kube::Client) -> Vec<Pod> {
+    pods(client, "team-a", "app=app").await
+}
+
+/// A pod that sleeps, with the test's short grace period.
+fn sleep_pod(name: &str, image: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "c", "image": image,
+                "command": ["/bin/sleep", "3600"],
+            }],
+        },
+    }))
+    .expect("pod")
 }
 
 async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
@@ -353,9 +384,10 @@ async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
         installed - cluster_up
     );
 
-    let app = workload_runs_on_lazily_mounted_layers(&cluster, &client, version).await;
-    upgrade_keeps_the_workload_serving(&cluster, &client, node_image(&client).await).await;
-    agent_down_behaves_as_documented(&cluster, &client, version, &app).await;
+    workload_runs_on_lazily_mounted_layers(&cluster, &client, version).await;
+    upgrade_replaces_the_agent_and_new_pods_start(&cluster, &client, node_image(&client).await)
+        .await;
+    agent_down_behaves_as_documented(&cluster, &client, version).await;
     uninstall_leaves_a_node_that_starts_pods(&cluster, &client).await;
     eprintln!(
         "containerd {version:?}: whole test {:.1?} (cluster {cluster_up:.1?})",
@@ -434,12 +466,6 @@ fn deployment(name: &str, image: &str) -> Deployment {
     .expect("deployment")
 }
 
-async fn pods_of_app(client: &kube::Client, ns: &str, app: &str) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("app={app}"));
-    pods.list(&lp).await.map(|l| l.items).unwrap_or_default()
-}
-
 fn restarts(p: &Pod) -> i32 {
     p.status
         .as_ref()
@@ -510,7 +536,7 @@ async fn workload_runs_on_lazily_mounted_layers(
     cluster: &Cluster,
     client: &kube::Client,
     version: ContainerdVersion,
-) -> String {
+) {
     let reg = cluster.registry().host();
     let app = push_app_image(&reg);
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -558,10 +584,7 @@ async fn workload_runs_on_lazily_mounted_layers(
         .await
         .expect("creating the Deployment");
     wait_until(client, "the app pod Ready", ROLLOUT, || async {
-        pods_of_app(client, "team-a", "app")
-            .await
-            .iter()
-            .any(pod_ready)
+        app_pods(client).await.iter().any(pod_ready)
     })
     .await;
     let mounted = lazily_mounted_from_cluster(client).await;
@@ -571,7 +594,6 @@ async fn workload_runs_on_lazily_mounted_layers(
         // Documented: on 1.6 talaria is not the default snapshotter, pods pull normally.
         ContainerdVersion::V1 => assert_eq!(mounted, 0, "1.6 must not use talaria by default"),
     }
-    app
 }
 
 /// The node image the release runs (repository@digest).
@@ -610,7 +632,7 @@ fn helm_upgrade_node_digest(cluster: &Cluster, digest: &str) {
 
 /// `helm upgrade` to another node image digest while the app runs: the agent's pod is
 /// replaced, the app keeps passing its checks, and a new app pod starts afterwards.
-async fn upgrade_keeps_the_workload_serving(
+async fn upgrade_replaces_the_agent_and_new_pods_start(
     cluster: &Cluster,
     client: &kube::Client,
     node: String,
@@ -640,7 +662,7 @@ async fn upgrade_keeps_the_workload_serving(
         .into_iter()
         .filter_map(|p| p.metadata.uid)
         .collect();
-    let app_before = pods_of_app(client, "team-a", "app").await;
+    let app_before = app_pods(client).await;
     helm_upgrade_node_digest(cluster, &new_digest);
     wait_until(client, "the upgraded node pod Ready", ROLLOUT, || async {
         pods_of(client, "node").await.iter().any(|p| {
@@ -663,15 +685,10 @@ async fn upgrade_keeps_the_workload_serving(
         client,
         "the app Ready after the upgrade",
         ROLLOUT,
-        || async {
-            pods_of_app(client, "team-a", "app")
-                .await
-                .iter()
-                .all(pod_ready)
-        },
+        || async { app_pods(client).await.iter().all(pod_ready) },
     )
     .await;
-    let app_after = pods_of_app(client, "team-a", "app").await;
+    let app_after = app_pods(client).await;
     assert_eq!(app_after.len(), 1);
     assert_eq!(app_after[0].metadata.uid, app_before[0].metadata.uid);
     eprintln!(
@@ -689,7 +706,7 @@ async fn upgrade_keeps_the_workload_serving(
         .await
         .expect("scaling the app");
     wait_until(client, "two app pods Ready", ROLLOUT, || async {
-        pods_of_app(client, "team-a", "app")
+        app_pods(client)
             .await
             .iter()
             .filter(|p| pod_ready(p))
@@ -707,7 +724,6 @@ async fn agent_down_behaves_as_documented(
     cluster: &Cluster,
     client: &kube::Client,
     version: ContainerdVersion,
-    _app: &str,
 ) {
     let good = node_image(client).await;
     let good_digest = good.rsplit_once('@').expect("digest").1.to_string();
@@ -724,17 +740,7 @@ async fn agent_down_behaves_as_documented(
         .push(&reg, "e2e/other", "1")
         .expect("push");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": "other", "labels": { "app": "other" } },
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "c", "image": format!("{reg}/e2e/other@{other}"),
-                "command": ["/bin/sleep", "3600"],
-            }],
-        },
-    }))
-    .expect("pod");
+    let pod = sleep_pod("other", &format!("{reg}/e2e/other@{other}"));
     pods.create(&PostParams::default(), &pod)
         .await
         .expect("creating a pod");
@@ -747,6 +753,7 @@ async fn agent_down_behaves_as_documented(
                 || async { pods.get("other").await.is_ok_and(|p| pod_running(&p)) },
             )
             .await;
+            helm_upgrade_node_digest(cluster, &good_digest);
         }
         ContainerdVersion::V2 => {
             tokio::time::sleep(Duration::from_secs(15)).await;
@@ -769,9 +776,6 @@ async fn agent_down_behaves_as_documented(
                 back.elapsed()
             );
         }
-    }
-    if version == ContainerdVersion::V1 {
-        helm_upgrade_node_digest(cluster, &good_digest);
     }
     pods.delete("other", &DeleteParams::default())
         .await
@@ -808,17 +812,7 @@ async fn uninstall_leaves_a_node_that_starts_pods(cluster: &Cluster, client: &ku
         .expect("image");
     let digest = image.push(&reg, "e2e/after", "1").expect("push");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": "after" },
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "c", "image": format!("{reg}/e2e/after@{digest}"),
-                "command": ["/bin/sleep", "3600"],
-            }],
-        },
-    }))
-    .expect("pod");
+    let pod = sleep_pod("after", &format!("{reg}/e2e/after@{digest}"));
     pods.create(&PostParams::default(), &pod)
         .await
         .expect("creating a pod");

@@ -65,3 +65,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- default "default" .Values.node.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* Where node pods run: node.nodeSelector, tolerations and affinity (both node DaemonSets). */}}
+{{- define "talaria.node.placement" -}}
+{{- with .Values.node.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.node.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.node.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
