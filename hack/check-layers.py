@@ -19,7 +19,7 @@ LAYERS = {
     "artifact": ["source", "oci", "signature", "index", "view", "startup", "format", "discover", "build"],
     # A folder may be split where its parts sit at different layers: `layerfs::tree` is pure
     # data the fetch jobs build ahead; the FUSE server above reads through `content`.
-    "node": ["error", "metrics", "snapshot", "layerfs::tree", "content", "layerfs", "remote", "cri"],
+    "node": ["error", "holder", "metrics", "snapshot", "layerfs::tree", "content", "layerfs", "remote", "cri"],
     "controller": ["metrics", "selector", "clients", "resolve", "builder", "context", "policy", "image", "server", "crdgen"],
 }
 

@@ -8,6 +8,7 @@
 #   PUSH=host/prefix     also push to PUSH/talaria-controller:TAG and PUSH/talaria-node:TAG
 #   CHECK=0              skip the self-check (push to a throwaway local registry, validate,
 #                        compare digests, run each binary alone in an empty root)
+#   BUILD_ONLY=1         build the static binaries only; print their directory
 #   SKIP_BUILD=1         reuse the binaries of the last build
 #
 # DNS: both binaries resolve names with getaddrinfo. Static glibc (2.34+) has the "files" and
@@ -40,14 +41,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   # path remapping keeps the build directory out of the binaries (reproducible anywhere).
   RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$root=/talaria --remap-path-prefix=$HOME/.cargo=/cargo" \
     cargo build --release --locked --target "$target" \
-      -p talaria-controller --bin talaria-controller -p talaria-node --bin talaria-node \
+      -p talaria-controller --bin talaria-controller -p talaria-node --bin talaria-node --bin talaria-fuse-holder \
       --config 'profile.release.strip="symbols"'
 fi
 bindir=$CARGO_TARGET_DIR/$target/release
-for b in "${bins[@]}"; do
+for b in "${bins[@]}" talaria-fuse-holder; do
   [ -x "$bindir/$b" ] || { log "$bindir/$b missing (build first)"; exit 1; }
   if readelf -d "$bindir/$b" | grep -q '(NEEDED)'; then log "$b needs shared libraries"; exit 1; fi
 done
+
+# BUILD_ONLY=1: the static release binaries only (node/tests/survive.rs upgrades to them).
+if [ "${BUILD_ONLY:-0}" = 1 ]; then echo "$bindir"; exit 0; fi
 
 work=$(mktemp -d)
 reg_pid=
@@ -88,6 +92,8 @@ for b in "${bins[@]}"; do
   app=$work/app-$b
   mkdir -p "$app/usr/local/bin"
   install -m 0755 "$bindir/$b" "$app/usr/local/bin/$b"
+  # The node image also holds the agent's FUSE fd holder (its own DaemonSet, docs/survive.md).
+  [ "$b" != talaria-node ] || install -m 0755 "$bindir/talaria-fuse-holder" "$app/usr/local/bin/talaria-fuse-holder"
   cfg=$(config_of "$b" "$(user_of "$b")")
   d1=$(oci_layout "$work/$b-1" "$tag" "$cfg" "$base" "$app")
   d2=$(oci_layout "$work/$b-2" "$tag" "$cfg" "$base" "$app")

@@ -272,6 +272,7 @@ fn expected_objects(node: bool) -> BTreeSet<ObjKey> {
         v.extend(keys(&[
             ("ServiceAccount", NS, "talaria-node"),
             ("DaemonSet", NS, "talaria-node"),
+            ("DaemonSet", NS, "talaria-fuse-holder"),
             ("RuntimeClass", "", "talaria-bootstrap"),
             ("Service", NS, "talaria-node-metrics"),
             ("ClusterRole", "", "talaria-node"),
@@ -440,6 +441,55 @@ async fn chart_defaults_use_no_unverified_referrers() {
         .expect("the trusted keys ConfigMap");
     let keys = cm["data"]["keys.pem"].as_str().expect("keys.pem");
     talaria_artifact::signature::TrustedKeys::from_pem(keys).expect("the key survives the chart");
+}
+
+/// docs/survive.md: the agent hands its FUSE connections to a holder the agent's rolling
+/// update never replaces, and a surge update keeps the old agent until the new one is ready.
+#[tokio::test]
+async fn the_fd_holder_is_wired_and_outlives_agent_updates() {
+    let helm = Helm::new(None);
+    let docs = helm.template(&[]).await;
+    let ds = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("DaemonSet {name}"))
+            .clone()
+    };
+    let (node, holder) = (ds("talaria-node"), ds("talaria-fuse-holder"));
+    let args = node_args(&docs);
+    assert!(
+        args.iter()
+            .any(|a| a == "--fuse-holder-socket=/run/talaria/fuse-holder.sock"),
+        "{args:?}"
+    );
+    let h = &holder["spec"]["template"]["spec"];
+    assert_eq!(
+        h["containers"][0]["args"][0],
+        "--socket=/run/talaria/fuse-holder.sock"
+    );
+    assert_eq!(holder["spec"]["updateStrategy"]["type"], "OnDelete");
+    // Never on talaria's own snapshotter, like the agent.
+    assert_eq!(h["runtimeClassName"], "talaria-bootstrap");
+    assert_eq!(
+        node["spec"]["updateStrategy"]["rollingUpdate"],
+        json!({"maxSurge": 1, "maxUnavailable": 0})
+    );
+    let c = &node["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // Off: no holder, and the agent is not told of one.
+    let off = helm.template(&["node.fuseHolder.enabled=false"]).await;
+    assert!(
+        !off.iter()
+            .any(|d| d["metadata"]["name"] == "talaria-fuse-holder"),
+        "the holder rendered while off"
+    );
+    assert!(
+        !node_args(&off)
+            .iter()
+            .any(|a| a.starts_with("--fuse-holder-socket")),
+        "the agent told of a holder that is off"
+    );
 }
 
 #[tokio::test]

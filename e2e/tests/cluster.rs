@@ -677,10 +677,8 @@ async fn upgrade_replaces_the_agent_and_new_pods_start(
         })
     })
     .await;
-    // The app's pod is the same one. Its container does not yet survive the agent's
-    // replacement: the old agent's FUSE connections end with it, a read fails and the
-    // container restarts on layers the new agent mounts again (issue 23 keeps the FUSE
-    // connections alive across agents; this test then asserts zero restarts).
+    // The app's pod is the same one, and its container never noticed: the fd holder kept
+    // its lazy layers' FUSE connections and the new agent took them over (docs/survive.md).
     wait_until(
         client,
         "the app Ready after the upgrade",
@@ -691,10 +689,16 @@ async fn upgrade_replaces_the_agent_and_new_pods_start(
     let app_after = app_pods(client).await;
     assert_eq!(app_after.len(), 1);
     assert_eq!(app_after[0].metadata.uid, app_before[0].metadata.uid);
-    eprintln!(
-        "the app's container restarted {} time(s) across the agent's upgrade",
-        restarts(&app_after[0])
+    assert_eq!(
+        restarts(&app_after[0]),
+        restarts(&app_before[0]),
+        "the app's container restarted across the agent's upgrade"
     );
+    let old_gone = pods_of(client, "node")
+        .await
+        .iter()
+        .all(|p| !before.contains(p.metadata.uid.as_ref().expect("uid")));
+    assert!(old_gone, "the old agent's pod is gone after the rollout");
     // A new pod of the Deployment starts afterwards.
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), "team-a");
     deploys
@@ -729,6 +733,16 @@ async fn agent_down_behaves_as_documented(
     let good_digest = good.rsplit_once('@').expect("digest").1.to_string();
     let missing = format!("sha256:{}", "0".repeat(64));
     helm_upgrade_node_digest(cluster, &missing);
+    // A surge update keeps the running agent while the new one cannot start: deleted, the
+    // agent's pod comes back with the unpullable image.
+    let node_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    for p in pods_of(client, "node").await {
+        let name = p.metadata.name.expect("name");
+        node_pods
+            .delete(&name, &DeleteParams::default())
+            .await
+            .expect("deleting the agent's pod");
+    }
     wait_until(client, "no talaria-node pod Running", ROLLOUT, || async {
         !pods_of(client, "node").await.iter().any(pod_running)
     })

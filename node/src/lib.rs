@@ -18,6 +18,8 @@ pub mod remote;
 
 pub mod cri;
 
+pub mod holder;
+
 pub use error::{Error, Result};
 
 /// Code generated from `proto/` (containerd's public API, written for this crate).

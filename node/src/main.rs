@@ -1,8 +1,9 @@
 //! `talaria-node`: serves the Talaria snapshotter to containerd over a unix socket, mounting
 //! image layers lazily from their Talaria artifacts when containerd's CRI plugin asks.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use talaria_artifact::oci::registry::credentials::{
 };
 use talaria_artifact::oci::registry::{RegistryConfig, RetryPolicy};
 use talaria_artifact::signature::TrustedKeys;
+use talaria_node::holder::HolderClient;
 use talaria_node::metrics::Metrics;
 use talaria_node::remote::cluster::{self, ClusterSource};
 use talaria_node::remote::{MaterializeOptions, RemoteLayers, RemoteOptions, detach_stale_mounts};
@@ -143,7 +145,18 @@ struct Args {
     /// successful pull refreshing it.
     #[arg(long, env = "TALARIA_NODE_PULL_CREDENTIAL_TTL", default_value = "60m", value_parser = parse_duration)]
     pull_credential_ttl: Duration,
-    /// Address for /metrics and /healthz (e.g. 127.0.0.1:9810); off when absent.
+    /// The fd holder's socket (`talaria-fuse-holder`): with it, lazily mounted layers survive
+    /// this process (crash, restart, upgrade) and are taken over by the next one
+    /// (docs/survive.md); without it, they end with this process.
+    #[arg(long, env = "TALARIA_NODE_FUSE_HOLDER_SOCKET")]
+    fuse_holder_socket: Option<PathBuf>,
+    /// How long to wait for the fd holder at start before going on without it.
+    #[arg(long, env = "TALARIA_NODE_FUSE_HOLDER_WAIT", default_value = "60s", value_parser = parse_duration)]
+    fuse_holder_wait: Duration,
+    /// The state version written to the fd holder (tests of version skew only).
+    #[arg(long, hide = true, default_value_t = talaria_node::remote::takeover::HANDOVER_VERSION)]
+    handover_state_version: u32,
+    /// Address for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9810); off when absent.
     #[arg(long, env = "TALARIA_NODE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
 }
@@ -163,6 +176,35 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// An exclusive lock on `root/agent.lock`, waited for (a previous agent holds it until it
+/// exits).
+fn lock_root(root: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let path = root.join("agent.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut waited = std::time::Instant::now();
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                file = f;
+                if waited.elapsed() >= Duration::from_secs(10) {
+                    info!(lock = %path.display(), "waiting for the previous agent to exit");
+                    waited = std::time::Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -174,12 +216,7 @@ async fn main() -> anyhow::Result<()> {
     talaria_artifact::oci::registry::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
 
-    // FUSE mounts of a previous process are dead; detach them before the snapshotter's
-    // cleanup walks those directories.
-    let stale = detach_stale_mounts(&args.root);
-    if stale > 0 {
-        info!(stale, "detached mounts of a previous run");
-    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Credentials of CRI pulls (memory only, bounded), asked before the docker config.
     let learned = Arc::new(LearnedCredentials::new(4096, args.pull_credential_ttl));
     // Bounded: 50,000 files, 1 Mi ranges (16 MiB) in all.
@@ -189,6 +226,39 @@ async fn main() -> anyhow::Result<()> {
             50_000,
         ))
     });
+    // Early: readiness and liveness answer while a previous agent still runs (an upgrade's
+    // surge) and this one waits for the root.
+    if let Some(addr) = args.metrics_addr {
+        let mut rx = stop_rx.clone();
+        let m = metrics.clone();
+        let rec = recorder.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = talaria_node::metrics::serve(m, rec, addr, stop).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let holder = match (&args.fuse_holder_socket, args.no_remote) {
+        (Some(path), false) => {
+            let (path, wait) = (path.clone(), args.fuse_holder_wait);
+            match tokio::task::spawn_blocking(move || HolderClient::connect_within(&path, wait))
+                .await
+                .context("connecting to the fd holder")?
+            {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    metrics.handover(e.reason());
+                    tracing::warn!(error = %e, "no fd holder: lazily mounted layers end with this agent");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut cluster_source: Option<Arc<ClusterSource>> = None;
     let remote = if args.no_remote {
         None
     } else {
@@ -218,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             None
         };
+        cluster_source = cluster.clone();
         let mut trusted_keys: Option<TrustedKeys> = None;
         for p in &args.trusted_keys {
             let text = std::fs::read_to_string(p)
@@ -256,6 +327,8 @@ async fn main() -> anyhow::Result<()> {
             trusted_keys,
             warmup_wait: args.pull_warmup_wait,
             index_memory: args.index_memory_mib.saturating_mul(1 << 20),
+            holder: holder.clone(),
+            handover_version: args.handover_state_version,
         };
         Some(Arc::new(
             RemoteLayers::new(opts, metrics.clone()).context("setting up remote layers")?,
@@ -264,36 +337,69 @@ async fn main() -> anyhow::Result<()> {
     // The image-reference grammar is a regex compiled on first use (~50 ms in a release
     // build): here, not on the path of the first Prepare or proxied pull.
     let _ = talaria_artifact::oci::registry::ImageRef::parse("warm.invalid/up:1");
+    // Mounts a previous agent left with the holder in a state this one cannot read: said at
+    // once (metric, Event, not ready), so an upgrade keeps the previous agent serving them.
+    if let (Some(h), Some(_)) = (holder.clone(), &remote) {
+        let held = tokio::task::spawn_blocking(move || h.list())
+            .await
+            .context("listing the fd holder's mounts")?
+            .context("listing the fd holder's mounts")?;
+        let unserved = talaria_node::remote::takeover::unservable(&held);
+        drop(held);
+        metrics.unserved_mounts.set(unserved.len() as i64);
+        for _ in &unserved {
+            metrics.handover("refused_version");
+        }
+        if !unserved.is_empty()
+            && let Some(c) = &cluster_source
+        {
+            let note = format!(
+                "{} lazily mounted layers were handed over with a state version this agent does not know ({:?}; it knows up to {}); they are left to the agent that wrote them, and this agent is not ready until that one is gone",
+                unserved.len(),
+                unserved
+                    .iter()
+                    .map(|(_, v)| *v)
+                    .collect::<std::collections::BTreeSet<_>>(),
+                talaria_node::remote::takeover::HANDOVER_VERSION
+            );
+            c.report_node("HandoverRefused", "TakeOverMounts", note)
+                .await;
+        }
+    }
+    metrics
+        .handover_checked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let root = args.root.clone();
     let hook = remote.clone();
     // Opening and remounting touch the disk and the kernel: a blocking thread.
-    let sn = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
+    let (sn, _root_lock) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        // One agent serves a root at a time: the next one waits here for the previous one
+        // to exit.
+        let lock = lock_root(&root)?;
+        // The mounts the previous agent left with the holder: served from now on.
+        let mut kept = HashSet::new();
+        if let (Some(h), Some(r)) = (&holder, &hook) {
+            let held = h.list().context("listing the fd holder's mounts")?;
+            kept = r.take_over(held).kept;
+        }
+        // FUSE mounts of a previous process whose connections are not held are dead; detach
+        // them before the snapshotter's cleanup walks those directories.
+        let stale = detach_stale_mounts(&root, &kept);
+        if stale > 0 {
+            info!(stale, "detached mounts of a previous run");
+        }
         let sn = Snapshotter::open(&root)
             .with_context(|| format!("opening snapshotter root {}", root.display()))?;
         let Some(hook) = hook else {
-            return Ok(sn);
+            return Ok((sn, lock));
         };
         let n = hook.restore(&sn).context("listing snapshots to remount")?;
         info!(remounted = n, "remote snapshots restored");
-        Ok(sn.with_hook(hook))
+        Ok((sn.with_hook(hook), lock))
     })
     .await
     .context("opening the snapshotter")??;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = args.metrics_addr {
-        let mut rx = stop_rx.clone();
-        let m = metrics.clone();
-        let rec = recorder.clone();
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            if let Err(e) = talaria_node::metrics::serve(m, rec, addr, stop).await {
-                tracing::error!(%addr, error = %e, "metrics endpoint failed");
-            }
-        });
-    }
     if let Some(socket) = args.image_service_socket.clone() {
         let mut proxy = talaria_node::cri::proxy::ImageServiceProxy::to_unix_socket(
             &args.containerd_socket,

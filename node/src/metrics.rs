@@ -115,6 +115,14 @@ pub struct Metrics {
     /// and those that failed (poisoned), by reason.
     pub verified_layers: Counter,
     pub verification_failures: Family<FallbackLabels, Counter>,
+    /// Mounts handed over from a previous agent through the fd holder, and holder errors,
+    /// by outcome (docs/survive.md).
+    pub handovers: Family<OutcomeLabels, Counter>,
+    /// Mounts the holder keeps that this agent cannot serve (a state version it does not
+    /// know): their previous agent must keep running. Not ready while above 0.
+    pub unserved_mounts: Gauge,
+    /// Set once the held mounts were checked: this agent can take them all over (readiness).
+    pub handover_checked: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -160,6 +168,9 @@ impl Metrics {
             materialized_bytes: Counter::default(),
             verified_layers: Counter::default(),
             verification_failures: Family::default(),
+            handovers: Family::default(),
+            unserved_mounts: Gauge::default(),
+            handover_checked: std::sync::atomic::AtomicBool::new(false),
             registry: Registry::default(),
         };
         registry.register(
@@ -297,7 +308,32 @@ impl Metrics {
             "Fully fetched layers that did not match their index or the image (poisoned), by reason",
             m.verification_failures.clone(),
         );
+        registry.register(
+            "handovers",
+            "Mounts taken over from a previous agent through the fd holder, and holder errors, by outcome",
+            m.handovers.clone(),
+        );
+        registry.register(
+            "unserved_mounts",
+            "Mounts held for a next agent that this agent cannot serve (unknown state version)",
+            m.unserved_mounts.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    pub fn handover(&self, outcome: &str) {
+        self.handovers
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Ready: the held mounts are taken over, and none is left unserved.
+    pub fn ready(&self) -> bool {
+        self.handover_checked
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.unserved_mounts.get() == 0
     }
 
     pub fn fallback(&self, reason: &str) {
@@ -366,7 +402,7 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and (with a recorder) `/startup-trace` on `addr` until
+/// Serves `/metrics`, `/healthz`, `/readyz` and (with a recorder) `/startup-trace` on `addr` until
 /// `shutdown` resolves. `/startup-trace` names the files containers on this node read, so
 /// it answers only callers on the loopback interface: inside the pod's network namespace,
 /// which is what `kubectl port-forward` reaches (authorized by the apiserver as
@@ -376,6 +412,7 @@ fn router(
     recorder: Option<Arc<talaria_artifact::startup::TraceRecorder>>,
 ) -> axum::Router {
     use axum::routing::get;
+    let ready = metrics.clone();
     axum::Router::new()
         .route(
             "/metrics",
@@ -393,6 +430,28 @@ fn router(
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get({
+                let m = ready;
+                move || {
+                    let m = m.clone();
+                    async move {
+                        if m.ready() {
+                            (axum::http::StatusCode::OK, "ok\n".to_string())
+                        } else {
+                            (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                format!(
+                                    "checking the mounts the fd holder keeps, or {} of them are in a state this agent cannot read (left to the agent that wrote them)\n",
+                                    m.unserved_mounts.get()
+                                ),
+                            )
+                        }
+                    }
+                }
+            }),
+        )
         .route(
             "/startup-trace",
             get(

@@ -16,25 +16,23 @@
 //! and the EIO deadline is asserted, so they do not compete for the machine's cores.
 
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use talaria_artifact::build::{BuildOptions, build};
+use talaria_artifact::build::BuildOptions;
 use talaria_artifact::format::Profile;
-use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
-use talaria_artifact::oci::store::{RegistryStore, Store};
 use talaria_testenv::cri::{Cri, CriContainerd, CriOptions, CriSnapshotter, PodSandbox};
 use talaria_testenv::images::{self, Image, ImageBuilder, Layer, LayerBuilder};
 use talaria_testenv::registry::Registry;
 use talaria_testenv::tree::{self, Tree};
 
+mod common;
+use common::agent::Agent as Node;
+use common::{http_get, metric};
+
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const READ_TIMEOUT_SECS: u64 = 3;
 /// What a failed read(2) may take beyond the read timeout (scheduling on a loaded machine).
@@ -43,160 +41,6 @@ const EIO_SLACK: Duration = Duration::from_secs(1);
 const SPAN: u64 = 4 << 20;
 const BIG_LEN: usize = 9 << 20;
 const SNAPSHOTTER: &str = "talaria";
-
-// ---------------------------------------------------------------------------------------
-// The talaria-node process
-
-/// The talaria-node binary on its own root and socket; killed (and its log tail printed on
-/// a failing test) when dropped.
-struct Node {
-    child: Option<Child>,
-    root: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-    args: Vec<String>,
-}
-
-impl Node {
-    fn start(dir: &Path, args: &[String]) -> Node {
-        let mut node = Node {
-            child: None,
-            root: dir.join("root"),
-            socket: dir.join("talaria.sock"),
-            log: dir.join("node.log"),
-            args: args.to_vec(),
-        };
-        node.spawn();
-        node
-    }
-
-    fn spawn(&mut self) {
-        // A killed node leaves its socket file: readiness is a fresh one answering.
-        let _ = fs::remove_file(&self.socket);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open node log");
-        let child = Command::new(env!("CARGO_BIN_EXE_talaria-node"))
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--log")
-            .arg("talaria_node=debug,info")
-            // These tests publish artifacts as referrers, with no cluster.
-            .arg("--unverified-referrers")
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn talaria-node");
-        self.child = Some(child);
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
-                panic!("talaria-node exited with {status}:\n{}", self.log_tail(60));
-            }
-            assert!(
-                started.elapsed() < START_TIMEOUT,
-                "talaria-node did not serve {} within {START_TIMEOUT:?}:\n{}",
-                self.socket.display(),
-                self.log_tail(60)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("node is running")
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    fn kill(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("node is running");
-        c.kill().expect("SIGKILL talaria-node");
-        c.wait().expect("reap talaria-node")
-    }
-
-    /// Lines of /proc/self/mountinfo of FUSE mounts under the node's root.
-    fn fuse_mounts(&self) -> Vec<String> {
-        let root = self.root.to_string_lossy().into_owned();
-        fs::read_to_string("/proc/self/mountinfo")
-            .expect("mountinfo")
-            .lines()
-            .filter(|l| {
-                let mut f = l.split(' ');
-                let point = f.nth(4).unwrap_or("");
-                let fstype = l.split(" - ").nth(1).unwrap_or("");
-                point.starts_with(&root) && fstype.starts_with("fuse")
-            })
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM first: the node unmounts its FUSE layers on a clean stop.
-            let _ = Command::new("kill")
-                .args(["-s", "TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Whatever is still mounted under the root (a killed node's layers) goes too.
-        for line in self.fuse_mounts() {
-            if let Some(point) = line.split(' ').nth(4) {
-                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-        // For looking at a passing run's log too: the test's temporary dir is gone after it.
-        if let Some(dir) = std::env::var_os("TALARIA_KEEP_NODE_LOGS") {
-            let name = self.root.to_string_lossy().replace('/', "_");
-            let to = Path::new(&dir).join(format!("node{name}.log"));
-            if let Err(e) = fs::copy(&self.log, &to) {
-                eprintln!("keeping the node log as {}: {e}", to.display());
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- talaria-node log (last lines) ---\n{}",
-                self.log_tail(80)
-            );
-        }
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    out
-}
-
-/// The value of the metric line starting with `prefix` (0 when absent).
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 // ---------------------------------------------------------------------------------------
 // Images and artifacts
@@ -339,36 +183,14 @@ fn test_image(name: &str, seed: u64) -> Image {
         .expect("image")
 }
 
-/// Builds and pushes the artifact of `registry/repo:tag` with `profile`, as `talaria build`.
+/// As [`common::build_artifact`], whose default span size the big file must span several of.
 async fn build_artifact(registry: &str, repo: &str, tag: &str, profile: Profile) {
-    let client = RegistryClient::new(RegistryConfig {
-        insecure_hosts: vec![registry.to_string()],
-        ..RegistryConfig::default()
-    })
-    .expect("registry client");
-    let store: Arc<dyn Store> = Arc::new(RegistryStore::new(
-        client,
-        Repository {
-            registry: registry.to_string(),
-            name: repo.to_string(),
-        },
-    ));
-    let opts = BuildOptions {
-        profile,
-        ..BuildOptions::default()
-    };
     assert_eq!(
-        opts.knobs.span_size, SPAN,
+        BuildOptions::default().knobs.span_size,
+        SPAN,
         "the big file must span several spans"
     );
-    let summary = build(store, tag, None, &opts)
-        .await
-        .unwrap_or_else(|e| panic!("build the {} artifact of {repo}:{tag}: {e}", profile.name()));
-    assert!(
-        summary.layers.iter().all(|l| l.index.is_some()),
-        "every layer indexed: {:?}",
-        summary.layers
-    );
+    common::build_artifact(registry, repo, tag, profile).await;
 }
 
 // ---------------------------------------------------------------------------------------

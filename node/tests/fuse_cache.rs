@@ -43,7 +43,7 @@ struct Mounted {
     _tmp: tempfile::TempDir,
     mnt: std::path::PathBuf,
     metrics: Arc<Metrics>,
-    session: Option<fuser::BackgroundSession>,
+    session: Option<talaria_node::layerfs::Served>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -77,7 +77,7 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
+            let _ = s.unmount();
         }
     }
 }

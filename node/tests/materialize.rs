@@ -87,9 +87,9 @@ fn materialized_file_reads_without_the_blob() {
 
     // Without the local copy the same file goes through the span path, and fails too.
     m.remove_layer(&digest);
-    session.umount_and_join().expect("unmount");
+    session.unmount().expect("unmount");
     let fs2 = common::layer_fs(reader, &rt, metrics).with_materialized(m, digest);
     let session = fs2.mount(&mnt).expect("mount FUSE again");
     assert_eq!(read_err(&mnt.join("app/hot.conf")), Some(libc::EIO));
-    session.umount_and_join().expect("unmount");
+    session.unmount().expect("unmount");
 }

@@ -4,6 +4,7 @@
 //! whose whole local copy is here is opened with kernel passthrough.
 
 use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,9 +12,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-    SessionACL,
+    INodeNo, InitFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 use prometheus_client::metrics::counter::Counter;
 use talaria_artifact::index::LayerIndex;
@@ -24,6 +24,7 @@ use super::{FsError, Tree};
 use crate::content::layer::LayerContent;
 use crate::content::materialize::Materializer;
 use crate::content::reach::Reachability;
+use crate::holder::HolderClient;
 use crate::metrics::{Metrics, OpLabels};
 use talaria_artifact::startup::TraceRecorder;
 
@@ -46,6 +47,10 @@ pub struct LayerFs {
     /// passthrough open while a cached one is open, and the reverse; it wants one backing id
     /// per inode, alive while any passthrough handle is.
     handles: std::sync::Mutex<OpenHandles>,
+    /// Where passthrough opens are noted, as which entry (see [`LayerFs::with_handover`]).
+    handover: Option<(Arc<HolderClient>, u64)>,
+    /// Backing ids of inodes a previous agent had open with passthrough (adopted mounts).
+    inherited: std::collections::HashMap<u64, u32>,
 }
 
 /// The answer to a lookup of a name a layer lacks: node id 0 (see `lookup`).
@@ -66,6 +71,9 @@ const NEGATIVE_ENTRY: FileAttr = FileAttr {
     blksize: 0,
     flags: 0,
 };
+
+/// The open count of an inherited passthrough inode: never reaches 0.
+const STICKY: u32 = u32::MAX / 2;
 
 /// Handle `fh` of a cached (non-passthrough) open: the inode with the top bit set (a
 /// passthrough handle is the bare inode number).
@@ -159,6 +167,8 @@ impl LayerFs {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             ops,
             handles: std::sync::Mutex::new(OpenHandles::default()),
+            handover: None,
+            inherited: std::collections::HashMap::new(),
         }
     }
 
@@ -180,26 +190,142 @@ impl LayerFs {
         self
     }
 
-    /// Mounts read-only at `mountpoint`; dropping the session unmounts.
-    pub fn mount(self, mountpoint: &Path) -> Result<fuser::BackgroundSession, FsError> {
+    /// Notes to `holder`, as its entry `id`, which inodes are open with passthrough (a next
+    /// agent must answer their opens with the same backing ids).
+    pub fn with_handover(mut self, holder: Arc<HolderClient>, id: u64) -> Self {
+        self.handover = Some((holder, id));
+        self
+    }
+
+    /// Mounts read-only at `mountpoint` and serves it. The session never unmounts by itself
+    /// (the caller detaches the mount); `fd` is a copy of the connection's `/dev/fuse` fd,
+    /// for the holder.
+    pub fn mount(self, mountpoint: &Path) -> Result<Served, FsError> {
         map_large_allocations();
-        let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName("talaria".into()),
-            MountOption::Subtype("talaria".into()),
-            MountOption::RO,
-            // The kernel checks modes and owners, as on a local layer.
-            MountOption::DefaultPermissions,
-            MountOption::Dev,
-            MountOption::Suid,
-        ];
-        config.acl = SessionACL::All;
-        config.n_threads = Some(2);
-        fuser::spawn_mount(self, mountpoint, &config).map_err(|source| FsError::Mount {
+        let err = |source: std::io::Error| FsError::Mount {
             mountpoint: mountpoint.display().to_string(),
             source,
-        })
+        };
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map_err(err)?;
+        let fd = OwnedFd::from(dev);
+        // As fuser would mount it (allow_other, default_permissions, dev, suid), but here,
+        // so the fd is ours to hand over and nothing unmounts on a drop.
+        let data = format!(
+            "fd={},rootmode=40000,user_id={},group_id={},default_permissions,allow_other",
+            fd.as_raw_fd(),
+            nix::unistd::geteuid(),
+            nix::unistd::getegid()
+        );
+        nix::mount::mount(
+            Some("talaria"),
+            mountpoint,
+            Some("fuse.talaria"),
+            nix::mount::MsFlags::MS_RDONLY,
+            Some(data.as_str()),
+        )
+        .map_err(|e| err(e.into()))?;
+        let held = fd.try_clone().map_err(err);
+        let session = held.and_then(|held| {
+            let s = fuser::Session::from_fd(self, fd, SessionACL::All, session_config())
+                .and_then(fuser::Session::spawn)
+                .map_err(err)?;
+            Ok(Served {
+                session: Some(s),
+                mountpoint: mountpoint.to_path_buf(),
+                fd: Some(held),
+            })
+        });
+        if session.is_err() {
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        session
     }
+
+    /// Serves a connection another agent mounted and initialized (`fd` from the holder).
+    /// `backing`: the inodes it had open with passthrough, and their backing ids. New opens
+    /// of other inodes are not passthrough for this connection's life: which of them the
+    /// kernel still has open, and how, died with the other agent.
+    pub fn adopt(
+        mut self,
+        fd: OwnedFd,
+        mountpoint: &Path,
+        backing: &[(u64, u32)],
+    ) -> Result<Served, FsError> {
+        map_large_allocations();
+        *self.passthrough.get_mut() = false;
+        self.inherited = backing.iter().copied().collect();
+        fuser::Session::from_initialized_fd(self, fd, SessionACL::All, session_config())
+            .spawn()
+            .map(|s| Served::adopted(s, mountpoint))
+            .map_err(|source| FsError::Mount {
+                mountpoint: mountpoint.display().to_string(),
+                source,
+            })
+    }
+}
+
+/// A mount served by this process. Dropping it detaches the mount (lazily, so a busy one
+/// cannot block) and ends the session; [`Served::leave`] leaves both to the next agent.
+pub struct Served {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: std::path::PathBuf,
+    /// A copy of the connection's `/dev/fuse` fd (mounts made here, not adopted ones).
+    fd: Option<OwnedFd>,
+}
+
+impl Served {
+    /// Wraps an adopted session of the mount at `mountpoint`.
+    pub fn adopted(session: fuser::BackgroundSession, mountpoint: &Path) -> Served {
+        Served {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+            fd: None,
+        }
+    }
+
+    /// A copy of the connection's `/dev/fuse` fd, for the holder.
+    pub fn fd(&self) -> Option<&OwnedFd> {
+        self.fd.as_ref()
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty())?;
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+
+    /// Leaves the mount and its connection as they are (the holder keeps the connection,
+    /// for the next agent): this process stops serving it when it exits.
+    pub fn leave(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+            debug!(fs = %self.mountpoint.display(), error = %e, "lazy unmount");
+        }
+        // The session ends when the kernel drops the connection (the superblock's last user
+        // goes); it is not joined here, so nothing waits on a busy mount.
+        drop(self.session.take());
+    }
+}
+
+fn session_config() -> Config {
+    let mut config = Config::default();
+    config.acl = SessionACL::All;
+    // Both threads read the same fd (no clone_fd): the kernel's queue of requests read and
+    // not answered is then that one file's, which the holder keeps and resends.
+    config.n_threads = Some(2);
+    config
 }
 
 /// Has glibc serve every allocation of 1 MiB or more with its own mmap, for good.
@@ -236,21 +362,27 @@ fn xattr_reply(size: u32, data: &[u8], reply: ReplyXattr) {
 
 /// One handle of `ino` closed: its count goes down, and the entry (with a backing id it
 /// holds) goes with the last one.
+/// Returns the entry when it goes.
 fn release_one<V>(
     map: &mut std::collections::HashMap<u64, V>,
     ino: u64,
     count: impl Fn(&mut V) -> &mut u32,
-) {
-    if let Some(v) = map.get_mut(&ino) {
-        let n = count(v);
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            map.remove(&ino);
-        }
-    }
+) -> Option<V> {
+    let v = map.get_mut(&ino)?;
+    let n = count(v);
+    *n = n.saturating_sub(1);
+    if *n == 0 { map.remove(&ino) } else { None }
 }
 
 impl LayerFs {
+    fn note_backing(&self, ino: u64, backing: Option<u32>) {
+        if let Some((holder, id)) = &self.handover
+            && let Err(e) = holder.backing(*id, ino, backing)
+        {
+            warn!(ino, error = %e, "noting a passthrough open with the fd holder");
+        }
+    }
+
     /// Opens regular file `ino`: with kernel passthrough to its local copy when all of it
     /// is on local disk (its reads then never come to this process), else cached.
     fn open_file(&self, ino: u64, reply: ReplyOpen) {
@@ -276,7 +408,8 @@ impl LayerFs {
         reply: ReplyOpen,
     ) -> Result<(), ReplyOpen> {
         use std::sync::atomic::Ordering;
-        if !self.passthrough.load(Ordering::Relaxed) {
+        let inherited = self.inherited.get(&ino).copied();
+        if inherited.is_none() && !self.passthrough.load(Ordering::Relaxed) {
             return Err(reply);
         }
         let Some(entry) = self
@@ -289,20 +422,36 @@ impl LayerFs {
         };
         let (id, open) = match handles.passthrough.entry(ino) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let Some(f) = self.content.whole_local(entry) else {
-                    return Err(reply);
-                };
-                match reply.open_backing(&*f) {
-                    Ok(id) => v.insert((id, 0)),
-                    Err(e) => {
-                        // Once is enough to know: this mount answers every later open normally.
-                        self.passthrough.store(false, Ordering::Relaxed);
-                        warn!(path = %entry.path, error = %e, "FUSE passthrough refused; reads go through this process");
+            std::collections::hash_map::Entry::Vacant(v) => match inherited {
+                Some(raw) => {
+                    // SAFETY: a backing id of this connection the previous agent opened and
+                    // noted; it is closed only after its note is withdrawn, so it is open.
+                    let id = unsafe { reply.wrap_backing(raw) };
+                    // Never closed: how many handles of it the kernel still has is unknown.
+                    v.insert((id, STICKY))
+                }
+                None => {
+                    let Some(f) = self.content.whole_local(entry) else {
                         return Err(reply);
+                    };
+                    match reply.open_backing(&*f) {
+                        Ok(id) => {
+                            let raw = id.into_raw();
+                            // SAFETY: `raw` was opened just now on this connection.
+                            let id = unsafe { reply.wrap_backing(raw) };
+                            // Noted before the kernel hears of it, so a next agent knows it.
+                            self.note_backing(ino, Some(raw));
+                            v.insert((id, 0))
+                        }
+                        Err(e) => {
+                            // Once is enough to know: this mount answers every later open normally.
+                            self.passthrough.store(false, Ordering::Relaxed);
+                            warn!(path = %entry.path, error = %e, "FUSE passthrough refused; reads go through this process");
+                            return Err(reply);
+                        }
                     }
                 }
-            }
+            },
         };
         *open += 1;
         self.content.record_whole(entry);
@@ -467,12 +616,19 @@ impl Filesystem for LayerFs {
         self.ops.release.inc();
         // The backing id goes with the inode's last passthrough handle.
         let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        if fh.0 & CACHED_FH != 0 {
+        let closed = if fh.0 & CACHED_FH != 0 {
             release_one(&mut handles.cached, fh.0 & !CACHED_FH, |n| n);
+            None
         } else {
-            release_one(&mut handles.passthrough, fh.0, |(_, n)| n);
-        }
+            release_one(&mut handles.passthrough, fh.0, |(_, n)| n)
+        };
         drop(handles);
+        if let Some((id, _)) = closed {
+            // The note goes before the backing id closes: a next agent never reuses a
+            // closed one.
+            self.note_backing(fh.0, None);
+            drop(id);
+        }
         reply.ok();
     }
 

@@ -4,7 +4,7 @@
 pub mod fuse;
 pub mod tree;
 
-pub use fuse::LayerFs;
+pub use fuse::{LayerFs, Served};
 pub use tree::Tree;
 
 #[derive(Debug, thiserror::Error)]

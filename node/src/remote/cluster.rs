@@ -89,22 +89,14 @@ impl ClusterSource {
     /// A Warning Event on every AcceleratedImage of the poisoned layer's image manifest, so
     /// `kubectl describe accimg` shows that a pinned artifact lied (docs/trust.md).
     pub async fn report_poisoned(&self, p: &Poisoned) {
-        let mut note = format!(
+        let note = format!(
             "layer {} does not match its index {} ({}); the layer is poisoned on this node and the artifact quarantined: {}",
             p.at.layer, p.at.index_digest, p.reason, p.message
         );
-        // The API's limit for a note is 1 kB.
-        if note.len() > 1000 {
-            let mut end = 1000;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-        }
         let event = Event {
             type_: EventType::Warning,
             reason: "LayerVerificationFailed".into(),
-            note: Some(note),
+            note: Some(truncate_note(note)),
             action: "VerifyLayer".into(),
             secondary: None,
         };
@@ -119,6 +111,31 @@ impl ClusterSource {
             if let Err(e) = self.recorder.publish(&event, &r).await {
                 warn!(error = %e, object = r.name.as_deref().unwrap_or(""), "event not recorded");
             }
+        }
+    }
+
+    /// A Warning Event on this agent's Node (`NODE_NAME`), for what concerns the node rather
+    /// than an image (mounts a handover could not take). Without `NODE_NAME`, only logged.
+    pub async fn report_node(&self, reason: &str, action: &str, note: String) {
+        let Ok(node) = std::env::var("NODE_NAME") else {
+            warn!(reason, note, "no NODE_NAME: event not recorded");
+            return;
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(truncate_note(note)),
+            action: action.into(),
+            secondary: None,
+        };
+        let r = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(node.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = self.recorder.publish(&event, &r).await {
+            warn!(error = %e, node, "event not recorded");
         }
     }
 
@@ -156,6 +173,18 @@ impl ClusterSource {
 }
 
 /// Watches every object of `api` into a store; errors are logged and the watch retries.
+/// The API's limit for an Event's note is 1 kB.
+fn truncate_note(mut note: String) -> String {
+    if note.len() > 1000 {
+        let mut end = 1000;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    note
+}
+
 fn watch<K>(api: Api<K>, kind: &'static str) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>

@@ -14,6 +14,7 @@
 //! `layer.index`), so a restarted node remounts every remote snapshot without the registry.
 
 pub mod cluster;
+pub mod takeover;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -40,7 +41,8 @@ use crate::content::prefetch::{
     FetchOptions, Fetcher, IndexAt, OverIndexBudget, Poisoned, SharedLayer, decode_index,
 };
 use crate::content::sched::{LinkScheduler, SchedOptions};
-use crate::layerfs::{FsError, LayerFs, Tree};
+use crate::holder::HolderClient;
+use crate::layerfs::{FsError, LayerFs, Served, Tree};
 use crate::metrics::Metrics;
 use crate::remote::cluster::{ClusterSource, node_platform};
 use crate::snapshot::metadata::Kind;
@@ -103,6 +105,11 @@ pub struct RemoteOptions {
     /// Most memory the indexes of mounted layers may hold together; a layer whose index
     /// does not fit is unpacked normally.
     pub index_memory: u64,
+    /// Where each mount's FUSE connection is kept while no agent runs (`None`: mounts end
+    /// with this process).
+    pub holder: Option<Arc<HolderClient>>,
+    /// The handover state version written to the holder (tests write others).
+    pub handover_version: u32,
 }
 
 /// Bounds of startup-local materialization.
@@ -251,9 +258,9 @@ impl RemoteRecord {
     }
 }
 
+/// A mounted remote layer; dropping it detaches the mount.
 struct Mounted {
-    session: Option<fuser::BackgroundSession>,
-    fs_dir: PathBuf,
+    served: Served,
     /// The layer's shared reader: held while mounted (the reader, its cached state and
     /// its background fetch live as long as some mount or prefetch holds it).
     _layer: Arc<SharedLayer>,
@@ -281,6 +288,9 @@ pub struct RemoteLayers {
     /// Index digests a layer failed verification against: never mounted again by this
     /// process (a restarted agent verifies again as it fetches).
     quarantine: Arc<Mutex<HashSet<String>>>,
+    /// Held mounts of a state version this agent does not know: left alone (not remounted
+    /// over), for the agent that wrote them.
+    unserved: Mutex<HashSet<u64>>,
 }
 
 fn label<'a>(
@@ -358,6 +368,7 @@ impl RemoteLayers {
             platform: node_platform(),
             fetcher,
             quarantine,
+            unserved: Mutex::new(HashSet::new()),
         })
     }
 
@@ -470,7 +481,7 @@ impl RemoteLayers {
             }
             let id = sn.id_of(&info.name)?;
             let dir = sn.snapshot_dir(id);
-            if !dir.join(RECORD_FILE).exists() {
+            if !dir.join(RECORD_FILE).exists() || self.serves(id) || self.is_unserved(id) {
                 continue;
             }
             match self.remount(id, &dir, &sn.fs_path(id)) {
@@ -495,46 +506,25 @@ impl RemoteLayers {
         Ok(n)
     }
 
-    fn remount(&self, id: u64, dir: &Path, fs_dir: &Path) -> Result<(), RemoteError> {
-        let io = |what: &str| {
-            let context = format!("{what} {}", dir.display());
-            move |source| RemoteError::Io { context, source }
-        };
-        let rec: RemoteRecord = serde_json::from_slice(
-            &fs::read(dir.join(RECORD_FILE)).map_err(io("reading the record in"))?,
-        )
-        .map_err(|e| RemoteError::Io {
-            context: format!("parsing {}", dir.join(RECORD_FILE).display()),
-            source: std::io::Error::other(e),
-        })?;
-        let raw = fs::read(dir.join(INDEX_FILE)).map_err(io("reading the index in"))?;
-        let digest = oci::sha256_digest(&raw);
-        let bad = |message: String| RemoteError::Index {
-            index: dir.join(INDEX_FILE).display().to_string(),
-            message,
-        };
-        if rec.index_digest.as_ref().is_some_and(|d| *d != digest) {
-            return Err(bad(format!("is {digest}, not the recorded index")));
-        }
-        let index = LayerIndex::decode(&raw).map_err(|e| bad(e.to_string()))?;
-        let rec = RemoteRecord {
-            index_digest: Some(digest),
-            ..rec
-        };
-        self.mount(id, fs_dir, Arc::new(index), None, &rec)
+    fn is_unserved(&self, id: u64) -> bool {
+        self.unserved.lock().is_ok_and(|u| u.contains(&id))
     }
 
-    /// Mounts `index` at `fs_dir` as snapshot `id`, reading through the node's shared
-    /// reader of the layer (which starts its background fetch when new). `tree`, built from
+    fn remount(&self, id: u64, dir: &Path, fs_dir: &Path) -> Result<(), RemoteError> {
+        let (rec, index) = load_record(dir)?;
+        self.mount(id, fs_dir, index, None, &rec)
+    }
+
+    /// The filesystem of `index` as snapshot `id`, reading through the node's shared reader
+    /// of the layer (which starts its background fetch when new). `tree`, built from
     /// `index`, is used if that reader reads `index` (else the reader's index makes one).
-    fn mount(
+    fn layer_fs(
         &self,
         id: u64,
-        fs_dir: &Path,
         index: Arc<LayerIndex>,
         tree: Option<Arc<Tree>>,
         rec: &RemoteRecord,
-    ) -> Result<(), RemoteError> {
+    ) -> Result<(LayerFs, Arc<SharedLayer>), RemoteError> {
         let repo = Repository {
             registry: rec.registry.clone(),
             name: rec.repository.clone(),
@@ -555,9 +545,7 @@ impl RemoteLayers {
             &rec.image_ref,
         )?;
         // A tree built ahead fits only if the shared reader reads that same index.
-        let ahead = tree.filter(|_| Arc::ptr_eq(layer.reader.index(), &index));
-        let tree_ahead = ahead.is_some();
-        let tree = match ahead {
+        let tree = match tree.filter(|_| Arc::ptr_eq(layer.reader.index(), &index)) {
             Some(t) => t,
             None => Arc::new(Tree::build(layer.reader.index())?),
         };
@@ -576,36 +564,70 @@ impl RemoteLayers {
         if let Some(r) = &self.opts.recorder {
             fs = fs.with_recorder(r.clone(), rec.layer_digest.clone());
         }
-        let session = fs.mount(fs_dir)?;
+        if let Some(h) = &self.opts.holder {
+            fs = fs.with_handover(h.clone(), id);
+        }
+        Ok((fs, layer))
+    }
+
+    /// Mounts `index` at `fs_dir` as snapshot `id` (see [`RemoteLayers::layer_fs`]) and hands
+    /// a copy of its connection to the holder.
+    fn mount(
+        &self,
+        id: u64,
+        fs_dir: &Path,
+        index: Arc<LayerIndex>,
+        tree: Option<Arc<Tree>>,
+        rec: &RemoteRecord,
+    ) -> Result<(), RemoteError> {
+        let (fs, layer) = self.layer_fs(id, index, tree, rec)?;
+        let served = fs.mount(fs_dir)?;
+        if let (Some(h), Some(fd)) = (&self.opts.holder, served.fd()) {
+            let state = takeover::MountState {
+                snapshot: id,
+                fs_dir: fs_dir.to_path_buf(),
+                index_digest: rec.index_digest.clone().unwrap_or_default(),
+            };
+            // Not fatal: the mount works, it just ends with this process.
+            if let Err(e) = h.put(id, self.opts.handover_version, state.encode(), fd) {
+                self.metrics.handover(e.reason());
+                warn!(id, error = %e, "the fd holder did not take the mount; it ends with this agent");
+            }
+        }
+        self.register(id, served, layer, &rec.manifest_digest);
+        debug!(id, fs = %fs_dir.display(), layer = rec.layer_digest, "remote layer mounted");
+        Ok(())
+    }
+
+    fn register(&self, id: u64, served: Served, layer: Arc<SharedLayer>, manifest: &str) {
         let old = self.mounts.lock().ok().and_then(|mut m| {
             m.insert(
                 id,
                 Mounted {
-                    session: Some(session),
-                    fs_dir: fs_dir.to_path_buf(),
+                    served,
                     _layer: layer,
-                    manifest: rec.manifest_digest.clone(),
+                    manifest: manifest.to_string(),
                 },
             )
         });
-        if let Some(old) = old {
-            detach(old);
-        } else {
+        if old.is_none() {
             self.metrics.remote_mounts.inc();
         }
-        debug!(id, fs = %fs_dir.display(), layer = rec.layer_digest, tree_ahead, "remote layer mounted");
-        Ok(())
     }
 
-    /// Unmounts everything (shutdown).
+    /// Shutdown: with a holder, leaves every mount to the next agent (the holder keeps the
+    /// connections); without one, unmounts everything.
     pub fn unmount_all(&self) {
         let all: Vec<Mounted> = match self.mounts.lock() {
             Ok(mut m) => m.drain().map(|(_, v)| v).collect(),
             Err(_) => return,
         };
+        let leave = self.opts.holder.is_some();
         for m in all {
             self.metrics.remote_mounts.dec();
-            detach(m);
+            if leave {
+                m.served.leave();
+            }
         }
     }
 
@@ -963,22 +985,6 @@ impl LocatedLayer for RemoteLayer<'_> {
     }
 }
 
-/// Detaches the mount (lazily, so a busy one cannot block) and ends its session.
-fn detach(mut m: Mounted) {
-    if let Err(e) = nix::mount::umount2(&m.fs_dir, nix::mount::MntFlags::MNT_DETACH) {
-        debug!(fs = %m.fs_dir.display(), error = %e, "lazy unmount");
-    }
-    // The session's own unmount then fails (EINVAL: no longer in the namespace) or finds the
-    // connection gone; taken here so it is not logged as a warning when the session drops.
-    // It fails before joining while the connection lives, so nothing here waits on a busy
-    // mount.
-    if let Some(session) = m.session.take()
-        && let Err(e) = session.umount_and_join()
-    {
-        debug!(fs = %m.fs_dir.display(), error = %e, "session unmount after the lazy one");
-    }
-}
-
 impl PrepareHook for RemoteLayers {
     fn locate<'a>(
         &'a self,
@@ -1041,14 +1047,52 @@ impl PrepareHook for RemoteLayers {
             }
             self.metrics.remote_mounts.dec();
             self.fetcher.unmounted(&m.manifest, id);
-            detach(m);
+            drop(m);
+            if let Some(h) = &self.opts.holder
+                && let Err(e) = h.drop_entry(id)
+            {
+                self.metrics.handover(e.reason());
+                warn!(id, error = %e, "the fd holder did not drop a removed mount");
+            }
         }
     }
 }
 
+/// The record and index kept in snapshot directory `dir`, the index checked against the
+/// digest the record names.
+fn load_record(dir: &Path) -> Result<(RemoteRecord, Arc<LayerIndex>), RemoteError> {
+    let io = |what: &str| {
+        let context = format!("{what} {}", dir.display());
+        move |source| RemoteError::Io { context, source }
+    };
+    let rec: RemoteRecord = serde_json::from_slice(
+        &fs::read(dir.join(RECORD_FILE)).map_err(io("reading the record in"))?,
+    )
+    .map_err(|e| RemoteError::Io {
+        context: format!("parsing {}", dir.join(RECORD_FILE).display()),
+        source: std::io::Error::other(e),
+    })?;
+    let raw = fs::read(dir.join(INDEX_FILE)).map_err(io("reading the index in"))?;
+    let digest = oci::sha256_digest(&raw);
+    let bad = |message: String| RemoteError::Index {
+        index: dir.join(INDEX_FILE).display().to_string(),
+        message,
+    };
+    if rec.index_digest.as_ref().is_some_and(|d| *d != digest) {
+        return Err(bad(format!("is {digest}, not the recorded index")));
+    }
+    let index = LayerIndex::decode(&raw).map_err(|e| bad(e.to_string()))?;
+    let rec = RemoteRecord {
+        index_digest: Some(digest),
+        ..rec
+    };
+    Ok((rec, Arc::new(index)))
+}
+
 /// Lazily detaches every mount below `root/snapshots` (FUSE mounts of a previous process
-/// whose connection died with it), before the snapshotter touches those directories.
-pub fn detach_stale_mounts(root: &Path) -> usize {
+/// whose connection died with it) but those in `keep` (held for a next agent), before the
+/// snapshotter touches those directories.
+pub fn detach_stale_mounts(root: &Path, keep: &HashSet<PathBuf>) -> usize {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return 0;
     };
@@ -1057,7 +1101,7 @@ pub fn detach_stale_mounts(root: &Path) -> usize {
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .filter(|p| p.starts_with(&base) && p != &base)
+        .filter(|p| p.starts_with(&base) && p != &base && !keep.contains(p))
         .collect();
     // Deepest first, so nested mounts go before their parents.
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));

@@ -2,6 +2,8 @@
 //! on its socket, mounting what a snapshotter returns, and a comparable file-tree summary.
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -407,4 +409,40 @@ pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
+}
+
+/// Builds and pushes the artifact of `registry/repo:tag` with `profile`, as `talaria build`;
+/// every layer must be indexed.
+pub async fn build_artifact(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    profile: talaria_artifact::format::Profile,
+) {
+    use talaria_artifact::oci::registry::{RegistryClient, RegistryConfig, Repository};
+    use talaria_artifact::oci::store::{RegistryStore, Store};
+    let client = RegistryClient::new(RegistryConfig {
+        insecure_hosts: vec![registry.to_string()],
+        ..RegistryConfig::default()
+    })
+    .expect("registry client");
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(RegistryStore::new(
+        client,
+        Repository {
+            registry: registry.to_string(),
+            name: repo.to_string(),
+        },
+    ));
+    let opts = talaria_artifact::build::BuildOptions {
+        profile,
+        ..Default::default()
+    };
+    let summary = talaria_artifact::build::build(store, tag, None, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("build the {} artifact of {repo}:{tag}: {e}", profile.name()));
+    assert!(
+        summary.layers.iter().all(|l| l.index.is_some()),
+        "every layer indexed: {:?}",
+        summary.layers
+    );
 }
