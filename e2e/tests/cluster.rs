@@ -385,8 +385,13 @@ async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
     );
 
     workload_runs_on_lazily_mounted_layers(&cluster, &client, version).await;
-    upgrade_replaces_the_agent_and_new_pods_start(&cluster, &client, node_image(&client).await)
-        .await;
+    upgrade_replaces_the_agent_and_new_pods_start(
+        &cluster,
+        &client,
+        node_image(&client).await,
+        version,
+    )
+    .await;
     agent_down_behaves_as_documented(&cluster, &client, version).await;
     uninstall_leaves_a_node_that_starts_pods(&cluster, &client).await;
     eprintln!(
@@ -473,10 +478,10 @@ fn restarts(p: &Pod) -> i32 {
         .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum())
 }
 
-/// `talaria_node_mounted_layers_total{source="cluster"}` read through the node's Service: it
-/// is headless (metrics are per node), so, as Prometheus does, from its EndpointSlice's
+/// The sum of the node metric lines starting with `prefix`, read through the node's Service:
+/// it is headless (metrics are per node), so, as Prometheus does, from its EndpointSlice's
 /// addresses.
-async fn lazily_mounted_from_cluster(client: &kube::Client) -> u64 {
+async fn node_metric(client: &kube::Client, prefix: &str) -> u64 {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
     let lp = ListParams::default().labels("kubernetes.io/service-name=talaria-node-metrics");
     let started = Instant::now();
@@ -493,9 +498,13 @@ async fn lazily_mounted_from_cluster(client: &kube::Client) -> u64 {
                             .as_ref()
                             .and_then(|p| p.first()?.port)
                             .unwrap_or(9180);
-                        s.endpoints.iter().flat_map(move |e| {
-                            e.addresses.iter().map(move |a| format!("{a}:{port}"))
-                        })
+                        // A stopping agent's address is left out, as Prometheus would.
+                        s.endpoints
+                            .iter()
+                            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                            .flat_map(move |e| {
+                                e.addresses.iter().map(move |a| format!("{a}:{port}"))
+                            })
                     })
                     .collect()
             })
@@ -521,12 +530,20 @@ async fn lazily_mounted_from_cluster(client: &kube::Client) -> u64 {
         assert_eq!(res.status, 200);
         total += String::from_utf8_lossy(&res.body)
             .lines()
-            .filter(|l| l.starts_with("talaria_node_mounted_layers_total{source=\"cluster\"}"))
+            .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
             .map(|v| v as u64)
             .sum::<u64>();
     }
     total
+}
+
+async fn lazily_mounted_from_cluster(client: &kube::Client) -> u64 {
+    node_metric(
+        client,
+        "talaria_node_mounted_layers_total{source=\"cluster\"}",
+    )
+    .await
 }
 
 /// The sample policy (every image of pods in namespace team-a) plus the app image listed
@@ -636,6 +653,7 @@ async fn upgrade_replaces_the_agent_and_new_pods_start(
     cluster: &Cluster,
     client: &kube::Client,
     node: String,
+    version: ContainerdVersion,
 ) {
     let (repo, _) = node.split_once('@').expect("node image by digest");
     // Another build of the same binary: a new config (label) gives a new digest.
@@ -694,11 +712,23 @@ async fn upgrade_replaces_the_agent_and_new_pods_start(
         restarts(&app_before[0]),
         "the app's container restarted across the agent's upgrade"
     );
-    let old_gone = pods_of(client, "node")
-        .await
-        .iter()
-        .all(|p| !before.contains(p.metadata.uid.as_ref().expect("uid")));
-    assert!(old_gone, "the old agent's pod is gone after the rollout");
+    // The surge update stops the old agent once the new one is ready.
+    wait_until(client, "the old agent's pod gone", ROLLOUT, || async {
+        pods_of(client, "node")
+            .await
+            .iter()
+            .all(|p| !before.contains(p.metadata.uid.as_ref().expect("uid")))
+    })
+    .await;
+    // The new agent serves the app's lazy layers (none on 1.6, where talaria is not the
+    // default snapshotter).
+    let lazy = lazily_mounted_from_cluster(client).await;
+    let taken = node_metric(client, "talaria_node_handovers_total{outcome=\"taken\"}").await;
+    match version {
+        ContainerdVersion::V1 => assert_eq!(taken, 0),
+        ContainerdVersion::V2 => assert!(taken >= 2, "mounts taken over: {taken}"),
+    }
+    eprintln!("the new agent took over {taken} mounts ({lazy} mounted by it)");
     // A new pod of the Deployment starts afterwards.
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), "team-a");
     deploys
