@@ -22,6 +22,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 . hack/env.sh
+# A test that runs this script passes on cargo's per-package variables. ring's build script
+# reruns when CARGO_MANIFEST_DIR changes, and everything above ring rebuilds with it: each
+# caller (a node test, a cluster test, a shell) would rebuild for the previous one.
+for v in $(compgen -e); do
+  case $v in CARGO_MANIFEST_*|CARGO_PKG_*|CARGO_CRATE_NAME|CARGO_BIN_NAME|CARGO_PRIMARY_PACKAGE|CARGO_TARGET_TMPDIR) unset "$v" ;; esac
+done
 . hack/lib/oci-layout.sh
 
 out=${1:-$HOME/.cache/talaria/images}

@@ -186,8 +186,6 @@ impl Setup {
             host.clone(),
             "--metrics-addr".into(),
             metrics.clone(),
-            // Uncached stays uncached: nothing is fetched but what reads ask for.
-            "--no-prefetch".into(),
         ];
         args.extend(holder.agent_args());
         args.extend(node_args.iter().map(|a| a.to_string()));
@@ -262,7 +260,10 @@ async fn finish_reader(cri: &Cri, pod: &PodSandbox, id: &str, pid: u32) -> Strin
 async fn reads_go_on_through_kills_restarts_and_a_new_build() {
     let _serial = SERIAL.lock().await;
     let other = other_build();
-    let mut s = Setup::start("rw", &[]).await;
+    // With the startup prefetch, busybox (in the image's predicted plan) is copied to local
+    // disk and opened with FUSE passthrough: the shell running it keeps it open across the
+    // takeovers, and each command it starts opens it again, with the old backing id.
+    let mut s = Setup::start("rw", &["--materialize-max-file-kib", "8192"]).await;
     let cri = s.cri().await;
     let pod = cri.run_pod("survive").await.expect("RunPodSandbox");
     let (id, pid) = start_reader(&cri, &pod, &s.image).await;
@@ -299,6 +300,12 @@ async fn reads_go_on_through_kills_restarts_and_a_new_build() {
         metric(&m, "talaria_node_fuse_requests_total{op=\"read\"}") > 0.0,
         "the last agent served the running container's reads\n{m}"
     );
+    // A taken-over mount opens with passthrough only the inodes the previous agent had open
+    // that way (noted with the holder).
+    assert!(
+        metric(&m, "talaria_node_passthrough_opens_total") > 0.0,
+        "the last agent reopened a passthrough inode with its backing id\n{m}"
+    );
     let summary = finish_reader(&cri, &pod, &id, pid).await;
     stop.store(true, Ordering::Relaxed);
     let h = host.join().expect("host reader");
@@ -318,7 +325,8 @@ async fn reads_go_on_through_kills_restarts_and_a_new_build() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_with_the_registry_down_serves_cached_bytes_and_waits_for_the_rest() {
     let _serial = SERIAL.lock().await;
-    let mut s = Setup::start("registry", &["--read-timeout", "30s"]).await;
+    // Uncached stays uncached: nothing is fetched but what reads ask for.
+    let mut s = Setup::start("registry", &["--read-timeout", "30s", "--no-prefetch"]).await;
     let cri = s.cri().await;
     let pod = cri.run_pod("survive").await.expect("RunPodSandbox");
     let c = cri
@@ -380,7 +388,11 @@ async fn an_agent_that_does_not_know_the_state_leaves_the_mounts_to_their_agent(
         .expect("kube-apiserver");
     // The running agent writes a state version newer than this build knows (as a newer
     // agent would, before a rollback to this one).
-    let s = Setup::start("version", &["--handover-state-version", "2"]).await;
+    let s = Setup::start(
+        "version",
+        &["--handover-state-version", "2", "--no-prefetch"],
+    )
+    .await;
     let cri = s.cri().await;
     let pod = cri.run_pod("survive").await.expect("RunPodSandbox");
     let (id, pid) = start_reader(&cri, &pod, &s.image).await;
@@ -476,7 +488,7 @@ async fn an_agent_that_does_not_know_the_state_leaves_the_mounts_to_their_agent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_holder_stays_bounded_over_a_hundred_takeovers() {
     let _serial = SERIAL.lock().await;
-    let mut s = Setup::start("bounded", &[]).await;
+    let mut s = Setup::start("bounded", &["--no-prefetch"]).await;
     let _cri = s.cri().await;
     let mut first = None;
     for n in 1..=100 {
