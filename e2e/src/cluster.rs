@@ -410,13 +410,26 @@ impl Cluster {
             .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()?));
         self.proxy = Some(Proc::spawn("kube-proxy", proxy, &d.join("kube-proxy.log"))?);
 
+        self.start_kubelet(None)
+    }
+
+    /// Starts kubelet; with `image_service`, kubelet's image service is there
+    /// (`imageServiceEndpoint`) instead of containerd's.
+    fn start_kubelet(&mut self, image_service: Option<&Path>) -> Result<(), EnvError> {
+        let d = self.dir.path().to_path_buf();
+        let kubeconfig = self.api.kubeconfig().to_path_buf();
         let config = d.join("kubelet-config.json");
-        let text = kubelet_config(
+        let mut v: serde_json::Value = serde_json::from_str(&kubelet_config(
             &self.containerd_socket(),
             &self.api.ca_path(),
             &d,
             free_port()?,
-        );
+        ))
+        .map_err(|e| EnvError::io("kubelet's config", std::io::Error::other(e)))?;
+        if let Some(p) = image_service {
+            v["imageServiceEndpoint"] = json!(format!("unix://{}", p.display()));
+        }
+        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
         std::fs::write(&config, text).map_err(|e| EnvError::io("writing kubelet's config", e))?;
         let mut kubelet = Command::new(tool("kubelet")?);
         kubelet
@@ -428,6 +441,18 @@ impl Cluster {
             .arg("--v=1");
         self.kubelet = Some(Proc::spawn("kubelet", kubelet, &self.kubelet_log())?);
         Ok(())
+    }
+
+    /// Restarts kubelet with its image service at `socket` (talaria-node's CRI image-service
+    /// proxy), or back on containerd's with `None`; running pods keep running. Returns once
+    /// the node is Ready again.
+    pub async fn set_kubelet_image_service(
+        &mut self,
+        socket: Option<&Path>,
+    ) -> Result<(), EnvError> {
+        drop(self.kubelet.take());
+        self.start_kubelet(socket)?;
+        self.wait_node_ready().await
     }
 
     async fn wait_node_ready(&mut self) -> Result<(), EnvError> {

@@ -112,8 +112,9 @@ fn helm(cluster: &Cluster, args: &[String]) -> String {
 }
 
 /// `helm install` of the chart with the images of this checkout, the containerd-configure
-/// step pointed at the cluster's containerd.
-fn install(cluster: &Cluster) {
+/// step pointed at the cluster's containerd. On containerd 2.x the agent also serves CRI's
+/// image service (kubelet is switched to it once the agent runs).
+fn install(cluster: &Cluster, version: ContainerdVersion) {
     let (dir, digests) = talaria_images();
     let reg = cluster.registry().host();
     let controller = push_layout(
@@ -173,6 +174,18 @@ fn install(cluster: &Cluster) {
     ] {
         args.push("--set".into());
         args.push(format!("{k}={v}"));
+    }
+    if version == ContainerdVersion::V2 {
+        for (k, v) in [
+            ("node.imageService.enabled", "true".to_string()),
+            (
+                "node.imageService.containerdSocket",
+                cluster.containerd_socket().display().to_string(),
+            ),
+        ] {
+            args.push("--set".into());
+            args.push(format!("{k}={v}"));
+        }
     }
     helm(cluster, &args);
 }
@@ -282,14 +295,14 @@ fn sleep_pod(name: &str, image: &str) -> Pod {
 
 async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
     let started = Instant::now();
-    let cluster = Cluster::start(ClusterOptions {
+    let mut cluster = Cluster::start(ClusterOptions {
         containerd: version,
     })
     .await
     .expect("starting the cluster");
     let client = cluster.api().client().await.expect("client");
     let cluster_up = started.elapsed();
-    install(&cluster);
+    install(&cluster, version);
 
     // The configure step edited containerd's config and restarted it through the supervisor.
     wait_until(
@@ -378,6 +391,18 @@ async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
             .expect("get")
             .is_some()
     );
+    if version == ContainerdVersion::V2 {
+        // The README's "Private images": kubelet pulls through the agent's CRI proxy, which
+        // starts on each image's artifact as its pull begins.
+        let socket = cluster
+            .host_dir("run-talaria")
+            .expect("host dir")
+            .join("images.sock");
+        cluster
+            .set_kubelet_image_service(Some(&socket))
+            .await
+            .expect("kubelet on the agent's image service");
+    }
     let installed = started.elapsed();
     eprintln!(
         "containerd {version:?}: cluster up in {cluster_up:.1?}, Talaria installed and running after {:.1?}",
@@ -385,6 +410,14 @@ async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
     );
 
     workload_runs_on_lazily_mounted_layers(&cluster, &client, version).await;
+    if version == ContainerdVersion::V2 {
+        // Back on containerd's: with the agent's image service, kubelet starts no container
+        // (the agent's own included) while the agent is down (README, "Private images").
+        cluster
+            .set_kubelet_image_service(None)
+            .await
+            .expect("kubelet back on containerd's image service");
+    }
     upgrade_replaces_the_agent_and_new_pods_start(
         &cluster,
         &client,
@@ -605,9 +638,19 @@ async fn workload_runs_on_lazily_mounted_layers(
     })
     .await;
     let mounted = lazily_mounted_from_cluster(client).await;
+    let warmed = node_metric(
+        client,
+        "talaria_node_pull_warmups_total{outcome=\"artifact\"}",
+    )
+    .await;
     match version {
-        // busybox + two data layers, each big enough to be indexed.
-        ContainerdVersion::V2 => assert!(mounted >= 2, "layers mounted lazily: {mounted}"),
+        // busybox + two data layers, each big enough to be indexed; the pull came through
+        // the agent's CRI proxy (containerd 2.x pulls with its transfer service behind it)
+        // and started on the artifact.
+        ContainerdVersion::V2 => {
+            assert!(mounted >= 2, "layers mounted lazily: {mounted}");
+            assert!(warmed >= 1, "pulls warmed up by the CRI proxy: {warmed}");
+        }
         // Documented: on 1.6 talaria is not the default snapshotter, pods pull normally.
         ContainerdVersion::V1 => assert_eq!(mounted, 0, "1.6 must not use talaria by default"),
     }
