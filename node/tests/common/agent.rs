@@ -152,20 +152,10 @@ impl Drop for Agent {
                 let _ = c.wait();
             }
         }
-        // Whatever is still mounted under the root (a killed agent's layers) goes too.
-        for line in self.fuse_mounts() {
-            if let Some(point) = line.split(' ').nth(4) {
-                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-        // For looking at a passing run's log too: the test's temporary dir is gone after it.
-        if let Some(dir) = std::env::var_os("TALARIA_KEEP_NODE_LOGS") {
-            let name = self.root.to_string_lossy().replace('/', "_");
-            let to = Path::new(&dir).join(format!("node{name}.log"));
-            if let Err(e) = fs::copy(&self.log, &to) {
-                eprintln!("keeping the node log as {}: {e}", to.display());
-            }
-        }
+        // Whatever is still mounted under the root (a killed agent's layers, or layers left
+        // to a holder) goes too.
+        talaria_testenv::unmount_under(&self.root);
+        super::keep_node_log(&self.root, &self.log);
         if std::thread::panicking() {
             eprintln!(
                 "--- talaria-node log (last lines) ---\n{}",

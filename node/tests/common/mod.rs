@@ -136,14 +136,7 @@ impl Drop for Node {
             // restarted on the same root, whose new mounts must stay.
             talaria_testenv::unmount_under(&self.root);
         }
-        // For looking at a passing run's log too: the test's temporary root is gone after it.
-        if let Some(dir) = std::env::var_os("TALARIA_KEEP_NODE_LOGS") {
-            let name = self.root.to_string_lossy().replace('/', "_");
-            let to = Path::new(&dir).join(format!("node{name}.log"));
-            if let Err(e) = fs::copy(&self.log, &to) {
-                eprintln!("keeping the node log as {}: {e}", to.display());
-            }
-        }
+        keep_node_log(&self.root, &self.log);
         if std::thread::panicking() {
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(80).collect();
@@ -151,6 +144,18 @@ impl Drop for Node {
             for l in tail.iter().rev() {
                 eprintln!("{l}");
             }
+        }
+    }
+}
+
+/// Copies a node's log to `$TALARIA_KEEP_NODE_LOGS`, when set: for looking at a passing run's
+/// log too (the test's temporary root is gone after it).
+pub fn keep_node_log(root: &Path, log: &Path) {
+    if let Some(dir) = std::env::var_os("TALARIA_KEEP_NODE_LOGS") {
+        let name = root.to_string_lossy().replace('/', "_");
+        let to = Path::new(&dir).join(format!("node{name}.log"));
+        if let Err(e) = fs::copy(log, &to) {
+            eprintln!("keeping the node log as {}: {e}", to.display());
         }
     }
 }
