@@ -6,7 +6,7 @@
 #
 # Usage: hack/bench-startup.sh [--workloads jvm,python,postgres] [--links 1000mbit/5ms,200mbit/20ms]
 #          [--variants overlayfs,talaria-none,talaria-default,talaria-accelerated] [--runs 5]
-#          [--local-runs 3] [--node-args "..."] [--keep-logs DIR] [--results-dir DIR]
+#          [--local-runs 3] [--node-args "..."] [--fuse-holder] [--keep-logs DIR] [--results-dir DIR]
 # PROFILE=release builds optimized binaries (default: dev, which shares the test build).
 # BENCH_TMPFS_GIB=10 (default): registries, containerd and talaria-node roots live on a tmpfs of
 # that size, so unpacking and removing ~2 GB per run does not wait on this VM's shared disk

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use common::{NodeProc, http_get, link_storage, median, percentile};
+use common::{HolderProc, NodeProc, http_get, link_storage, median, percentile};
 use serde_json::json;
 use talaria_artifact::build::{BuildOptions, Recorded, build};
 use talaria_artifact::format::Profile;
@@ -104,6 +104,10 @@ struct Args {
     /// measurement on one node version while the shared target dir is rebuilt.
     #[arg(long)]
     node_bin: Option<PathBuf>,
+    /// Run talaria-node with `talaria-fuse-holder`, as the chart does (its binary next to
+    /// --node-bin, or the one cargo built).
+    #[arg(long)]
+    fuse_holder: bool,
     /// Keep each run's talaria-node and containerd logs here.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
@@ -838,6 +842,16 @@ async fn cold_start(
     let containerd_link = dir.path().join("containerd.sock");
     let proxy_socket = dir.path().join("images.sock");
     let via_proxy = variant == Variant::TalariaRecordedProxy;
+    // Declared before the node: dropped after it.
+    let holder = if args.fuse_holder && variant.uses_talaria() {
+        let bin = match &args.node_bin {
+            Some(b) => b.with_file_name("talaria-fuse-holder"),
+            None => PathBuf::from(env!("CARGO_BIN_EXE_talaria-fuse-holder")),
+        };
+        Some(HolderProc::start(&bin, dir.path())?)
+    } else {
+        None
+    };
     let node = if variant.uses_talaria() {
         let mut a = vec![
             "--insecure-registry".to_string(),
@@ -852,6 +866,9 @@ async fn cold_start(
                 "--containerd-socket".to_string(),
                 containerd_link.display().to_string(),
             ]);
+        }
+        if let Some(h) = &holder {
+            a.extend(h.node_args());
         }
         a.extend_from_slice(node_args);
         let bin = args
@@ -1441,6 +1458,7 @@ impl Report<'_> {
             "wall_seconds": wall.as_secs_f64(),
             "runs": self.args.runs,
             "node_args": self.args.node_args,
+            "fuse_holder": self.args.fuse_holder,
             "workloads": self.workloads.iter().map(|w| json!({
                 "name": w.name,
                 "layers": w.layers.iter().zip(&w.unpacked).map(|(l, u)| json!({

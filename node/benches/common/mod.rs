@@ -86,6 +86,53 @@ impl Drop for NodeProc {
     }
 }
 
+/// `talaria-fuse-holder` on `dir/holder.sock`, as the chart runs it next to the agent;
+/// killed when dropped (drop it after the agent).
+pub struct HolderProc {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl HolderProc {
+    pub fn start(bin: &Path, dir: &Path) -> Result<HolderProc> {
+        let socket = dir.join("holder.sock");
+        let child = Command::new(bin)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn talaria-fuse-holder")?;
+        let holder = HolderProc { child, socket };
+        let t = Instant::now();
+        while !holder.socket.exists() {
+            ensure!(
+                t.elapsed() < NODE_START_TIMEOUT,
+                "talaria-fuse-holder did not bind {}",
+                holder.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(holder)
+    }
+
+    /// The agent's flags to use it.
+    pub fn node_args(&self) -> [String; 2] {
+        [
+            "--fuse-holder-socket".to_string(),
+            self.socket.display().to_string(),
+        ]
+    }
+}
+
+impl Drop for HolderProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn http_get(addr: &str, path: &str) -> Result<String> {
     let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
