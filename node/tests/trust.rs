@@ -218,6 +218,10 @@ async fn pin(
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap_or_else(|e| panic!("status of {name}: {e}"));
+    // The node learns of the pin through its watch; a Prepare right after could come first
+    // (on a loaded CI machine it did: `no_artifact`). In a cluster the pin is there long
+    // before a pull.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
 }
 
 /// Prepares the image's only layer as containerd's CRI plugin does; true when the node
