@@ -100,6 +100,9 @@ pub struct Recorded {
     pub hot_span_size: u64,
     /// Also write a startup pack of the bytes read ([`crate::startup::pack`]).
     pub pack: bool,
+    /// Most bytes the recorded plan and its pack carry, in place of the knobs' prefetch
+    /// budget (which bounds a predicted plan: a recorded one carries what the start read).
+    pub budget: Option<u64>,
 }
 
 /// Span size in recorded startup regions: a read there fetches about this much (plus a
@@ -107,6 +110,9 @@ pub struct Recorded {
 /// index. Startup bench at 200 Mbit/s, one run each: 128 KiB vs 256 KiB gave jvm 2.98 vs
 /// 3.42 s, python 5.45 vs 6.11 s, postgres 1.38 vs 1.36 s.
 pub const DEFAULT_HOT_SPAN_SIZE: u64 = 128 << 10;
+
+/// [`Recorded::budget`] of the CLI and benchmarks, as a policy's `recording.maxBytes` default.
+pub const DEFAULT_RECORDED_BUDGET: u64 = 1 << 30;
 
 impl Default for BuildOptions {
     fn default() -> Self {
@@ -151,6 +157,9 @@ pub struct BuildSummary {
     pub adopted: bool,
     pub layers: Vec<LayerSummary>,
     pub plan: Option<Descriptor>,
+    /// Files and uncompressed bytes the plan fetches first (0 when adopted: not read).
+    pub plan_files: usize,
+    pub plan_bytes: u64,
     pub duration: Duration,
 }
 
@@ -300,9 +309,16 @@ pub async fn build(
     }
 
     let mut pack = None;
+    let (mut plan_files, mut plan_bytes) = (0, 0);
     let (plan, startup_paths) = if opts.profile.has_plan() {
         let (mut p, pack_blob) =
             startup_plan(image_store.as_ref(), &manifest, &indexes, opts).await;
+        plan_files = p.entries.len();
+        plan_bytes = p
+            .entries
+            .iter()
+            .map(|e| e.bytes)
+            .fold(0u64, u64::saturating_add);
         if let (Some(blob), Some(table)) = (pack_blob, p.pack.as_ref()) {
             let d = target
                 .put_blob(table.compression.media_type(), blob)
@@ -359,6 +375,8 @@ pub async fn build(
         adopted: false,
         layers: summaries,
         plan,
+        plan_files,
+        plan_bytes,
         duration: t0.elapsed(),
     })
 }
@@ -415,7 +433,12 @@ async fn startup_plan(
             notes = analysis.notes.len(),
             "startup plan from a recorded trace"
         );
+        let plan_opts = PlanOptions {
+            budget: rec.budget.unwrap_or(plan_opts.budget),
+            ..plan_opts
+        };
         let mut plan = startup::build_plan(&analysis, &refs, &plan_opts);
+        plan.prefetch_budget = plan_opts.budget;
         if !rec.pack {
             return (plan, None);
         }
@@ -565,6 +588,8 @@ fn adopted(subject: Descriptor, a: ArtifactInfo, key: String, t0: Instant) -> Bu
             .collect(),
         artifact: a.descriptor,
         plan: a.plan,
+        plan_files: 0,
+        plan_bytes: 0,
         key,
         adopted: true,
         duration: t0.elapsed(),

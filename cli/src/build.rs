@@ -94,6 +94,7 @@ pub async fn run(g: &GlobalArgs, args: &BuildArgs) -> CliResult<()> {
                 trace: read_trace(p)?,
                 hot_span_size: args.hot_span_size,
                 pack: !args.no_pack,
+                budget: Some(talaria_artifact::build::DEFAULT_RECORDED_BUDGET),
             }))
         }
         None => None,

@@ -8,13 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use talaria_api::{ArtifactRef, Profile};
-use talaria_artifact::build::{BuildError, BuildOptions, BuildSummary, Reuse, build};
+use talaria_artifact::build::{
+    BuildError, BuildOptions, BuildSummary, DEFAULT_HOT_SPAN_SIZE, Recorded, Reuse, build,
+};
 use talaria_artifact::format::{self, Knobs};
 use talaria_artifact::oci::Platform;
 use talaria_artifact::oci::registry::credentials::Credentials;
 use talaria_artifact::oci::store::Store;
 use talaria_artifact::signature::{self, SignatureError, SigningKey};
 use talaria_artifact::source::BoxFuture;
+use talaria_artifact::startup::StartupTrace;
 
 use crate::clients::{ClientError, Clients, store_reason};
 
@@ -52,6 +55,23 @@ pub struct BuildRequest {
     /// `registry/repository` for the artifacts, when not the image's.
     pub artifact_repository: Option<String>,
     pub credentials: Credentials,
+    /// Build the recorded plan of merged starts instead (the image is Ready: its default
+    /// artifact stays, and lends the recorded build its indexes).
+    pub recorded: Option<Arc<RecordedInput>>,
+}
+
+/// What a recorded build plans from.
+#[derive(Clone, Debug)]
+pub struct RecordedInput {
+    /// The merged starts.
+    pub trace: StartupTrace,
+    /// `recording.maxBytes`.
+    pub budget: u64,
+    /// The image's default artifact (ours: pinned by the controller).
+    pub default_artifact: ArtifactRef,
+    /// Stamped `created`, so the recorded artifact ranks above the predicted one among the
+    /// referrers.
+    pub created: String,
 }
 
 /// A finished (or adopted) build.
@@ -147,6 +167,7 @@ impl RegistryBuilder {
         req: &BuildRequest,
         p: format::Profile,
         reuse: BTreeSet<String>,
+        recorded: Option<&RecordedInput>,
     ) -> Result<(BuildSummary, String), BuilderError> {
         let reference = format!("{}@{}", req.image, req.digest);
         let (image_store, _) = self.clients.store(&reference, &req.credentials)?;
@@ -167,8 +188,15 @@ impl RegistryBuilder {
             profile: p,
             knobs: knobs(&req.knobs),
             parallelism: self.parallelism,
-            created: None,
-            recorded: None,
+            created: recorded.map(|r| r.created.clone()),
+            recorded: recorded.map(|r| {
+                Arc::new(Recorded {
+                    trace: r.trace.clone(),
+                    hot_span_size: DEFAULT_HOT_SPAN_SIZE,
+                    pack: true,
+                    budget: Some(r.budget),
+                })
+            }),
             reuse: Reuse::Only(reuse),
         };
         let artifacts = target.clone().unwrap_or_else(|| image_store.clone());
@@ -195,39 +223,68 @@ impl ArtifactBuilder for RegistryBuilder {
     ) -> BoxFuture<'a, Result<BuildOutcome, BuilderError>> {
         Box::pin(async move {
             let p = profile(req.profile);
+            if let Some(rec) = &req.recorded {
+                // Finer spans where the start read need the default artifact's indexes.
+                let ours = BTreeSet::from([rec.default_artifact.digest.clone()]);
+                let (s, repo) = self.build_one(req, p, ours, Some(rec)).await?;
+                return Ok(outcome(
+                    &repo,
+                    &s,
+                    &[&s],
+                    Some(rec.default_artifact.clone()),
+                    s.adopted,
+                ));
+            }
             // Default artifact first, from the image's own layers (an artifact of the key
             // already in the registry is not adopted: it is rebuilt, which yields the same
             // digest when it was honest); its index blobs are shared with the accelerated one.
             let (def, repo) = self
-                .build_one(req, format::Profile::Default, BTreeSet::new())
+                .build_one(req, format::Profile::Default, BTreeSet::new(), None)
                 .await?;
             let (main, adopted) = if p == format::Profile::Default {
                 (def.clone(), def.adopted)
             } else {
                 let ours = BTreeSet::from([def.artifact.digest.clone()]);
-                let (s, _) = self.build_one(req, p, ours).await?;
+                let (s, _) = self.build_one(req, p, ours, None).await?;
                 let adopted = s.adopted && def.adopted;
                 (s, adopted)
             };
-            let indexed = main.layers.iter().filter(|l| l.index.is_some()).count();
-            let skipped = main.layers.len() - indexed;
-            let bytes: u64 = [&def, &main]
-                .iter()
-                .filter(|s| !s.adopted)
-                .flat_map(|s| s.layers.iter())
-                .map(|l| l.uncompressed_size)
-                .sum();
-            Ok(BuildOutcome {
-                artifact: artifact_ref(&repo, &main),
-                default_artifact: Some(artifact_ref(&repo, &def)),
-                layers_indexed: u32::try_from(indexed).unwrap_or(u32::MAX),
-                layers_skipped: u32::try_from(skipped).unwrap_or(u32::MAX),
-                startup_paths: 0,
-                startup_bytes: 0,
-                bytes_indexed: bytes,
+            Ok(outcome(
+                &repo,
+                &main,
+                &[&def, &main],
+                Some(artifact_ref(&repo, &def)),
                 adopted,
-            })
+            ))
         })
+    }
+}
+
+/// The outcome of a build whose pinned artifact is `main`, having run `builds`.
+fn outcome(
+    repo: &str,
+    main: &BuildSummary,
+    builds: &[&BuildSummary],
+    default_artifact: Option<ArtifactRef>,
+    adopted: bool,
+) -> BuildOutcome {
+    let indexed = main.layers.iter().filter(|l| l.index.is_some()).count();
+    let skipped = main.layers.len() - indexed;
+    let bytes: u64 = builds
+        .iter()
+        .filter(|s| !s.adopted)
+        .flat_map(|s| s.layers.iter())
+        .map(|l| l.uncompressed_size)
+        .sum();
+    BuildOutcome {
+        artifact: artifact_ref(repo, main),
+        default_artifact,
+        layers_indexed: u32::try_from(indexed).unwrap_or(u32::MAX),
+        layers_skipped: u32::try_from(skipped).unwrap_or(u32::MAX),
+        startup_paths: u32::try_from(main.plan_files).unwrap_or(u32::MAX),
+        startup_bytes: main.plan_bytes,
+        bytes_indexed: bytes,
+        adopted,
     }
 }
 

@@ -12,7 +12,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::WriterDropped;
 use kube::{Client, Resource};
-use talaria_api::{AcceleratedImage, AccelerationPolicy};
+use talaria_api::{AcceleratedImage, AccelerationPolicy, StartupRecord};
 use talaria_artifact::oci::registry::credentials::Credentials;
 use tokio::sync::Semaphore;
 
@@ -178,6 +178,8 @@ pub struct Context {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
     pub images: Store<AcceleratedImage>,
+    /// Nodes' records of real starts (crate::learn).
+    pub records: Store<StartupRecord>,
     pub resolver: Arc<dyn Resolver>,
     pub builder: Arc<dyn ArtifactBuilder>,
     pub build: BuildSettings,

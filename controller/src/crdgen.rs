@@ -1,11 +1,15 @@
 //! The CRD manifests, generated from the Rust types in `talaria-api` (never edited by hand).
 
 use kube::CustomResourceExt;
-use talaria_api::{AcceleratedImage, AccelerationPolicy};
+use talaria_api::{AcceleratedImage, AccelerationPolicy, StartupRecord};
 
 /// (file name, YAML) of every CRD, in a stable order.
 pub fn crd_files() -> Result<Vec<(String, String)>, serde_saphyr::SerializeError> {
-    let crds = [AccelerationPolicy::crd(), AcceleratedImage::crd()];
+    let crds = [
+        AccelerationPolicy::crd(),
+        AcceleratedImage::crd(),
+        StartupRecord::crd(),
+    ];
     crds.iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();

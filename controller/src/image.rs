@@ -21,14 +21,16 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use serde_json::json;
-use talaria_api::{AcceleratedImage, AcceleratedImageStatus, AccelerationPolicy, Phase};
+use talaria_api::{
+    AcceleratedImage, AcceleratedImageStatus, AccelerationPolicy, Phase, PlanSource, Profile,
+};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::builder::{BuildOutcome, BuildRequest, BuilderError};
+use crate::builder::{BuildOutcome, BuildRequest, BuilderError, RecordedInput};
 use crate::context::{
-    ANN_PULL_SECRETS, BuildSettings, Context, Error, FIELD_MANAGER, Notice, SecretNamespaces,
-    condition, truncate,
+    ANN_PULL_SECRETS, ANN_REFERENCE, BuildSettings, Context, Error, FIELD_MANAGER, Notice,
+    SecretNamespaces, condition, truncate,
 };
 use crate::policy::{CACHE_SYNC_WAIT, owners};
 
@@ -57,6 +59,28 @@ fn owner_generations(policies: &[Arc<AccelerationPolicy>]) -> String {
         .collect();
     v.sort();
     v.join(",")
+}
+
+/// The image as pods name it, with its tag and a short digest, for `kubectl get`:
+/// `registry/repo:tag@sha256:0123456789ab`.
+pub fn display_reference(img: &AcceleratedImage) -> String {
+    let named = img
+        .annotations()
+        .get(ANN_REFERENCE)
+        .map(|r| r.split('@').next().unwrap_or(r).to_string())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| img.spec.image.clone());
+    let d = &img.spec.digest;
+    let short = d.get(..d.find(':').map_or(0, |i| i + 13)).unwrap_or(d);
+    format!("{named}@{short}")
+}
+
+/// The plan source of a freshly built (predicted) artifact.
+fn predicted(img: &AcceleratedImage) -> PlanSource {
+    match img.spec.profile {
+        Profile::Default => PlanSource::None,
+        Profile::StartupLocalV1 => PlanSource::Predicted,
+    }
 }
 
 /// The registry host of `registry/repository`.
@@ -172,6 +196,7 @@ pub fn building_status(img: &AcceleratedImage, attempt: &Attempt, now: Timestamp
     let n = attempt.number;
     let status = AcceleratedImageStatus {
         phase: Phase::Building,
+        reference: Some(display_reference(img)),
         attempts: n,
         last_attempt_time: Some(Time(now)),
         observed_generation: img.metadata.generation,
@@ -247,6 +272,12 @@ pub fn compute_status(
             Update {
                 status: AcceleratedImageStatus {
                     phase: Phase::Ready,
+                    reference: Some(display_reference(img)),
+                    plan_source: Some(predicted(img)),
+                    // A rebuild for new settings starts learning again.
+                    recorded_starts: Vec::new(),
+                    recording_attempt: None,
+                    startup_size: Some(crate::learn::human_bytes(o.startup_bytes)),
                     artifact: Some(o.artifact.clone()),
                     default_artifact: o.default_artifact.clone(),
                     startup_paths: o.startup_paths,
@@ -391,7 +422,11 @@ async fn apply_status(
 }
 
 /// Writes an update's status, then publishes its event.
-async fn write(ctx: &Context, img: &AcceleratedImage, update: Update) -> Result<(), Error> {
+pub(crate) async fn write(
+    ctx: &Context,
+    img: &AcceleratedImage,
+    update: Update,
+) -> Result<(), Error> {
     apply_status(ctx, img, &update.status).await?;
     if let Some(n) = update.notice {
         ctx.event(img, n).await;
@@ -439,10 +474,11 @@ async fn current_owners(ctx: &Context, img: &AcceleratedImage) -> Vec<Arc<Accele
 }
 
 /// Runs the build of `img` (bounded by the build timeout), unless the controller stops first.
-async fn run_build(
+pub(crate) async fn run_build(
     ctx: &Context,
     img: &AcceleratedImage,
     owners: &[Arc<AccelerationPolicy>],
+    recorded: Option<Arc<RecordedInput>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> (AttemptResult, f64) {
     let mut problems = Vec::new();
@@ -459,6 +495,7 @@ async fn run_build(
         knobs: img.spec.knobs.clone(),
         artifact_repository: img.spec.artifact_repository.clone(),
         credentials,
+        recorded,
     };
     if let Some(repo) = &req.artifact_repository
         && !ctx.artifact_repositories.allows(repo)
@@ -533,7 +570,8 @@ pub async fn reconcile(
     let attempt = match decide(&img, &owner_policies, Timestamp::now(), &ctx.build) {
         Decision::Build(a) => *a,
         Decision::Backoff(wait) => return Ok(Action::requeue(wait)),
-        Decision::UpToDate | Decision::Idle | Decision::GaveUp => {
+        Decision::UpToDate => return learn(&ctx, &img, &owner_policies, shutdown).await,
+        Decision::Idle | Decision::GaveUp => {
             return Ok(Action::await_change());
         }
         Decision::GaveUpInterrupted => {
@@ -552,28 +590,15 @@ pub async fn reconcile(
         );
     }
 
-    // Queue: wait for a global and a per-registry slot.
-    ctx.metrics.queue_depth().inc();
-    let reg = ctx.limits.registry(registry_host(&img.spec.image));
-    let (g, r) = async {
-        let g = ctx.limits.global.acquire().await;
-        let r = reg.acquire().await;
-        (g, r)
-    }
-    .await;
-    ctx.metrics.queue_depth().dec();
-    let (Ok(_g), Ok(_r)) = (g, r) else {
-        return Err(Error::QueueClosed);
-    };
-    if *shutdown.borrow() {
+    let Some(_slot) = build_slot(&ctx, &img, &shutdown).await? else {
         return Ok(Action::await_change());
-    }
+    };
 
     // Apply: record the attempt, build, record its result.
     let building = building_status(&img, &attempt, Timestamp::now());
     let building_st = building.status.clone();
     write(&ctx, &img, building).await?;
-    let (result, secs) = run_build(&ctx, &img, &owner_policies, shutdown).await;
+    let (result, secs) = run_build(&ctx, &img, &owner_policies, None, shutdown).await;
     match &result {
         AttemptResult::Abandoned => info!("build abandoned at shutdown"),
         AttemptResult::Built { outcome, .. } => {
@@ -590,6 +615,84 @@ pub async fn reconcile(
     let update = compute_status(&img, &attempt, &building_st, &result);
     write(&ctx, &img, update).await?;
     Ok(next_action(&attempt, &result, &ctx.build))
+}
+
+/// A global and a per-registry build slot, held while its value lives; `None` when the
+/// controller is stopping.
+async fn build_slot<'a>(
+    ctx: &'a Context,
+    img: &AcceleratedImage,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<Slot<'a>>, Error> {
+    ctx.metrics.queue_depth().inc();
+    let reg = ctx.limits.registry(registry_host(&img.spec.image));
+    let (g, r) = async {
+        let g = ctx.limits.global.acquire().await;
+        let r = reg.acquire_owned().await;
+        (g, r)
+    }
+    .await;
+    ctx.metrics.queue_depth().dec();
+    let (Ok(g), Ok(r)) = (g, r) else {
+        return Err(Error::QueueClosed);
+    };
+    if *shutdown.borrow() {
+        return Ok(None);
+    }
+    Ok(Some(Slot(g, r)))
+}
+
+/// Build permits, released when dropped.
+struct Slot<'a>(
+    #[allow(dead_code)] tokio::sync::SemaphorePermit<'a>,
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+);
+
+/// A Ready image: fill in what older controllers did not write, drop records it will never
+/// merge, and build its recorded plan when new starts came (crate::learn).
+async fn learn(
+    ctx: &Context,
+    img: &AcceleratedImage,
+    owners: &[Arc<AccelerationPolicy>],
+    shutdown: watch::Receiver<bool>,
+) -> Result<Action, Error> {
+    let st = img.status.clone().unwrap_or_default();
+    if st.reference.is_none() || st.plan_source.is_none() {
+        let status = AcceleratedImageStatus {
+            reference: Some(display_reference(img)),
+            plan_source: st.plan_source.or(Some(predicted(img))),
+            startup_size: Some(crate::learn::human_bytes(st.startup_bytes)),
+            ..st
+        };
+        write(
+            ctx,
+            img,
+            Update {
+                status,
+                notice: None,
+            },
+        )
+        .await?;
+        // The write brings the image back with its new status.
+        return Ok(Action::await_change());
+    }
+    let records = ctx.records.state();
+    let extra = crate::learn::surplus(img, owners, &records);
+    if !extra.is_empty() {
+        info!(
+            records = extra.len(),
+            "dropping startup records the plan will not merge"
+        );
+        crate::learn::prune(ctx, &extra).await;
+    }
+    let Some(pick) = crate::learn::pick(img, owners, &records) else {
+        return Ok(Action::await_change());
+    };
+    let Some(_slot) = build_slot(ctx, img, &shutdown).await? else {
+        return Ok(Action::await_change());
+    };
+    crate::learn::record(ctx, img, owners, &pick, shutdown).await?;
+    Ok(Action::await_change())
 }
 
 #[cfg(test)]

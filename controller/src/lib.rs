@@ -10,6 +10,7 @@ pub mod clients;
 pub mod context;
 pub mod crdgen;
 pub mod image;
+pub mod learn;
 pub mod metrics;
 pub mod policy;
 pub mod resolve;
@@ -27,7 +28,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
-use talaria_api::{AcceleratedImage, AccelerationPolicy};
+use talaria_api::{AcceleratedImage, AccelerationPolicy, StartupRecord};
 use talaria_artifact::oci::registry::RegistryConfig;
 use talaria_artifact::signature::SigningKey;
 use tokio::sync::watch;
@@ -148,12 +149,23 @@ pub async fn run(
     .reflect(ns_writer)
     .applied_objects();
 
+    // Records are read only when an image is reconciled, their traces only when merged.
+    let (records, record_writer) = reflector::store::<StartupRecord>();
+    let record_stream = watcher(
+        Api::<StartupRecord>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(record_writer)
+    .applied_objects();
+
     let ctx = Arc::new(Context {
         client: client.clone(),
         policies: policies.clone(),
         pods: pods.clone(),
         namespaces: namespaces.clone(),
         images: images.clone(),
+        records,
         resolver,
         builder,
         limits: context::Limits::new(&settings.build),
@@ -231,6 +243,9 @@ pub async fn run(
                 .filter(|i| i.owner_references().iter().any(|o| o.uid == uid))
                 .map(|i| ObjectRef::from_obj(i.as_ref()))
                 .collect::<Vec<_>>()
+        })
+        .watches_stream(record_stream, |r: StartupRecord| {
+            Some(ObjectRef::<AcceleratedImage>::new(&r.spec.accelerated_image))
         })
         .graceful_shutdown_on(shutdown_signal(shutdown.clone()))
         .run(

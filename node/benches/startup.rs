@@ -624,6 +624,7 @@ async fn build_artifact(
             trace,
             hot_span_size,
             pack,
+            budget: Some(talaria_artifact::build::DEFAULT_RECORDED_BUDGET),
         }));
     }
     let summary = build(store.clone(), tag, None, &opts)

@@ -86,7 +86,8 @@ struct Args {
     )]
     materialize_max_files: usize,
     /// File reads of lazily mounted layers within this long after a container starts are
-    /// recorded and served at /startup-trace (`talaria build --startup-trace` plans them);
+    /// recorded: written as StartupRecords for the controller's recorded plans (a policy's
+    /// `recording.windowSeconds`, cut to this), and served at /startup-trace on loopback;
     /// 0 turns recording off.
     #[arg(long, env = "TALARIA_NODE_RECORD_STARTUP_WINDOW", default_value = "60s", value_parser = parse_duration)]
     record_startup_window: Duration,
@@ -302,8 +303,21 @@ async fn main() -> anyhow::Result<()> {
         if let Some(k) = &trusted_keys {
             info!(keys = k.len(), "artifacts signed by a trusted key are used");
         }
+        // The learning loop needs the cluster (its policies, records and pods).
+        let learner = cluster.as_ref().map(|c| {
+            let l = Arc::new(talaria_node::remote::learn::Learner::new(
+                c.clone(),
+                recorder.clone(),
+                metrics.clone(),
+                cluster::node_platform(),
+                args.record_startup_window,
+            ));
+            tokio::spawn(l.clone().watch_usage(Duration::from_secs(60)));
+            l
+        });
         let opts = RemoteOptions {
             recorder: recorder.clone(),
+            learner,
             cache_dir: args.root.join("cache").join("spans"),
             cache_max_bytes: args.cache_mib.saturating_mul(1 << 20),
             read_timeout: args.read_timeout,

@@ -69,6 +69,14 @@ pub struct Metrics {
     pub bytes_prefetched: Counter,
     /// Compressed bytes fetched by the startup prefetch of images (also in `bytes_prefetched`).
     pub bytes_startup: Counter,
+    /// Compressed bytes of startup packs (recorded plans) fetched.
+    pub startup_pack_bytes: Counter,
+    /// StartupRecords this node wrote or did not, by outcome (`written`, `empty`,
+    /// `too_large`, `error`).
+    pub startup_records: Family<OutcomeLabels, Counter>,
+    /// 1 when containers started on this node (default runtime) since the last Prepare this
+    /// snapshotter saw, for longer than a grace period: containerd is not using it.
+    pub snapshotter_unused: Gauge,
     /// Per image and layer bytes (see [`LayerLabels`]); series are removed with the layer.
     pub layer_bytes: Family<LayerLabels, Counter>,
     /// Startup prefetches finished (whatever their outcome).
@@ -139,6 +147,9 @@ impl Metrics {
             bytes_prefetched: Counter::default(),
             bytes_from_cache: Counter::default(),
             bytes_startup: Counter::default(),
+            startup_pack_bytes: Counter::default(),
+            startup_records: Family::default(),
+            snapshotter_unused: Gauge::default(),
             layer_bytes: Family::default(),
             startup_prefetches: Counter::default(),
             startup_seconds: Histogram::new([
@@ -182,6 +193,21 @@ impl Metrics {
             "prefetched_bytes",
             "Compressed layer bytes fetched ahead of reads (startup prefetch and background fetch)",
             m.bytes_prefetched.clone(),
+        );
+        registry.register(
+            "startup_pack_bytes",
+            "Compressed bytes of startup packs (recorded plans) fetched",
+            m.startup_pack_bytes.clone(),
+        );
+        registry.register(
+            "startup_records",
+            "StartupRecords of image starts, by outcome (written, empty, too_large, error)",
+            m.startup_records.clone(),
+        );
+        registry.register(
+            "snapshotter_unused",
+            "1 when containers started on this node since the last Prepare the snapshotter saw: containerd does not use it",
+            m.snapshotter_unused.clone(),
         );
         registry.register(
             "from_cache_bytes",
@@ -382,6 +408,30 @@ impl Metrics {
                 kind: kind.to_string(),
             });
         }
+    }
+
+    pub fn startup_record(&self, outcome: &str) {
+        self.startup_records
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Bytes of `kind` charged to `image` over `layers` so far.
+    pub fn image_bytes(&self, image: &str, layers: &[String], kind: &str) -> u64 {
+        layers
+            .iter()
+            .filter_map(|l| {
+                self.layer_bytes
+                    .get(&LayerLabels {
+                        image: image.to_string(),
+                        layer: l.clone(),
+                        kind: kind.to_string(),
+                    })
+                    .map(|c| c.get())
+            })
+            .sum()
     }
 
     pub fn mounted_from(&self, source: &str) {

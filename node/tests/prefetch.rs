@@ -88,6 +88,7 @@ async fn build_artifact_with(
                 trace,
                 hot_span_size: 32 << 10,
                 pack: false,
+                budget: None,
             })
         }),
         ..BuildOptions::default()
@@ -647,6 +648,7 @@ async fn a_recorded_plan_with_a_pack_serves_the_reads_from_it() {
             trace,
             hot_span_size: 0,
             pack: true,
+            budget: None,
         })),
         ..BuildOptions::default()
     };

@@ -12,7 +12,7 @@
 //! Traces are in terms of layer digests, file paths and file offsets, never spans: a trace
 //! recorded with one span size builds plans for any other.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -267,6 +267,231 @@ pub enum TraceError {
     TooManyRanges(String, usize),
     #[error("startup trace is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("compact startup trace: {0}")]
+    Compact(String),
+}
+
+impl TraceError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TraceError::Version(_) => "version",
+            TraceError::TooLarge(_) | TraceError::TooManyRanges(..) => "too_large",
+            TraceError::Json(_) | TraceError::Compact(_) => "malformed",
+        }
+    }
+}
+
+/// Most compressed bytes of a compact trace (a StartupRecord's `trace`, 1 MiB of zstd in
+/// base64: under the API's object size limit).
+pub const MAX_COMPACT_BYTES: usize = 1 << 20;
+/// Most bytes a compact trace inflates to (JSON: ~100 bytes a file, [`MAX_TRACE_FILES`]).
+pub const MAX_COMPACT_JSON: u64 = 32 << 20;
+
+impl StartupTrace {
+    /// The trace as JSON compressed with zstd, in base64; `None` when the compressed bytes
+    /// exceed [`MAX_COMPACT_BYTES`] (see [`StartupTrace::first_files`]).
+    pub fn to_compact(&self) -> Option<String> {
+        use base64::Engine;
+        let json = serde_json::to_vec(self).ok()?;
+        let z = zstd::bulk::compress(&json, 9).ok()?;
+        (z.len() <= MAX_COMPACT_BYTES).then(|| base64::engine::general_purpose::STANDARD.encode(z))
+    }
+
+    /// Parses and checks a compact trace, inflating at most [`MAX_COMPACT_JSON`] bytes.
+    pub fn from_compact(s: &str) -> Result<StartupTrace, TraceError> {
+        use base64::Engine;
+        use std::io::Read;
+        if s.len() > MAX_COMPACT_BYTES.div_ceil(3) * 4 {
+            return Err(TraceError::Compact(format!(
+                "{} base64 bytes, more than {MAX_COMPACT_BYTES} compressed",
+                s.len()
+            )));
+        }
+        let z = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| TraceError::Compact(format!("base64: {e}")))?;
+        let mut json = Vec::new();
+        zstd::stream::read::Decoder::new(&z[..])
+            .map_err(|e| TraceError::Compact(format!("zstd: {e}")))?
+            .take(MAX_COMPACT_JSON + 1)
+            .read_to_end(&mut json)
+            .map_err(|e| TraceError::Compact(format!("zstd: {e}")))?;
+        if json.len() as u64 > MAX_COMPACT_JSON {
+            return Err(TraceError::Compact(format!(
+                "inflates to more than {MAX_COMPACT_JSON} bytes"
+            )));
+        }
+        StartupTrace::from_json(&json)
+    }
+
+    /// The trace of the layers `digests` only, first reads counted from the earliest one.
+    pub fn of_layers(&self, digests: &[String]) -> StartupTrace {
+        let mut layers: Vec<LayerTrace> = self
+            .layers
+            .iter()
+            .filter(|l| digests.contains(&l.digest) && !l.files.is_empty())
+            .cloned()
+            .collect();
+        let t0 = layers
+            .iter()
+            .flat_map(|l| &l.files)
+            .map(|f| f.first_ms)
+            .min()
+            .unwrap_or(0);
+        for f in layers.iter_mut().flat_map(|l| &mut l.files) {
+            f.first_ms -= t0;
+        }
+        StartupTrace {
+            version: TRACE_VERSION,
+            layers,
+        }
+    }
+
+    /// The files first read in the first `n`, across layers (to fit a size cap).
+    pub fn first_files(&self, n: usize) -> StartupTrace {
+        let mut times: Vec<u64> = self
+            .layers
+            .iter()
+            .flat_map(|l| &l.files)
+            .map(|f| f.first_ms)
+            .collect();
+        times.sort_unstable();
+        let Some(&cut) = times.get(n) else {
+            return self.clone();
+        };
+        let mut kept = 0usize;
+        let mut out = self.clone();
+        // Files at the cut time are kept while there is room (ties broken by order).
+        for l in &mut out.layers {
+            l.files.retain(|f| {
+                let keep = f.first_ms < cut || (f.first_ms == cut && kept < n);
+                kept += usize::from(keep && f.first_ms == cut);
+                keep
+            });
+        }
+        let before = out.files();
+        if before > n {
+            // More files share earlier times than `n`: drop from the latest layers' tails.
+            let mut extra = before - n;
+            for l in out.layers.iter_mut().rev() {
+                let d = extra.min(l.files.len());
+                l.files.truncate(l.files.len() - d);
+                extra -= d;
+            }
+        }
+        out.layers.retain(|l| !l.files.is_empty());
+        out
+    }
+}
+
+/// Merges the traces of several starts of one image. Starts are grouped by `command` (what
+/// the container ran: `None` for the image's own entrypoint); within a group a byte range is
+/// kept when at least half of the group's starts read it, so one unusual start does not
+/// define the plan; the groups are then united (each command's start is planned). A file's
+/// first read is the median of its starts' (each start counted from its own first read).
+pub fn merge_traces(starts: &[(Option<String>, StartupTrace)]) -> StartupTrace {
+    // (layer, path) → (first reads, ranges) over the groups' results.
+    let mut merged: BTreeMap<(String, String), (u64, Vec<ByteRange>)> = BTreeMap::new();
+    let mut groups: BTreeMap<Option<&str>, Vec<StartupTrace>> = BTreeMap::new();
+    for (cmd, t) in starts {
+        let digests: Vec<String> = t.layers.iter().map(|l| l.digest.clone()).collect();
+        groups
+            .entry(cmd.as_deref())
+            .or_default()
+            .push(t.of_layers(&digests));
+    }
+    for traces in groups.values() {
+        let need = traces.len().div_ceil(2);
+        // (layer, path) → per start: (first read, ranges).
+        let mut files: BTreeMap<(&str, &str), Vec<StartRead<'_>>> = BTreeMap::new();
+        for t in traces {
+            for l in &t.layers {
+                for f in &l.files {
+                    files
+                        .entry((&l.digest, &f.path))
+                        .or_default()
+                        .push((f.first_ms, &f.ranges));
+                }
+            }
+        }
+        for ((layer, path), reads) in files {
+            if reads.len() < need {
+                continue;
+            }
+            let kept = covered_by_at_least(reads.iter().map(|r| r.1), need);
+            if kept.is_empty() {
+                continue;
+            }
+            let mut firsts: Vec<u64> = reads.iter().map(|r| r.0).collect();
+            firsts.sort_unstable();
+            let first = firsts[firsts.len() / 2];
+            let e = merged
+                .entry((layer.to_string(), path.to_string()))
+                .or_insert((first, Vec::new()));
+            e.0 = e.0.min(first);
+            for r in kept {
+                add_range(&mut e.1, r.offset, r.len);
+            }
+        }
+    }
+    let mut layers: BTreeMap<String, Vec<TracedFile>> = BTreeMap::new();
+    for ((layer, path), (first_ms, ranges)) in merged {
+        layers.entry(layer).or_default().push(TracedFile {
+            path,
+            first_ms,
+            ranges,
+        });
+    }
+    StartupTrace {
+        version: TRACE_VERSION,
+        layers: layers
+            .into_iter()
+            .map(|(digest, mut files)| {
+                files.sort_by(|a, b| a.first_ms.cmp(&b.first_ms).then(a.path.cmp(&b.path)));
+                LayerTrace { digest, files }
+            })
+            .collect(),
+    }
+}
+
+/// One start's first read and ranges of a file.
+type StartRead<'a> = (u64, &'a [ByteRange]);
+
+/// The parts of the byte ranges covered by at least `need` of the (each sorted, disjoint)
+/// range lists.
+fn covered_by_at_least<'a>(
+    lists: impl Iterator<Item = &'a [ByteRange]>,
+    need: usize,
+) -> Vec<ByteRange> {
+    // +1 at a range's start, -1 at its end; starts sort before ends at the same offset only
+    // where that joins touching ranges of different starts.
+    let mut edges: Vec<(u64, i64)> = Vec::new();
+    for list in lists {
+        for r in list {
+            edges.push((r.offset, 1));
+            edges.push((r.offset.saturating_add(r.len), -1));
+        }
+    }
+    edges.sort_unstable_by_key(|&(at, d)| (at, -d));
+    let mut out = Vec::new();
+    let mut depth = 0i64;
+    let mut open: Option<u64> = None;
+    let need = i64::try_from(need).unwrap_or(i64::MAX).max(1);
+    for (at, d) in edges {
+        depth += d;
+        match open {
+            None if depth >= need => open = Some(at),
+            Some(s) if depth < need => {
+                if at > s {
+                    add_range(&mut out, s, at - s);
+                }
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 impl StartupTrace {
@@ -362,6 +587,91 @@ mod tests {
 
     fn r(offset: u64, len: u64) -> ByteRange {
         ByteRange { offset, len }
+    }
+
+    type File<'a> = (&'a str, u64, &'a [(u64, u64)]);
+
+    fn trace(files: &[File<'_>]) -> StartupTrace {
+        StartupTrace {
+            version: TRACE_VERSION,
+            layers: vec![LayerTrace {
+                digest: "sha256:l".into(),
+                files: files
+                    .iter()
+                    .map(|(p, t, rs)| TracedFile {
+                        path: p.to_string(),
+                        first_ms: *t,
+                        ranges: rs.iter().map(|&(o, l)| r(o, l)).collect(),
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn merged_starts_keep_what_half_of_each_command_read() {
+        let a = trace(&[("bin/app", 100, &[(0, 100)]), ("odd", 150, &[(0, 10)])]);
+        let b = trace(&[("bin/app", 10, &[(50, 100)])]);
+        let c = trace(&[("bin/app", 20, &[(60, 10)]), ("lib/x", 30, &[(0, 5)])]);
+        let m = merge_traces(&[(None, a.clone()), (None, b.clone()), (None, c)]);
+        let files: Vec<_> = m.layers[0]
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.first_ms, f.ranges.clone()))
+            .collect();
+        // 0..50 read once, 50..100 twice (a, b), 60..70 three times, 100..150 once (b): 2 of
+        // 3 keep 50..100; `odd` and `lib/x` were read by one start each. Times are each
+        // start's own (a from 100, so bin/app at 0; b and c from 10 and 20): median 0.
+        assert_eq!(files, vec![("bin/app", 0, vec![r(50, 50)])]);
+        // Two starts: either one's reads are kept.
+        let m = merge_traces(&[(None, a.clone()), (None, b.clone())]);
+        assert_eq!(m.files(), 2);
+        assert_eq!(m.layers[0].files[0].ranges, vec![r(0, 150)]);
+        // Another command is planned too, whatever the majority of the others read.
+        let m = merge_traces(&[
+            (None, a.clone()),
+            (None, b.clone()),
+            (None, b.clone()),
+            (Some("cmd".into()), trace(&[("bin/tool", 0, &[(0, 1)])])),
+        ]);
+        let paths: Vec<_> = m.layers[0].files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, vec!["bin/app", "bin/tool"]);
+        assert_eq!(m.layers[0].files[0].ranges, vec![r(50, 100)]);
+    }
+
+    #[test]
+    fn compact_traces_round_trip_and_are_capped() {
+        let t = trace(&[
+            ("bin/app", 3, &[(0, 100), (4096, 10)]),
+            ("lib/x", 5, &[(0, 5)]),
+        ]);
+        let c = t.to_compact().unwrap();
+        assert_eq!(StartupTrace::from_compact(&c).unwrap(), t);
+        assert!(matches!(
+            StartupTrace::from_compact("not base64!"),
+            Err(TraceError::Compact(_))
+        ));
+        let huge = "A".repeat(MAX_COMPACT_BYTES / 3 * 4 + 8);
+        assert!(matches!(
+            StartupTrace::from_compact(&huge),
+            Err(TraceError::Compact(_))
+        ));
+        // A bomb: a small zstd frame of many zeros.
+        use base64::Engine;
+        let bomb = zstd::bulk::compress(&vec![b' '; (MAX_COMPACT_JSON + 10) as usize], 3).unwrap();
+        let bomb = base64::engine::general_purpose::STANDARD.encode(bomb);
+        assert!(matches!(
+            StartupTrace::from_compact(&bomb),
+            Err(TraceError::Compact(m)) if m.contains("inflates")
+        ));
+        // The first files, by first read.
+        assert_eq!(t.first_files(1).layers[0].files[0].path, "bin/app");
+        assert_eq!(t.first_files(1).files(), 1);
+        assert_eq!(t.first_files(5), t);
+        // Only the image's layers, counted from the first read.
+        let o = t.of_layers(&["sha256:l".into()]);
+        assert_eq!(o.layers[0].files[0].first_ms, 0);
+        assert_eq!(t.of_layers(&["sha256:other".into()]).files(), 0);
     }
 
     #[test]

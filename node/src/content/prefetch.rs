@@ -914,6 +914,7 @@ impl Fetcher {
             held: Mutex::new(Vec::new()),
             waits: AtomicU64::new(0),
             wait_micros: AtomicU64::new(0),
+            report: Mutex::new(None),
         });
         jobs.insert(manifest.to_string(), job.clone());
         drop(jobs);
@@ -955,6 +956,16 @@ impl Fetcher {
 
     fn finish(&self, j: &ImageJob, elapsed: Duration, res: &Option<StartupStats>) {
         let m = &self.metrics;
+        if let Some(st) = res {
+            m.startup_pack_bytes.inc_by(st.pack_bytes);
+            if let Ok(mut r) = j.report.lock() {
+                *r = Some(StartupReport {
+                    plan: st.plan,
+                    pack_bytes: st.pack_bytes,
+                    startup_bytes: st.bytes,
+                });
+            }
+        }
         m.startup_requests
             .inc_by(res.as_ref().map_or(0, |st| st.requests));
         m.startup_spans
@@ -1800,9 +1811,29 @@ pub struct ImageJob {
     /// Reads of the image's layers that waited for the network while the job ran.
     waits: AtomicU64,
     wait_micros: AtomicU64,
+    /// What the startup prefetch did, once it ended.
+    report: Mutex<Option<StartupReport>>,
+}
+
+/// What an image's startup prefetch fetched (for the events on its pods).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StartupReport {
+    /// Which plan it followed (`recorded`, `predicted`, ...).
+    pub plan: &'static str,
+    /// Compressed bytes of the startup pack, and of the plan's spans.
+    pub pack_bytes: u64,
+    pub startup_bytes: u64,
 }
 
 impl ImageJob {
+    /// The startup prefetch's report, once it ended.
+    pub fn report(&self) -> Option<StartupReport> {
+        self.report.lock().ok()?.clone()
+    }
+
+    pub fn image(&self) -> &str {
+        &self.image
+    }
     /// The index of `layer`, loaded by `load` unless the job (or another Prepare) already
     /// has or is loading it.
     pub async fn index<F, Fut>(&self, layer: &str, load: F) -> Result<LoadedIndex, PrefetchError>

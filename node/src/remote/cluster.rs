@@ -9,11 +9,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config, Resource};
-use talaria_api::{AcceleratedImage, AccelerationPolicy, ArtifactRef, Phase};
+use talaria_api::{
+    AcceleratedImage, AccelerationPolicy, ArtifactRef, Phase, PlanSource, RecordingSettings,
+    StartupRecord, StartupRecordSpec,
+};
 use tracing::{debug, warn};
 
 use crate::content::prefetch::Poisoned;
@@ -56,6 +60,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
 
 /// Watched caches of the cluster's AcceleratedImages and AccelerationPolicies.
 pub struct ClusterSource {
+    client: Client,
     store: Store<AcceleratedImage>,
     policies: Store<AccelerationPolicy>,
     /// Events about AcceleratedImages (a layer that failed verification).
@@ -80,6 +85,7 @@ impl ClusterSource {
             instance: std::env::var("NODE_NAME").ok(),
         };
         ClusterSource {
+            client: client.clone(),
             store: watch(Api::all(client.clone()), "AcceleratedImage"),
             policies: watch(Api::all(client.clone()), "AccelerationPolicy"),
             recorder: Recorder::new(client, reporter),
@@ -136,6 +142,115 @@ impl ClusterSource {
         };
         if let Err(e) = self.recorder.publish(&event, &r).await {
             warn!(error = %e, node, "event not recorded");
+        }
+    }
+
+    /// What the learning loop wants of a start of `manifest` on `platform`: the approved,
+    /// Ready AcceleratedImage whose plan it would record, if recording is on and the plan
+    /// still lacks starts.
+    pub fn recording_target(&self, manifest: &str, platform: &str) -> Option<RecordingTarget> {
+        let mut found: Vec<RecordingTarget> = self
+            .store
+            .state()
+            .iter()
+            .filter(|img| img.spec.digest == manifest)
+            .filter(|img| same_platform(&img.spec.platform, platform))
+            .filter(|img| approved(img, &self.policies))
+            .filter_map(|img| {
+                let st = img.status.as_ref()?;
+                if st.phase != Phase::Ready || st.artifact.is_none() {
+                    return None;
+                }
+                let owners: Vec<_> = owner_policies(img, &self.policies);
+                let settings = RecordingSettings::of(owners.iter().map(|p| p.as_ref()));
+                let merged = st.recorded_starts.len();
+                let recorded = st.plan_source == Some(PlanSource::Recorded);
+                let wanted = settings.enabled
+                    && (!recorded
+                        || merged < usize::try_from(settings.starts).unwrap_or(usize::MAX));
+                wanted.then(|| RecordingTarget {
+                    name: img.metadata.name.clone().unwrap_or_default(),
+                    uid: img.metadata.uid.clone().unwrap_or_default(),
+                    digest: img.spec.digest.clone(),
+                    window: Duration::from_secs(u64::from(settings.window_seconds)),
+                })
+            })
+            .collect();
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        found.into_iter().next()
+    }
+
+    /// How the Ready AcceleratedImage of `manifest` plans its starts (`recorded`,
+    /// `predicted`), for the events on pods.
+    pub fn plan_source(&self, manifest: &str, platform: &str) -> Option<PlanSource> {
+        self.store
+            .state()
+            .iter()
+            .filter(|img| {
+                img.spec.digest == manifest && same_platform(&img.spec.platform, platform)
+            })
+            .filter(|img| approved(img, &self.policies))
+            .filter_map(|img| img.status.as_ref()?.plan_source)
+            .max_by_key(|p| *p == PlanSource::Recorded)
+    }
+
+    /// Writes a StartupRecord owned by the AcceleratedImage it is about (so it goes with it).
+    pub async fn create_record(
+        &self,
+        target: &RecordingTarget,
+        spec: StartupRecordSpec,
+    ) -> Result<String, kube::Error> {
+        let api: Api<StartupRecord> = Api::all(self.client.clone());
+        let mut r = StartupRecord::new("", spec);
+        r.metadata.name = None;
+        // Names are at most 253 characters; the suffix is the apiserver's.
+        let prefix: String = target.name.chars().take(200).collect();
+        r.metadata.generate_name = Some(format!("{prefix}-"));
+        r.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: format!("{}/{}", talaria_api::GROUP, talaria_api::VERSION),
+                kind: "AcceleratedImage".into(),
+                name: target.name.clone(),
+                uid: target.uid.clone(),
+                ..Default::default()
+            },
+        ]);
+        let created = api.create(&Default::default(), &r).await?;
+        Ok(created.metadata.name.unwrap_or_default())
+    }
+
+    /// The pods on this node (`NODE_NAME`); empty without it or on error (logged).
+    pub async fn pods_on_node(&self) -> Vec<Pod> {
+        let Ok(node) = std::env::var("NODE_NAME") else {
+            return Vec::new();
+        };
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+        match api.list(&lp).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                warn!(error = %e, "listing this node's pods");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Publishes an Event about `pod`.
+    pub async fn report_pod(&self, pod: &Pod, warning: bool, reason: &str, note: String) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(truncate_note(note)),
+            action: reason.into(),
+            secondary: None,
+        };
+        let r = pod.object_ref(&());
+        if let Err(e) = self.recorder.publish(&event, &r).await {
+            warn!(error = %e, pod = r.name.as_deref().unwrap_or(""), "event not recorded");
         }
     }
 
@@ -228,6 +343,35 @@ fn approved(img: &AcceleratedImage, policies: &Store<AccelerationPolicy>) -> boo
                 .get(&reflector::ObjectRef::new(&o.name))
                 .is_some_and(|p| p.metadata.uid.as_deref() == Some(o.uid.as_str()))
         })
+}
+
+/// The live policies that own `img` (see [`approved`]).
+fn owner_policies(
+    img: &AcceleratedImage,
+    policies: &Store<AccelerationPolicy>,
+) -> Vec<std::sync::Arc<AccelerationPolicy>> {
+    img.metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|o| o.kind == "AccelerationPolicy" && o.api_version.starts_with("talaria.dev/"))
+        .filter_map(|o| {
+            policies
+                .get(&reflector::ObjectRef::new(&o.name))
+                .filter(|p| p.metadata.uid.as_deref() == Some(o.uid.as_str()))
+        })
+        .collect()
+}
+
+/// An AcceleratedImage whose plan a start on this node would add to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingTarget {
+    pub name: String,
+    pub uid: String,
+    pub digest: String,
+    /// How long after the image's first Prepare its reads count as its start.
+    pub window: Duration,
 }
 
 fn same_platform(spec: &str, node: &str) -> bool {

@@ -14,6 +14,7 @@
 //! `layer.index`), so a restarted node remounts every remote snapshot without the registry.
 
 pub mod cluster;
+pub mod learn;
 pub mod takeover;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -99,6 +100,8 @@ pub struct RemoteOptions {
     pub trusted_keys: Option<TrustedKeys>,
     /// Records the file reads of container starts (served at `/startup-trace`).
     pub recorder: Option<Arc<TraceRecorder>>,
+    /// Turns image starts into StartupRecords and Events (with the cluster source).
+    pub learner: Option<Arc<learn::Learner>>,
     /// How long a job started by a pull warm-up runs without any layer of its image
     /// mounted before it is stopped (the pull went to another snapshotter, or failed).
     pub warmup_wait: Duration,
@@ -815,6 +818,19 @@ impl RemoteLayers {
             self.fetcher
                 .job(manifest, image_ref, &parsed.repository, art, &found.repo)
         });
+        if let Some(l) = &self.opts.learner {
+            l.started(
+                &self.rt,
+                learn::ImageStart {
+                    manifest: manifest.to_string(),
+                    image_ref: image_ref.to_string(),
+                    layers: art.layers.iter().map(|l| l.layer_digest.clone()).collect(),
+                    artifact: art.descriptor.digest.clone(),
+                    source: found.source.label(),
+                },
+                self.fetcher.clone(),
+            );
+        }
         let rec = RemoteRecord {
             image_ref: image_ref.to_string(),
             registry: parsed.repository.registry,
@@ -885,6 +901,7 @@ struct RemoteLayer<'a> {
     /// Taken by the mount.
     located: Option<Located>,
     layer_digest: String,
+    image_ref: String,
     artifact: String,
     source: ArtifactSource,
 }
@@ -898,10 +915,16 @@ impl RemoteLayers {
             .map_err(|_| RemoteError::Timeout("resolving the artifact", timeout))?
     }
 
-    /// Counts and logs why a layer is unpacked normally.
-    fn fell_back(&self, key: &str, e: &RemoteError) {
+    /// Counts and logs why a layer of `image` is unpacked normally.
+    fn fell_back(&self, key: &str, image: Option<&str>, e: &RemoteError) {
         let reason = e.reason();
         self.metrics.fallback(reason);
+        // Images no policy accelerates, and snapshots that are not image layers, are no news.
+        if let (Some(l), Some(image)) = (&self.opts.learner, image)
+            && !matches!(e, RemoteError::MissingLabel(_) | RemoteError::NoArtifact(_))
+        {
+            l.fell_back(&self.rt, image, reason, e.to_string());
+        }
         match e {
             RemoteError::MissingLabel(_) | RemoteError::NoArtifact(_) => {
                 info!(key, reason, error = %e, "unpacking the layer normally")
@@ -979,7 +1002,7 @@ impl LocatedLayer for RemoteLayer<'_> {
                         source,
                     },
                 };
-                self.layers.fell_back(&self.key, &e);
+                self.layers.fell_back(&self.key, Some(&self.image_ref), &e);
             }
         }
     }
@@ -995,6 +1018,9 @@ impl PrepareHook for RemoteLayers {
         // A layer or a container's snapshot: either way a container is about to start.
         if let Some(r) = &self.opts.recorder {
             r.started();
+        }
+        if let Some(l) = &self.opts.learner {
+            l.prepared();
         }
         // Not a layer unpack (a container's or a view's snapshot): nothing to provide.
         let target = labels
@@ -1015,13 +1041,14 @@ impl PrepareHook for RemoteLayers {
                     target: target.clone(),
                     t0,
                     layer_digest: located.rec.layer_digest.clone(),
+                    image_ref: located.rec.image_ref.clone(),
                     artifact: located.rec.artifact.clone(),
                     source: located.source,
                     located: Some(located),
                 }))
             }
             Err(e) => {
-                self.fell_back(key, &e);
+                self.fell_back(key, labels.get(CRI_IMAGE_REF_LABEL).map(|s| s.as_str()), &e);
                 None
             }
         }
