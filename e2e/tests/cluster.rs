@@ -417,6 +417,7 @@ async fn installs_and_registers_the_snapshotter(version: ContainerdVersion) {
             .set_kubelet_image_service(None)
             .await
             .expect("kubelet back on containerd's image service");
+        learning_loop_records_and_serves_the_next_start(&cluster, &client).await;
     }
     upgrade_replaces_the_agent_and_new_pods_start(
         &cluster,
@@ -472,6 +473,250 @@ fn push_app_image(reg: &str) -> String {
         .push(reg, "e2e/app", "1")
         .expect("pushing the app image");
     format!("{reg}/e2e/app@{digest}")
+}
+
+/// An image whose start reads some of its files: busybox, a layer of 24 files of 256 KiB of
+/// which the command reads 6, and a layer with a 2 MiB file read in part.
+fn push_learn_image(reg: &str) -> String {
+    let mut data = LayerBuilder::new().dir("data", 0o755);
+    for i in 0..24u64 {
+        data = data.file(
+            &format!("data/f{i}"),
+            images::noise(100 + i, 256 << 10),
+            0o644,
+        );
+    }
+    let image = ImageBuilder::new()
+        .layer(images::busybox_layer().expect("busybox layer"))
+        .layer(data.build().expect("data layer"))
+        .layer(
+            LayerBuilder::new()
+                .dir("model", 0o755)
+                .file("model/weights", images::noise(200, 2 << 20), 0o644)
+                .build()
+                .expect("model layer"),
+        )
+        .cmd(&[
+            "/bin/sh",
+            "-c",
+            "for i in 1 3 5 7 11 13; do cat /data/f$i >/dev/null; done; \
+             dd if=/model/weights of=/dev/null bs=64k skip=8 count=8 2>/dev/null; \
+             touch /tmp/ok; exec sleep 3600",
+        ])
+        .build()
+        .expect("learn image");
+    let digest = image
+        .push(reg, "e2e/learn", "1")
+        .expect("pushing the learn image");
+    format!("{reg}/e2e/learn:1@{digest}")
+}
+
+/// The pod `name` in namespace `ns` running `image` (Ready once its start script ran).
+fn learn_pod(name: &str, image: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": image,
+                "readinessProbe": {
+                    "exec": { "command": ["cat", "/tmp/ok"] },
+                    "periodSeconds": 1,
+                },
+            }],
+        },
+    }))
+    .expect("pod")
+}
+
+/// Events about pod `name` of namespace `ns` with `reason`: their notes.
+async fn pod_events(client: &kube::Client, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| {
+                    e.involved_object.name.as_deref() == Some(name)
+                        && e.reason.as_deref() == Some(reason)
+                })
+                .map(|e| e.message.unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 24's loop with no step in between: the first pod of an image starts on the predicted
+/// plan; its node records the start and the controller pins a recorded plan; after the
+/// image and its snapshots are gone from the node, the next pod is served from the recorded
+/// startup pack, and Events on both pods say what served them.
+async fn learning_loop_records_and_serves_the_next_start(cluster: &Cluster, client: &kube::Client) {
+    let t0 = Instant::now();
+    let reg = cluster.registry().host();
+    let image = push_learn_image(&reg);
+    let digest = image.split_once('@').expect("digest").1.to_string();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "learn" } })).expect("ns"),
+        )
+        .await
+        .expect("creating namespace learn");
+    // A short window (the default is 60 s) and one start, to keep the test short.
+    let policy: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "talaria.dev/v1alpha1",
+        "kind": "AccelerationPolicy",
+        "metadata": { "name": "learn" },
+        "spec": {
+            "images": [image],
+            "recording": { "windowSeconds": 10, "starts": 1 },
+        },
+    }))
+    .expect("policy");
+    dynamic(client, "AccelerationPolicy")
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("creating the learn policy");
+    let accimgs = dynamic(client, "AcceleratedImage");
+    let status = || async {
+        accimgs
+            .list(&ListParams::default())
+            .await
+            .ok()
+            .and_then(|l| {
+                l.items
+                    .into_iter()
+                    .find(|o| o.data["spec"]["digest"] == digest.as_str())
+            })
+            .map(|o| o.data["status"].clone())
+            .unwrap_or_default()
+    };
+    wait_until(
+        client,
+        "the learn image's AcceleratedImage Ready",
+        ROLLOUT,
+        || async { status().await["phase"] == "Ready" },
+    )
+    .await;
+    let st = status().await;
+    assert_eq!(st["planSource"], "predicted", "{st}");
+    assert!(
+        st["reference"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("{reg}/e2e/learn:1@sha256:"))
+                && r.len() == format!("{reg}/e2e/learn:1@sha256:").len() + 12),
+        "{st}"
+    );
+    let predicted = st["artifact"]["digest"].clone();
+
+    // First start: the predicted plan.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "learn");
+    pods.create(&PostParams::default(), &learn_pod("first", &image))
+        .await
+        .expect("creating the first pod");
+    wait_until(client, "the first learn pod Ready", ROLLOUT, || async {
+        pods.get_opt("first")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|p| pod_ready(&p))
+    })
+    .await;
+    // No step: the node writes the record after the window, the controller builds and pins.
+    wait_until(client, "the recorded plan pinned", ROLLOUT, || async {
+        status().await["planSource"] == "recorded"
+    })
+    .await;
+    let st = status().await;
+    eprintln!(
+        "learning loop: recorded plan pinned {:.1?} after the policy",
+        t0.elapsed()
+    );
+    assert_ne!(st["artifact"]["digest"], predicted, "{st}");
+    let start = &st["recordedStarts"][0];
+    assert_eq!(start["pod"], "learn/first", "{st}");
+    assert!(
+        start["node"].as_str().is_some_and(|n| !n.is_empty()),
+        "{st}"
+    );
+    let served = pod_events(client, "learn", "first", "ImageAccelerated").await;
+    assert!(
+        served
+            .iter()
+            .any(|n| n.contains("predicted plan") && n.contains("StartupRecord")),
+        "{served:?}"
+    );
+
+    // The image, its snapshots (and so the lazy mounts) and content leave the node.
+    pods.delete("first", &DeleteParams::default())
+        .await
+        .expect("deleting the first pod");
+    wait_until(client, "the first pod gone", ROLLOUT, || async {
+        pods.get_opt("first").await.ok().flatten().is_none()
+    })
+    .await;
+    let ctr = tool("ctr").expect("ctr");
+    let listed = Command::new(&ctr)
+        .arg("--address")
+        .arg(cluster.containerd_socket())
+        .args(["-n", "k8s.io", "images", "ls", "-q"])
+        .output()
+        .expect("ctr images ls");
+    let refs: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|l| l.contains("e2e/learn") || l.contains(digest.as_str()))
+        .map(str::to_string)
+        .collect();
+    assert!(!refs.is_empty(), "the learn image in containerd");
+    let rm = Command::new(&ctr)
+        .arg("--address")
+        .arg(cluster.containerd_socket())
+        .args(["-n", "k8s.io", "images", "rm", "--sync"])
+        .args(&refs)
+        .output()
+        .expect("ctr images rm");
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    let pack0 = node_metric(client, "talaria_node_startup_pack_bytes_total").await;
+    let demand0 = node_metric(client, "talaria_node_fetched_on_demand_bytes_total").await;
+
+    // Second start: the recorded pack.
+    pods.create(&PostParams::default(), &learn_pod("second", &image))
+        .await
+        .expect("creating the second pod");
+    wait_until(client, "the second learn pod Ready", ROLLOUT, || async {
+        pods.get_opt("second")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|p| pod_ready(&p))
+    })
+    .await;
+    let pack = node_metric(client, "talaria_node_startup_pack_bytes_total").await - pack0;
+    let demand = node_metric(client, "talaria_node_fetched_on_demand_bytes_total").await - demand0;
+    eprintln!("learning loop: second start fetched {pack} pack bytes, {demand} on demand");
+    assert!(pack > 0, "the second start fetched no startup pack");
+    assert!(
+        demand * 10 <= pack,
+        "on demand {demand} bytes against a pack of {pack}: the pack missed the start's reads"
+    );
+    wait_until(client, "the Event on the second pod", ROLLOUT, || async {
+        pod_events(client, "learn", "second", "ImageAccelerated")
+            .await
+            .iter()
+            .any(|n| n.contains("recorded plan") && !n.contains("startup pack 0.0 MiB"))
+    })
+    .await;
+    pods.delete("second", &DeleteParams::default())
+        .await
+        .expect("deleting the second pod");
 }
 
 fn dynamic(client: &kube::Client, kind: &str) -> Api<DynamicObject> {
