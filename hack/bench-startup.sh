@@ -22,6 +22,8 @@ TMPFS_GIB=${BENCH_TMPFS_GIB:-10}
 images=$(hack/workload-images.sh)
 # Build first, so the build's own temp files stay out of the tmpfs.
 cargo bench --profile "$PROFILE" -p talaria-node --bench startup --no-run
+# talaria-learned runs the real controller next to the node binary.
+cargo build --profile "$PROFILE" -p talaria-controller --bin talaria-controller
 if [ "$TMPFS_GIB" != 0 ]; then
   tmp=$(mktemp -d /tmp/talaria-bench-tmpfs.XXXXXX)
   mount -t tmpfs -o "size=${TMPFS_GIB}g,mode=1777" tmpfs "$tmp"

@@ -323,7 +323,8 @@ fn desired(
                     knobs: p.spec.knobs.clone(),
                     artifact_repository: p.spec.artifact_repository.clone(),
                 },
-                reference: reference.clone(),
+                // As named (with its tag), for `kubectl get accimg`.
+                reference: r.named(),
                 pull_secrets: BTreeSet::new(),
             });
             d.pull_secrets.extend(secrets.iter().cloned());

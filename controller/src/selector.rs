@@ -41,6 +41,14 @@ impl NormalizedRef {
             .unwrap_or_else(|| "latest".into())
     }
 
+    /// The reference as named, tag and digest both when given: `registry/repository:tag@digest`.
+    pub fn named(&self) -> String {
+        match (&self.tag, &self.digest) {
+            (Some(t), Some(d)) => format!("{}:{t}@{d}", self.repo()),
+            _ => self.fetchable(),
+        }
+    }
+
     /// The full reference to fetch: `registry/repository@digest` or `...:tag`.
     pub fn fetchable(&self) -> String {
         match &self.digest {
@@ -226,6 +234,14 @@ mod tests {
         let r = n(&format!("reg.io/x:1@{d}"));
         assert_eq!(r.reference(), d);
         assert_eq!(r.fetchable(), format!("reg.io/x@{d}"));
+        let d = format!("sha256:{}", "a".repeat(64));
+        let both = normalize(&format!("reg.io/x:1@{d}")).expect("tag and digest");
+        assert_eq!(both.named(), format!("reg.io/x:1@{d}"));
+        assert_eq!(both.fetchable(), format!("reg.io/x@{d}"));
+        assert_eq!(
+            normalize("x").expect("hub").named(),
+            "docker.io/library/x:latest"
+        );
         assert_eq!(normalize(""), None);
         assert_eq!(normalize("reg.io/x@sha256:zz"), None);
         assert_eq!(normalize("reg.io/X:1"), None);

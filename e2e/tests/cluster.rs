@@ -549,6 +549,66 @@ async fn pod_events(client: &kube::Client, ns: &str, name: &str, reason: &str) -
         .unwrap_or_default()
 }
 
+/// `kubectl get` of a cluster-scoped resource at `path`, as kubectl prints it: the server's
+/// table (printer columns), in aligned columns.
+async fn kubectl_get(client: &kube::Client, path: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let req = ::http::Request::get(path)
+        .header(
+            "Accept",
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+        )
+        .body(Vec::new())
+        .expect("request");
+    let table: serde_json::Value = client.request(req).await.expect("table");
+    let header: Vec<String> = table["columnDefinitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_uppercase())
+        .collect();
+    let rows: Vec<Vec<String>> = table["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            r["cells"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| match c {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "<none>".into(),
+                    v => v.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.len()))
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_string()
+    };
+    eprintln!("$ kubectl get {path}\n{}", line(&header));
+    for r in &rows {
+        eprintln!("{}", line(r));
+    }
+    (header, rows)
+}
+
 /// Issue 24's loop with no step in between: the first pod of an image starts on the predicted
 /// plan; its node records the start and the controller pins a recorded plan; after the
 /// image and its snapshots are gone from the node, the next pod is served from the recorded
@@ -643,6 +703,31 @@ async fn learning_loop_records_and_serves_the_next_start(cluster: &Cluster, clie
         start["node"].as_str().is_some_and(|n| !n.is_empty()),
         "{st}"
     );
+    // `kubectl get accimg`: the reference with tag and short digest, plan source, size.
+    let (header, rows) = kubectl_get(client, "/apis/talaria.dev/v1alpha1/acceleratedimages").await;
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "IMAGE",
+            "PLATFORM",
+            "PHASE",
+            "PLAN",
+            "STARTUP",
+            "LAST-ERROR",
+            "AGE"
+        ]
+    );
+    let row = rows
+        .iter()
+        .find(|r| r[1].contains("e2e/learn:1@sha256:"))
+        .expect("the learn image's row");
+    assert_eq!(
+        (row[3].as_str(), row[4].as_str()),
+        ("Ready", "recorded"),
+        "{row:?}"
+    );
+    assert!(row[5].ends_with("iB"), "human units: {row:?}");
     let served = pod_events(client, "learn", "first", "ImageAccelerated").await;
     assert!(
         served

@@ -71,7 +71,7 @@ struct Args {
     )]
     links: Vec<Link>,
     /// Comma-separated: overlayfs, talaria-none, talaria-default, talaria-accelerated,
-    /// talaria-recorded, talaria-recorded-proxy.
+    /// talaria-recorded, talaria-recorded-proxy, talaria-learned.
     #[arg(
         long,
         value_delimiter = ',',
@@ -104,6 +104,10 @@ struct Args {
     /// measurement on one node version while the shared target dir is rebuilt.
     #[arg(long)]
     node_bin: Option<PathBuf>,
+    /// The talaria-controller binary for talaria-learned (default: next to the node binary;
+    /// hack/bench-startup.sh builds it).
+    #[arg(long)]
+    controller_bin: Option<PathBuf>,
     /// Run talaria-node with `talaria-fuse-holder`, as the chart does (its binary next to
     /// --node-bin, or the one cargo built).
     #[arg(long)]
@@ -170,6 +174,10 @@ enum Variant {
     /// kubelet does with `imageService.enabled`): the node starts on the artifact when the
     /// pull begins, not at containerd's first Prepare.
     TalariaRecordedProxy,
+    /// The learning loop with no shortcut: a real apiserver, the talaria-controller binary
+    /// (it builds the predicted artifact, then the recorded one from the StartupRecord a
+    /// talaria-node wrote after one start), nodes resolving through the cluster's pin.
+    TalariaLearned,
 }
 
 impl Variant {
@@ -181,16 +189,19 @@ impl Variant {
             Variant::TalariaAccelerated => "talaria-accelerated",
             Variant::TalariaRecorded => "talaria-recorded",
             Variant::TalariaRecordedProxy => "talaria-recorded-proxy",
+            Variant::TalariaLearned => "talaria-learned",
         }
     }
 
     /// One tag per artifact kind; the tags differ only in config, so they share every layer.
+    /// (talaria-learned's image is per link: see [`learned_tag`].)
     fn tag(self) -> &'static str {
         match self {
             Variant::Overlayfs | Variant::TalariaNone => "none",
             Variant::TalariaDefault => "default",
             Variant::TalariaAccelerated => "accelerated",
             Variant::TalariaRecorded | Variant::TalariaRecordedProxy => "recorded",
+            Variant::TalariaLearned => "learned",
         }
     }
 
@@ -215,6 +226,13 @@ const TAGS: [(&str, Option<Profile>); 4] = [
     ("accelerated", Some(Profile::StartupLocalV1)),
     ("recorded", Some(Profile::Default)),
 ];
+
+/// The tag of talaria-learned on `link`: an image of its own per link (no artifact pushed
+/// here), as the controller pins its artifact in the repository of the registry it built
+/// from: the shaped one.
+fn learned_tag(link: Link) -> String {
+    format!("learned-{}mbit-{}ms", link.rate_mbit, link.delay_ms)
+}
 
 /// How a workload says it is ready.
 #[derive(Clone, Debug)]
@@ -389,6 +407,20 @@ async fn run(args: Args) -> Result<()> {
         }
     }
 
+    let learn = args.variants.contains(&Variant::TalariaLearned);
+    if learn {
+        for w in &workloads {
+            for link in &args.links {
+                let (h, repo, tag) = (local.host(), w.repo(), learned_tag(*link));
+                let image = image_for(w, &tag)?;
+                tokio::task::spawn_blocking(move || image.push(&h, &repo, &tag))
+                    .await
+                    .context("push task")?
+                    .with_context(|| format!("push {}:{}", w.repo(), learned_tag(*link)))?;
+            }
+        }
+    }
+
     let mut samples: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
     // What the startup reads: a talaria-default run with --no-prefetch (one per workload).
     let mut probes: BTreeMap<String, NodeCounters> = BTreeMap::new();
@@ -423,12 +455,31 @@ async fn run(args: Args) -> Result<()> {
             );
             probes.insert(w.name.clone(), s.node);
         }
+        // The learned plans: the controller builds them from one start's StartupRecord.
+        let learning = if learn {
+            Some(
+                Learning::start(&args, &host, *link, &workloads, &node_args)
+                    .await
+                    .with_context(|| format!("talaria-learned ({link}): the learning loop"))?,
+            )
+        } else {
+            None
+        };
+        let learned_args: Vec<String> = match &learning {
+            Some(l) => l.node_args(&node_args),
+            None => Vec::new(),
+        };
         for run in 0..args.runs {
             for w in &workloads {
                 for v in &args.variants {
                     let t = Instant::now();
                     let label = format!("{run}");
-                    let s = cold_start(w, *v, &label, &host, *link, &node_args, &args)
+                    let a = if *v == Variant::TalariaLearned {
+                        &learned_args
+                    } else {
+                        &node_args
+                    };
+                    let s = cold_start(w, *v, &label, &host, *link, a, &args)
                         .await
                         .with_context(|| format!("{} {link} run {run} {}", w.name, v.name()))?;
                     eprintln!(
@@ -450,6 +501,7 @@ async fn run(args: Args) -> Result<()> {
                 }
             }
         }
+        drop(learning);
     }
     let wall = t_total.elapsed();
     let report = Report {
@@ -903,7 +955,11 @@ async fn cold_start(
         .with_timeouts(Duration::from_secs(120), timeout);
     // The sandbox exists before the pull, as kubelet creates it first.
     let pod = cri.run_pod("startup").await.context("RunPodSandbox")?;
-    let image = format!("{host}/{}:{}", w.repo(), variant.tag());
+    let tag = match variant {
+        Variant::TalariaLearned => learned_tag(link),
+        v => v.tag().to_string(),
+    };
+    let image = format!("{host}/{}:{tag}", w.repo());
     let images = if via_proxy {
         std::os::unix::fs::symlink(env.socket(), &containerd_link)
             .context("link containerd's socket for the proxy")?;
@@ -948,6 +1004,26 @@ async fn cold_start(
     } else {
         String::new()
     };
+    if label == LEARN_RUN {
+        // The node writes its record once the policy's window after the first Prepare ends.
+        let t = Instant::now();
+        loop {
+            let m = http_get(&metrics_addr, "/metrics").context("scrape talaria-node metrics")?;
+            if metric_lines(&m, "talaria_node_startup_records")
+                .iter()
+                .any(|(l, v)| l.contains("outcome=\"written\"") && *v >= 1.0)
+            {
+                break;
+            }
+            ensure!(
+                t.elapsed() < LEARN_WINDOW + Duration::from_secs(60),
+                "{}: no StartupRecord written: {:?}",
+                w.name,
+                metric_lines(&m, "talaria_node_startup_records")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let trace = if node.is_some() && label == "record" {
         let resp = http_get(&metrics_addr, "/startup-trace").context("get /startup-trace")?;
         let body = resp
@@ -992,6 +1068,188 @@ async fn cold_start(
         },
         trace,
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// The learning loop (talaria-learned)
+
+/// The label of the start the learning loop records.
+const LEARN_RUN: &str = "learn";
+/// The bench policy's `recording.windowSeconds`: long enough for the start and its first
+/// readiness probes.
+const LEARN_WINDOW: Duration = Duration::from_secs(10);
+
+/// A real apiserver and the talaria-controller binary, with a policy selecting every
+/// workload's "learned" tag; after [`Learning::start`], each of those images has its recorded
+/// plan pinned.
+struct Learning {
+    controller: std::process::Child,
+    api: talaria_testenv::apiserver::KubeApi,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Learning {
+    fn drop(&mut self) {
+        let _ = self.controller.kill();
+        let _ = self.controller.wait();
+    }
+}
+
+impl Learning {
+    async fn start(
+        args: &Args,
+        host: &str,
+        link: Link,
+        workloads: &[Workload],
+        node_args: &[String],
+    ) -> Result<Learning> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use kube::Api;
+        use kube::api::PostParams;
+        let t0 = Instant::now();
+        let api = talaria_testenv::apiserver::KubeApi::start()
+            .await
+            .context("start etcd and kube-apiserver")?;
+        let client = api.client().await.context("apiserver client")?;
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+            let crd: CustomResourceDefinition =
+                serde_saphyr::from_str(&read_text(&e?.path())?).context("CRD YAML")?;
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .context("create a CRD")?;
+        }
+        // Established before the controller watches them.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let bin = args.controller_bin.clone().unwrap_or_else(|| {
+            args.node_bin
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_talaria-node")))
+                .with_file_name("talaria-controller")
+        });
+        let tmp = tempfile::Builder::new()
+            .prefix("tlr-bench-learn-")
+            .tempdir()
+            .context("tempdir")?;
+        let log = std::fs::File::create(tmp.path().join("controller.log"))?;
+        let controller = std::process::Command::new(&bin)
+            .env("KUBECONFIG", api.kubeconfig())
+            .args(["--insecure-registry", host, "--leader-elect", "false"])
+            .args(["--log-format", "text", "--http-addr"])
+            .arg(format!("127.0.0.1:{}", talaria_testenv::free_port()?))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!("spawn {} (hack/bench-startup.sh builds it)", bin.display())
+            })?;
+        let mut me = Learning {
+            controller,
+            api,
+            _dir: tmp,
+        };
+        let images: Vec<String> = workloads
+            .iter()
+            .map(|w| format!("{host}/{}:{}", w.repo(), learned_tag(link)))
+            .collect();
+        let policy = json!({
+            "apiVersion": "talaria.dev/v1alpha1",
+            "kind": "AccelerationPolicy",
+            "metadata": { "name": "bench" },
+            "spec": {
+                "images": images,
+                "recording": { "windowSeconds": LEARN_WINDOW.as_secs(), "starts": 1 },
+            },
+        });
+        let policies = dynamic(&client, "AccelerationPolicy");
+        policies
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(policy).context("policy")?,
+            )
+            .await
+            .context("create the bench policy")?;
+        me.wait_plans(&client, workloads, host, "predicted").await?;
+        eprintln!(
+            "talaria-learned: predicted artifacts built by the controller in {:.1?}",
+            t0.elapsed()
+        );
+        let a = me.node_args(node_args);
+        for w in workloads {
+            let t = Instant::now();
+            cold_start(w, Variant::TalariaLearned, LEARN_RUN, host, link, &a, args)
+                .await
+                .with_context(|| format!("{}: the recorded start", w.name))?;
+            eprintln!(
+                "{}: start recorded by talaria-node in {:.1?}",
+                w.name,
+                t.elapsed()
+            );
+        }
+        let t = Instant::now();
+        me.wait_plans(&client, workloads, host, "recorded").await?;
+        eprintln!(
+            "talaria-learned: recorded plans built and pinned by the controller in {:.1?}",
+            t.elapsed()
+        );
+        Ok(me)
+    }
+
+    /// A node's flags to resolve through this cluster.
+    fn node_args(&self, node_args: &[String]) -> Vec<String> {
+        let mut a = node_args.to_vec();
+        a.extend([
+            "--kubeconfig".into(),
+            self.api.kubeconfig().display().to_string(),
+        ]);
+        a
+    }
+
+    /// Waits until every workload's "learned" AcceleratedImage is Ready with `plan_source`.
+    async fn wait_plans(
+        &mut self,
+        client: &kube::Client,
+        workloads: &[Workload],
+        host: &str,
+        plan_source: &str,
+    ) -> Result<()> {
+        let accimgs = dynamic(client, "AcceleratedImage");
+        let t = Instant::now();
+        loop {
+            let list = accimgs.list(&Default::default()).await.context("list")?;
+            let done = workloads.iter().all(|w| {
+                let repo = format!("{host}/{}", w.repo());
+                list.items.iter().any(|o| {
+                    o.data["spec"]["image"] == repo.as_str()
+                        && o.data["status"]["phase"] == "Ready"
+                        && o.data["status"]["planSource"] == plan_source
+                })
+            });
+            if done {
+                return Ok(());
+            }
+            if let Some(status) = self.controller.try_wait()? {
+                bail!("talaria-controller exited with {status}");
+            }
+            let failed: Vec<String> = list
+                .items
+                .iter()
+                .filter_map(|o| o.data["status"]["lastError"].as_str().map(str::to_string))
+                .collect();
+            ensure!(
+                t.elapsed() < Duration::from_secs(1800),
+                "AcceleratedImages not {plan_source} after 30 min: {failed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+fn dynamic(client: &kube::Client, kind: &str) -> kube::Api<kube::api::DynamicObject> {
+    let gvk = kube::api::GroupVersionKind::gvk("talaria.dev", "v1alpha1", kind);
+    kube::Api::all_with(client.clone(), &kube::api::ApiResource::from_gvk(&gvk))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -58,6 +58,64 @@ pub struct LayerContent {
     read_bytes: Option<Counter>,
     /// Startup reads are recorded here, under the layer digest.
     recorder: Option<(Arc<TraceRecorder>, Arc<str>)>,
+    /// Where sequential reads of big files are, to fetch ahead of them.
+    ahead: Arc<std::sync::Mutex<ReadAhead>>,
+}
+
+/// Files from this size on stream ahead of sequential reads.
+const AHEAD_MIN_FILE: u64 = 16 << 20;
+/// The first read-ahead; it doubles with each sequential read that needs it, up to the max.
+const AHEAD_START: u64 = 4 << 20;
+const AHEAD_MAX: u64 = 64 << 20;
+/// Files followed at once per layer (past it, the oldest are forgotten).
+const AHEAD_FILES: usize = 64;
+
+/// Read-ahead of big files read in order on demand (a model's weights): the kernel asks
+/// 128 KiB at a time and each span missed costs a round trip, so a sequential reader would
+/// wait span by span. Past the first sequential read, the spans of a window ahead are fetched
+/// in the background (one ranged request), the window doubling while the reads stay in order.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    /// Entry → (where its last read ended, how far ahead was asked, window, age).
+    files: std::collections::HashMap<usize, (u64, u64, u64, u64)>,
+    clock: u64,
+}
+
+impl ReadAhead {
+    /// A read of `[offset, offset+len)` of entry `entry` (`size` bytes): the file range to
+    /// fetch ahead now, if any.
+    fn read(&mut self, entry: usize, size: u64, offset: u64, len: u64) -> Option<(u64, u64)> {
+        if size < AHEAD_MIN_FILE || len == 0 {
+            return None;
+        }
+        self.clock += 1;
+        if self.files.len() >= AHEAD_FILES && !self.files.contains_key(&entry) {
+            let oldest = self.files.iter().min_by_key(|(_, f)| f.3).map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.files.remove(&k);
+            }
+        }
+        let end = offset.saturating_add(len).min(size);
+        let f = self.files.entry(entry).or_insert((u64::MAX, 0, 0, 0));
+        let sequential = f.0 == offset;
+        f.0 = end;
+        f.3 = self.clock;
+        if !sequential {
+            f.1 = end;
+            f.2 = AHEAD_START;
+            return None;
+        }
+        // Asked again once the reader is half-way into what was asked last (half of the
+        // last window, which is half of the next one).
+        if f.1 >= end.saturating_add(f.2 / 4) || end >= size {
+            return None;
+        }
+        let from = f.1.max(end);
+        let to = end.saturating_add(f.2).min(size);
+        f.1 = to;
+        f.2 = (f.2 * 2).min(AHEAD_MAX);
+        (from < to).then_some((from, to))
+    }
 }
 
 /// Up to `size` bytes at `offset` of a local copy of a file of `file_size` bytes; an error
@@ -94,6 +152,7 @@ impl LayerContent {
             materialized: None,
             read_bytes: None,
             recorder: None,
+            ahead: Arc::default(),
         }
     }
 
@@ -200,6 +259,7 @@ impl LayerContent {
             size,
             coming,
         } = p;
+        let entry_index = entry;
         if self.reach.is_poisoned() {
             self.metrics.read_errors.inc();
             return Err(ContentError::Poisoned);
@@ -236,6 +296,7 @@ impl LayerContent {
         }
         // Which files a start reads that no pack or local copy holds (a plan to redo).
         debug!(path = %entry.path, offset, size, "read through spans");
+        self.read_ahead(entry_index, entry, offset, u64::from(size));
         // A registry already known down fails this read at once: not worth a warning each.
         let known_down = self.reach.down_since().is_some();
         let timeout = self.read_timeout;
@@ -265,10 +326,82 @@ impl LayerContent {
         }
     }
 
+    /// Fetches ahead of a sequential reader of a big file, in the background ([`ReadAhead`]):
+    /// spans already cached or being fetched are skipped.
+    fn read_ahead(&self, i: usize, entry: &Entry, offset: u64, len: u64) {
+        let Some((from, to)) = self
+            .ahead
+            .lock()
+            .ok()
+            .and_then(|mut a| a.read(i, entry.size, offset, len))
+        else {
+            return;
+        };
+        let index = self.reader.index();
+        let first = index.span_for(entry.offset.saturating_add(from));
+        let last = index.span_for(entry.offset.saturating_add(to - 1));
+        let reader = self.reader.clone();
+        let path = entry.path.clone();
+        tokio::spawn(async move {
+            if let Err(e) = reader.prefetch_spans(first, last).await {
+                debug!(path, error = %e, "read-ahead failed; reads fetch on demand");
+            }
+        });
+    }
+
     fn counted(&self, data: Bytes) -> Bytes {
         if let Some(c) = &self.read_bytes {
             c.inc_by(data.len() as u64);
         }
         data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn sequential_reads_of_big_files_stream_ahead_in_growing_windows() {
+        let mut a = ReadAhead::default();
+        let size = 100 * MIB;
+        let k = 128 << 10;
+        // Small files and first reads do not.
+        assert_eq!(a.read(1, MIB, 0, k), None);
+        assert_eq!(a.read(0, size, 0, k), None);
+        // The second read in order asks for the first window.
+        assert_eq!(a.read(0, size, k, k), Some((2 * k, 2 * k + 4 * MIB)));
+        // Within the first half of it: nothing more.
+        assert_eq!(a.read(0, size, 2 * k, k), None);
+        // Past half-way: the next window, twice as big, from where the last one ended.
+        let mut off = 3 * k;
+        let mut asked = Vec::new();
+        while off < size {
+            if let Some(r) = a.read(0, size, off, k) {
+                asked.push(r);
+            }
+            off += k;
+        }
+        assert_eq!(asked[0], (2 * k + 4 * MIB, 3 * k + 2 * MIB + 8 * MIB));
+        // Windows are contiguous, capped, and never pass the end.
+        for w in asked.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+            assert!(w[1].1 - w[1].0 <= AHEAD_MAX);
+        }
+        assert_eq!(asked.last().unwrap().1, size);
+        // A jump restarts: no read-ahead until reads are in order again.
+        assert_eq!(a.read(0, size, 10 * MIB, k), None);
+        assert!(a.read(0, size, 10 * MIB + k, k).is_some());
+    }
+
+    #[test]
+    fn followed_files_are_bounded() {
+        let mut a = ReadAhead::default();
+        for i in 0..(AHEAD_FILES * 3) {
+            a.read(i, 64 * MIB, 0, 4096);
+        }
+        assert!(a.files.len() <= AHEAD_FILES);
     }
 }
