@@ -106,6 +106,7 @@ const ALL_FEATURES: &[&str] = &[
     "node.containerd.configure=true",
     "metrics.serviceMonitor.enabled=true",
     "metrics.prometheusRule.enabled=true",
+    "metrics.grafanaDashboard.enabled=true",
     "controller.insecureRegistries={registry.local:5000,10.0.0.1:5000}",
     "controller.priorityClassName=system-cluster-critical",
     "controller.signingKey.secretName=talaria-signing",
@@ -524,6 +525,464 @@ async fn a_signing_key_secret_is_mounted_and_passed_to_the_controller() {
         .find(|v| v["name"] == "signing-key")
         .expect("the signing key volume");
     assert_eq!(vol["secret"]["secretName"], "talaria-signing");
+}
+
+// ---- The Grafana dashboard and the alerts (docs/observability.md) ----
+
+/// Metrics the dashboard and alerts may name before this tree registers them: a separate
+/// change adds `talaria_node_snapshotter_unused` (containerd started containers but asked
+/// Talaria's snapshotter for nothing). Once node/src/metrics.rs registers it, drop it here.
+const NOT_YET_REGISTERED: &[&str] = &["talaria_node_snapshotter_unused"];
+
+/// Labels Prometheus adds to every scraped series (and `le` of histogram buckets).
+const TARGET_LABELS: &[&str] = &["instance", "job", "namespace", "pod", "service", "le"];
+
+/// What the source of a `metrics.rs` registers, read from the text (so a renamed metric
+/// changes it): the exposed series names and the label names used.
+struct Registered {
+    series: BTreeSet<String>,
+    labels: BTreeSet<String>,
+}
+
+/// The text between the first `start` and the following `end`.
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let rest = &s[s.find(start)? + start.len()..];
+    Some(&rest[..rest.find(end)?])
+}
+
+/// Reads `Registry::with_prefix("p")`, each `registry.register("name", "help", <x>.field.clone())`
+/// and the field's type in `struct Metrics`. prometheus-client exposes a counter as
+/// `p_name_total`, a gauge as `p_name`, a histogram as `p_name_bucket`, `_sum` and `_count`.
+fn registered_in(file: &str) -> Registered {
+    let path = repo_root().join(file);
+    let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let prefix = between(&src, "Registry::with_prefix(\"", "\")").expect("with_prefix");
+    let body = between(&src, "pub struct Metrics {", "\n}\n").expect("struct Metrics");
+    let types: std::collections::HashMap<&str, &str> = body
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("//"))
+        .filter_map(|l| l.trim_start_matches("pub ").split_once(": "))
+        .map(|(f, t)| (f.trim(), t.trim_end_matches(',')))
+        .collect();
+    let calls: Vec<&str> = src.split("registry.register(").skip(1).collect();
+    assert!(calls.len() >= 8, "{file}: {} register calls", calls.len());
+    let mut series = BTreeSet::new();
+    for call in calls {
+        // `"name", "help", m.field.clone()`
+        let mut q = call.split('"');
+        let (_, name, _, _help, rest) = (q.next(), q.next(), q.next(), q.next(), q.next());
+        let (name, rest) = (name.expect("name"), rest.expect("the metric"));
+        let expr = rest.split(".clone()").next().expect("clone");
+        let field = expr
+            .trim_matches(|c: char| c == ',' || c.is_whitespace())
+            .rsplit('.')
+            .next()
+            .expect("field");
+        let ty = types
+            .get(field)
+            .unwrap_or_else(|| panic!("{file}: no type for field {field} of {name}"));
+        let base = format!("{prefix}_{name}");
+        if ty.contains("Histogram") {
+            for s in ["bucket", "sum", "count"] {
+                series.insert(format!("{base}_{s}"));
+            }
+        } else if ty.contains("Gauge") {
+            series.insert(base);
+        } else if ty.contains("Counter") {
+            series.insert(format!("{base}_total"));
+        } else {
+            panic!("{file}: {name} has a type this test does not know: {ty}");
+        }
+    }
+    // Label names: the fields of `#[derive(EncodeLabelSet)]` structs (node) and the keys of
+    // `vec![("key", …)]` label lists (controller).
+    let mut labels: BTreeSet<String> = TARGET_LABELS.iter().map(|s| s.to_string()).collect();
+    for chunk in src.split("EncodeLabelSet)]").skip(1) {
+        let fields = between(chunk, "{", "}").expect("label struct");
+        for l in fields.lines().map(str::trim) {
+            if let Some((f, _)) = l.trim_start_matches("pub ").split_once(": String") {
+                labels.insert(f.to_string());
+            }
+        }
+    }
+    for chunk in src.split("(\"").skip(1) {
+        // `("kind", kind.to_string())`
+        if let Some((key, rest)) = chunk.split_once("\", ")
+            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            && rest
+                .split_once(".to_string())")
+                .is_some_and(|(v, _)| v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            labels.insert(key.to_string());
+        }
+    }
+    Registered { series, labels }
+}
+
+/// Every series the controller and the node register.
+fn registered_metrics() -> Registered {
+    let c = registered_in("controller/src/metrics.rs");
+    let n = registered_in("node/src/metrics.rs");
+    // The reading of the source agrees with what the controller really exposes.
+    let m = talaria_controller::metrics::Metrics::new();
+    m.reconcile("policy");
+    m.reconcile_error("policy", "x");
+    m.build_finished("built", 1.0, 1);
+    m.build_failed("x");
+    m.registry_request("manifest", "ok");
+    let text = m.render();
+    let mut exposed = BTreeSet::new();
+    for l in text.lines() {
+        let Some(t) = l.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = t.split_once(' ').expect("# TYPE name kind");
+        match kind {
+            "counter" => {
+                exposed.insert(format!("{name}_total"));
+            }
+            "gauge" => {
+                exposed.insert(name.to_string());
+            }
+            "histogram" => {
+                exposed.extend(["bucket", "sum", "count"].map(|s| format!("{name}_{s}")))
+            }
+            k => panic!("{name}: {k}"),
+        }
+    }
+    assert_eq!(
+        c.series, exposed,
+        "reading controller/src/metrics.rs\n{text}"
+    );
+    for l in ["kind", "reason", "result", "op", "status"] {
+        assert!(c.labels.contains(l), "controller label {l}: {:?}", c.labels);
+    }
+    assert!(n.series.len() >= 25, "{:?}", n.series);
+    let mut all = c;
+    all.series.extend(n.series);
+    all.labels.extend(n.labels);
+    all
+}
+
+/// The `talaria_*` metric names a PromQL expression reads.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("talaria_") {
+        let start = i + at;
+        let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        let mut end = start;
+        while end < b.len() && word(b[end]) {
+            end += 1;
+        }
+        if start == 0 || !word(b[start - 1]) {
+            out.insert(expr[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+/// The label names an expression groups or matches by: `by (…)`, `on (…)` and `{a="…", b!~"…"}`.
+fn label_names(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for kw in ["by (", "on (", "without ("] {
+        for chunk in expr.split(kw).skip(1) {
+            let list = chunk.split(')').next().expect("list");
+            out.extend(list.split(',').map(|l| l.trim().to_string()));
+        }
+    }
+    for chunk in expr.split('{').skip(1) {
+        let list = chunk.split('}').next().expect("matchers");
+        for m in list.split(',') {
+            let name = m.split(['=', '!']).next().expect("name").trim();
+            if !name.is_empty() {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Checks what every PromQL expression of the chart must satisfy.
+fn check_expr(what: &str, expr: &str, reg: &Registered) -> BTreeSet<String> {
+    for (open, close) in [('(', ')'), ('{', '}'), ('[', ']')] {
+        assert_eq!(
+            expr.matches(open).count(),
+            expr.matches(close).count(),
+            "{what}: unbalanced {open}{close} in {expr}"
+        );
+    }
+    assert!(
+        !expr.contains("{{"),
+        "{what}: an unrendered template in {expr}"
+    );
+    let names = metric_names(expr);
+    for n in &names {
+        assert!(
+            reg.series.contains(n) || NOT_YET_REGISTERED.contains(&n.as_str()),
+            "{what} reads {n}, which neither controller/src/metrics.rs nor node/src/metrics.rs registers\n{expr}"
+        );
+    }
+    for l in label_names(expr) {
+        assert!(
+            reg.labels.contains(&l),
+            "{what} uses label {l:?}, which no metric has ({:?})\n{expr}",
+            reg.labels
+        );
+    }
+    names
+}
+
+fn grafana_configmaps(docs: &[Value]) -> Vec<&Value> {
+    docs.iter()
+        .filter(|d| {
+            d["kind"] == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-grafana-dashboard"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_grafana_dashboard_renders_for_the_sidecar_and_reads_registered_metrics() {
+    let reg = registered_metrics();
+    let helm = Helm::new(None);
+    // Off by default, like the other monitoring objects.
+    let defaults = helm.template(&[]).await;
+    assert!(grafana_configmaps(&defaults).is_empty());
+    assert!(
+        !defaults.iter().any(|d| d.to_string().contains("grafana")),
+        "something of the dashboard rendered while off"
+    );
+
+    let on = helm
+        .template(&["metrics.grafanaDashboard.enabled=true"])
+        .await;
+    let cms = grafana_configmaps(&on);
+    assert_eq!(cms.len(), 1, "one dashboard ConfigMap");
+    let cm = cms[0];
+    assert_eq!(cm["metadata"]["namespace"], NS);
+    // The label the Grafana sidecar's default configuration selects by.
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert!(
+        cm["metadata"]["annotations"].is_null(),
+        "no folder unless asked: {cm}"
+    );
+    let data = cm["data"].as_object().expect("data");
+    assert_eq!(data.len(), 1);
+    let text = data["talaria.json"].as_str().expect("talaria.json");
+    let dash: Value = serde_json::from_str(text).expect("the dashboard is JSON");
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("dashboards/talaria.json")).expect("file"),
+    )
+    .expect("dashboards/talaria.json");
+    assert_eq!(dash, file, "the ConfigMap carries dashboards/talaria.json");
+    assert_eq!(dash["uid"], "talaria");
+
+    // Variables: the data source (nothing hard-coded) and the node.
+    let vars = dash["templating"]["list"].as_array().expect("variables");
+    let var = |n: &str| {
+        vars.iter()
+            .find(|v| v["name"] == n)
+            .unwrap_or_else(|| panic!("variable {n}"))
+    };
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    let node = var("node");
+    assert_eq!(node["datasource"]["uid"], "${datasource}");
+    let q = node["query"]["query"].as_str().expect("node query");
+    assert!(q.contains(", instance)"), "{q}");
+    check_expr("the node variable", q, &reg);
+
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut read = BTreeSet::new();
+    let mut exprs = 0;
+    for p in panels {
+        let title = p["title"].as_str().expect("title");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("id")),
+            "panel id of {title} twice"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}");
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
+            let expr = t["expr"].as_str().expect("expr");
+            let names = check_expr(title, expr, &reg);
+            assert!(!names.is_empty(), "{title}: {expr}");
+            if names.iter().any(|n| n.starts_with("talaria_node_")) {
+                assert!(
+                    expr.contains("instance=~\"$node\""),
+                    "{title}: not filtered by the node variable: {expr}"
+                );
+            }
+            read.extend(names);
+            exprs += 1;
+        }
+    }
+    assert!(exprs >= 30, "{exprs} expressions");
+    // What the dashboard is for.
+    for m in [
+        "talaria_controller_builds_total",
+        "talaria_controller_build_duration_seconds_bucket",
+        "talaria_controller_build_queue_depth",
+        "talaria_controller_reconcile_errors_total",
+        "talaria_node_fetched_on_demand_bytes_total",
+        "talaria_node_prefetched_bytes_total",
+        "talaria_node_startup_prefetched_bytes_total",
+        "talaria_node_from_cache_bytes_total",
+        "talaria_node_fallbacks_total",
+        "talaria_node_mounted_layers_total",
+        "talaria_node_mount_seconds_bucket",
+        "talaria_node_read_wait_seconds_bucket",
+        "talaria_node_read_errors_total",
+        "talaria_node_verification_failures_total",
+        "talaria_node_span_cache_bytes",
+        "talaria_node_handovers_total",
+        "talaria_node_unserved_mounts",
+        "talaria_node_pull_warmups_total",
+    ] {
+        assert!(read.contains(m), "the dashboard shows no {m}");
+    }
+
+    // Another sidecar label, a folder, another namespace.
+    let custom = helm
+        .template(&[
+            "metrics.grafanaDashboard.enabled=true",
+            "metrics.grafanaDashboard.labelKey=dashboards",
+            "metrics.grafanaDashboard.labelValue=talaria",
+            "metrics.grafanaDashboard.folder=Platform",
+            "metrics.grafanaDashboard.namespace=monitoring",
+        ])
+        .await;
+    let cms = grafana_configmaps(&custom);
+    assert_eq!(cms.len(), 1);
+    let md = &cms[0]["metadata"];
+    assert_eq!(md["namespace"], "monitoring");
+    assert_eq!(md["labels"]["dashboards"], "talaria");
+    assert!(md["labels"]["grafana_dashboard"].is_null(), "{md}");
+    assert_eq!(md["annotations"]["grafana_folder"], "Platform");
+}
+
+#[tokio::test]
+async fn the_alerts_read_registered_metrics_and_take_their_thresholds_from_values() {
+    let reg = registered_metrics();
+    let helm = Helm::new(None);
+    assert!(
+        !helm
+            .template(&[])
+            .await
+            .iter()
+            .any(|d| d["kind"] == "PrometheusRule"),
+        "the PrometheusRule is opt-in"
+    );
+    let rules = |docs: Vec<Value>| -> Vec<Value> {
+        let pr = docs
+            .into_iter()
+            .find(|d| d["kind"] == "PrometheusRule")
+            .expect("the PrometheusRule");
+        pr["spec"]["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .flat_map(|g| g["rules"].as_array().expect("rules").clone())
+            .collect()
+    };
+    let all = rules(
+        helm.template(&["metrics.prometheusRule.enabled=true"])
+            .await,
+    );
+    let mut names = BTreeSet::new();
+    for r in &all {
+        let alert = r["alert"].as_str().expect("alert");
+        assert!(names.insert(alert.to_string()), "{alert} twice");
+        let expr = r["expr"].as_str().expect("expr");
+        let read = check_expr(alert, expr, &reg);
+        if alert != "TalariaControllerDown" {
+            assert!(!read.is_empty(), "{alert} reads no Talaria metric: {expr}");
+        }
+        assert!(
+            expr.contains(&format!("namespace=\"{NS}\"")),
+            "{alert}: {expr}"
+        );
+        for a in ["summary", "description"] {
+            let t = r["annotations"][a].as_str().unwrap_or("");
+            assert!(t.len() > 20, "{alert} has no {a}");
+        }
+        assert!(r["labels"]["severity"].is_string(), "{alert}");
+    }
+    let node: BTreeSet<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| n.starts_with("TalariaNode"))
+        .collect();
+    assert_eq!(
+        node,
+        BTreeSet::from([
+            "TalariaNodeFallbackRateHigh",
+            "TalariaNodeLayerVerificationFailed",
+            "TalariaNodeReadErrors",
+            "TalariaNodeSpanCacheFull",
+            "TalariaNodeUnservedMounts",
+            "TalariaNodeHandoverFailed",
+            "TalariaNodeSnapshotterUnused",
+        ])
+    );
+    let expr_of = |rules: &[Value], name: &str| -> String {
+        rules
+            .iter()
+            .find(|r| r["alert"] == name)
+            .and_then(|r| r["expr"].as_str())
+            .unwrap_or_else(|| panic!("{name}"))
+            .to_string()
+    };
+    let unused = expr_of(&all, "TalariaNodeSnapshotterUnused");
+    assert!(
+        unused.starts_with("max by (instance) (talaria_node_snapshotter_unused{"),
+        "{unused}"
+    );
+    assert!(unused.ends_with("== 1"), "{unused}");
+    let fb = expr_of(&all, "TalariaNodeFallbackRateHigh");
+    assert!(
+        fb.contains("reason!~\"no_artifact\"")
+            && fb.contains("[30m]")
+            && fb.ends_with("> 20 / 100"),
+        "{fb}"
+    );
+    assert!(expr_of(&all, "TalariaNodeSpanCacheFull").contains("> 95 / 100 * 10240 * 1048576"));
+
+    // Thresholds and windows come from the values.
+    let tuned = rules(
+        helm.template(&[
+            "metrics.prometheusRule.enabled=true",
+            "metrics.prometheusRule.nodeFallbackPercentThreshold=50",
+            "metrics.prometheusRule.nodeFallbackWindow=2h",
+            "metrics.prometheusRule.nodeFallbackIgnoredReasons={no_artifact,no_labels}",
+            "metrics.prometheusRule.nodeReadErrorsWindow=5m",
+            "metrics.prometheusRule.nodeSpanCacheFullPercent=80",
+            "node.cacheMiB=2048",
+        ])
+        .await,
+    );
+    let fb = expr_of(&tuned, "TalariaNodeFallbackRateHigh");
+    assert!(
+        fb.contains("reason!~\"no_artifact|no_labels\"")
+            && fb.contains("[2h]")
+            && fb.ends_with("> 50 / 100"),
+        "{fb}"
+    );
+    assert!(expr_of(&tuned, "TalariaNodeReadErrors").contains("[5m]"));
+    let cache = expr_of(&tuned, "TalariaNodeSpanCacheFull");
+    assert!(cache.contains("> 80 / 100 * 2048 * 1048576"), "{cache}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
