@@ -529,11 +529,6 @@ async fn a_signing_key_secret_is_mounted_and_passed_to_the_controller() {
 
 // ---- The Grafana dashboard and the alerts (docs/observability.md) ----
 
-/// Metrics the dashboard and alerts may name before this tree registers them: a separate
-/// change adds `talaria_node_snapshotter_unused` (containerd started containers but asked
-/// Talaria's snapshotter for nothing). Once node/src/metrics.rs registers it, drop it here.
-const NOT_YET_REGISTERED: &[&str] = &["talaria_node_snapshotter_unused"];
-
 /// Labels Prometheus adds to every scraped series (and `le` of histogram buckets).
 const TARGET_LABELS: &[&str] = &["instance", "job", "namespace", "pod", "service", "le"];
 
@@ -722,7 +717,7 @@ fn check_expr(what: &str, expr: &str, reg: &Registered) -> BTreeSet<String> {
     let names = metric_names(expr);
     for n in &names {
         assert!(
-            reg.series.contains(n) || NOT_YET_REGISTERED.contains(&n.as_str()),
+            reg.series.contains(n),
             "{what} reads {n}, which neither controller/src/metrics.rs nor node/src/metrics.rs registers\n{expr}"
         );
     }

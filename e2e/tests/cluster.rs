@@ -744,31 +744,41 @@ async fn learning_loop_records_and_serves_the_next_start(cluster: &Cluster, clie
         pods.get_opt("first").await.ok().flatten().is_none()
     })
     .await;
-    let ctr = tool("ctr").expect("ctr");
-    let listed = Command::new(&ctr)
-        .arg("--address")
-        .arg(cluster.containerd_socket())
-        .args(["-n", "k8s.io", "images", "ls", "-q"])
-        .output()
-        .expect("ctr images ls");
-    let refs: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+    // kubelet keeps a deleted pod's dead containers until its container GC; they hold the
+    // image's snapshots, which a new pull would then reuse without a Prepare.
+    let ctr = |args: &[&str]| {
+        let out = Command::new(tool("ctr").expect("ctr"))
+            .arg("--address")
+            .arg(cluster.containerd_socket())
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("ctr");
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let containers: Vec<String> = ctr(&["containers", "ls"])
+        .lines()
+        .filter(|l| l.contains("e2e/learn"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    for c in &containers {
+        ctr(&["containers", "rm", c]);
+    }
+    let refs: Vec<String> = ctr(&["images", "ls", "-q"])
         .lines()
         .filter(|l| l.contains("e2e/learn") || l.contains(digest.as_str()))
         .map(str::to_string)
         .collect();
     assert!(!refs.is_empty(), "the learn image in containerd");
-    let rm = Command::new(&ctr)
-        .arg("--address")
-        .arg(cluster.containerd_socket())
-        .args(["-n", "k8s.io", "images", "rm", "--sync"])
-        .args(&refs)
-        .output()
-        .expect("ctr images rm");
-    assert!(
-        rm.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rm.stderr)
-    );
+    let mut rm = vec!["images", "rm", "--sync"];
+    rm.extend(refs.iter().map(String::as_str));
+    ctr(&rm);
+    let mounted0 = lazily_mounted_from_cluster(client).await;
     let pack0 = node_metric(client, "talaria_node_startup_pack_bytes_total").await;
     let demand0 = node_metric(client, "talaria_node_fetched_on_demand_bytes_total").await;
 
@@ -784,6 +794,11 @@ async fn learning_loop_records_and_serves_the_next_start(cluster: &Cluster, clie
             .is_some_and(|p| pod_ready(&p))
     })
     .await;
+    let mounted = lazily_mounted_from_cluster(client).await - mounted0;
+    assert!(
+        mounted >= 3,
+        "the second pull mounted {mounted} layers lazily, not the image's 3"
+    );
     let pack = node_metric(client, "talaria_node_startup_pack_bytes_total").await - pack0;
     let demand = node_metric(client, "talaria_node_fetched_on_demand_bytes_total").await - demand0;
     eprintln!("learning loop: second start fetched {pack} pack bytes, {demand} on demand");
