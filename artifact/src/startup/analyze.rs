@@ -31,6 +31,13 @@ const MAX_REASONS: usize = 8;
 pub(super) const MAX_SCRIPT: u64 = 256 * 1024;
 /// Shebang/exec nesting (the kernel allows a handful of interpreter levels).
 const MAX_DEPTH: usize = 8;
+/// ELF objects at least this big are planned as the byte ranges their loading reads
+/// ([`elf::loader_ranges`]); smaller ones whole (a few read-around windows would pull
+/// most of them anyway, and the plan fetches spans of several MiB).
+pub(super) const RANGES_MIN_SIZE: u64 = 1 << 20;
+/// Predicted ranges covering at least this share of a file (in percent) become the whole
+/// file.
+const RANGES_MAX_SHARE: u64 = 75;
 
 /// One program start to follow.
 #[derive(Debug, Clone)]
@@ -63,6 +70,9 @@ pub(super) struct Ctx<'v, R> {
     dropped_notes: usize,
     bytes_read: u64,
     elf_seen: HashSet<String>,
+    /// Byte ranges predicted for big ELF objects the loader maps (applied to their files
+    /// at the end: however else a file was found, the loader maps it).
+    elf_ranges: HashMap<String, Vec<ByteRange>>,
     headers: HashMap<String, Option<Header>>,
     ld_conf: Option<Vec<String>>,
     /// Class and machine of the first ELF executable.
@@ -102,6 +112,7 @@ pub async fn analyze<R: FileReader>(
         dropped_notes: 0,
         bytes_read: 0,
         elf_seen: HashSet::new(),
+        elf_ranges: HashMap::new(),
         headers: HashMap::new(),
         ld_conf: None,
         abi: None,
@@ -156,6 +167,11 @@ pub async fn analyze<R: FileReader>(
             subject: "analysis".into(),
             message: format!("{n} more notes were dropped"),
         });
+    }
+    for f in &mut cx.files {
+        if let Some(r) = cx.elf_ranges.remove(&f.path) {
+            f.ranges = r;
+        }
     }
     // Expected access order: the exec chain, then libraries, runtime files, system files;
     // discovery order within a class (stable sort).
@@ -435,6 +451,9 @@ impl<R: FileReader> Ctx<'_, R> {
             if self.abi.is_none() {
                 self.abi = Some(info.header.abi());
             }
+            if let Some(r) = &info.ranges {
+                self.elf_ranges.insert(obj.path.clone(), r.clone());
+            }
             if let Some(interp) = &info.interp {
                 match self.resolve_file("/", interp) {
                     Ok(h) => {
@@ -527,8 +546,10 @@ impl<R: FileReader> Ctx<'_, R> {
             needed: Vec::new(),
             rpath: Vec::new(),
             runpath: Vec::new(),
+            ranges: None,
         };
         let Some((doff, dlen)) = seg.dynamic else {
+            info.ranges = self.elf_ranges(obj, &header, &seg, None).await;
             return Ok(info); // static
         };
         let dy = self
@@ -536,6 +557,7 @@ impl<R: FileReader> Ctx<'_, R> {
             .await
             .ok_or("unreadable dynamic section")?;
         let d = elf::parse_dynamic(&header, &dy);
+        info.ranges = self.elf_ranges(obj, &header, &seg, Some(&d)).await;
         let Some(tab_off) = d.strtab_vaddr.and_then(|v| seg.file_offset(v)) else {
             return Err("no string table for the dynamic section".into());
         };
@@ -594,6 +616,48 @@ impl<R: FileReader> Ctx<'_, R> {
             info.runpath = split(rest.next());
         }
         Ok(info)
+    }
+
+    /// The byte ranges loading a big ELF object reads ([`elf::loader_ranges`]); `None`
+    /// for a small file, or when the prediction covers most of the file anyway.
+    async fn elf_ranges(
+        &mut self,
+        obj: &Hit,
+        h: &Header,
+        seg: &elf::Segments,
+        d: Option<&elf::Dynamic>,
+    ) -> Option<Vec<ByteRange>> {
+        let size = obj.entry.size;
+        if size < RANGES_MIN_SIZE {
+            return None;
+        }
+        // Code that runs on every load: the entry point (programs), DT_INIT and the init
+        // arrays' functions.
+        let mut code: Vec<u64> = Vec::new();
+        if h.entry != 0 {
+            code.push(h.entry);
+        }
+        if let Some(d) = d {
+            code.extend(d.tag(elf::DT_INIT));
+            for (off, len) in d.init_arrays(seg, elf::MAX_INIT_ARRAY) {
+                if let Some(b) = self.read(obj, off, len).await {
+                    code.extend(elf::parse_init_array(h, &b));
+                }
+            }
+        }
+        code.sort_unstable();
+        code.dedup();
+        let ranges = elf::loader_ranges(h, seg, d, &code, size);
+        let covered: u64 = ranges.iter().map(|r| r.1).sum();
+        if covered.saturating_mul(100) >= size.saturating_mul(RANGES_MAX_SHARE) {
+            return None;
+        }
+        Some(
+            ranges
+                .into_iter()
+                .map(|(offset, len)| ByteRange { offset, len })
+                .collect(),
+        )
     }
 
     /// Searches a library as the glibc loader does: DT_RPATH (no RUNPATH), LD_LIBRARY_PATH,
@@ -732,6 +796,8 @@ struct ElfInfo {
     needed: Vec<String>,
     rpath: Vec<String>,
     runpath: Vec<String>,
+    /// The ranges its loading reads, when planned in part.
+    ranges: Option<Vec<ByteRange>>,
 }
 
 fn whole(size: u64) -> Vec<ByteRange> {
