@@ -37,7 +37,7 @@ const MAX_DEPTH: usize = 8;
 pub(super) const RANGES_MIN_SIZE: u64 = 1 << 20;
 /// Predicted ranges covering at least this share of a file (in percent) become the whole
 /// file.
-const RANGES_MAX_SHARE: u64 = 75;
+const RANGES_MAX_SHARE: u64 = 90;
 
 /// One program start to follow.
 #[derive(Debug, Clone)]
@@ -631,13 +631,17 @@ impl<R: FileReader> Ctx<'_, R> {
         if size < RANGES_MIN_SIZE {
             return None;
         }
-        // Code that runs on every load: the entry point (programs), DT_INIT and the init
-        // arrays' functions.
+        // Code that runs on every load, for a text too big to predict whole: the entry
+        // point (programs), DT_INIT and the init arrays' functions.
         let mut code: Vec<u64> = Vec::new();
-        if h.entry != 0 {
+        let huge_text = seg
+            .loads
+            .iter()
+            .any(|l| l.flags & elf::PF_X != 0 && l.filesz > elf::MAX_TEXT);
+        if huge_text && h.entry != 0 {
             code.push(h.entry);
         }
-        if let Some(d) = d {
+        if let Some(d) = d.filter(|_| huge_text) {
             code.extend(d.tag(elf::DT_INIT));
             for (off, len) in d.init_arrays(seg, elf::MAX_INIT_ARRAY) {
                 if let Some(b) = self.read(obj, off, len).await {
