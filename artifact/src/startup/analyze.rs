@@ -7,6 +7,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::elf::{self, Header};
+use super::jimage;
 use super::shell;
 use super::{
     Analysis, ByteRange, DEFAULT_PATH, FileClass, FileReader, FoundFile, ImageConfig, Note,
@@ -70,8 +71,9 @@ pub(super) struct Ctx<'v, R> {
     dropped_notes: usize,
     bytes_read: u64,
     elf_seen: HashSet<String>,
-    /// Byte ranges predicted for big ELF objects the loader maps (applied to their files
-    /// at the end: however else a file was found, the loader maps it).
+    /// Byte ranges predicted for big ELF objects the loader maps and big data files of a
+    /// known format (applied to their files at the end: however else a file was found, the
+    /// loader maps it).
     elf_ranges: HashMap<String, Vec<ByteRange>>,
     headers: HashMap<String, Option<Header>>,
     ld_conf: Option<Vec<String>>,
@@ -168,6 +170,7 @@ pub async fn analyze<R: FileReader>(
             message: format!("{n} more notes were dropped"),
         });
     }
+    cx.data_ranges().await;
     for f in &mut cx.files {
         if let Some(r) = cx.elf_ranges.remove(&f.path) {
             f.ranges = r;
@@ -616,6 +619,38 @@ impl<R: FileReader> Ctx<'_, R> {
             info.runpath = split(rest.next());
         }
         Ok(info)
+    }
+
+    /// Byte ranges of big data files whose format says what a start reads: the JDK's
+    /// module image ([`super::jimage`]).
+    async fn data_ranges(&mut self) {
+        let big: Vec<String> = self
+            .files
+            .iter()
+            .filter(|f| f.size >= RANGES_MIN_SIZE && !self.elf_ranges.contains_key(&f.path))
+            .filter(|f| basename(&f.path) == "modules")
+            .map(|f| f.path.clone())
+            .collect();
+        for path in big {
+            let Some(hit) = self.try_file("/", &path) else {
+                continue;
+            };
+            let Some(b) = self.read(&hit, 0, jimage::HEADER_LEN).await else {
+                continue;
+            };
+            let r = jimage::parse_header(&b).and_then(|h| jimage::ranges(&h, hit.entry.size));
+            match r {
+                Ok(r) => {
+                    let r = r
+                        .into_iter()
+                        .map(|(offset, len)| ByteRange { offset, len })
+                        .collect();
+                    self.elf_ranges.insert(path, r);
+                }
+                Err(jimage::JimageError::NotJimage) => {}
+                Err(e) => self.note(&path, &format!("planned whole: {e}")),
+            }
+        }
     }
 
     /// The byte ranges loading a big ELF object reads ([`elf::loader_ranges`]); `None`
