@@ -665,4 +665,81 @@ mod tests {
         // A dynamic section without DT_NULL ends at its bytes' end.
         assert_eq!(parse_dynamic(&h, &dy[..32]).needed.len(), 2);
     }
+
+    #[test]
+    fn loader_ranges_of_a_library() {
+        let h = parse_header(&elf64(4, 56)).unwrap();
+        let load = |offset, filesz, flags| Load {
+            vaddr: offset,
+            offset,
+            filesz,
+            flags,
+        };
+        const M: u64 = 1 << 20;
+        let seg = Segments {
+            interp: None,
+            dynamic: Some((40 * M + 0x100, 0x200)),
+            eh_frame_hdr: Some(30 * M),
+            loads: vec![
+                load(0, 2 * M, 4),             // R: headers, loader tables
+                load(2 * M, 20 * M, 4 | PF_X), // text
+                load(22 * M, 10 * M, 4),       // rodata, then unwind tables at 30 MiB
+                load(40 * M, M / 2, 4 | PF_W), // data
+            ],
+        };
+        let d = Dynamic {
+            strtab_vaddr: Some(0x10000),
+            strsz: 0x1000,
+            loader: vec![
+                (DT_GNU_HASH, 0x1000),
+                (DT_SYMTAB, 0x4000),
+                (DT_RELA, 0x20000),
+                (DT_RELASZ, 0x3000),
+            ],
+            ..Dynamic::default()
+        };
+        let size = 41 * M;
+        let r = loader_ranges(&h, &seg, Some(&d), &[], size);
+        let half = READ_AROUND / 2;
+        assert_eq!(
+            r,
+            vec![
+                // headers through the relocations, with read-around after
+                (0, 0x23000 + half),
+                // text and rodata up to the unwind tables
+                (2 * M - half, 28 * M + 2 * half),
+                // the data segment (the dynamic section is in it) to the end of the file
+                (40 * M - half, M / 2 + 2 * half),
+            ]
+        );
+        // A huge text: only windows around the code that runs on load.
+        let mut big = seg.clone();
+        big.loads[1].filesz = 100 * M;
+        big.loads[2].offset = 102 * M;
+        big.loads[3].offset = 120 * M;
+        big.dynamic = None;
+        big.eh_frame_hdr = None;
+        let r = loader_ranges(&h, &big, Some(&d), &[3 * M], 121 * M);
+        assert!(r.contains(&(3 * M - half, READ_AROUND)), "{r:?}");
+        assert!(!r.iter().any(|&(o, _)| o > 3 * M && o < 102 * M - half));
+        // A data container: the rodata is left out.
+        let mut icu = seg.clone();
+        icu.loads[1].filesz = 4096;
+        let r = loader_ranges(&h, &icu, Some(&d), &[], size);
+        assert!(
+            !r.iter().any(|&(o, l)| o < 25 * M && o + l > 25 * M),
+            "{r:?}"
+        );
+        // Ranges stay within the file, on pages.
+        assert!(
+            r.iter()
+                .all(|&(o, l)| o % PAGE == 0 && l % PAGE == 0 && o + l <= size)
+        );
+        assert_eq!(
+            merge_pages(vec![(10, 20), (4096, 5000), (9000, 1 << 40)], 10_000),
+            vec![(0, 10_000)]
+        );
+        assert_eq!(parse_init_array(&h, &[0u8; 8]), Vec::<u64>::new());
+        assert_eq!(parse_init_array(&h, &0x1234u64.to_le_bytes()), vec![0x1234]);
+    }
 }
