@@ -5,10 +5,13 @@
 //! analyzer makes from the same layers (indexed by the real indexer, read through real
 //! layer readers): recall and precision by files and by bytes. Prints a table
 //! (`hack/startup-truth.sh` is the benchmark entry) and fails when byte recall < 95% or
-//! byte precision < 60% on any image.
+//! byte precision < 60% on any image. At range granularity, the rootfs sits on a freshly
+//! mounted ext4 filesystem (cold page cache, 128 KiB read-ahead) and the pages resident
+//! after the start are compared with the plan's files whole and with its byte ranges
+//! (printed, not asserted).
 //!
-//! Needs root (chroot, namespaces, debootstrap), strace, unshare and tar; a missing one is
-//! an error, never a skip.
+//! Needs root (chroot, namespaces, debootstrap, loop mounts), strace, unshare, tar,
+//! mkfs.ext4 and findmnt; a missing one is an error, never a skip.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufReader;
@@ -60,7 +63,15 @@ fn require_tools() {
         root,
         "the startup ground truth needs root (chroot, namespaces, debootstrap)"
     );
-    for t in ["strace", "unshare", "tar", "debootstrap"] {
+    for t in [
+        "strace",
+        "unshare",
+        "tar",
+        "debootstrap",
+        "mkfs.ext4",
+        "findmnt",
+        "mount",
+    ] {
         let ok = Command::new("sh")
             .args(["-c", &format!("command -v {t}")])
             .output()
