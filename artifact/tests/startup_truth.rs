@@ -372,13 +372,35 @@ exec strace -f -qq -y -e "$traced" -o "$trace" unshare --root="$root" --wd="$wd"
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
-            // SIGKILL to unshare: strace gets SIGTERM (flushes, exits), the PID namespace
-            // goes with it.
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_namespace(&mut child);
         }
     }
     std::fs::read_to_string(trace).expect("the trace")
+}
+
+/// Ends a started server's namespace. strace is its init (PID 1): SIGTERM lets it flush the
+/// trace, but it may stay (with the server) waiting for its tracees, so it gets SIGKILL
+/// after a grace period, which takes the whole PID namespace with it; then the outer
+/// unshare. (Killing only the unshare left strace and the server running, holding the
+/// rootfs mount.)
+fn stop_namespace(child: &mut std::process::Child) {
+    let outer = child.id();
+    let init: Option<i32> = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()));
+    if let Some(pid) = init {
+        // SAFETY: kill(2) on the pid of our own grandchild, read just now from /proc; it
+        // cannot be reused while its parent (the unshare we have not waited for) lives.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// PATH for the host side (mount, strace, unshare) followed by the image's.
@@ -685,8 +707,20 @@ impl ColdFs {
 
 impl Drop for ColdFs {
     fn drop(&mut self) {
-        // The loop device goes with the mount (autoclear).
-        let _ = Command::new("umount").arg(&self.root).status();
+        // The loop device goes with the mount (autoclear). A namespace that still holds
+        // the mount goes away within moments; past that, detach lazily.
+        for _ in 0..50 {
+            let ok = Command::new("umount")
+                .arg(&self.root)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.root).status();
     }
 }
 
