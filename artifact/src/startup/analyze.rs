@@ -7,6 +7,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::elf::{self, Header};
+use super::jimage;
 use super::shell;
 use super::{
     Analysis, ByteRange, DEFAULT_PATH, FileClass, FileReader, FoundFile, ImageConfig, Note,
@@ -31,6 +32,13 @@ const MAX_REASONS: usize = 8;
 pub(super) const MAX_SCRIPT: u64 = 256 * 1024;
 /// Shebang/exec nesting (the kernel allows a handful of interpreter levels).
 const MAX_DEPTH: usize = 8;
+/// ELF objects at least this big are planned as the byte ranges their loading reads
+/// ([`elf::loader_ranges`]); smaller ones whole (a few read-around windows would pull
+/// most of them anyway, and the plan fetches spans of several MiB).
+pub(super) const RANGES_MIN_SIZE: u64 = 1 << 20;
+/// Predicted ranges covering at least this share of a file (in percent) become the whole
+/// file.
+const RANGES_MAX_SHARE: u64 = 90;
 
 /// One program start to follow.
 #[derive(Debug, Clone)]
@@ -63,6 +71,10 @@ pub(super) struct Ctx<'v, R> {
     dropped_notes: usize,
     bytes_read: u64,
     elf_seen: HashSet<String>,
+    /// Byte ranges predicted for big ELF objects the loader maps and big data files of a
+    /// known format (applied to their files at the end: however else a file was found, the
+    /// loader maps it).
+    elf_ranges: HashMap<String, Vec<ByteRange>>,
     headers: HashMap<String, Option<Header>>,
     ld_conf: Option<Vec<String>>,
     /// Class and machine of the first ELF executable.
@@ -102,6 +114,7 @@ pub async fn analyze<R: FileReader>(
         dropped_notes: 0,
         bytes_read: 0,
         elf_seen: HashSet::new(),
+        elf_ranges: HashMap::new(),
         headers: HashMap::new(),
         ld_conf: None,
         abi: None,
@@ -156,6 +169,12 @@ pub async fn analyze<R: FileReader>(
             subject: "analysis".into(),
             message: format!("{n} more notes were dropped"),
         });
+    }
+    cx.data_ranges().await;
+    for f in &mut cx.files {
+        if let Some(r) = cx.elf_ranges.remove(&f.path) {
+            f.ranges = r;
+        }
     }
     // Expected access order: the exec chain, then libraries, runtime files, system files;
     // discovery order within a class (stable sort).
@@ -435,6 +454,9 @@ impl<R: FileReader> Ctx<'_, R> {
             if self.abi.is_none() {
                 self.abi = Some(info.header.abi());
             }
+            if let Some(r) = &info.ranges {
+                self.elf_ranges.insert(obj.path.clone(), r.clone());
+            }
             if let Some(interp) = &info.interp {
                 match self.resolve_file("/", interp) {
                     Ok(h) => {
@@ -527,8 +549,10 @@ impl<R: FileReader> Ctx<'_, R> {
             needed: Vec::new(),
             rpath: Vec::new(),
             runpath: Vec::new(),
+            ranges: None,
         };
         let Some((doff, dlen)) = seg.dynamic else {
+            info.ranges = self.elf_ranges(obj, &header, &seg, None).await;
             return Ok(info); // static
         };
         let dy = self
@@ -536,6 +560,7 @@ impl<R: FileReader> Ctx<'_, R> {
             .await
             .ok_or("unreadable dynamic section")?;
         let d = elf::parse_dynamic(&header, &dy);
+        info.ranges = self.elf_ranges(obj, &header, &seg, Some(&d)).await;
         let Some(tab_off) = d.strtab_vaddr.and_then(|v| seg.file_offset(v)) else {
             return Err("no string table for the dynamic section".into());
         };
@@ -594,6 +619,84 @@ impl<R: FileReader> Ctx<'_, R> {
             info.runpath = split(rest.next());
         }
         Ok(info)
+    }
+
+    /// Byte ranges of big data files whose format says what a start reads: the JDK's
+    /// module image ([`super::jimage`]).
+    async fn data_ranges(&mut self) {
+        let big: Vec<String> = self
+            .files
+            .iter()
+            .filter(|f| f.size >= RANGES_MIN_SIZE && !self.elf_ranges.contains_key(&f.path))
+            .filter(|f| basename(&f.path) == "modules")
+            .map(|f| f.path.clone())
+            .collect();
+        for path in big {
+            let Some(hit) = self.try_file("/", &path) else {
+                continue;
+            };
+            let Some(b) = self.read(&hit, 0, jimage::HEADER_LEN).await else {
+                continue;
+            };
+            let r = jimage::parse_header(&b).and_then(|h| jimage::ranges(&h, hit.entry.size));
+            match r {
+                Ok(r) => {
+                    let r = r
+                        .into_iter()
+                        .map(|(offset, len)| ByteRange { offset, len })
+                        .collect();
+                    self.elf_ranges.insert(path, r);
+                }
+                Err(jimage::JimageError::NotJimage) => {}
+                Err(e) => self.note(&path, &format!("planned whole: {e}")),
+            }
+        }
+    }
+
+    /// The byte ranges loading a big ELF object reads ([`elf::loader_ranges`]); `None`
+    /// for a small file, or when the prediction covers most of the file anyway.
+    async fn elf_ranges(
+        &mut self,
+        obj: &Hit,
+        h: &Header,
+        seg: &elf::Segments,
+        d: Option<&elf::Dynamic>,
+    ) -> Option<Vec<ByteRange>> {
+        let size = obj.entry.size;
+        if size < RANGES_MIN_SIZE {
+            return None;
+        }
+        // Code that runs on every load, for a text too big to predict whole: the entry
+        // point (programs), DT_INIT and the init arrays' functions.
+        let mut code: Vec<u64> = Vec::new();
+        let huge_text = seg
+            .loads
+            .iter()
+            .any(|l| l.flags & elf::PF_X != 0 && l.filesz > elf::MAX_TEXT);
+        if huge_text && h.entry != 0 {
+            code.push(h.entry);
+        }
+        if let Some(d) = d.filter(|_| huge_text) {
+            code.extend(d.tag(elf::DT_INIT));
+            for (off, len) in d.init_arrays(seg, elf::MAX_INIT_ARRAY) {
+                if let Some(b) = self.read(obj, off, len).await {
+                    code.extend(elf::parse_init_array(h, &b));
+                }
+            }
+        }
+        code.sort_unstable();
+        code.dedup();
+        let ranges = elf::loader_ranges(h, seg, d, &code, size);
+        let covered: u64 = ranges.iter().map(|r| r.1).sum();
+        if covered.saturating_mul(100) >= size.saturating_mul(RANGES_MAX_SHARE) {
+            return None;
+        }
+        Some(
+            ranges
+                .into_iter()
+                .map(|(offset, len)| ByteRange { offset, len })
+                .collect(),
+        )
     }
 
     /// Searches a library as the glibc loader does: DT_RPATH (no RUNPATH), LD_LIBRARY_PATH,
@@ -732,6 +835,8 @@ struct ElfInfo {
     needed: Vec<String>,
     rpath: Vec<String>,
     runpath: Vec<String>,
+    /// The ranges its loading reads, when planned in part.
+    ranges: Option<Vec<ByteRange>>,
 }
 
 fn whole(size: u64) -> Vec<ByteRange> {

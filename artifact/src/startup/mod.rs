@@ -16,6 +16,7 @@
 mod analyze;
 pub mod elf;
 pub mod generic;
+pub mod jimage;
 pub mod pack;
 pub mod plan;
 
