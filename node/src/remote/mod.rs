@@ -642,10 +642,24 @@ impl RemoteLayers {
         manifest: &str,
         image: &str,
     ) -> Result<Option<FoundArtifact>, RemoteError> {
+        // The cluster's pin now (an in-memory lookup): a cached resolution that is not this
+        // pin is stale, whether a recorded plan replaced it or the pin was revoked.
+        let pinned = match &self.opts.cluster {
+            Some(c) => c.lookup(manifest, &self.platform).await,
+            None => None,
+        };
+        let current = |a: &Option<FoundArtifact>| match (&pinned, a) {
+            (Some(p), Some(a)) => {
+                a.source == ArtifactSource::Cluster && a.info.descriptor.digest == p.digest
+            }
+            (Some(_), None) => false,
+            (None, Some(a)) => a.source != ArtifactSource::Cluster,
+            (None, None) => true,
+        };
         let cached = || {
             self.resolved.lock().ok().and_then(|m| {
                 m.get(manifest)
-                    .filter(|(at, _)| at.elapsed() < RESOLVE_TTL)
+                    .filter(|(at, a)| at.elapsed() < RESOLVE_TTL && current(a))
                     .map(|(_, a)| a.clone())
             })
         };
@@ -660,25 +674,27 @@ impl RemoteLayers {
         if let Some(a) = cached() {
             return Ok(a);
         }
-        let res = self.resolve_now(image_repo, manifest, image).await;
+        let res = self
+            .resolve_now(image_repo, manifest, image, pinned.as_ref())
+            .await;
         if let Ok(mut m) = self.resolving.lock() {
             m.remove(manifest);
         }
         res
     }
 
+    /// Resolves the artifact of `manifest`: the cluster's `pinned` one first.
     async fn resolve_now(
         &self,
         image_repo: &Repository,
         manifest: &str,
         image: &str,
+        pinned: Option<&talaria_api::ArtifactRef>,
     ) -> Result<Option<FoundArtifact>, RemoteError> {
         debug!(image, manifest, "resolving the artifact");
         let mut found = None;
-        if let Some(cluster) = &self.opts.cluster
-            && let Some(r) = cluster.lookup(manifest, &self.platform).await
-        {
-            match self.load_cluster_artifact(&r, manifest).await {
+        if let Some(r) = pinned {
+            match self.load_cluster_artifact(r, manifest).await {
                 Ok(res) => found = Some(res),
                 // A broken object must not stop the image: the referrers may still have one.
                 Err(e) => warn!(image, error = %e, "artifact of an AcceleratedImage unusable"),
