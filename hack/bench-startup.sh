@@ -14,8 +14,8 @@
 # When the chosen workloads need more than 10 GiB there (the registry holds every image, one run
 # holds one image's blobs and its unpacked tree; +25% for artifacts and the node's cache), the
 # default becomes what they need if that fits in MemAvailable next to the bench's own memory (it
-# holds every layer blob in memory), else 0 (disk). `--workloads ml` (~3.4 GiB compressed, ~9 GiB
-# unpacked: ~20 GiB of tmpfs) lands on disk on a 24 GiB machine.
+# holds every layer blob in memory), else 0 (disk). `--workloads ml` (3.4 GiB compressed, 5.9 GiB
+# unpacked: ~17 GiB of tmpfs + ~7 GiB of process memory) lands on disk on a 24 GiB machine.
 # The images are built once by hack/workload-images.sh (the named workloads; ~1 GiB compressed
 # for the default three, +3.4 GiB for ml, in ~/.cache/talaria/images/workloads-*); results go to
 # ~/.cache/talaria/bench-results/.
