@@ -12,8 +12,12 @@ require (
 	github.com/containerd/stargz-snapshotter v0.19.1
 	github.com/containerd/stargz-snapshotter/estargz v0.19.1
 	github.com/docker/go-metrics v0.1.0
-	github.com/pelletier/go-toml/v2 v2.4.3
 	google.golang.org/grpc v1.84.0
+)
+
+require (
+	github.com/pelletier/go-toml v1.9.5
+	github.com/pelletier/go-toml/v2 v2.4.3 // indirect
 )
 
 require (

@@ -34,7 +34,9 @@ import (
 	"github.com/containerd/stargz-snapshotter/service/keychain/keychainconfig"
 	"github.com/containerd/stargz-snapshotter/service/resolver"
 	metrics "github.com/docker/go-metrics"
-	"github.com/pelletier/go-toml/v2"
+	// go-toml v1, as upstream: it applies the config structs' `default:"..."` tags
+	// ([directory_cache] direct = true, the passthrough merge buffer and workers).
+	"github.com/pelletier/go-toml"
 	"google.golang.org/grpc"
 )
 
@@ -187,12 +189,10 @@ func main() {
 func loadConfig(path string, optional bool) (snapshotterConfig, error) {
 	var cfg snapshotterConfig
 	data, err := os.ReadFile(path)
-	if err != nil {
-		if optional && errors.Is(err, os.ErrNotExist) {
-			return cfg, nil
-		}
+	if err != nil && !(optional && errors.Is(err, os.ErrNotExist)) {
 		return cfg, fmt.Errorf("config %s: %w", path, err)
 	}
+	// An empty document too, for the defaults.
 	if err := toml.Unmarshal(data, &cfg); err != nil {
 		return cfg, fmt.Errorf("config %s: %w", path, err)
 	}
