@@ -4,7 +4,12 @@
 # from the Go module proxy into a versioned cache dir, once. A second run only checks that
 # the binaries are there.
 #
-# Usage: hack/tools.sh [tool ...]     (default: all)
+# Usage: hack/tools.sh [tool ...]     (default: the test tools: etcd kube helm crane cosign
+#                                      containerd2)
+# Benchmark-only peers (issue 25), built only when named, never by default:
+#   soci     soci + soci-snapshotter-grpc (AWS SOCI snapshotter), cgo (zlib: zlib1g-dev)
+#   stargz   talaria-stargz-grpc + talaria-estargz-convert: small mains in hack/peers/stargz
+#            over the stargz-snapshotter library module (its cmd module is not on the proxy)
 # Prints nothing but progress on stderr; the binaries end up in $TALARIA_TOOLS/bin.
 set -euo pipefail
 
@@ -16,6 +21,11 @@ CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
 COSIGN_VERSION=${COSIGN_VERSION:-v2.6.5}
 # The current containerd LTS line, next to Debian's 1.6 (runc comes from Debian for both).
 CONTAINERD2_VERSION=${CONTAINERD2_VERSION:-v2.3.0}
+# Benchmark peers (issue 25). SOCI's cmd module has no release tag on the proxy: the pseudo
+# version is the v0.16.1 commit.
+SOCI_VERSION=${SOCI_VERSION:-v0.16.1}
+SOCI_CMD_VERSION=${SOCI_CMD_VERSION:-v0.0.0-20260930233240-61147fe7c929}
+STARGZ_VERSION=${STARGZ_VERSION:-v0.19.1}
 
 CACHE=${TALARIA_CACHE:-$HOME/.cache/talaria}
 TOOLS=${TALARIA_TOOLS:-$CACHE/tools}
@@ -153,6 +163,97 @@ build_containerd2() {
   ln -sfn "$d/containerd" "$BIN/containerd2"
 }
 build_cosign() { go_install cosign "$COSIGN_VERSION" github.com/sigstore/cosign/v2/cmd/cosign; }
+
+# SOCI: its cmd module requires the library module at v0.0.0-local with a replace to ../, which
+# go install refuses; a wrapper module requires both (the library at the release tag), repeats
+# the library's own replaces (replaces of dependencies do not apply) and builds both commands.
+# cgo: the ztoc code links zlib statically (-l:libz.a, from Debian's zlib1g-dev).
+build_soci() {
+  local v=$SOCI_VERSION cmds=(soci soci-snapshotter-grpc) missing=() c
+  for c in "${cmds[@]}"; do have "$c" "$v" || missing+=("$c"); done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  [ -f /usr/lib/x86_64-linux-gnu/libz.a ] || [ -f /usr/lib/libz.a ] || [ -f /usr/lib64/libz.a ] \
+    || ensure_debs zlib1g-dev
+  log "building ${missing[*]} $v (cmd module $SOCI_CMD_VERSION)"
+  local w; w=$(mktemp -d)
+  local m=github.com/awslabs/soci-snapshotter
+  cat > "$w/go.mod" <<EOF
+module talaria.dev/socitools
+go 1.26
+require (
+	$m $v
+	$m/cmd $SOCI_CMD_VERSION
+)
+replace $m v0.0.0-local => $m $v
+replace github.com/hashicorp/golang-lru => github.com/ktock/golang-lru v0.5.5-0.20211029085301-ec551be6f75c
+replace cyphar.com/go-pathrs => github.com/cyphar/libpathrs/go-pathrs v0.2.1
+EOF
+  cat > "$w/tools.go" <<'EOF'
+//go:build tools
+
+package tools
+
+import (
+	_ "github.com/awslabs/soci-snapshotter/cmd/soci"
+	_ "github.com/awslabs/soci-snapshotter/cmd/soci-snapshotter-grpc"
+)
+EOF
+  (
+    cd "$w"
+    export CGO_ENABLED=1
+    go mod tidy >&2
+    for c in "${missing[@]}"; do
+      mkdir -p "$TOOLS/$c-$v"
+      go build -trimpath -ldflags "-s -w -X $m/version.Version=$v -X $m/version.Revision=$SOCI_CMD_VERSION" \
+        -o "$TOOLS/$c-$v/$c.tmp" "$m/cmd/$c"
+      mv "$TOOLS/$c-$v/$c.tmp" "$TOOLS/$c-$v/$c"
+    done
+  )
+  rm -rf "$w"
+  for c in "${cmds[@]}"; do have "$c" "$v"; done
+}
+
+# stargz-snapshotter: only the library module is on the proxy (its cmd module, with
+# containerd-stargz-grpc and ctr-remote, is not), so two small mains of ours in hack/peers/stargz
+# use it: talaria-stargz-grpc (the proxy snapshotter gRPC server) and talaria-estargz-convert
+# (eStargz conversion, optionally with prioritized files). Keyed by the library version and the
+# sources' hash, so an edit rebuilds.
+build_stargz() {
+  local src; src=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/peers/stargz
+  local key; key=$(cat "$src/go.mod" "$src"/*/*.go | sha256sum | cut -c1-8)
+  local v=$STARGZ_VERSION-$key cmds=(talaria-stargz-grpc talaria-estargz-convert) missing=() c
+  for c in "${cmds[@]}"; do have "$c" "$v" || missing+=("$c"); done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  log "building ${missing[*]} (stargz-snapshotter $STARGZ_VERSION)"
+  local w; w=$(mktemp -d)
+  cp -r "$src/." "$w/"
+  (
+    cd "$w"
+    go mod edit -require "github.com/containerd/stargz-snapshotter@$STARGZ_VERSION"
+    go mod tidy >&2
+    for c in "${missing[@]}"; do
+      mkdir -p "$TOOLS/$c-$v"
+      go build -trimpath -ldflags "-s -w -X main.stargzVersion=$STARGZ_VERSION" \
+        -o "$TOOLS/$c-$v/$c.tmp" "./$c"
+      mv "$TOOLS/$c-$v/$c.tmp" "$TOOLS/$c-$v/$c"
+    done
+  )
+  rm -rf "$w"
+  for c in "${cmds[@]}"; do have "$c" "$v"; done
+}
+
+# ensure_debs PKG...: installs Debian packages that are missing (as hack/setup.sh does).
+ensure_debs() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  log "apt-get install ${missing[*]}"
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
 
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(etcd kube helm crane cosign containerd2)
