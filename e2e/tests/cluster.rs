@@ -530,6 +530,26 @@ fn learn_pod(name: &str, image: &str) -> Pod {
     .expect("pod")
 }
 
+/// Creates pod `name` running `image` and waits until it is Ready.
+async fn start_learn_pod(client: &kube::Client, pods: &Api<Pod>, name: &str, image: &str) {
+    pods.create(&PostParams::default(), &learn_pod(name, image))
+        .await
+        .expect("creating a learn pod");
+    wait_until(
+        client,
+        &format!("learn pod {name} Ready"),
+        ROLLOUT,
+        || async {
+            pods.get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| pod_ready(&p))
+        },
+    )
+    .await;
+}
+
 /// Events about pod `name` of namespace `ns` with `reason`: their notes.
 async fn pod_events(client: &kube::Client, ns: &str, name: &str, reason: &str) -> Vec<String> {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
@@ -694,17 +714,7 @@ async fn learning_loop_records_and_serves_the_next_start(cluster: &Cluster, clie
 
     // First start: the predicted plan.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "learn");
-    pods.create(&PostParams::default(), &learn_pod("first", &image))
-        .await
-        .expect("creating the first pod");
-    wait_until(client, "the first learn pod Ready", ROLLOUT, || async {
-        pods.get_opt("first")
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|p| pod_ready(&p))
-    })
-    .await;
+    start_learn_pod(client, &pods, "first", &image).await;
     // No step: the node writes the record after the window, the controller builds and pins.
     wait_until(client, "the recorded plan pinned", ROLLOUT, || async {
         status().await["planSource"] == "recorded"
@@ -844,17 +854,7 @@ async fn learning_loop_records_and_serves_the_next_start(cluster: &Cluster, clie
     let demand0 = node_metric(client, "talaria_node_fetched_on_demand_bytes_total").await;
 
     // Second start: the recorded pack.
-    pods.create(&PostParams::default(), &learn_pod("second", &image))
-        .await
-        .expect("creating the second pod");
-    wait_until(client, "the second learn pod Ready", ROLLOUT, || async {
-        pods.get_opt("second")
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|p| pod_ready(&p))
-    })
-    .await;
+    start_learn_pod(client, &pods, "second", &image).await;
     let mounted = lazily_mounted_from_cluster(client).await - mounted0;
     // busybox, the bottom layer, is the app's too: its snapshot stays, the two above return.
     assert!(

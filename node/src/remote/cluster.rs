@@ -145,17 +145,28 @@ impl ClusterSource {
         }
     }
 
+    /// The policy-owned AcceleratedImages of `manifest` for `platform` (`os/arch`).
+    fn approved_images(
+        &self,
+        manifest: &str,
+        platform: &str,
+    ) -> Vec<std::sync::Arc<AcceleratedImage>> {
+        self.store
+            .state()
+            .into_iter()
+            .filter(|img| img.spec.digest == manifest)
+            .filter(|img| same_platform(&img.spec.platform, platform))
+            .filter(|img| approved(img, &self.policies))
+            .collect()
+    }
+
     /// What the learning loop wants of a start of `manifest` on `platform`: the approved,
     /// Ready AcceleratedImage whose plan it would record, if recording is on and the plan
     /// still lacks starts.
     pub fn recording_target(&self, manifest: &str, platform: &str) -> Option<RecordingTarget> {
         let mut found: Vec<RecordingTarget> = self
-            .store
-            .state()
+            .approved_images(manifest, platform)
             .iter()
-            .filter(|img| img.spec.digest == manifest)
-            .filter(|img| same_platform(&img.spec.platform, platform))
-            .filter(|img| approved(img, &self.policies))
             .filter_map(|img| {
                 let st = img.status.as_ref()?;
                 if st.phase != Phase::Ready || st.artifact.is_none() {
@@ -267,12 +278,8 @@ impl ClusterSource {
             return None;
         }
         let mut found: Vec<ArtifactRef> = self
-            .store
-            .state()
+            .approved_images(manifest, platform)
             .iter()
-            .filter(|img| img.spec.digest == manifest)
-            .filter(|img| same_platform(&img.spec.platform, platform))
-            .filter(|img| approved(img, &self.policies))
             .filter_map(|img| {
                 let st = img.status.as_ref()?;
                 if st.phase != Phase::Ready {
@@ -332,17 +339,7 @@ where
 /// so an owner reference someone else wrote (or one left from a deleted policy) approves
 /// nothing.
 fn approved(img: &AcceleratedImage, policies: &Store<AccelerationPolicy>) -> bool {
-    img.metadata
-        .owner_references
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .filter(|o| o.kind == "AccelerationPolicy" && o.api_version.starts_with("talaria.dev/"))
-        .any(|o| {
-            policies
-                .get(&reflector::ObjectRef::new(&o.name))
-                .is_some_and(|p| p.metadata.uid.as_deref() == Some(o.uid.as_str()))
-        })
+    !owner_policies(img, policies).is_empty()
 }
 
 /// The live policies that own `img` (see [`approved`]).
