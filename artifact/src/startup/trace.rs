@@ -154,7 +154,8 @@ impl TraceRecorder {
         }
     }
 
-    fn now_ms(&self) -> u64 {
+    /// Milliseconds since the recorder started (the clock of [`TracedFile::first_ms`]).
+    pub fn now_ms(&self) -> u64 {
         u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -212,6 +213,16 @@ impl TraceRecorder {
             .insert(path.to_string(), (now, ranges));
         *files += 1;
         *held += 1;
+    }
+
+    /// When a file of `layers` was first read last ([`TraceRecorder::now_ms`] clock).
+    pub fn newest_first_read(&self, layers: &[String]) -> Option<u64> {
+        let g = self.inner.lock().ok()?;
+        layers
+            .iter()
+            .filter_map(|l| g.layers.get(l))
+            .flat_map(|files| files.values().map(|f| f.0))
+            .max()
     }
 
     /// Drops what was recorded of `layer` (removed from the node).
@@ -676,6 +687,15 @@ mod tests {
 
     #[test]
     fn ranges_merge_when_they_touch() {
+        let rec = TraceRecorder::new(Duration::from_secs(60), 10);
+        assert_eq!(rec.newest_first_read(&["sha256:a".into()]), None);
+        rec.started();
+        rec.record("sha256:a", "x", 0, 1);
+        assert!(
+            rec.newest_first_read(&["sha256:a".into()])
+                .is_some_and(|t| t <= rec.now_ms())
+        );
+        assert_eq!(rec.newest_first_read(&["sha256:b".into()]), None);
         let mut v = Vec::new();
         add_range(&mut v, 100, 10);
         add_range(&mut v, 0, 10);

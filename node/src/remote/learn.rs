@@ -30,6 +30,10 @@ const REPORT_DELAY: Duration = Duration::from_secs(15);
 /// One fallback Event per image this often, at most (a pull prepares every layer).
 const FALLBACK_EVENT_EVERY: Duration = Duration::from_secs(600);
 const MAX_FALLBACK_KEYS: usize = 1024;
+/// A start still reading new files this recently at the end of its window is followed on
+/// (up to the node's window): a slow start must not be cut to the files it reached in time.
+const QUIET: Duration = Duration::from_secs(3);
+
 /// Containers started this long after the last Prepare, with none since, mean that containerd
 /// is not using this snapshotter.
 const UNUSED_GRACE: Duration = Duration::from_secs(120);
@@ -130,10 +134,25 @@ impl Learner {
             })
             .flatten()
             .filter(|_| self.recorder.is_some() && !self.max_window.is_zero());
+        let t0 = Instant::now();
         let wait = target
             .as_ref()
             .map_or(REPORT_DELAY, |t| t.window.min(self.max_window));
         tokio::time::sleep(wait).await;
+        if let (Some(_), Some(rec)) = (&target, &self.recorder) {
+            // Until the image's layers see no new file for a moment, within the node's window.
+            while t0.elapsed() + QUIET < self.max_window {
+                let newest = rec.newest_first_read(&start.layers);
+                let quiet = newest.is_none_or(|ms| {
+                    rec.now_ms().saturating_sub(ms)
+                        >= u64::try_from(QUIET.as_millis()).unwrap_or(u64::MAX)
+                });
+                if quiet {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         let pods: Vec<Pod> = self
             .cluster
             .pods_on_node()
