@@ -20,7 +20,7 @@ LAYERS = {
     # A folder may be split where its parts sit at different layers: `layerfs::tree` is pure
     # data the fetch jobs build ahead; the FUSE server above reads through `content`.
     "node": ["error", "holder", "metrics", "snapshot", "layerfs::tree", "content", "layerfs", "remote", "cri"],
-    "controller": ["metrics", "selector", "clients", "resolve", "builder", "context", "policy", "image", "server", "crdgen"],
+    "controller": ["metrics", "selector", "clients", "resolve", "builder", "context", "learn", "policy", "image", "server", "crdgen"],
 }
 
 # Files that only wire the crate together (they may use every module).

@@ -691,8 +691,72 @@ async fn learn(
     let Some(_slot) = build_slot(ctx, img, &shutdown).await? else {
         return Ok(Action::await_change());
     };
-    crate::learn::record(ctx, img, owners, &pick, shutdown).await?;
+    build_recorded(ctx, img, owners, &pick, shutdown).await?;
     Ok(Action::await_change())
+}
+
+/// Builds and pins the recorded plan of `p` (the caller holds a build slot).
+async fn build_recorded(
+    ctx: &Context,
+    img: &AcceleratedImage,
+    owners: &[Arc<AccelerationPolicy>],
+    p: &crate::learn::Pick,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let (trace, bad) = crate::learn::merged_trace(p);
+    for b in &bad {
+        warn!(record = %b, "startup record left out");
+    }
+    let st = img.status.clone().unwrap_or_default();
+    let (status, notice) = match st.default_artifact.clone() {
+        _ if trace.files() == 0 => {
+            let why = if bad.is_empty() {
+                "the recorded starts read no file of the image's lazily mounted layers".to_string()
+            } else {
+                format!("no usable record: {}", bad.join("; "))
+            };
+            crate::learn::recording_failed_status(img, p, &why)
+        }
+        None => crate::learn::recording_failed_status(img, p, "no default artifact to build on"),
+        Some(default_artifact) => {
+            info!(
+                records = %p.key,
+                files = trace.files(),
+                bytes = trace.bytes(),
+                "building the recorded plan"
+            );
+            let input = RecordedInput {
+                trace,
+                budget: p.settings.max_bytes,
+                default_artifact,
+                created: Timestamp::now().to_string(),
+            };
+            let (result, secs) = run_build(ctx, img, owners, Some(Arc::new(input)), shutdown).await;
+            match result {
+                AttemptResult::Abandoned => return Ok(()),
+                AttemptResult::Built { outcome, seconds } => {
+                    ctx.metrics
+                        .build_finished("recorded", seconds, outcome.bytes_indexed);
+                    crate::learn::recorded_status(img, p, &outcome, seconds)
+                }
+                AttemptResult::Failed(e) => {
+                    ctx.metrics.build_finished("failed", secs, 0);
+                    ctx.metrics.build_failed(e.reason());
+                    warn!(error = %e, reason = e.reason(), "recorded build failed");
+                    crate::learn::recording_failed_status(img, p, &e.to_string())
+                }
+            }
+        }
+    };
+    write(
+        ctx,
+        img,
+        Update {
+            status,
+            notice: Some(notice),
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

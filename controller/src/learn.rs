@@ -5,7 +5,8 @@
 //! fetched first: the pack is cut from the real layers, and the trace is bounded by the
 //! schema and the decoder's caps.
 //!
-//! [`pick`] decides (pure); [`record`] runs the build and writes the status.
+//! [`pick`] decides and the statuses are computed here (pure); `image::build_recorded` runs
+//! the build and writes them.
 
 use std::sync::Arc;
 
@@ -19,10 +20,10 @@ use talaria_api::{
 };
 use talaria_artifact::startup::StartupTrace;
 use talaria_artifact::startup::trace::merge_traces;
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::builder::{BuildOutcome, RecordedInput};
-use crate::context::{Context, Error, Notice, condition, truncate};
+use crate::builder::BuildOutcome;
+use crate::context::{Context, Notice, condition, truncate};
 
 /// Records of `img` to merge now: the first `starts` (by time, then name) of the records of
 /// its digest, when they are not what its plan already merges or what last failed.
@@ -250,71 +251,6 @@ pub fn recording_failed_status(
         ..prev
     };
     (status, Notice::warning("RecordingFailed", e))
-}
-
-/// Builds and pins the recorded plan of `p` (the caller holds a build slot).
-pub async fn record(
-    ctx: &Context,
-    img: &AcceleratedImage,
-    owners: &[Arc<AccelerationPolicy>],
-    p: &Pick,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), Error> {
-    let (trace, bad) = merged_trace(p);
-    for b in &bad {
-        warn!(record = %b, "startup record left out");
-    }
-    let st = img.status.clone().unwrap_or_default();
-    let (status, notice) = match st.default_artifact.clone() {
-        _ if trace.files() == 0 => {
-            let why = if bad.is_empty() {
-                "the recorded starts read no file of the image's lazily mounted layers".to_string()
-            } else {
-                format!("no usable record: {}", bad.join("; "))
-            };
-            recording_failed_status(img, p, &why)
-        }
-        None => recording_failed_status(img, p, "no default artifact to build on"),
-        Some(default_artifact) => {
-            info!(
-                records = %p.key,
-                files = trace.files(),
-                bytes = trace.bytes(),
-                "building the recorded plan"
-            );
-            let input = RecordedInput {
-                trace,
-                budget: p.settings.max_bytes,
-                default_artifact,
-                created: Timestamp::now().to_string(),
-            };
-            let (result, secs) =
-                crate::image::run_build(ctx, img, owners, Some(Arc::new(input)), shutdown).await;
-            match result {
-                crate::image::AttemptResult::Abandoned => return Ok(()),
-                crate::image::AttemptResult::Built { outcome, seconds } => {
-                    ctx.metrics
-                        .build_finished("recorded", seconds, outcome.bytes_indexed);
-                    recorded_status(img, p, &outcome, seconds)
-                }
-                crate::image::AttemptResult::Failed(e) => {
-                    ctx.metrics.build_finished("failed", secs, 0);
-                    ctx.metrics.build_failed(e.reason());
-                    warn!(error = %e, reason = e.reason(), "recorded build failed");
-                    recording_failed_status(img, p, &e.to_string())
-                }
-            }
-        }
-    };
-    crate::image::write(
-        ctx,
-        img,
-        crate::image::Update {
-            status,
-            notice: Some(notice),
-        },
-    )
-    .await
 }
 
 /// Deletes records that will never be merged (bounded: nodes stop writing once a plan has
