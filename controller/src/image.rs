@@ -639,13 +639,13 @@ async fn build_slot<'a>(
     if *shutdown.borrow() {
         return Ok(None);
     }
-    Ok(Some(Slot(g, r)))
+    Ok(Some((g, r)))
 }
 
-/// Build permits, released when dropped.
-struct Slot<'a>(
-    #[allow(dead_code)] tokio::sync::SemaphorePermit<'a>,
-    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+/// Build permits (global, per registry), released when dropped.
+type Slot<'a> = (
+    tokio::sync::SemaphorePermit<'a>,
+    tokio::sync::OwnedSemaphorePermit,
 );
 
 /// A Ready image: fill in what older controllers did not write, drop records it will never

@@ -10,8 +10,6 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use talaria_api::{
@@ -264,17 +262,18 @@ pub async fn prune(ctx: &Context, names: &[String]) {
     }
 }
 
-/// `recorded_at` as [`Time`] now (for tests and nodes).
-pub fn now() -> Time {
-    Time(Timestamp::now())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
     use talaria_api::{
         AcceleratedImageSpec, AccelerationPolicySpec, ArtifactRef, Recording, StartupRecordSpec,
     };
+
+    fn now() -> Time {
+        Time(Timestamp::now())
+    }
 
     const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
 

@@ -359,37 +359,29 @@ impl StartupTrace {
         }
     }
 
-    /// The files first read in the first `n`, across layers (to fit a size cap).
+    /// The `n` files read first, across layers (to fit a size cap).
     pub fn first_files(&self, n: usize) -> StartupTrace {
-        let mut times: Vec<u64> = self
+        let mut order: Vec<(u64, usize, usize)> = self
             .layers
             .iter()
-            .flat_map(|l| &l.files)
-            .map(|f| f.first_ms)
+            .enumerate()
+            .flat_map(|(l, lt)| {
+                lt.files
+                    .iter()
+                    .enumerate()
+                    .map(move |(f, tf)| (tf.first_ms, l, f))
+            })
             .collect();
-        times.sort_unstable();
-        let Some(&cut) = times.get(n) else {
-            return self.clone();
-        };
-        let mut kept = 0usize;
+        order.sort_unstable();
+        let keep: std::collections::HashSet<(usize, usize)> =
+            order.into_iter().take(n).map(|(_, l, f)| (l, f)).collect();
         let mut out = self.clone();
-        // Files at the cut time are kept while there is room (ties broken by order).
-        for l in &mut out.layers {
-            l.files.retain(|f| {
-                let keep = f.first_ms < cut || (f.first_ms == cut && kept < n);
-                kept += usize::from(keep && f.first_ms == cut);
-                keep
+        for (l, lt) in out.layers.iter_mut().enumerate() {
+            let mut f = 0;
+            lt.files.retain(|_| {
+                f += 1;
+                keep.contains(&(l, f - 1))
             });
-        }
-        let before = out.files();
-        if before > n {
-            // More files share earlier times than `n`: drop from the latest layers' tails.
-            let mut extra = before - n;
-            for l in out.layers.iter_mut().rev() {
-                let d = extra.min(l.files.len());
-                l.files.truncate(l.files.len() - d);
-                extra -= d;
-            }
         }
         out.layers.retain(|l| !l.files.is_empty());
         out

@@ -329,6 +329,10 @@ impl LayerContent {
     /// Fetches ahead of a sequential reader of a big file, in the background ([`ReadAhead`]):
     /// spans already cached or being fetched are skipped.
     fn read_ahead(&self, i: usize, entry: &Entry, offset: u64, len: u64) {
+        // Most reads are of small files: no lock for them.
+        if entry.size < AHEAD_MIN_FILE {
+            return;
+        }
         let Some((from, to)) = self
             .ahead
             .lock()

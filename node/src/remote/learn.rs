@@ -383,11 +383,7 @@ fn command_hash(c: &Container) -> Option<String> {
     }
     let json = serde_json::to_vec(&(&c.command, &c.args)).unwrap_or_default();
     let h = Sha256::digest(&json);
-    Some(format!("sha256:{}", hex(&h[..8])))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Some(format!("sha256:{}", hex::encode(&h[..8])))
 }
 
 /// Whether a container of `p` (default runtime class: Talaria's own pods run on the
