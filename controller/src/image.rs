@@ -703,7 +703,18 @@ async fn build_recorded(
     p: &crate::learn::Pick,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let (trace, bad) = crate::learn::merged_trace(p);
+    // The cache holds records without their traces (crate::learn::strip_trace).
+    let api: Api<talaria_api::StartupRecord> = Api::all(ctx.client.clone());
+    let mut traces = Vec::with_capacity(p.records.len());
+    for r in &p.records {
+        traces.push(match api.get_opt(&r.name_any()).await {
+            // Records are immutable (schema): the same object is the same record.
+            Ok(Some(fresh)) if fresh.metadata.uid == r.metadata.uid => Ok(fresh.spec.trace),
+            Ok(_) => Err("deleted or replaced since it was seen".to_string()),
+            Err(e) => Err(format!("reading it: {e}")),
+        });
+    }
+    let (trace, bad) = crate::learn::merged_trace(p, &traces);
     for b in &bad {
         warn!(record = %b, "startup record left out");
     }

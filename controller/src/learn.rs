@@ -122,13 +122,24 @@ pub fn surplus(
         .collect()
 }
 
-/// The merged trace of the picked records; records that do not decode are left out (and
-/// named in the second value).
-pub fn merged_trace(p: &Pick) -> (StartupTrace, Vec<String>) {
+/// The watch cache keeps records without their traces (up to 1 MiB each, and nodes write
+/// them): a trace is read from the apiserver only when its record is merged.
+pub fn strip_trace(r: &mut StartupRecord) {
+    r.spec.trace.clear();
+    r.metadata.managed_fields = None;
+}
+
+/// The merged trace of the picked records, whose traces are `traces` (by record, read
+/// fresh); records that do not decode are left out (and named in the second value).
+pub fn merged_trace(p: &Pick, traces: &[Result<String, String>]) -> (StartupTrace, Vec<String>) {
     let mut starts = Vec::new();
     let mut bad = Vec::new();
-    for r in &p.records {
-        match StartupTrace::from_compact(&r.spec.trace) {
+    for (r, t) in p.records.iter().zip(traces) {
+        let decoded = t
+            .as_ref()
+            .map_err(|e| e.clone())
+            .and_then(|t| StartupTrace::from_compact(t).map_err(|e| e.to_string()));
+        match decoded {
             Ok(t) => starts.push((r.spec.command.clone(), t)),
             Err(e) => bad.push(format!("{}: {e}", r.name_any())),
         }
@@ -430,7 +441,9 @@ mod tests {
             &[record("a", 10, "img", DIGEST)],
         )
         .unwrap();
-        let (t, bad) = merged_trace(&p);
+        let traces: Vec<Result<String, String>> =
+            p.records.iter().map(|r| Ok(r.spec.trace.clone())).collect();
+        let (t, bad) = merged_trace(&p, &traces);
         assert_eq!(t.files(), 0);
         assert!(bad[0].starts_with("a: "), "{bad:?}");
     }

@@ -156,6 +156,7 @@ pub async fn run(
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(learn::strip_trace)
     .reflect(record_writer)
     .applied_objects();
 

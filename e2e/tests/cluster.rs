@@ -511,21 +511,26 @@ fn push_learn_image(reg: &str) -> String {
     format!("{reg}/e2e/learn:1@{digest}")
 }
 
-/// The pod `name` in namespace `ns` running `image` (Ready once its start script ran).
+/// The pod spec of the test's apps: one container of `image`, Ready while `/tmp/ok` exists.
+fn app_pod_spec(image: &str) -> serde_json::Value {
+    json!({
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{
+            "name": "app",
+            "image": image,
+            "readinessProbe": {
+                "exec": { "command": ["cat", "/tmp/ok"] },
+                "periodSeconds": 1,
+            },
+        }],
+    })
+}
+
+/// The pod `name` running `image` (Ready once its start script ran).
 fn learn_pod(name: &str, image: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": { "name": name },
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "app",
-                "image": image,
-                "readinessProbe": {
-                    "exec": { "command": ["cat", "/tmp/ok"] },
-                    "periodSeconds": 1,
-                },
-            }],
-        },
+        "spec": app_pod_spec(image),
     }))
     .expect("pod")
 }
@@ -898,17 +903,7 @@ fn deployment(name: &str, image: &str) -> Deployment {
             "selector": { "matchLabels": { "app": name } },
             "template": {
                 "metadata": { "labels": { "app": name } },
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app",
-                        "image": image,
-                        "readinessProbe": {
-                            "exec": { "command": ["cat", "/tmp/ok"] },
-                            "periodSeconds": 1,
-                        },
-                    }],
-                },
+                "spec": app_pod_spec(image),
             },
         },
     }))
