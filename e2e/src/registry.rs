@@ -25,7 +25,7 @@ pub struct Registry {
     // then the relay and namespace, the files last.
     proc: Option<Proc>,
     /// Only kept alive: it serves from its own thread.
-    _relay: Option<Relay>,
+    relay: Option<Relay>,
     netns: Option<Netns>,
     dir: TempDir,
     /// Address the registry listens on (inside the namespace when shaped).
@@ -136,16 +136,24 @@ impl Registry {
         relay: Option<Relay>,
         netns: Option<Netns>,
     ) -> Result<Registry, EnvError> {
+        // TALARIA_REGISTRY_DIR, when set, holds the registries' storage instead of the temp
+        // dir: the startup bench keeps GiBs of images there, on disk, while its runs use a
+        // tmpfs.
+        let base = std::env::var_os("TALARIA_REGISTRY_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         let dir = tempfile::Builder::new()
             .prefix("talaria-registry-")
-            .tempdir()
-            .map_err(|e| EnvError::io("creating the registry temp dir", e))?;
+            .tempdir_in(&base)
+            .map_err(|e| {
+                EnvError::io(format!("creating a registry dir in {}", base.display()), e)
+            })?;
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage)
             .map_err(|e| EnvError::io(format!("creating {}", storage.display()), e))?;
         Ok(Registry {
             proc: None,
-            _relay: relay,
+            relay: relay,
             netns,
             dir,
             listen,
@@ -203,6 +211,11 @@ impl Registry {
     }
 
     /// Where blobs and manifests are stored on disk.
+    /// Bytes a shaped registry has sent over its link so far (`None` for an unshaped one).
+    pub fn bytes_sent(&self) -> Option<u64> {
+        self.relay.as_ref().map(Relay::bytes_down)
+    }
+
     pub fn storage_dir(&self) -> PathBuf {
         self.dir.path().join("storage")
     }

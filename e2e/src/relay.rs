@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -25,7 +25,14 @@ type Conns = Arc<Mutex<HashMap<u64, (TcpStream, TcpStream)>>>;
 /// Accepts on `listener` until `stop` is set, relaying each connection to `upstream` with the
 /// given round-trip time added. Blocks the calling thread.
 pub fn serve(listener: TcpListener, upstream: SocketAddr, rtt: Duration, stop: Arc<AtomicBool>) {
-    serve_tracked(listener, upstream, rtt, stop, Arc::default());
+    serve_tracked(
+        listener,
+        upstream,
+        rtt,
+        stop,
+        Arc::default(),
+        Arc::default(),
+    );
 }
 
 fn serve_tracked(
@@ -34,6 +41,7 @@ fn serve_tracked(
     rtt: Duration,
     stop: Arc<AtomicBool>,
     conns: Conns,
+    down: Arc<AtomicU64>,
 ) {
     // Non-blocking accept so the stop flag is noticed; poll wakes at once for a connection.
     // (A fixed sleep between accept attempts added up to its length to every new connection,
@@ -59,12 +67,12 @@ fn serve_tracked(
         }
         match listener.accept() {
             Ok((client, _)) => {
-                let conns = conns.clone();
+                let (conns, down) = (conns.clone(), down.clone());
                 next_id += 1;
                 let id = next_id;
                 let _ = std::thread::Builder::new()
                     .name("relay-conn".into())
-                    .spawn(move || handle(id, client, upstream, rtt, conns));
+                    .spawn(move || handle(id, client, upstream, rtt, conns, down));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
@@ -75,7 +83,14 @@ fn serve_tracked(
     }
 }
 
-fn handle(id: u64, client: TcpStream, upstream: SocketAddr, rtt: Duration, conns: Conns) {
+fn handle(
+    id: u64,
+    client: TcpStream,
+    upstream: SocketAddr,
+    rtt: Duration,
+    conns: Conns,
+    down: Arc<AtomicU64>,
+) {
     if client.set_nonblocking(false).is_err() {
         return;
     }
@@ -99,16 +114,17 @@ fn handle(id: u64, client: TcpStream, upstream: SocketAddr, rtt: Duration, conns
         map.insert(id, (c3, s3));
     }
     let half = rtt / 2;
-    let up = std::thread::spawn(move || pipe(client, server, half));
-    pipe(s2, c2, half);
+    let up = std::thread::spawn(move || pipe(client, server, half, None));
+    pipe(s2, c2, half, Some(&down));
     let _ = up.join();
     if let Ok(mut map) = conns.lock() {
         map.remove(&id);
     }
 }
 
-/// Copies `from` to `to`, each chunk delayed by `delay` after it was read.
-fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+/// Copies `from` to `to`, each chunk delayed by `delay` after it was read, adding what it
+/// read to `count`.
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, count: Option<&AtomicU64>) {
     let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(IN_FLIGHT_CHUNKS);
     let writer = std::thread::spawn(move || {
         for (due, data) in rx {
@@ -128,6 +144,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let Some(data) = buf.get(..n) else { break };
+                if let Some(c) = count {
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 if tx.send((Instant::now() + delay, data.to_vec())).is_err() {
                     break;
                 }
@@ -142,6 +161,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
 pub struct Relay {
     stop: Arc<AtomicBool>,
     conns: Conns,
+    down: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
     addr: SocketAddr,
 }
@@ -157,9 +177,10 @@ impl Relay {
     ) -> Result<Relay, EnvError> {
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Conns = Arc::default();
+        let down: Arc<AtomicU64> = Arc::default();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, EnvError>>();
         let netns = netns.map(str::to_string);
-        let (stop2, conns2) = (stop.clone(), conns.clone());
+        let (stop2, conns2, down2) = (stop.clone(), conns.clone(), down.clone());
         let thread = std::thread::Builder::new()
             .name("relay-accept".into())
             .spawn(move || {
@@ -188,7 +209,7 @@ impl Relay {
                 };
                 let addr = listener.local_addr().unwrap_or(listen);
                 let _ = ready_tx.send(Ok(addr));
-                serve_tracked(listener, upstream, rtt, stop2, conns2);
+                serve_tracked(listener, upstream, rtt, stop2, conns2, down2);
             })
             .map_err(|e| EnvError::io("spawning the relay thread", e))?;
         let addr = ready_rx
@@ -197,6 +218,7 @@ impl Relay {
         Ok(Relay {
             stop,
             conns,
+            down,
             thread: Some(thread),
             addr,
         })
@@ -205,6 +227,12 @@ impl Relay {
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Bytes relayed from upstream to clients so far (what crossed the emulated link towards
+    /// its clients).
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
     }
 }
 

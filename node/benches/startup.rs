@@ -20,6 +20,7 @@
 //! loopback registry, whose storage is hard-linked into each shaped registry's.
 
 mod common;
+mod peers;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use common::{HolderProc, NodeProc, http_get, link_storage, median, percentile};
+use peers::{Peer, PeerProc};
 use serde_json::json;
 use talaria_artifact::build::{BuildOptions, Recorded, build};
 use talaria_artifact::format::Profile;
@@ -71,7 +73,8 @@ struct Args {
     )]
     links: Vec<Link>,
     /// Comma-separated: overlayfs, talaria-none, talaria-default, talaria-accelerated,
-    /// talaria-recorded, talaria-recorded-proxy, talaria-learned.
+    /// talaria-recorded, talaria-recorded-proxy, talaria-learned, and the peers (built by
+    /// `hack/tools.sh soci stargz`): soci, soci-parallel, stargz, stargz-optimized.
     #[arg(
         long,
         value_delimiter = ',',
@@ -178,6 +181,16 @@ enum Variant {
     /// (it builds the predicted artifact, then the recorded one from the StartupRecord a
     /// talaria-node wrote after one start), nodes resolving through the cluster's pin.
     TalariaLearned,
+    /// The SOCI snapshotter lazily loading a SOCI-enabled image (index manifest v2, made by
+    /// `soci convert`), with its default background fetch.
+    Soci,
+    /// SOCI's parallel pull and unpack mode on the unchanged image.
+    SociParallel,
+    /// The stargz snapshotter on the image converted to eStargz (no prioritized files).
+    Stargz,
+    /// The stargz snapshotter on an eStargz image whose layers put the files the recorded
+    /// start read first (prefetched at mount): the peer of talaria-recorded.
+    StargzOptimized,
 }
 
 impl Variant {
@@ -190,6 +203,10 @@ impl Variant {
             Variant::TalariaRecorded => "talaria-recorded",
             Variant::TalariaRecordedProxy => "talaria-recorded-proxy",
             Variant::TalariaLearned => "talaria-learned",
+            Variant::Soci => "soci",
+            Variant::SociParallel => "soci-parallel",
+            Variant::Stargz => "stargz",
+            Variant::StargzOptimized => "stargz-optimized",
         }
     }
 
@@ -197,23 +214,36 @@ impl Variant {
     /// (talaria-learned's image is per link: see [`learned_tag`].)
     fn tag(self) -> &'static str {
         match self {
-            Variant::Overlayfs | Variant::TalariaNone => "none",
+            Variant::Overlayfs | Variant::TalariaNone | Variant::SociParallel => "none",
             Variant::TalariaDefault => "default",
             Variant::TalariaAccelerated => "accelerated",
             Variant::TalariaRecorded | Variant::TalariaRecordedProxy => "recorded",
             Variant::TalariaLearned => "learned",
+            Variant::Soci => "soci",
+            Variant::Stargz => "stargz",
+            Variant::StargzOptimized => "stargz-optimized",
         }
     }
 
     fn uses_talaria(self) -> bool {
-        self != Variant::Overlayfs
+        self != Variant::Overlayfs && self.peer().is_none()
     }
 
+    /// Needs the recorded start's trace (its plan, or its files as stargz's priority list).
     fn recorded(self) -> bool {
         matches!(
             self,
-            Variant::TalariaRecorded | Variant::TalariaRecordedProxy
+            Variant::TalariaRecorded | Variant::TalariaRecordedProxy | Variant::StargzOptimized
         )
+    }
+
+    fn peer(self) -> Option<Peer> {
+        match self {
+            Variant::Soci => Some(Peer::Soci),
+            Variant::SociParallel => Some(Peer::SociParallel),
+            Variant::Stargz | Variant::StargzOptimized => Some(Peer::Stargz),
+            _ => None,
+        }
     }
 }
 
@@ -292,6 +322,8 @@ struct Sample {
     node: NodeCounters,
     /// The node's /startup-trace (recording runs only).
     trace: Option<StartupTrace>,
+    /// Bytes the shaped registry sent from PullImage to ready (every variant).
+    link_bytes: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -333,9 +365,13 @@ async fn run(args: Args) -> Result<()> {
         .collect();
 
     let local = Registry::start().context("start the loopback registry")?;
+    // The time each tool took to make each variant's artifact, per workload.
+    let mut builds: BTreeMap<(String, Variant), f64> = BTreeMap::new();
     for w in &workloads {
         let t = Instant::now();
-        push_workload(&local.host(), w).await?;
+        for (v, took) in push_workload(&local.host(), w).await? {
+            builds.insert((w.name.clone(), v), took.as_secs_f64());
+        }
         eprintln!("{}: pushed, artifacts built in {:?}", w.name, t.elapsed());
     }
     {
@@ -360,6 +396,10 @@ async fn run(args: Args) -> Result<()> {
     // The recorded plan: one start against the unshaped registry with recording on (the
     // default), its /startup-trace turned into the "recorded" tag's artifact.
     let mut gzipped: BTreeMap<String, f64> = BTreeMap::new();
+    // What stargz-optimized puts first: the files the recorded start read, in that order.
+    let mut read_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // How long the recorded start took (every recorded variant needs one).
+    let mut recording_secs: BTreeMap<String, f64> = BTreeMap::new();
     if args.variants.iter().any(|v| v.recorded()) {
         let unshaped = Link {
             rate_mbit: 10_000,
@@ -370,7 +410,7 @@ async fn run(args: Args) -> Result<()> {
                 w,
                 Variant::TalariaDefault,
                 "record",
-                &local.host(),
+                &local,
                 unshaped,
                 &node_args,
                 &args,
@@ -389,6 +429,8 @@ async fn run(args: Args) -> Result<()> {
                 s.ready.as_secs_f64()
             );
             gzipped.insert(w.name.clone(), gz as f64);
+            read_order.insert(w.name.clone(), files_in_read_order(&trace));
+            recording_secs.insert(w.name.clone(), s.ready.as_secs_f64());
             let t = Instant::now();
             build_artifact(
                 &local.host(),
@@ -403,7 +445,16 @@ async fn run(args: Args) -> Result<()> {
                 )),
             )
             .await?;
-            eprintln!("{}: recorded artifact built in {:?}", w.name, t.elapsed());
+            let took = t.elapsed();
+            eprintln!("{}: recorded artifact built in {took:?}", w.name);
+            for v in [Variant::TalariaRecorded, Variant::TalariaRecordedProxy] {
+                builds.insert((w.name.clone(), v), took.as_secs_f64());
+            }
+        }
+    }
+    for w in &workloads {
+        for (v, took) in peer_artifacts(&args.variants, &local.host(), w, &read_order).await? {
+            builds.insert((w.name.clone(), v), took.as_secs_f64());
         }
     }
 
@@ -443,9 +494,17 @@ async fn run(args: Args) -> Result<()> {
             }
             let mut a = node_args.clone();
             a.push("--no-prefetch".into());
-            let s = cold_start(w, Variant::TalariaDefault, "probe", &host, *link, &a, &args)
-                .await
-                .with_context(|| format!("{}: --no-prefetch probe", w.name))?;
+            let s = cold_start(
+                w,
+                Variant::TalariaDefault,
+                "probe",
+                &shaped,
+                *link,
+                &a,
+                &args,
+            )
+            .await
+            .with_context(|| format!("{}: --no-prefetch probe", w.name))?;
             eprintln!(
                 "{}: probe (talaria-default --no-prefetch) ready {:.2} s, FUSE read {}, on demand {}",
                 w.name,
@@ -458,7 +517,7 @@ async fn run(args: Args) -> Result<()> {
         // The learned plans: the controller builds them from one start's StartupRecord.
         let learning = if learn {
             Some(
-                Learning::start(&args, &host, *link, &workloads, &node_args)
+                Learning::start(&args, &shaped, *link, &workloads, &node_args)
                     .await
                     .with_context(|| format!("talaria-learned ({link}): the learning loop"))?,
             )
@@ -479,7 +538,7 @@ async fn run(args: Args) -> Result<()> {
                     } else {
                         &node_args
                     };
-                    let s = cold_start(w, *v, &label, &host, *link, a, &args)
+                    let s = cold_start(w, *v, &label, &shaped, *link, a, &args)
                         .await
                         .with_context(|| format!("{} {link} run {run} {}", w.name, v.name()))?;
                     eprintln!(
@@ -500,6 +559,21 @@ async fn run(args: Args) -> Result<()> {
                         .push(s);
                 }
             }
+            // The cells so far, in case a long invocation is cut short.
+            let report = Report {
+                args: &args,
+                workloads: &workloads,
+                samples: &samples,
+                probes: &probes,
+                gzipped: &gzipped,
+                builds: &builds,
+                recording_secs: &recording_secs,
+                local_start: &local_start,
+                floor: &floor,
+            };
+            if let Err(e) = report.write_partial() {
+                eprintln!("partial results not written: {e:#}");
+            }
         }
         drop(learning);
     }
@@ -510,6 +584,8 @@ async fn run(args: Args) -> Result<()> {
         samples: &samples,
         probes: &probes,
         gzipped: &gzipped,
+        builds: &builds,
+        recording_secs: &recording_secs,
         local_start: &local_start,
         floor: &floor,
     };
@@ -632,7 +708,9 @@ fn image_for(w: &Workload, tag: &str) -> Result<Image> {
     })
 }
 
-async fn push_workload(host: &str, w: &Workload) -> Result<()> {
+/// Pushes every tag of `w` and builds its talaria artifacts; returns each build's time.
+async fn push_workload(host: &str, w: &Workload) -> Result<Vec<(Variant, Duration)>> {
+    let mut builds = Vec::new();
     for (tag, profile) in TAGS {
         let image = image_for(w, tag)?;
         let repo = w.repo();
@@ -642,10 +720,74 @@ async fn push_workload(host: &str, w: &Workload) -> Result<()> {
             .context("push task")?
             .with_context(|| format!("push {}:{tag}", w.repo()))?;
         if let Some(p) = profile {
+            let t = Instant::now();
             build_artifact(host, &w.repo(), tag, p, None).await?;
+            let variant = match tag {
+                "default" => Some(Variant::TalariaDefault),
+                "accelerated" => Some(Variant::TalariaAccelerated),
+                _ => None,
+            };
+            builds.extend(variant.map(|v| (v, t.elapsed())));
         }
     }
-    Ok(())
+    Ok(builds)
+}
+
+/// Makes the peers' artifacts of `w` that `variants` need (on the loopback registry `host`):
+/// the SOCI-enabled image, the eStargz images; returns each tool's time.
+async fn peer_artifacts(
+    variants: &[Variant],
+    host: &str,
+    w: &Workload,
+    read_order: &BTreeMap<String, Vec<String>>,
+) -> Result<Vec<(Variant, Duration)>> {
+    let mut out = Vec::new();
+    for v in variants {
+        let (h, repo, tag) = (host.to_string(), w.repo(), v.tag());
+        let source = format!("{host}/{repo}:none");
+        let target = format!("{host}/{repo}:{tag}");
+        let took = match v {
+            Variant::Soci => {
+                let image = image_for(w, tag)?;
+                tokio::task::spawn_blocking(move || peers::soci_convert(&image, &h, &repo, tag))
+                    .await
+                    .context("soci convert task")?
+            }
+            Variant::Stargz => {
+                tokio::task::spawn_blocking(move || peers::estargz_convert(&source, &target, None))
+                    .await
+                    .context("estargz convert task")?
+            }
+            Variant::StargzOptimized => {
+                let files = read_order
+                    .get(&w.name)
+                    .cloned()
+                    .context("stargz-optimized without a recorded start")?;
+                tokio::task::spawn_blocking(move || {
+                    peers::estargz_convert(&source, &target, Some(&files))
+                })
+                .await
+                .context("estargz convert task")?
+            }
+            _ => continue,
+        }
+        .with_context(|| format!("{}: the {} artifact", w.name, v.name()))?;
+        eprintln!("{}: {} artifact made in {took:?}", w.name, v.name());
+        out.push((*v, took));
+    }
+    Ok(out)
+}
+
+/// The files a recorded start read, each once, in the order it first read them.
+fn files_in_read_order(trace: &StartupTrace) -> Vec<String> {
+    let mut files: Vec<&TracedFile> = trace.layers.iter().flat_map(|l| &l.files).collect();
+    files.sort_by_key(|f| f.first_ms);
+    let mut seen = std::collections::HashSet::new();
+    files
+        .into_iter()
+        .filter(|f| seen.insert(f.path.as_str()))
+        .map(|f| f.path.clone())
+        .collect()
 }
 
 async fn build_artifact(
@@ -880,18 +1022,19 @@ async fn cold_start(
     w: &Workload,
     variant: Variant,
     label: &str,
-    host: &str,
+    registry: &Registry,
     link: Link,
     node_args: &[String],
     args: &Args,
 ) -> Result<Sample> {
+    let host = &registry.host();
     let dir = tempfile::Builder::new()
         .prefix("tlr-bench-startup-")
         .tempdir()
         .context("tempdir")?;
     let metrics_addr = format!("127.0.0.1:{}", talaria_testenv::free_port()?);
-    // The node's image-service proxy forwards to containerd through this link, made once
-    // containerd (started after the node, as its snapshotter) is up.
+    // The node's image-service proxy (and SOCI's parallel mode) reach containerd through this
+    // link, made once containerd (started after its snapshotter) is up.
     let containerd_link = dir.path().join("containerd.sock");
     let proxy_socket = dir.path().join("images.sock");
     let via_proxy = variant == Variant::TalariaRecordedProxy;
@@ -932,19 +1075,31 @@ async fn cold_start(
     } else {
         None
     };
-    let snapshotter = match &node {
-        Some(n) => CriSnapshotter::Proxy {
-            name: SNAPSHOTTER.into(),
-            socket: n.socket.clone(),
-        },
-        None => CriSnapshotter::Overlayfs,
+    let peer = match variant.peer() {
+        Some(p) => Some(PeerProc::start(p, dir.path(), host, &containerd_link)?),
+        None => None,
+    };
+    let (snapshotter, extra_config) = match (&node, &peer) {
+        (Some(n), _) => (
+            CriSnapshotter::Proxy {
+                name: SNAPSHOTTER.into(),
+                socket: n.socket.clone(),
+            },
+            String::new(),
+        ),
+        (None, Some(p)) => (p.snapshotter(), p.containerd_config()),
+        (None, None) => (CriSnapshotter::Overlayfs, String::new()),
     };
     let env = CriContainerd::start(CriOptions {
         snapshotter,
-        ..CriOptions::default()
+        extra_config,
     })
     .context("start containerd with CRI")?;
     env.allow_plain_http(host)?;
+    if peer.is_some() {
+        std::os::unix::fs::symlink(env.socket(), &containerd_link)
+            .context("link containerd's socket for the peer")?;
+    }
     // The whole image over the link three times, never under 10 minutes.
     let timeout = Duration::from_secs(
         (w.compressed_bytes() * 8 * 3 / (u64::from(link.rate_mbit) * 1_000_000)).max(600),
@@ -981,6 +1136,7 @@ async fn cold_start(
         None
     };
 
+    let sent_before = registry.bytes_sent();
     let t0 = Instant::now();
     images
         .as_ref()
@@ -999,6 +1155,10 @@ async fn cold_start(
     let ready = wait_ready(&cri, &pod, &id, w, timeout)
         .await?
         .duration_since(t0);
+    let link_bytes = registry
+        .bytes_sent()
+        .zip(sent_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let metrics = if node.is_some() {
         http_get(&metrics_addr, "/metrics").context("scrape talaria-node metrics")?
     } else {
@@ -1047,10 +1207,14 @@ async fn cold_start(
             let _ = std::fs::copy(&n.log, prefix.with_extension("node.log"));
             let _ = std::fs::write(prefix.with_extension("metrics.txt"), &metrics);
         }
+        if let Some(p) = &peer {
+            let _ = std::fs::copy(&p.log, prefix.with_extension("peer.log"));
+        }
     }
     let t_down = Instant::now();
     drop(env);
     drop(node);
+    drop(peer);
     drop(dir);
     eprintln!(
         "  ({} {}: teardown {:.1} s)",
@@ -1067,6 +1231,7 @@ async fn cold_start(
             NodeCounters::default()
         },
         trace,
+        link_bytes,
     })
 }
 
@@ -1098,7 +1263,7 @@ impl Drop for Learning {
 impl Learning {
     async fn start(
         args: &Args,
-        host: &str,
+        registry: &Registry,
         link: Link,
         workloads: &[Workload],
         node_args: &[String],
@@ -1106,6 +1271,7 @@ impl Learning {
         use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
         use kube::Api;
         use kube::api::PostParams;
+        let host = &registry.host();
         let t0 = Instant::now();
         let api = talaria_testenv::apiserver::KubeApi::start()
             .await
@@ -1179,9 +1345,17 @@ impl Learning {
         let a = me.node_args(node_args);
         for w in workloads {
             let t = Instant::now();
-            cold_start(w, Variant::TalariaLearned, LEARN_RUN, host, link, &a, args)
-                .await
-                .with_context(|| format!("{}: the recorded start", w.name))?;
+            cold_start(
+                w,
+                Variant::TalariaLearned,
+                LEARN_RUN,
+                registry,
+                link,
+                &a,
+                args,
+            )
+            .await
+            .with_context(|| format!("{}: the recorded start", w.name))?;
             eprintln!(
                 "{}: start recorded by talaria-node in {:.1?}",
                 w.name,
@@ -1398,6 +1572,10 @@ struct Report<'a> {
     probes: &'a BTreeMap<String, NodeCounters>,
     /// The recorded reads gzip-compressed, per workload (runs with a recorded variant).
     gzipped: &'a BTreeMap<String, f64>,
+    /// Seconds each tool took to make each variant's artifact, per workload.
+    builds: &'a BTreeMap<(String, Variant), f64>,
+    /// Seconds of the recorded start, per workload (what recorded variants also needed).
+    recording_secs: &'a BTreeMap<String, f64>,
     /// PullImage times of the floor image, per link.
     floor: &'a BTreeMap<String, Vec<f64>>,
     local_start: &'a BTreeMap<String, Vec<f64>>,
@@ -1467,14 +1645,25 @@ impl Report<'_> {
         })
     }
 
+    /// The artifact column: the tool's time, and the recorded start it needed.
+    fn build_cell(&self, w: &str, v: Variant) -> String {
+        let Some(b) = self.builds.get(&(w.to_string(), v)) else {
+            return "-".into();
+        };
+        match self.recording_secs.get(w).filter(|_| v.recorded()) {
+            Some(r) => format!("{b:.1} (+ {r:.1} recorded start)"),
+            None => format!("{b:.1}"),
+        }
+    }
+
     fn table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
             "| workload | link | variant | runs | ready median (s) | p90 (s) | pull median (s) | \
-             overlayfs / variant | variant / limit |"
+             overlayfs / variant | variant / limit | artifact made in (s) |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
         for w in self.workloads {
             for link in &self.args.links {
                 let base = self.ready_median(&w.name, *link, Variant::Overlayfs);
@@ -1488,7 +1677,7 @@ impl Report<'_> {
                     let m = median(&ready);
                     let _ = writeln!(
                         out,
-                        "| {} | {link} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                        "| {} | {link} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
                         w.name,
                         v.name(),
                         s.len(),
@@ -1497,6 +1686,7 @@ impl Report<'_> {
                         median(&pull),
                         base.map_or("-".into(), |b| format!("{:.2}x", b / m)),
                         limit.map_or("n/a".into(), |l| format!("{:.2}x", m / l)),
+                        self.build_cell(&w.name, *v),
                     );
                 }
             }
@@ -1593,18 +1783,18 @@ impl Report<'_> {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "where the time goes (medians over runs; node counters at ready; n/a = this node has no \
-             such metric)\n"
+            "where the time goes (medians over runs; over the link = what the shaped registry sent \
+             from PullImage to ready; node counters at ready; n/a = this node has no such metric)\n"
         );
         let _ = writeln!(
             out,
-            "| workload | link | variant | pull (s) | start to ready (s) | on demand MiB | \
-             prefetched MiB | from cache MiB | FUSE read MiB | read waits | read wait (s) | \
-             startup prefetch (s) | mount (s, sum) | fallbacks |"
+            "| workload | link | variant | pull (s) | start to ready (s) | over the link MiB | \
+             on demand MiB | prefetched MiB | from cache MiB | FUSE read MiB | read waits | \
+             read wait (s) | startup prefetch (s) | mount (s, sum) | fallbacks |"
         );
         let _ = writeln!(
             out,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for w in self.workloads {
             for link in &self.args.links {
@@ -1631,13 +1821,18 @@ impl Report<'_> {
                             "-".into()
                         }
                     };
+                    let sent: Vec<f64> = s
+                        .iter()
+                        .filter_map(|x| x.link_bytes.map(|b| b as f64))
+                        .collect();
                     let _ = writeln!(
                         out,
-                        "| {} | {link} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {link} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         w.name,
                         v.name(),
                         median(&pull),
                         median(&after),
+                        fmt_opt((!sent.is_empty()).then(|| mib(median(&sent))), 1),
                         m(|c| c.on_demand),
                         m(|c| c.prefetched),
                         m(|c| c.from_cache),
@@ -1654,13 +1849,25 @@ impl Report<'_> {
         out
     }
 
-    fn write_json(&self, wall: Duration) -> Result<PathBuf> {
+    fn results_dir(&self) -> Result<PathBuf> {
         let dir = match &self.args.results_dir {
             Some(d) => d.clone(),
             None => PathBuf::from(std::env::var_os("HOME").context("HOME unset")?)
                 .join(".cache/talaria/bench-results"),
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// The tables of the cells measured so far, in `startup-partial.md` of the results dir.
+    fn write_partial(&self) -> Result<()> {
+        let path = self.results_dir()?.join("startup-partial.md");
+        let text = format!("{}\n{}", self.table(), self.where_time_goes());
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))
+    }
+
+    fn write_json(&self, wall: Duration) -> Result<PathBuf> {
+        let dir = self.results_dir()?;
         let counters_json = |c: &NodeCounters| {
             json!({
                 "on_demand_bytes": c.on_demand,
@@ -1681,9 +1888,11 @@ impl Report<'_> {
                 "workload": w,
                 "link": link,
                 "variant": v.name(),
+                "artifact_seconds": self.builds.get(&(w.clone(), *v)),
                 "runs": s.iter().map(|x| json!({
                     "ready_seconds": x.ready.as_secs_f64(),
                     "pull_seconds": x.pull.as_secs_f64(),
+                    "link_bytes": x.link_bytes,
                     "node": counters_json(&x.node),
                 })).collect::<Vec<_>>(),
             }));
@@ -1724,6 +1933,7 @@ impl Report<'_> {
                     "digest": l.digest, "compressed": l.blob.len(), "unpacked": u,
                 })).collect::<Vec<_>>(),
                 "local_start_seconds": self.local_start.get(&w.name),
+                "recorded_start_seconds": self.recording_secs.get(&w.name),
                 "probe": self.probes.get(&w.name).map(counters_json),
             })).collect::<Vec<_>>(),
             "cells": cells,
