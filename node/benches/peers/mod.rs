@@ -157,6 +157,19 @@ impl Drop for PeerProc {
     }
 }
 
+/// A scratch dir for a conversion: next to the registries' storage when that is on disk
+/// (`TALARIA_REGISTRY_DIR`: a GiB-scale layer's temporary copies would not fit the runs'
+/// tmpfs), else in the temp dir.
+fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
+    let base = std::env::var_os("TALARIA_REGISTRY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .with_context(|| format!("a scratch dir in {}", base.display()))
+}
+
 fn tool(name: &str) -> Result<PathBuf> {
     talaria_testenv::tool(name)
         .with_context(|| format!("{name}: build the peers first (hack/tools.sh soci stargz)"))
@@ -195,10 +208,7 @@ fn soci_config(peer: Peer, registry: &str, containerd_socket: &Path) -> String {
 /// its default span and minimum layer sizes) and pushes it as `repo:tag` on `host`. Returns
 /// the time `soci convert` took (writing its input layout and pushing are not counted).
 pub fn soci_convert(image: &Image, host: &str, repo: &str, tag: &str) -> Result<Duration> {
-    let dir = tempfile::Builder::new()
-        .prefix("tlr-bench-soci-")
-        .tempdir()
-        .context("tempdir")?;
+    let dir = scratch("tlr-bench-soci-")?;
     let (input, output) = (dir.path().join("in"), dir.path().join("out"));
     image.write_layout(&input, "latest")?;
     let t = Instant::now();
@@ -225,10 +235,7 @@ pub fn soci_convert(image: &Image, host: &str, repo: &str, tag: &str) -> Result<
 /// each layer and are prefetched at mount. Returns the conversion's time (pull and push on
 /// loopback included, as `ctr-remote` does them).
 pub fn estargz_convert(src: &str, dst: &str, prioritized: Option<&[String]>) -> Result<Duration> {
-    let dir = tempfile::Builder::new()
-        .prefix("tlr-bench-estargz-")
-        .tempdir()
-        .context("tempdir")?;
+    let dir = scratch("tlr-bench-estargz-")?;
     let mut cmd = Command::new(tool("talaria-estargz-convert")?);
     cmd.arg("-insecure").arg("-tmp").arg(dir.path());
     if let Some(paths) = prioritized {
