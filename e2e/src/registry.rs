@@ -153,7 +153,7 @@ impl Registry {
             .map_err(|e| EnvError::io(format!("creating {}", storage.display()), e))?;
         Ok(Registry {
             proc: None,
-            relay: relay,
+            relay,
             netns,
             dir,
             listen,
