@@ -366,11 +366,11 @@ async fn run(args: Args) -> Result<()> {
 
     let local = Registry::start().context("start the loopback registry")?;
     // The time each tool took to make each variant's artifact, per workload.
-    let mut builds: BTreeMap<(String, Variant), f64> = BTreeMap::new();
+    let mut res = Results::default();
     for w in &workloads {
         let t = Instant::now();
         for (v, took) in push_workload(&local.host(), w).await? {
-            builds.insert((w.name.clone(), v), took.as_secs_f64());
+            res.builds.insert((w.name.clone(), v), took.as_secs_f64());
         }
         eprintln!("{}: pushed, artifacts built in {:?}", w.name, t.elapsed());
     }
@@ -381,25 +381,21 @@ async fn run(args: Args) -> Result<()> {
             .context("push task")?
             .context("push the pull-floor image")?;
     }
-    let mut floor: BTreeMap<String, Vec<f64>> = BTreeMap::new();
 
     // The app's own start time: image already pulled (overlayfs), container start to ready.
-    let mut local_start: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for w in &workloads {
         let secs = local_start_times(&local.host(), w, args.local_runs)
             .await
             .with_context(|| format!("{}: local start", w.name))?;
         eprintln!("{}: local start {secs:.2?} s", w.name);
-        local_start.insert(w.name.clone(), secs);
+        res.local_start.insert(w.name.clone(), secs);
     }
 
     // The recorded plan: one start against the unshaped registry with recording on (the
     // default), its /startup-trace turned into the "recorded" tag's artifact.
-    let mut gzipped: BTreeMap<String, f64> = BTreeMap::new();
     // What stargz-optimized puts first: the files the recorded start read, in that order.
     let mut read_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // How long the recorded start took (every recorded variant needs one).
-    let mut recording_secs: BTreeMap<String, f64> = BTreeMap::new();
     if args.variants.iter().any(|v| v.recorded()) {
         let unshaped = Link {
             rate_mbit: 10_000,
@@ -428,9 +424,10 @@ async fn run(args: Args) -> Result<()> {
                 mib(gz as f64),
                 s.ready.as_secs_f64()
             );
-            gzipped.insert(w.name.clone(), gz as f64);
+            res.gzipped.insert(w.name.clone(), gz as f64);
             read_order.insert(w.name.clone(), files_in_read_order(&trace));
-            recording_secs.insert(w.name.clone(), s.ready.as_secs_f64());
+            res.recording_secs
+                .insert(w.name.clone(), s.ready.as_secs_f64());
             let t = Instant::now();
             build_artifact(
                 &local.host(),
@@ -448,13 +445,13 @@ async fn run(args: Args) -> Result<()> {
             let took = t.elapsed();
             eprintln!("{}: recorded artifact built in {took:?}", w.name);
             for v in [Variant::TalariaRecorded, Variant::TalariaRecordedProxy] {
-                builds.insert((w.name.clone(), v), took.as_secs_f64());
+                res.builds.insert((w.name.clone(), v), took.as_secs_f64());
             }
         }
     }
     for w in &workloads {
         for (v, took) in peer_artifacts(&args.variants, &local.host(), w, &read_order).await? {
-            builds.insert((w.name.clone(), v), took.as_secs_f64());
+            res.builds.insert((w.name.clone(), v), took.as_secs_f64());
         }
     }
 
@@ -472,9 +469,6 @@ async fn run(args: Args) -> Result<()> {
         }
     }
 
-    let mut samples: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
-    // What the startup reads: a talaria-default run with --no-prefetch (one per workload).
-    let mut probes: BTreeMap<String, NodeCounters> = BTreeMap::new();
     for link in &args.links {
         let shaped = Registry::start_shaped(link.rate_mbit, link.delay_ms)
             .with_context(|| format!("start the shaped registry ({link})"))?;
@@ -486,10 +480,10 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .with_context(|| format!("containerd's pull floor ({link})"))?;
             eprintln!("{link}: containerd pull floor (4 layers of a few bytes) {secs:.2?} s");
-            floor.insert(link.to_string(), secs);
+            res.floor.insert(link.to_string(), secs);
         }
         for w in &workloads {
-            if probes.contains_key(&w.name) {
+            if res.probes.contains_key(&w.name) {
                 continue;
             }
             let mut a = node_args.clone();
@@ -512,7 +506,7 @@ async fn run(args: Args) -> Result<()> {
                 fmt_mib(s.node.fuse_read),
                 fmt_mib(s.node.on_demand)
             );
-            probes.insert(w.name.clone(), s.node);
+            res.probes.insert(w.name.clone(), s.node);
         }
         // The learned plans: the controller builds them from one start's StartupRecord.
         let learning = if learn {
@@ -553,7 +547,7 @@ async fn run(args: Args) -> Result<()> {
                         fmt_mib(s.node.fuse_read),
                         t.elapsed().as_secs_f64()
                     );
-                    samples
+                    res.samples
                         .entry((w.name.clone(), link.to_string(), *v))
                         .or_default()
                         .push(s);
@@ -563,13 +557,7 @@ async fn run(args: Args) -> Result<()> {
             let report = Report {
                 args: &args,
                 workloads: &workloads,
-                samples: &samples,
-                probes: &probes,
-                gzipped: &gzipped,
-                builds: &builds,
-                recording_secs: &recording_secs,
-                local_start: &local_start,
-                floor: &floor,
+                r: &res,
             };
             if let Err(e) = report.write_partial() {
                 eprintln!("partial results not written: {e:#}");
@@ -581,13 +569,7 @@ async fn run(args: Args) -> Result<()> {
     let report = Report {
         args: &args,
         workloads: &workloads,
-        samples: &samples,
-        probes: &probes,
-        gzipped: &gzipped,
-        builds: &builds,
-        recording_secs: &recording_secs,
-        local_start: &local_start,
-        floor: &floor,
+        r: &res,
     };
     println!(
         "\nstartup benchmark, {} runs per cell, wall time {:.1} min\n",
@@ -1565,20 +1547,28 @@ fn median_opt(samples: &[Sample], f: impl Fn(&NodeCounters) -> Option<f64>) -> O
     (!v.is_empty()).then(|| median(&v))
 }
 
+/// What one invocation measured.
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<Key, Vec<Sample>>,
+    /// What the startup reads: a talaria-default run with --no-prefetch (one per workload).
+    probes: BTreeMap<String, NodeCounters>,
+    /// The recorded reads gzip-compressed, per workload (runs with a recorded variant).
+    gzipped: BTreeMap<String, f64>,
+    /// Seconds each tool took to make each variant's artifact, per workload.
+    builds: BTreeMap<(String, Variant), f64>,
+    /// Seconds of the recorded start, per workload (what recorded variants also needed).
+    recording_secs: BTreeMap<String, f64>,
+    /// PullImage times of the floor image, per link.
+    floor: BTreeMap<String, Vec<f64>>,
+    /// The app's own start time with the image local, per workload.
+    local_start: BTreeMap<String, Vec<f64>>,
+}
+
 struct Report<'a> {
     args: &'a Args,
     workloads: &'a [Workload],
-    samples: &'a BTreeMap<Key, Vec<Sample>>,
-    probes: &'a BTreeMap<String, NodeCounters>,
-    /// The recorded reads gzip-compressed, per workload (runs with a recorded variant).
-    gzipped: &'a BTreeMap<String, f64>,
-    /// Seconds each tool took to make each variant's artifact, per workload.
-    builds: &'a BTreeMap<(String, Variant), f64>,
-    /// Seconds of the recorded start, per workload (what recorded variants also needed).
-    recording_secs: &'a BTreeMap<String, f64>,
-    /// PullImage times of the floor image, per link.
-    floor: &'a BTreeMap<String, Vec<f64>>,
-    local_start: &'a BTreeMap<String, Vec<f64>>,
+    r: &'a Results,
 }
 
 /// The physical limit of one workload on one link.
@@ -1599,7 +1589,7 @@ struct Limit {
 
 impl Report<'_> {
     fn cell(&self, w: &str, link: Link, v: Variant) -> Option<&Vec<Sample>> {
-        self.samples.get(&(w.to_string(), link.to_string(), v))
+        self.r.samples.get(&(w.to_string(), link.to_string(), v))
     }
 
     fn ready_median(&self, w: &str, link: Link, v: Variant) -> Option<f64> {
@@ -1608,13 +1598,13 @@ impl Report<'_> {
     }
 
     fn limit(&self, w: &Workload, link: Link) -> Option<Limit> {
-        let probe = self.probes.get(&w.name)?;
+        let probe = self.r.probes.get(&w.name)?;
         // FUSE-read bytes are what the app read; without that metric, the compressed bytes
         // fetched on demand (whole spans: an upper bound) stand in.
         // The recorded reads gzipped weigh what those bytes cost in a gzip image; the layer's
         // average ratio understates binaries and shared libraries, which compress worse.
         let (bytes, source) = match (
-            self.gzipped.get(&w.name),
+            self.r.gzipped.get(&w.name),
             probe.fuse_read_compressed,
             probe.on_demand,
         ) {
@@ -1623,11 +1613,12 @@ impl Report<'_> {
             (None, None, Some(b)) => (b, "on-demand spans (upper bound)"),
             (None, None, None) => return None,
         };
-        let local_start = median(self.local_start.get(&w.name)?);
+        let local_start = median(self.r.local_start.get(&w.name)?);
         let transfer = bytes * 8.0 / (f64::from(link.rate_mbit) * 1e6);
         let rtts = f64::from(LIMIT_RTTS) * f64::from(link.delay_ms) / 1000.0;
         let seconds = transfer + rtts + local_start;
         let floor = self
+            .r
             .floor
             .get(&link.to_string())
             .filter(|v| !v.is_empty())
@@ -1647,10 +1638,10 @@ impl Report<'_> {
 
     /// The artifact column: the tool's time, and the recorded start it needed.
     fn build_cell(&self, w: &str, v: Variant) -> String {
-        let Some(b) = self.builds.get(&(w.to_string(), v)) else {
+        let Some(b) = self.r.builds.get(&(w.to_string(), v)) else {
             return "-".into();
         };
-        match self.recording_secs.get(w).filter(|_| v.recorded()) {
+        match self.r.recording_secs.get(w).filter(|_| v.recorded()) {
             Some(r) => format!("{b:.1} (+ {r:.1} recorded start)"),
             None => format!("{b:.1}"),
         }
@@ -1883,12 +1874,12 @@ impl Report<'_> {
             })
         };
         let mut cells = Vec::new();
-        for ((w, link, v), s) in self.samples {
+        for ((w, link, v), s) in &self.r.samples {
             cells.push(json!({
                 "workload": w,
                 "link": link,
                 "variant": v.name(),
-                "artifact_seconds": self.builds.get(&(w.clone(), *v)),
+                "artifact_seconds": self.r.builds.get(&(w.clone(), *v)),
                 "runs": s.iter().map(|x| json!({
                     "ready_seconds": x.ready.as_secs_f64(),
                     "pull_seconds": x.pull.as_secs_f64(),
@@ -1932,13 +1923,13 @@ impl Report<'_> {
                 "layers": w.layers.iter().zip(&w.unpacked).map(|(l, u)| json!({
                     "digest": l.digest, "compressed": l.blob.len(), "unpacked": u,
                 })).collect::<Vec<_>>(),
-                "local_start_seconds": self.local_start.get(&w.name),
-                "recorded_start_seconds": self.recording_secs.get(&w.name),
-                "probe": self.probes.get(&w.name).map(counters_json),
+                "local_start_seconds": self.r.local_start.get(&w.name),
+                "recorded_start_seconds": self.r.recording_secs.get(&w.name),
+                "probe": self.r.probes.get(&w.name).map(counters_json),
             })).collect::<Vec<_>>(),
             "cells": cells,
             "limits": limits,
-            "pull_floor_seconds": self.floor,
+            "pull_floor_seconds": &self.r.floor,
         });
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
