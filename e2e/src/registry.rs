@@ -210,12 +210,12 @@ impl Registry {
         format!("http://{}", self.host)
     }
 
-    /// Where blobs and manifests are stored on disk.
     /// Bytes a shaped registry has sent over its link so far (`None` for an unshaped one).
     pub fn bytes_sent(&self) -> Option<u64> {
         self.relay.as_ref().map(Relay::bytes_down)
     }
 
+    /// Where blobs and manifests are stored on disk.
     pub fn storage_dir(&self) -> PathBuf {
         self.dir.path().join("storage")
     }

@@ -449,6 +449,9 @@ fn shaped_registry_is_slow_but_works() {
     // Rate: 2 MiB at 16 Mbit/s needs about a second (lower bound only, with bucket slack).
     let blob: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 241) as u8).collect();
     let digest = images::push_blob(&host, "smoke/slow", &blob).expect("push over shaped link");
+    let sent_before = reg
+        .bytes_sent()
+        .expect("a shaped registry counts what it sends");
     let t0 = Instant::now();
     let r = http::request(
         &host,
@@ -465,6 +468,15 @@ fn shaped_registry_is_slow_but_works() {
         elapsed >= Duration::from_millis(800),
         "2 MiB at 16 Mbit/s took only {elapsed:?}"
     );
+    // The relay counted the blob (plus the response's head) towards the client, not the
+    // request (the bench's "over the link" column).
+    let sent = reg.bytes_sent().unwrap_or(0) - sent_before;
+    assert!(
+        (blob.len() as u64..blob.len() as u64 + 4096).contains(&sent),
+        "sent {sent} bytes for a {} byte blob",
+        blob.len()
+    );
+    assert_eq!(Registry::start().expect("start").bytes_sent(), None);
 
     reg.stop();
     reg.start_again().expect("restart shaped");
