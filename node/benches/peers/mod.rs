@@ -17,9 +17,10 @@ use crate::common::stop_and_unmount;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Manifests of a layout are small; a bigger one is not what `soci convert` wrote.
 const MAX_MANIFEST: u64 = 4 << 20;
+/// Index → manifest is what `soci convert` writes; deeper nesting (or a loop) is refused.
+const MAX_DEPTH: usize = 3;
 
 /// Which peer snapshotter a run uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,7 +276,7 @@ pub fn push_layout(dir: &Path, host: &str, repo: &str, tag: &str) -> Result<()> 
         .pointer("/manifests/0")
         .context("the layout's index.json lists no manifest")?;
     let (media_type, digest) = descriptor(top)?;
-    let bytes = push_tree(dir, host, repo, media_type, digest)?;
+    let bytes = push_tree(dir, host, repo, media_type, digest, 0)?;
     put_manifest(host, repo, tag, media_type, &bytes)
 }
 
@@ -307,7 +308,12 @@ fn push_tree(
     repo: &str,
     media_type: &str,
     digest: &str,
+    depth: usize,
 ) -> Result<Vec<u8>> {
+    ensure!(
+        depth < MAX_DEPTH,
+        "manifests nested deeper than {MAX_DEPTH} at {digest}"
+    );
     let path = blob_path(dir, digest);
     let len = std::fs::metadata(&path)
         .with_context(|| format!("{}", path.display()))?
@@ -323,7 +329,7 @@ fn push_tree(
             .context("an index without manifests")?
         {
             let (t, d) = descriptor(m)?;
-            push_tree(dir, host, repo, t, d)?;
+            push_tree(dir, host, repo, t, d, depth + 1)?;
         }
     } else {
         let blobs = doc.get("config").into_iter().chain(
@@ -365,11 +371,6 @@ fn put_manifest(
     media_type: &str,
     bytes: &[u8],
 ) -> Result<()> {
-    let media_type = if media_type.is_empty() {
-        MEDIA_TYPE_MANIFEST
-    } else {
-        media_type
-    };
     let target = format!("/v2/{repo}/manifests/{reference}");
     let r = http::request(
         host,
