@@ -45,18 +45,7 @@ impl NodeProc {
             socket,
             log,
         };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&node.socket).is_err() {
-            if let Some(status) = node.child.try_wait()? {
-                bail!("talaria-node exited with {status}: {}", node.log_text());
-            }
-            ensure!(
-                t.elapsed() < NODE_START_TIMEOUT,
-                "talaria-node not serving after {NODE_START_TIMEOUT:?}: {}",
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_serving(&mut node.child, &node.socket, "talaria-node", &node.log)?;
         Ok(node)
     }
 
@@ -69,6 +58,25 @@ impl Drop for NodeProc {
     fn drop(&mut self) {
         stop_and_unmount(&mut self.child, &self.root);
     }
+}
+
+/// Waits until `child` (named `what`, logging to `log`) accepts connections on `socket`;
+/// fails with its log when it exits or is not serving within 30 s.
+pub fn wait_serving(child: &mut Child, socket: &Path, what: &str, log: &Path) -> Result<()> {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited with {status}: {}", log_text());
+        }
+        ensure!(
+            t.elapsed() < NODE_START_TIMEOUT,
+            "{what} not serving after {NODE_START_TIMEOUT:?}: {}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// Stops a snapshotter with SIGTERM (killed after 10 s) and detaches whatever is still

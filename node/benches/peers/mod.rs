@@ -8,14 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use talaria_testenv::cri::CriSnapshotter;
 use talaria_testenv::http;
 use talaria_testenv::images::{Image, push_blob};
 
-use crate::common::stop_and_unmount;
+use crate::common::{stop_and_unmount, wait_serving};
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// Manifests of a layout are small; a bigger one is not what `soci convert` wrote.
 const MAX_MANIFEST: u64 = 4 << 20;
@@ -110,23 +109,8 @@ impl PeerProc {
             socket,
             log,
         };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&p.socket).is_err() {
-            if let Some(status) = p.child.try_wait()? {
-                bail!(
-                    "the {} snapshotter exited with {status}: {}",
-                    peer.snapshotter_name(),
-                    p.log_text()
-                );
-            }
-            ensure!(
-                t.elapsed() < START_TIMEOUT,
-                "the {} snapshotter is not serving after {START_TIMEOUT:?}: {}",
-                peer.snapshotter_name(),
-                p.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("the {} snapshotter", peer.snapshotter_name());
+        wait_serving(&mut p.child, &p.socket, &what, &p.log)?;
         Ok(p)
     }
 
@@ -145,10 +129,6 @@ impl PeerProc {
             self.peer.snapshotter_name(),
             self.root.display()
         )
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
