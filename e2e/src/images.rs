@@ -375,34 +375,50 @@ impl Image {
             push_blob(registry, repo, &l.blob)?;
         }
         push_blob(registry, repo, &self.config)?;
-        let target = format!("/v2/{repo}/manifests/{tag}");
-        let r = http::request(
-            registry,
-            "PUT",
-            &target,
-            &[("Content-Type", MEDIA_TYPE_MANIFEST)],
-            &self.manifest,
-            TIMEOUT,
-        )?;
-        if r.status != 201 {
-            return Err(EnvError::http(
-                format!("PUT {target}"),
-                format!("status {}: {}", r.status, r.text()),
-            ));
-        }
+        push_manifest(registry, repo, tag, MEDIA_TYPE_MANIFEST, &self.manifest)?;
         Ok(self.manifest_digest.clone())
     }
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// PUTs a manifest (or index) of `media_type` as `repo:reference` (a tag or its digest).
+pub fn push_manifest(
+    registry: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> Result<(), EnvError> {
+    let target = format!("/v2/{repo}/manifests/{reference}");
+    let r = http::request(
+        registry,
+        "PUT",
+        &target,
+        &[("Content-Type", media_type)],
+        bytes,
+        TIMEOUT,
+    )?;
+    if r.status != 201 {
+        return Err(EnvError::http(
+            format!("PUT {target}"),
+            format!("status {}: {}", r.status, r.text()),
+        ));
+    }
+    Ok(())
+}
+
+/// The registry has blob `digest` in `repo` (HEAD answers 200).
+pub fn has_blob(registry: &str, repo: &str, digest: &str) -> Result<bool, EnvError> {
+    let target = format!("/v2/{repo}/blobs/{digest}");
+    Ok(http::request(registry, "HEAD", &target, &[], &[], TIMEOUT)?.status == 200)
+}
+
 /// Uploads one blob with a monolithic POST+PUT unless the registry already has it.
 /// Returns its digest.
 pub fn push_blob(registry: &str, repo: &str, data: &[u8]) -> Result<String, EnvError> {
     let digest = sha256_digest(data);
-    let head_target = format!("/v2/{repo}/blobs/{digest}");
-    let head = http::request(registry, "HEAD", &head_target, &[], &[], TIMEOUT)?;
-    if head.status == 200 {
+    if has_blob(registry, repo, &digest)? {
         return Ok(digest);
     }
     let start_target = format!("/v2/{repo}/blobs/uploads/");

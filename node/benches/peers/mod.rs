@@ -4,14 +4,14 @@
 //! `talaria-estargz-convert`). Built by `hack/tools.sh soci stargz`; configured as
 //! docs/benchmarks.md says (their documented defaults plus what their docs recommend for speed).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use talaria_testenv::cri::CriSnapshotter;
-use talaria_testenv::http;
-use talaria_testenv::images::{Image, push_blob};
+use talaria_testenv::images::{Image, has_blob, push_blob, push_manifest};
 
 use crate::common::{stop_and_unmount, wait_serving};
 
@@ -192,21 +192,14 @@ pub fn soci_convert(image: &Image, host: &str, repo: &str, tag: &str) -> Result<
     let dir = scratch("tlr-bench-soci-")?;
     let (input, output) = (dir.path().join("in"), dir.path().join("out"));
     image.write_layout(&input, "latest")?;
-    let t = Instant::now();
-    let out = Command::new(tool("soci")?)
-        .args(["convert", "--standalone", "--format", "oci-dir"])
-        .arg(&input)
-        .arg(&output)
-        .env("TMPDIR", dir.path())
-        .output()
-        .context("run soci convert")?;
-    let took = t.elapsed();
-    ensure!(
-        out.status.success(),
-        "soci convert: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let took = run_timed(
+        Command::new(tool("soci")?)
+            .args(["convert", "--standalone", "--format", "oci-dir"])
+            .arg(&input)
+            .arg(&output)
+            .env("TMPDIR", dir.path()),
+        "soci convert",
+    )?;
     push_layout(&output, host, repo, tag)?;
     Ok(took)
 }
@@ -230,16 +223,21 @@ pub fn estargz_convert(src: &str, dst: &str, prioritized: Option<&[String]>) -> 
         std::fs::write(&list, text).context("write the prioritized files")?;
         cmd.arg("-prioritized-files").arg(&list);
     }
+    run_timed(
+        cmd.arg(src).arg(dst),
+        &format!("talaria-estargz-convert {src} {dst}"),
+    )
+}
+
+/// Runs a conversion tool to its end; returns how long it took, or its output on failure.
+fn run_timed(cmd: &mut Command, what: &str) -> Result<Duration> {
     let t = Instant::now();
-    let out = cmd
-        .arg(src)
-        .arg(dst)
-        .output()
-        .context("run talaria-estargz-convert")?;
+    let out = cmd.output().with_context(|| format!("run {what}"))?;
     let took = t.elapsed();
     ensure!(
         out.status.success(),
-        "talaria-estargz-convert {src} {dst}: {}",
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(took)
@@ -248,16 +246,14 @@ pub fn estargz_convert(src: &str, dst: &str, prioritized: Option<&[String]>) -> 
 /// Pushes the first image of the OCI layout `dir` (an index or a manifest, with everything
 /// it references that the layout holds) as `repo:tag` on the plain-HTTP registry `host`.
 pub fn push_layout(dir: &Path, host: &str, repo: &str, tag: &str) -> Result<()> {
-    let index: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.join("index.json")).context("read the layout's index.json")?,
-    )
-    .context("the layout's index.json is not JSON")?;
+    let index: serde_json::Value = serde_json::from_slice(&read_capped(&dir.join("index.json"))?)
+        .context("the layout's index.json is not JSON")?;
     let top = index
         .pointer("/manifests/0")
         .context("the layout's index.json lists no manifest")?;
     let (media_type, digest) = descriptor(top)?;
     let bytes = push_tree(dir, host, repo, media_type, digest, 0)?;
-    put_manifest(host, repo, tag, media_type, &bytes)
+    Ok(push_manifest(host, repo, tag, media_type, &bytes)?)
 }
 
 fn descriptor(d: &serde_json::Value) -> Result<(&str, &str)> {
@@ -274,6 +270,20 @@ fn descriptor(d: &serde_json::Value) -> Result<(&str, &str)> {
         "bad digest {digest:?}"
     );
     Ok((media_type, digest))
+}
+
+/// Reads a manifest or index.json of the layout, at most [`MAX_MANIFEST`] bytes.
+fn read_capped(path: &Path) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_MANIFEST + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("read {}", path.display()))?;
+    ensure!(
+        bytes.len() as u64 <= MAX_MANIFEST,
+        "{} is over {MAX_MANIFEST} bytes",
+        path.display()
+    );
+    Ok(bytes)
 }
 
 fn blob_path(dir: &Path, digest: &str) -> PathBuf {
@@ -294,12 +304,7 @@ fn push_tree(
         depth < MAX_DEPTH,
         "manifests nested deeper than {MAX_DEPTH} at {digest}"
     );
-    let path = blob_path(dir, digest);
-    let len = std::fs::metadata(&path)
-        .with_context(|| format!("{}", path.display()))?
-        .len();
-    ensure!(len <= MAX_MANIFEST, "manifest {digest} is {len} bytes");
-    let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    let bytes = read_capped(&blob_path(dir, digest))?;
     let doc: serde_json::Value =
         serde_json::from_slice(&bytes).with_context(|| format!("manifest {digest} is not JSON"))?;
     if media_type == MEDIA_TYPE_INDEX {
@@ -320,17 +325,8 @@ fn push_tree(
         );
         for b in blobs {
             let (_, d) = descriptor(b)?;
-            if http::request(
-                host,
-                "HEAD",
-                &format!("/v2/{repo}/blobs/{d}"),
-                &[],
-                &[],
-                TIMEOUT,
-            )?
-            .status
-                == 200
-            {
+            // Asked first so a GiB layer the registry already has is not read.
+            if has_blob(host, repo, d)? {
                 continue;
             }
             let p = blob_path(dir, d);
@@ -338,33 +334,6 @@ fn push_tree(
             push_blob(host, repo, &data)?;
         }
     }
-    put_manifest(host, repo, digest, media_type, &bytes)?;
+    push_manifest(host, repo, digest, media_type, &bytes)?;
     Ok(bytes)
-}
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn put_manifest(
-    host: &str,
-    repo: &str,
-    reference: &str,
-    media_type: &str,
-    bytes: &[u8],
-) -> Result<()> {
-    let target = format!("/v2/{repo}/manifests/{reference}");
-    let r = http::request(
-        host,
-        "PUT",
-        &target,
-        &[("Content-Type", media_type)],
-        bytes,
-        TIMEOUT,
-    )?;
-    ensure!(
-        r.status == 201,
-        "PUT {target}: status {}: {}",
-        r.status,
-        r.text()
-    );
-    Ok(())
 }
