@@ -126,16 +126,20 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     let b = start(kube.kubeconfig(), "replica-b");
     for r in [a.as_ref().expect("a"), &b] {
         let host = r.http.clone();
+        // /healthz answers as soon as the server listens; /readyz only once leader election
+        // is set up (a few API calls later), so wait for both rather than assume the order.
         wait_for(
-            &format!("{} /healthz", r.identity),
+            &format!("{} /healthz and /readyz", r.identity),
             Duration::from_secs(30),
             || {
                 let host = host.clone();
-                async move { (get(&host, "/healthz")?.0 == 200).then_some(()) }
+                async move {
+                    (get(&host, "/healthz")?.0 == 200 && get(&host, "/readyz")?.0 == 200)
+                        .then_some(())
+                }
             },
         )
         .await;
-        assert_eq!(get(&r.http, "/readyz").map(|r| r.0), Some(200));
     }
 
     // A policy: only the leader reconciles it.
