@@ -390,13 +390,27 @@ pub fn push_manifest(
     media_type: &str,
     bytes: &[u8],
 ) -> Result<(), EnvError> {
-    let target = format!("/v2/{repo}/manifests/{reference}");
+    put_created(
+        registry,
+        &format!("/v2/{repo}/manifests/{reference}"),
+        media_type,
+        bytes,
+    )
+}
+
+/// PUTs `body` to `target`; anything but 201 Created is an error naming the request.
+fn put_created(
+    registry: &str,
+    target: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<(), EnvError> {
     let r = http::request(
         registry,
         "PUT",
-        &target,
-        &[("Content-Type", media_type)],
-        bytes,
+        target,
+        &[("Content-Type", content_type)],
+        body,
         TIMEOUT,
     )?;
     if r.status != 201 {
@@ -434,20 +448,7 @@ pub fn push_blob(registry: &str, repo: &str, data: &[u8]) -> Result<String, EnvE
     };
     let sep = if location.contains('?') { '&' } else { '?' };
     let put_target = format!("{location}{sep}digest={digest}");
-    let r = http::request(
-        registry,
-        "PUT",
-        &put_target,
-        &[("Content-Type", "application/octet-stream")],
-        data,
-        TIMEOUT,
-    )?;
-    if r.status != 201 {
-        return Err(EnvError::http(
-            format!("PUT {put_target}"),
-            format!("status {}: {}", r.status, r.text()),
-        ));
-    }
+    put_created(registry, &put_target, "application/octet-stream", data)?;
     Ok(digest)
 }
 
